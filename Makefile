@@ -1,0 +1,67 @@
+# preannot: `make demo` runs the whole job on embedded defaults, `make test` runs the tests.
+# Both set themselves up on a fresh machine: a virtualenv in .venv (CPU torch first, so no CUDA
+# build is pulled), the project, and the Debian packages the tests use when they are missing.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+TORCH  ?= torch==2.13.0
+APT_PACKAGES := dcmtk dicom3tools
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-all bench soak lint typecheck apt-deps clean help
+
+help:
+	@echo "make demo   - start the node, push sample_dicom, receive SEG + SR back, show them"
+	@echo "make test   - run the test suite (sets up .venv and Debian packages when missing)"
+	@echo "make lint / typecheck / bench / soak / clean"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+# Debian packages used by the tests: dcmtk (storescu/storescp as outside peers), dicom3tools (dciodvfy).
+apt-deps:
+	@missing=""; \
+	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
+	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null; then SUDO="sudo"; else SUDO=none; fi; \
+	  if [ "$$SUDO" = none ]; then \
+	    echo "warning: missing Debian packages:$$missing (no root/sudo); the tests that need them will skip"; \
+	  else \
+	    echo "installing Debian packages:$$missing"; \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  fi; \
+	fi
+
+demo: $(STAMP)
+	$(BIN)/python -m node.demo
+
+test: $(STAMP) apt-deps
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-all: $(STAMP) apt-deps
+	$(BIN)/python -m pytest -m "" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check node tests benchmarks models
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+bench: $(STAMP) apt-deps
+	$(BIN)/python -m benchmarks.run
+
+soak: $(STAMP) apt-deps
+	$(BIN)/python -m pytest -m soak $(PYTEST_ARGS)
+
+clean:
+	rm -rf demo-output .pytest_cache .mypy_cache .ruff_cache benchmarks/work

@@ -1,0 +1,336 @@
+"""The ``preannot`` command line.
+
+Every command accepts ``--config node.toml`` (or the ``PREANNOT_CONFIG`` variable); without it the
+built-in defaults apply, overridden by ``PREANNOT_*`` variables. Exit codes: 0 success, 1 failure of
+the operation, 2 invalid input or configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from node import __version__
+from node.config import NodeConfig, load_config
+from node.errors import PreannotError
+
+app = typer.Typer(help="preannot: imaging pre-annotation DICOM node.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+config_app = typer.Typer(help="Check or create the configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+logger = logging.getLogger("node.cli")
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", envvar="PREANNOT_CONFIG",
+                                                help="TOML configuration file")]
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    # pynetdicom logs every PDU at INFO/DEBUG; keep it to warnings unless debugging
+    if level.upper() != "DEBUG":
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        logging.getLogger("highdicom").setLevel(logging.WARNING)
+
+
+def _load(config: Path | None) -> NodeConfig:
+    try:
+        return load_config(config)
+    except PreannotError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _die(exc: Exception, code: int = 1) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(code)
+
+
+@app.callback()
+def _main(log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR")] = "INFO",
+          version: Annotated[bool, typer.Option("--version", help="Print the version and exit")] = False) -> None:
+    if version:
+        typer.echo(f"preannot {__version__}")
+        raise typer.Exit(0)
+    _setup_logging(log_level)
+
+
+@app.command()
+def serve(config: ConfigOpt = None) -> None:
+    """Run the node: DICOM listener, series assembly, workers, delivery (and the HTTP API when enabled)."""
+    from node.service import Node
+
+    cfg = _load(config)
+    try:
+        node = Node(cfg)
+        node.start()
+    except PreannotError as exc:
+        raise _die(exc, 2) from exc
+    done = threading.Event()
+
+    def _stop(signum: int, _frame: Any) -> None:
+        logger.info("signal %d: stopping", signum)
+        done.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    typer.echo(f"preannot {__version__} listening as {cfg.node.ae_title} on port {node.listener.port}; "
+               f"data in {cfg.data_dir}", err=True)
+    while not done.wait(1.0):
+        pass
+    node.stop()
+
+
+@app.command()
+def run(
+    input_dir: Annotated[Path, typer.Argument(help="Folder holding one image series")],
+    output_dir: Annotated[Path, typer.Argument(help="Where SEG, SR, preview and result.json go")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model (folder name under the models folder)")],
+    config: ConfigOpt = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: from config)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON")] = False,
+) -> None:
+    """Process one series offline (no network): the whole pipeline, with a per-stage summary."""
+    from node.dicom.scu import iter_dicom_files
+    from node.inference.registry import Registry
+    from node.inference.runner import BundleRunner
+    from node.outputs.equipment import Provenance
+    from node.pipeline import process_series
+
+    cfg = _load(config)
+    files = iter_dicom_files(input_dir)
+    if not files:
+        raise _die(PreannotError(f"no DICOM files under {input_dir}"), 2)
+    try:
+        info = Registry(cfg.models.dir).get(model)
+        t = time.perf_counter()
+        runner = BundleRunner(info, device=device or cfg.models.device, amp=cfg.models.amp)
+        load_s = time.perf_counter() - t
+        stages: list[str] = []
+
+        def on_stage(name: str) -> None:
+            stages.append(name)
+            typer.echo(f"  [{len(stages)}/6] {name} ...", err=True)
+
+        typer.echo(f"processing {len(files)} file(s) from {input_dir} with {info.name} {info.version}", err=True)
+        out = process_series(files, runner=runner, model=info,
+                             provenance=Provenance(model=info, manufacturer=cfg.outputs.manufacturer,
+                                                   uid_root=cfg.outputs.uid_root,
+                                                   device_serial_number=cfg.outputs.device_serial_number),
+                             outputs=cfg.outputs, out_dir=output_dir, timeout_seconds=cfg.jobs.timeout_seconds,
+                             on_stage=on_stage)
+    except PreannotError as exc:
+        raise _die(exc, 1) from exc
+    if as_json:
+        typer.echo(json.dumps({**out.to_dict(), "model_load_s": round(load_s, 3)}, indent=2))
+        return
+    typer.echo(f"\n{out.summary['roi_count']} region(s) of interest in series {out.summary['series_uid']}")
+    for r in out.rois:
+        c = ", ".join(f"{v:.1f}" for v in r.centroid_mm)
+        typer.echo(f"  ROI {r.index}: {r.label_name}, {r.volume_mm3:.0f} mm3, long axis {r.diameter_inplane_mm:.1f} mm, "
+                   f"3D diameter {r.diameter_3d_mm:.1f} mm, mean {r.mean:.0f}, centre ({c}) mm, slice {r.key_slice + 1}")
+    typer.echo("files: " + ", ".join(f"{k}={v}" for k, v in out.files.items()))
+    typer.echo("timings (s): model load " + f"{load_s:.2f}, " +
+               ", ".join(f"{k} {v:.2f}" for k, v in out.timings.items()))
+
+
+def _parse_peer(peer: str) -> tuple[str, str, int]:
+    try:
+        ae, hostport = peer.split("@", 1)
+        host, port = hostport.rsplit(":", 1)
+        return ae, host, int(port)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{peer!r}: expected AE@host:port, e.g. PREANNOT@127.0.0.1:11112") from exc
+
+
+@app.command()
+def send(
+    path: Annotated[Path, typer.Argument(help="A DICOM file or a folder (searched recursively)")],
+    to: Annotated[str, typer.Option("--to", help="Destination as AE@host:port")],
+    calling_ae: Annotated[str, typer.Option(help="Our AE title")] = "PREANNOT",
+    batch: Annotated[int, typer.Option(help="Files per association")] = 500,
+) -> None:
+    """Push DICOM files to a peer by C-STORE (handy for tests and admins)."""
+    from node.dicom.scu import iter_dicom_files, send_files
+
+    ae, host, port = _parse_peer(to)
+    files = [str(p) for p in iter_dicom_files(path)]
+    if not files:
+        raise _die(PreannotError(f"no DICOM files under {path}"), 2)
+    ok = failed = 0
+    with typer.progressbar(length=len(files), label=f"sending to {ae}@{host}:{port}", file=sys.stderr) as bar:
+        for i in range(0, len(files), batch):
+            outcomes = send_files(files[i:i + batch], ae_title=ae, host=host, port=port, calling_ae=calling_ae)
+            for o in outcomes:
+                if o.ok:
+                    ok += 1
+                else:
+                    failed += 1
+                    typer.echo(f"  {o.path}: {o.error}", err=True)
+            bar.update(len(outcomes))
+    typer.echo(f"sent {ok} of {len(files)} file(s); {failed} failed")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def echo(peer: Annotated[str, typer.Argument(help="AE@host:port")],
+         calling_ae: Annotated[str, typer.Option(help="Our AE title")] = "PREANNOT") -> None:
+    """C-ECHO a DICOM peer."""
+    from node.dicom.scu import echo as _echo
+
+    ae, host, port = _parse_peer(peer)
+    if _echo(ae_title=ae, host=host, port=port, calling_ae=calling_ae):
+        typer.echo(f"{ae}@{host}:{port} answered C-ECHO")
+    else:
+        raise _die(PreannotError(f"{ae}@{host}:{port} did not answer C-ECHO"), 1)
+
+
+@app.command()
+def status(config: ConfigOpt = None,
+           as_json: Annotated[bool, typer.Option("--json", help="JSON output")] = False) -> None:
+    """Jobs, series and outbox counts, and the latest jobs."""
+    from node.service import open_store
+
+    cfg = _load(config)
+    store = open_store(cfg)
+    series = {r["state"]: int(r["n"]) for r in store.db.query("SELECT state, COUNT(*) AS n FROM series GROUP BY state")}
+    data = {"series": series, "jobs": store.counts(), "outbox": store.outbox_counts(),
+            "latest_jobs": [{"id": j.id, "state": j.state.value, "model": j.model, "series_uid": j.series_uid,
+                             "attempts": j.attempts, "error": j.error} for j in store.list(limit=10)]}
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    typer.echo("series: " + (", ".join(f"{k} {v}" for k, v in sorted(series.items())) or "none"))
+    typer.echo("jobs:   " + ", ".join(f"{k} {v}" for k, v in data["jobs"].items()))
+    typer.echo("outbox: " + ", ".join(f"{k} {v}" for k, v in data["outbox"].items()))
+    for j in data["latest_jobs"]:
+        err = f"  ({j['error']})" if j["error"] else ""
+        typer.echo(f"  job {j['id']:>5} {j['state']:<9} {j['model']:<20} {j['series_uid']}{err}")
+
+
+@app.command()
+def jobs(config: ConfigOpt = None,
+         state: Annotated[str | None, typer.Option(help="queued, running, done, failed, dead, cancelled")] = None,
+         model: Annotated[str | None, typer.Option(help="Only this model")] = None,
+         limit: Annotated[int, typer.Option(help="At most this many")] = 50) -> None:
+    """List jobs, newest first."""
+    from node.service import open_store
+
+    store = open_store(_load(config))
+    try:
+        rows = store.list(state=state, model=model, limit=limit)
+    except ValueError as exc:
+        raise _die(PreannotError(f"unknown state {state!r}"), 2) from exc
+    for j in rows:
+        rois = (j.result or {}).get("summary", {}).get("roi_count", "")
+        typer.echo(f"{j.id:>6} {j.state.value:<9} {j.model:<20} attempts {j.attempts}/{j.max_attempts} "
+                   f"rois {rois!s:<3} {j.series_uid}" + (f"  error: {j.error}" if j.error else ""))
+
+
+@app.command()
+def retry(job_id: Annotated[int, typer.Argument(help="Job id")], config: ConfigOpt = None) -> None:
+    """Queue a failed, dead, cancelled or done job again."""
+    from node.service import open_store
+
+    try:
+        open_store(_load(config)).retry(job_id, actor="cli")
+    except PreannotError as exc:
+        raise _die(exc, 1) from exc
+    typer.echo(f"job {job_id} queued again")
+
+
+@app.command()
+def cancel(job_id: Annotated[int, typer.Argument(help="Job id")], config: ConfigOpt = None) -> None:
+    """Cancel a queued or failed job."""
+    from node.service import open_store
+
+    try:
+        open_store(_load(config)).cancel(job_id, actor="cli")
+    except PreannotError as exc:
+        raise _die(exc, 1) from exc
+    typer.echo(f"job {job_id} cancelled")
+
+
+@app.command()
+def resend(job_id: Annotated[int, typer.Argument(help="Job id")], config: ConfigOpt = None) -> None:
+    """Queue a job's result objects for delivery again."""
+    from node.service import open_store
+
+    n = open_store(_load(config)).resend(job_id, actor="cli")
+    typer.echo(f"{n} object(s) of job {job_id} queued for delivery again")
+
+
+@app.command()
+def models(config: ConfigOpt = None) -> None:
+    """List the models in the models folder with version and weights SHA-256; broken bundles with the reason."""
+    from node.inference.registry import Registry
+
+    cfg = _load(config)
+    reg = Registry(cfg.models.dir)
+    for name, m in reg.models.items():
+        labels = ", ".join(f"{lab.value}={lab.name}" for lab in m.card.labels)
+        typer.echo(f"{name}  version {m.version}  sha256 {m.sha256}  labels: {labels}  ({m.weights.name})")
+    for name, reason in reg.broken.items():
+        typer.echo(f"{name}  BROKEN: {reason}")
+    if not reg.models:
+        typer.echo(f"no usable model in {cfg.models.dir}", err=True)
+        raise typer.Exit(1)
+
+
+@config_app.command("check")
+def config_check(config: ConfigOpt = None) -> None:
+    """Validate the configuration, the routes and the models they name."""
+    from node.errors import ConfigError
+    from node.inference.registry import Registry
+    from node.routing import validate_route
+
+    cfg = _load(config)
+    try:
+        for r in cfg.routes:
+            validate_route(r)
+    except ConfigError as exc:
+        raise _die(exc, 2) from exc
+    reg = Registry(cfg.models.dir)
+    problems = [f"routes[{r.name}] names model {m!r}: " + reg.broken.get(m, f"not found in {cfg.models.dir}")
+                for r in cfg.routes for m in r.models if m not in reg.models]
+    for p in problems:
+        typer.echo(f"error: {p}", err=True)
+    if problems:
+        raise typer.Exit(2)
+    typer.echo(f"configuration {cfg.source} is valid (version {cfg.version()}): {len(cfg.routes)} route(s), "
+               f"{len(cfg.destinations)} destination(s), models {sorted(reg.models)}")
+
+
+@config_app.command("init")
+def config_init() -> None:
+    """Print a commented default configuration."""
+    from node.config_template import TEMPLATE
+
+    typer.echo(TEMPLATE)
+
+
+def _synth() -> None:
+    from node.synth.cli import app as synth_app
+
+    app.add_typer(synth_app, name="synth")
+
+
+_synth()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""One validated configuration object, loaded once from a TOML file and ``PREANNOT_*`` variables.
+
+Precedence: built-in defaults < TOML file < environment. Environment variables address any scalar key
+by its path with double underscores: ``PREANNOT_NODE__PORT=11113``, ``PREANNOT_WEB__TOKEN=...``,
+``PREANNOT_NODE__ALLOWED_CALLERS='["ORTHANC","PACS"]'`` (JSON for lists).
+
+Every key is documented in docs/configuration.md; ``preannot config init`` prints a commented file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from node.errors import ConfigError
+
+__all__ = [
+    "DeliveryConfig",
+    "Destination",
+    "JobsConfig",
+    "ModelsConfig",
+    "NodeConfig",
+    "NodeSection",
+    "OutputsConfig",
+    "Route",
+    "WebConfig",
+    "load_config",
+]
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash/control
+
+
+def _check_ae(value: str) -> str:
+    if not _AE_RE.match(value) or not value.strip():
+        raise ValueError(f"{value!r} is not a valid AE title (1-16 printable characters, no backslash)")
+    return value.strip()
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSection(_Section):
+    """``[node]``: the DICOM listener and the data folder."""
+
+    ae_title: str = "PREANNOT"
+    bind: str = "0.0.0.0"
+    port: int = Field(11112, ge=1, le=65535)
+    data_dir: Path = Path("/var/lib/preannot")
+    allowed_callers: list[str] = Field(default_factory=list)
+    max_associations: int = Field(10, ge=1, le=1000)
+    max_pdu: int = Field(262144, ge=0)
+    acse_timeout: float = Field(30.0, gt=0)
+    dimse_timeout: float = Field(60.0, gt=0)
+    network_timeout: float = Field(60.0, gt=0)
+    stable_seconds: float = Field(10.0, ge=0)
+    late_instances: Literal["reprocess", "ignore"] = "reprocess"
+    free_space_reserve_mb: int = Field(1024, ge=0)
+    unmatched_retention_days: float = Field(7.0, ge=0)
+    fsync: bool = True
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+    @field_validator("allowed_callers")
+    @classmethod
+    def _callers(cls, v: list[str]) -> list[str]:
+        return [c if c == "*" else _check_ae(c) for c in v]
+
+
+class Destination(_Section):
+    """``[[destinations]]``: where results are sent."""
+
+    name: str
+    kind: Literal["dicom"] = "dicom"
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    calling_ae_title: str | None = None
+    max_pdu: int = Field(0, ge=0)
+    timeout: float = Field(30.0, gt=0)
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+
+#: Scalar value, list of allowed values, or an operator string: "<=2.5", "re:^AX", "contains:AXIAL", "*".
+MatchValue = str | int | float | list[str | int | float]
+
+
+class Route(_Section):
+    """``[[routes]]``: which series go to which models and destinations."""
+
+    name: str
+    match: dict[str, MatchValue] = Field(default_factory=dict)
+    called_ae: list[str] = Field(default_factory=list)
+    calling_ae: list[str] = Field(default_factory=list)
+    models: list[str] = Field(min_length=1)
+    send_to: list[str] = Field(default_factory=list)
+    stable_seconds: float | None = Field(None, ge=0)
+
+
+class ModelsConfig(_Section):
+    """``[models]``: where model bundles live and how they run."""
+
+    dir: Path = Path("models")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    threads: int = Field(0, ge=0)  # 0: torch's default
+
+
+class JobsConfig(_Section):
+    """``[jobs]``: the durable job queue."""
+
+    workers: int = Field(1, ge=1, le=64)
+    max_attempts: int = Field(3, ge=1)
+    lease_seconds: float = Field(900.0, gt=0)
+    timeout_seconds: float = Field(1800.0, gt=0)
+    backoff_seconds: float = Field(10.0, ge=0)
+    backoff_max_seconds: float = Field(600.0, ge=0)
+
+
+class DeliveryConfig(_Section):
+    """``[delivery]``: the outbox sending results to destinations."""
+
+    max_attempts: int = Field(8, ge=1)
+    backoff_seconds: float = Field(5.0, ge=0)
+    backoff_max_seconds: float = Field(600.0, ge=0)
+    poll_seconds: float = Field(1.0, gt=0)
+
+
+class OutputsConfig(_Section):
+    """``[outputs]``: the result objects written for each job."""
+
+    uid_root: str | None = None
+    seg_series_number: int = Field(9901, ge=1)
+    sr_series_number: int = Field(9902, ge=1)
+    manufacturer: str = "preannot"
+    institution_name: str | None = None
+    device_serial_number: str = "preannot-node"
+    preview_png: bool = True
+
+    @field_validator("uid_root")
+    @classmethod
+    def _root(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"(0|[1-9]\d*)(\.(0|[1-9]\d*))*\.", v):
+            raise ValueError(f"{v!r} is not a UID root (digits and dots, ending with a dot)")
+        if v is not None and len(v) > 40:
+            raise ValueError(f"{v!r} is {len(v)} characters; a UID root must leave room (<= 40)")
+        return v
+
+
+class WebConfig(_Section):
+    """``[web]``: the HTTP API (health, metrics, status)."""
+
+    enabled: bool = True
+    bind: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    tokens: dict[str, str] = Field(default_factory=dict)
+
+
+class NodeConfig(_Section):
+    """The whole configuration."""
+
+    node: NodeSection = Field(default_factory=NodeSection)
+    destinations: list[Destination] = Field(default_factory=list)
+    routes: list[Route] = Field(default_factory=list)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
+    delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
+    outputs: OutputsConfig = Field(default_factory=OutputsConfig)
+    web: WebConfig = Field(default_factory=WebConfig)
+    source: str = Field("<defaults>", exclude=True)
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> NodeConfig:
+        names = [d.name for d in self.destinations]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"destination names must be unique; repeated: {sorted(dupes)}")
+        rnames = [r.name for r in self.routes]
+        rdupes = {n for n in rnames if rnames.count(n) > 1}
+        if rdupes:
+            raise ValueError(f"route names must be unique; repeated: {sorted(rdupes)}")
+        for r in self.routes:
+            for d in r.send_to:
+                if d not in names:
+                    raise ValueError(f"routes[{r.name}].send_to names {d!r}, but the destinations are {names}")
+        return self
+
+    @property
+    def data_dir(self) -> Path:
+        return self.node.data_dir
+
+    def destination(self, name: str) -> Destination:
+        """The destination called ``name``; raises ConfigError when there is none."""
+        for d in self.destinations:
+            if d.name == name:
+                return d
+        raise ConfigError(f"no destination named {name!r}; configured: {[d.name for d in self.destinations]}")
+
+    def version(self) -> str:
+        """A short hash of the effective configuration, recorded with each job."""
+        import hashlib
+
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:12]
+
+
+def _set_path(tree: dict[str, Any], path: list[str], raw: str) -> None:
+    node = tree
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"environment override {'__'.join(path)} addresses a non-table key")
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    node[path[-1]] = value
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        val = err.get("input")
+        shown = "" if isinstance(val, dict) else f" (found {val!r})"
+        lines.append(f"  {loc}: {err['msg']}{shown}")
+    return f"invalid configuration in {source}:\n" + "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, *, env: dict[str, str] | None = None,
+                overrides: dict[str, Any] | None = None) -> NodeConfig:
+    """Load and validate the configuration.
+
+    Args:
+        path: a TOML file; None uses the built-in defaults (plus the environment).
+        env: the environment to read ``PREANNOT_*`` from; defaults to ``os.environ``.
+        overrides: a nested dict applied last (used by tests and the demo).
+
+    Returns:
+        The validated, frozen configuration.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or a key or value is invalid; the message
+            names the key and the value found.
+    """
+    tree: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        try:
+            tree = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"configuration file {p} does not exist") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"configuration file {p} is not valid TOML: {exc}") from exc
+    environ = os.environ if env is None else env
+    for key, raw in sorted(environ.items()):
+        if key.startswith("PREANNOT_") and "__" in key:
+            parts = [p.lower() for p in key[len("PREANNOT_"):].split("__")]
+            _set_path(tree, parts, raw)
+    if overrides:
+        for section, values in overrides.items():
+            if isinstance(values, dict) and isinstance(tree.get(section), dict):
+                tree[section] = {**tree[section], **values}
+            else:
+                tree[section] = values
+    try:
+        cfg = NodeConfig.model_validate({**tree, "source": source})
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from exc
+    return cfg

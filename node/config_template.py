@@ -1,0 +1,76 @@
+"""The commented default configuration printed by ``preannot config init``."""
+
+TEMPLATE = r'''# preannot node configuration. Every key is optional unless marked required.
+# Any key can be overridden by an environment variable: PREANNOT_<SECTION>__<KEY>, e.g.
+#   PREANNOT_NODE__PORT=11113   PREANNOT_NODE__ALLOWED_CALLERS='["ORTHANC"]'
+# Documentation: docs/configuration.md
+
+[node]
+ae_title = "PREANNOT"            # our AE title (1-16 characters)
+bind = "0.0.0.0"                 # listening address
+port = 11112                     # DICOM port
+data_dir = "/var/lib/preannot"   # spool, database, outputs (mode 0700)
+allowed_callers = ["ORTHANC"]    # calling AE titles accepted; ["*"] accepts any; [] refuses all
+max_associations = 10            # concurrent associations
+max_pdu = 262144                 # maximum PDU size we receive (bytes; 0 = unlimited)
+acse_timeout = 30                # seconds
+dimse_timeout = 60               # seconds
+network_timeout = 60             # seconds
+stable_seconds = 10              # a series is complete after this many seconds without a new instance
+late_instances = "reprocess"     # new instances of a processed series: "reprocess" (new job version) or "ignore"
+free_space_reserve_mb = 1024     # answer 0xA700 (out of resources) rather than fill the disk below this
+unmatched_retention_days = 7     # series matching no route are kept this long
+fsync = true                     # fsync every instance before answering Success (keep true in production)
+
+[[destinations]]                 # where results go (repeat the table for several)
+name = "pacs"                    # required: referenced by routes.send_to
+ae_title = "ORTHANC"             # required
+host = "127.0.0.1"               # required
+port = 4242                      # required
+# calling_ae_title = "PREANNOT"  # our AE title towards this destination (default: node.ae_title)
+# timeout = 30
+
+[[routes]]                       # which series go to which models (repeat for several)
+name = "chest-ct"                # required, unique
+match = { Modality = "CT", BodyPartExamined = ["CHEST", "THORAX"], SliceThickness = "<=2.5" }
+# called_ae = ["PREANNOT"]       # only series sent to these AE titles of ours
+# calling_ae = ["ORTHANC"]       # only series sent by these AE titles
+models = ["lesion-ct-demo"]      # required: model folders under [models].dir
+send_to = ["pacs"]               # destination names
+# stable_seconds = 10            # overrides node.stable_seconds for this route
+
+[models]
+dir = "models"                   # folder of MONAI bundles (only these ever run)
+device = "auto"                  # "auto" (CUDA when present), "cpu" or "cuda"
+amp = true                       # automatic mixed precision on CUDA
+threads = 0                      # torch CPU threads (0: torch's default)
+
+[jobs]
+workers = 1                      # parallel jobs
+max_attempts = 3                 # attempts before a job is dead
+lease_seconds = 900              # a running job not finished by then is taken again
+timeout_seconds = 1800           # a job running longer fails with a timeout
+backoff_seconds = 10             # first retry delay (doubles each attempt)
+backoff_max_seconds = 600
+
+[delivery]
+max_attempts = 8                 # attempts per object and destination before it is dead-lettered
+backoff_seconds = 5              # first retry delay (doubles each attempt)
+backoff_max_seconds = 600
+poll_seconds = 1
+
+[outputs]
+# uid_root = "1.2.826.0.1.3680043.10.1473."   # UID root for new objects (default: highdicom's)
+seg_series_number = 9901
+sr_series_number = 9902
+manufacturer = "preannot"
+# institution_name = "My Hospital"
+device_serial_number = "preannot-node"
+preview_png = true               # write preview.png with the key slices beside the outputs
+
+[web]
+enabled = true
+bind = "127.0.0.1"
+port = 8080
+# tokens = { admin = "change-me" }   # bearer tokens by name; required for actions
+'''

@@ -1,0 +1,158 @@
+"""The node's SQLite database (WAL): one file, one connection per process, serialised by a lock.
+
+Tables: ``instances`` and ``series`` (the index of what was received), ``jobs`` (one per series, model
+and series version), ``outbox`` (one row per result object and destination) and ``events`` (the audit
+trail). Every write is a short transaction; ``synchronous=FULL`` so that a committed row survives a
+power loss, not just a crash of the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Database"]
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS series (
+    series_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    modality TEXT,
+    attrs TEXT NOT NULL,
+    calling_ae TEXT,
+    called_ae TEXT,
+    first_received REAL NOT NULL,
+    last_received REAL NOT NULL,
+    n_instances INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL DEFAULT 'receiving',
+    version INTEGER NOT NULL DEFAULT 1,
+    routes TEXT,
+    note TEXT,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS series_state ON series(state, last_received);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid TEXT PRIMARY KEY,
+    series_uid TEXT NOT NULL REFERENCES series(series_uid),
+    study_uid TEXT NOT NULL,
+    sop_class TEXT NOT NULL,
+    transfer_syntax TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    calling_ae TEXT,
+    called_ae TEXT,
+    received_at REAL NOT NULL,
+    series_version INTEGER NOT NULL DEFAULT 1
+);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    series_uid TEXT NOT NULL,
+    series_version INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    route TEXT NOT NULL,
+    send_to TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    max_attempts INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    lease_until REAL,
+    next_run_at REAL NOT NULL,
+    error TEXT,
+    result TEXT,
+    config_version TEXT,
+    UNIQUE (series_uid, series_version, model)
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, next_run_at);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    destination TEXT NOT NULL,
+    path TEXT NOT NULL,
+    sop_uid TEXT NOT NULL,
+    sop_class TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_status TEXT,
+    error TEXT,
+    created_at REAL NOT NULL,
+    sent_at REAL,
+    UNIQUE (destination, sop_uid)
+);
+CREATE INDEX IF NOT EXISTS outbox_state ON outbox(state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    kind TEXT NOT NULL,
+    actor TEXT,
+    series_uid TEXT,
+    job_id INTEGER,
+    detail TEXT NOT NULL
+);
+"""
+
+
+class Database:
+    """A SQLite database shared by the node's threads.
+
+    Use :meth:`tx` for a write transaction and :meth:`query` / :meth:`one` for reads.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30.0)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._conn.executescript(_SCHEMA)
+        with self.tx() as c:
+            c.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        try:
+            path.chmod(0o600)
+        except OSError:  # pragma: no cover - e.g. a read-only mount; the data_dir mode still protects it
+            logger.warning("could not restrict permissions of %s", path)
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error)."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            else:
+                self._conn.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[sqlite3.Row]:
+        """Run a read query and return all rows."""
+        with self._lock:
+            return list(self._conn.execute(sql, params).fetchall())
+
+    def one(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> sqlite3.Row | None:
+        """Run a read query and return its first row, or None."""
+        with self._lock:
+            row: sqlite3.Row | None = self._conn.execute(sql, params).fetchone()
+            return row
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()

@@ -1,0 +1,197 @@
+"""The DICOM listener: C-ECHO and C-STORE of any storage SOP class in any transfer syntax.
+
+The C-STORE handler does the minimum: take the encoded bytes as received (no decode, no re-encode),
+hand them to the spool (fsync + index), and answer. Errors become DICOM statuses:
+
+========  ===========================================  ==============================
+status    meaning                                      cause
+========  ===========================================  ==============================
+0x0000    Success                                      stored and indexed
+0xA700    Refused: out of resources                    disk full / below the reserve
+0xC000    Error: cannot understand                     unparseable dataset, missing UIDs
+0x0110    Processing failure                           any other error while storing
+========  ===========================================  ==============================
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from node.dicom.spool import IngestResult, Spool
+from node.errors import InvalidInstanceError, OutOfSpaceError, PreannotError
+
+__all__ = ["Listener", "ListenerStats", "STATUS"]
+
+logger = logging.getLogger(__name__)
+
+# identifiers (patient name, ID) must not reach the logs
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
+
+STATUS = {
+    "success": 0x0000,
+    "out_of_resources": 0xA700,
+    "cannot_understand": 0xC000,
+    "processing_failure": 0x0110,
+}
+
+
+@dataclass
+class ListenerStats:
+    """Counters kept by the listener (exported as metrics)."""
+
+    associations: int = 0
+    associations_refused: int = 0
+    instances: int = 0
+    duplicates: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+    bytes: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count_failure(self, reason: str) -> None:
+        with self.lock:
+            self.failures[reason] = self.failures.get(reason, 0) + 1
+
+
+class Listener:
+    """A pynetdicom Storage SCP bound to a spool.
+
+    Args:
+        spool: where instances go.
+        ae_title: our AE title.
+        port / bind: where to listen (port 0 picks a free port; see :attr:`port` after start).
+        allowed_callers: calling AE titles accepted; ``["*"]`` or empty-with-allow_any accepts all.
+        max_associations, max_pdu, timeouts: pynetdicom settings.
+        ssl_context: a server-side TLS context, or None for plain TCP.
+        on_instance: called after each stored instance (used for metrics and the assembler's wake-up).
+    """
+
+    def __init__(self, spool: Spool, *, ae_title: str = "PREANNOT", bind: str = "0.0.0.0", port: int = 11112,
+                 allowed_callers: list[str] | None = None, max_associations: int = 10, max_pdu: int = 262144,
+                 acse_timeout: float = 30.0, dimse_timeout: float = 60.0, network_timeout: float = 60.0,
+                 ssl_context: ssl.SSLContext | None = None,
+                 on_instance: Callable[[IngestResult], None] | None = None) -> None:
+        self.spool = spool
+        self.ae_title = ae_title
+        self.bind = bind
+        self._port = port
+        self.allowed = list(allowed_callers or [])
+        self.stats = ListenerStats()
+        self._on_instance = on_instance
+        self._server: ThreadedAssociationServer | None = None
+        ae = AE(ae_title=ae_title)
+        ae.maximum_associations = max_associations
+        ae.maximum_pdu_size = max_pdu
+        ae.acse_timeout = acse_timeout
+        ae.dimse_timeout = dimse_timeout
+        ae.network_timeout = network_timeout
+        if "*" not in self.allowed:
+            # pynetdicom rejects unlisted callers itself (A-ASSOCIATE-RJ, reason: calling AE not recognised)
+            ae.require_calling_aet = self.allowed or ["\x00never"]
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        self.ae = ae
+        self._ssl = ssl_context
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when started with port 0)."""
+        if self._server is not None:
+            return int(self._server.server_address[1])
+        return self._port
+
+    def start(self) -> None:
+        """Start listening in background threads."""
+        handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+        ]
+        self._server = self.ae.start_server((self.bind, self._port), block=False, evt_handlers=handlers,
+                                            ssl_context=self._ssl)
+        logger.info("DICOM listener %s on %s:%d (callers: %s, TLS: %s)", self.ae_title, self.bind, self.port,
+                    "any" if "*" in self.allowed else ",".join(self.allowed) or "none",
+                    "on" if self._ssl else "off")
+
+    def stop(self) -> None:
+        """Stop listening and close open associations."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    # --- handlers -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _peer(event: Any) -> str:
+        a = event.assoc
+        return f"{a.requestor.ae_title}@{a.requestor.address}:{a.requestor.port}"
+
+    def _on_accepted(self, event: Any) -> None:
+        with self.stats.lock:
+            self.stats.associations += 1
+        logger.info("association %s accepted from %s (called %s)", event.assoc.name, self._peer(event),
+                    event.assoc.acceptor.ae_title)
+
+    def _on_rejected(self, event: Any) -> None:
+        with self.stats.lock:
+            self.stats.associations_refused += 1
+        logger.warning("association refused: calling AE %r from %s is not in allowed_callers",
+                       event.assoc.requestor.ae_title, event.assoc.requestor.address)
+
+    def _on_released(self, event: Any) -> None:
+        logger.info("association %s released by %s", event.assoc.name, self._peer(event))
+
+    def _on_aborted(self, event: Any) -> None:
+        logger.warning("association %s aborted (%s)", event.assoc.name, self._peer(event))
+
+    def _on_echo(self, event: Any) -> int:
+        return 0x0000
+
+    def _on_store(self, event: Any) -> int:
+        assoc = event.assoc
+        calling = str(assoc.requestor.ae_title)
+        called = str(assoc.acceptor.ae_title)
+        try:
+            raw = event.encoded_dataset(include_meta=True)
+        except Exception as exc:  # noqa: BLE001 - pynetdicom may fail on a malformed meta; answer, don't crash
+            self.stats.count_failure("cannot_understand")
+            logger.warning("association %s: C-STORE with unreadable data (%s) -> 0xC000", assoc.name, exc)
+            return STATUS["cannot_understand"]
+        try:
+            result = self.spool.store(raw, calling_ae=calling, called_ae=called,
+                                      expected_sop_uid=str(event.request.AffectedSOPInstanceUID or "") or None)
+        except OutOfSpaceError as exc:
+            self.stats.count_failure("out_of_resources")
+            logger.error("association %s: %s -> 0xA700", assoc.name, exc)
+            return STATUS["out_of_resources"]
+        except InvalidInstanceError as exc:
+            self.stats.count_failure("cannot_understand")
+            logger.warning("association %s: instance refused: %s -> 0xC000", assoc.name, exc)
+            return STATUS["cannot_understand"]
+        except PreannotError as exc:
+            self.stats.count_failure("processing_failure")
+            logger.error("association %s: could not store instance: %s -> 0x0110", assoc.name, exc)
+            return STATUS["processing_failure"]
+        with self.stats.lock:
+            self.stats.instances += 1
+            self.stats.bytes += len(raw)
+            if result.duplicate:
+                self.stats.duplicates += 1
+        logger.debug("stored %s (series %s)%s", result.sop_uid, result.series_uid,
+                     " [duplicate]" if result.duplicate else "")
+        if self._on_instance is not None:
+            self._on_instance(result)
+        return STATUS["success"]

@@ -1,0 +1,299 @@
+"""Series -> 3D volume with its patient geometry.
+
+Reads single-frame image series and enhanced multi-frame images (one or several files), sorts the
+slices along the slice normal, checks the geometry and applies the rescale. Arrays are indexed
+``[k, j, i]`` (slice, row, column). :attr:`Volume.affine` maps ``(i, j, k, 1)`` to patient
+coordinates in mm (LPS, DICOM's frame of reference).
+
+Refused, with a message that names the values found (:class:`~node.errors.VolumeError`): objects
+without pixel data, mixed frames of reference, orientations or matrix sizes, duplicate positions,
+missing slices (a gap over ``gap_tolerance`` x the usual spacing), uneven spacing, and gantry tilt
+(slice positions not along the slice normal; resampling is not implemented).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from node.errors import VolumeError
+
+__all__ = ["FrameRef", "Volume", "load_series", "read_headers"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class FrameRef:
+    """Where slice k of the volume comes from: source index (in :attr:`Volume.sources`) and frame (1-based)."""
+
+    source: int
+    frame: int | None
+
+
+@dataclass(slots=True)
+class Volume:
+    """A 3D image with its geometry and the source instances it was read from.
+
+    Attributes:
+        pixels: float32 ``[k, j, i]``; HU for CT (rescale applied).
+        affine: 4x4, voxel (i, j, k) -> patient LPS mm.
+        sources: the source datasets without pixel data, in the order of :attr:`frames` references.
+        frames: per slice k, which source (and frame, for multi-frame images) it came from.
+    """
+
+    pixels: np.ndarray
+    affine: np.ndarray
+    sources: list[Dataset]
+    frames: list[FrameRef]
+    modality: str = ""
+    series_uid: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size (i, j, k) in mm."""
+        return tuple(float(np.linalg.norm(self.affine[:3, n])) for n in range(3))  # type: ignore[return-value]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.pixels.shape)  # type: ignore[return-value]
+
+    def voxel_to_patient(self, ijk: np.ndarray) -> np.ndarray:
+        """(N, 3) voxel indices (i, j, k) -> (N, 3) patient coordinates (mm)."""
+        ijk = np.atleast_2d(np.asarray(ijk, dtype=np.float64))
+        return ijk @ self.affine[:3, :3].T + self.affine[:3, 3]
+
+    def to_monai(self) -> tuple[np.ndarray, np.ndarray]:
+        """The pixels in MONAI's spatial order (i, j, k) and the matching RAS affine (as ITK/NIfTI readers give)."""
+        lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
+        return np.ascontiguousarray(self.pixels.transpose(2, 1, 0)), lps_to_ras @ self.affine
+
+
+_NON_IMAGE_PREFIXES = ("1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.104.", "1.2.840.10008.5.1.4.1.1.11.",
+                       "1.2.840.10008.5.1.4.1.1.66", "1.2.840.10008.5.1.4.1.1.481.")
+
+
+@dataclass(slots=True)
+class _Slice:
+    source: int
+    frame: int | None
+    ipp: np.ndarray
+    iop: np.ndarray
+    spacing: tuple[float, float]  # (row spacing, column spacing) as in PixelSpacing
+    rows: int
+    cols: int
+    slope: float
+    intercept: float
+    for_uid: str
+
+
+def _floats(v: Any, n: int, what: str, where: str) -> np.ndarray:
+    try:
+        arr = np.array([float(x) for x in v], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise VolumeError(f"{where}: {what} is {v!r}; expected {n} numbers") from exc
+    if arr.shape != (n,):
+        raise VolumeError(f"{where}: {what} has {arr.size} values; expected {n}")
+    return arr
+
+
+def read_headers(paths: Sequence[Path]) -> list[Dataset]:
+    """Read the headers (no pixel data) of the files; raises VolumeError for an unreadable file."""
+    out = []
+    for p in paths:
+        try:
+            out.append(dcmread(p, stop_before_pixels=True))
+        except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+            raise VolumeError(f"cannot read {Path(p).name}: {exc}") from exc
+    return out
+
+
+def _slices_of(ds: Dataset, index: int, where: str) -> list[_Slice]:
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if not ds.get("Rows"):
+        raise VolumeError(f"{where}: SOP class {sop_class or '?'} holds no image (no pixel data); "
+                          "an image series is expected")
+    if sop_class.startswith(_NON_IMAGE_PREFIXES):
+        raise VolumeError(f"{where}: SOP class {sop_class} is not an image; an image series is expected")
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if rows <= 0 or cols <= 0:
+        raise VolumeError(f"{where}: Rows x Columns is {rows} x {cols}")
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise VolumeError(f"{where}: {ds.SamplesPerPixel} samples per pixel; only greyscale images are supported")
+    for_uid = str(ds.get("FrameOfReferenceUID", ""))
+    nframes = int(ds.get("NumberOfFrames", 1) or 1)
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    perframe = ds.get("PerFrameFunctionalGroupsSequence")
+    if perframe is not None:  # enhanced multi-frame
+        sh = shared[0] if shared else Dataset()
+        out = []
+        for f in range(nframes):
+            fg = perframe[f]
+
+            def get(seq_kw: str, attr: str, _fg: Dataset = fg, _f: int = f) -> Any:
+                for src in (_fg, sh):
+                    seq = src.get(seq_kw)
+                    if seq and attr in seq[0]:
+                        return seq[0][attr].value
+                if attr in ("RescaleSlope", "RescaleIntercept"):
+                    return 1.0 if attr == "RescaleSlope" else 0.0
+                raise VolumeError(f"{where} frame {_f + 1}: no {attr} in {seq_kw}")
+
+            out.append(_Slice(
+                source=index, frame=f + 1,
+                ipp=_floats(get("PlanePositionSequence", "ImagePositionPatient"), 3, "ImagePositionPatient", where),
+                iop=_floats(get("PlaneOrientationSequence", "ImageOrientationPatient"), 6, "ImageOrientationPatient",
+                            where),
+                spacing=tuple(_floats(get("PixelMeasuresSequence", "PixelSpacing"), 2, "PixelSpacing", where)),  # type: ignore[arg-type]
+                rows=rows, cols=cols,
+                slope=float(get("PixelValueTransformationSequence", "RescaleSlope")),
+                intercept=float(get("PixelValueTransformationSequence", "RescaleIntercept")),
+                for_uid=for_uid))
+        return out
+    if nframes > 1:
+        raise VolumeError(f"{where}: a legacy multi-frame image ({nframes} frames) without per-frame geometry")
+    if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
+        raise VolumeError(f"{where}: no ImagePositionPatient/ImageOrientationPatient; the slice cannot be placed")
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    if spacing is None:
+        raise VolumeError(f"{where}: no PixelSpacing")
+    return [_Slice(
+        source=index, frame=None,
+        ipp=_floats(ds.ImagePositionPatient, 3, "ImagePositionPatient", where),
+        iop=_floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient", where),
+        spacing=tuple(_floats(spacing, 2, "PixelSpacing", where)),  # type: ignore[arg-type]
+        rows=rows, cols=cols,
+        slope=float(ds.get("RescaleSlope", 1.0) or 1.0), intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
+        for_uid=for_uid)]
+
+
+def _check_and_sort(slices: list[_Slice], series: str, *, gap_tolerance: float,
+                    tilt_tolerance_deg: float) -> tuple[list[_Slice], np.ndarray]:
+    first = slices[0]
+    for s in slices[1:]:
+        if (s.rows, s.cols) != (first.rows, first.cols):
+            raise VolumeError(f"series {series} mixes matrix sizes {first.rows}x{first.cols} and {s.rows}x{s.cols}; "
+                              "expected one")
+        if np.abs(s.iop - first.iop).max() > 1e-3:
+            raise VolumeError(f"series {series} mixes orientations {np.round(first.iop, 4).tolist()} and "
+                              f"{np.round(s.iop, 4).tolist()}; expected one")
+        if s.for_uid != first.for_uid:
+            raise VolumeError(f"series {series} mixes frames of reference {first.for_uid} and {s.for_uid}")
+        if np.abs(np.array(s.spacing) - np.array(first.spacing)).max() > 1e-3:
+            raise VolumeError(f"series {series} mixes pixel spacings {first.spacing} and {s.spacing}")
+    row_dir, col_dir = first.iop[:3], first.iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    pos = np.array([float(s.ipp @ normal) for s in slices])
+    order = np.argsort(pos, kind="stable")
+    slices = [slices[i] for i in order]
+    pos = pos[order]
+    if len(slices) == 1:
+        thickness = 1.0
+        return slices, normal * thickness
+    steps = np.diff(pos)
+    dup = np.where(steps < 1e-2)[0]
+    if dup.size:
+        i = int(dup[0])
+        count = int(np.sum(np.abs(pos - pos[i]) < 1e-2))
+        raise VolumeError(f"series {series} has {count} slices at position {pos[i]:.2f} mm along the normal; "
+                          "expected one (several phases or echoes in one series?)")
+    usual = float(np.median(steps))
+    gaps = np.where(steps > gap_tolerance * usual)[0]
+    if gaps.size:
+        i = int(gaps[0])
+        raise VolumeError(f"series {series} has a gap of {steps[i]:.2f} mm between slices at {pos[i]:.2f} and "
+                          f"{pos[i + 1]:.2f} mm; the usual spacing is {usual:.2f} mm (missing slices?)")
+    if float(steps.max() - steps.min()) > max(0.1 * usual, 0.05):
+        raise VolumeError(f"series {series} has uneven slice spacing from {steps.min():.2f} to {steps.max():.2f} mm; "
+                          "expected a regular spacing")
+    span = slices[-1].ipp - slices[0].ipp
+    along = float(span @ normal)
+    offaxis = float(np.linalg.norm(span - along * normal))
+    angle = float(np.degrees(np.arctan2(offaxis, abs(along))))
+    if angle > tilt_tolerance_deg:
+        raise VolumeError(f"series {series} is tilted: slice positions run {angle:.1f} degrees off the slice normal "
+                          "(gantry tilt); resampling is not implemented")
+    step_vec = span / (len(slices) - 1)
+    return slices, step_vec
+
+
+def _decode(ds: Dataset, where: str) -> np.ndarray:
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        raise VolumeError(f"{where}: no pixel data")
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - decoders raise many types; the message says which file
+        raise VolumeError(f"{where}: pixel data cannot be decoded "
+                          f"(transfer syntax {ds.file_meta.get('TransferSyntaxUID', '?')}): {exc}") from exc
+    return np.asarray(arr)
+
+
+def load_series(paths: Sequence[Path], *, gap_tolerance: float = 1.5, tilt_tolerance_deg: float = 0.5) -> Volume:
+    """Read a series into a :class:`Volume`.
+
+    Args:
+        paths: the files of one series (any order).
+        gap_tolerance: a step over this multiple of the median spacing counts as missing slices.
+        tilt_tolerance_deg: largest angle between the slice stack and the slice normal accepted.
+
+    Returns:
+        The volume, slices sorted along the normal (increasing position).
+
+    Raises:
+        VolumeError: the series cannot be turned into a volume; the message says why.
+    """
+    import time
+
+    if not paths:
+        raise VolumeError("the series has no instances")
+    t0 = time.perf_counter()
+    headers = read_headers(paths)
+    series = str(headers[0].get("SeriesInstanceUID", "?"))
+    slices: list[_Slice] = []
+    for n, ds in enumerate(headers):
+        slices.extend(_slices_of(ds, n, f"series {series}, instance {ds.get('SOPInstanceUID', Path(paths[n]).name)}"))
+    slices, step = _check_and_sort(slices, series, gap_tolerance=gap_tolerance, tilt_tolerance_deg=tilt_tolerance_deg)
+    t1 = time.perf_counter()
+    first = slices[0]
+    pixels = np.empty((len(slices), first.rows, first.cols), dtype=np.float32)
+    cache: tuple[int, np.ndarray] | None = None
+    for k, s in enumerate(slices):
+        where = f"series {series}, instance {headers[s.source].get('SOPInstanceUID', '?')}"
+        if s.frame is None:
+            ds = dcmread(paths[s.source])
+            arr = _decode(ds, where)
+        else:
+            if cache is None or cache[0] != s.source:
+                cache = (s.source, _decode(dcmread(paths[s.source]), where))
+            arr = cache[1][s.frame - 1] if cache[1].ndim == 3 else cache[1]
+        if arr.shape != (first.rows, first.cols):
+            raise VolumeError(f"{where}: decoded pixels are {arr.shape}; Rows x Columns say "
+                              f"{first.rows} x {first.cols}")
+        if s.slope != 1.0 or s.intercept != 0.0:
+            np.multiply(arr, s.slope, out=pixels[k], casting="unsafe")
+            pixels[k] += s.intercept
+        else:
+            pixels[k] = arr
+    t2 = time.perf_counter()
+    row_dir, col_dir = first.iop[:3], first.iop[3:]
+    affine = np.eye(4)
+    affine[:3, 0] = row_dir * first.spacing[1]  # i (column index) moves along the row direction
+    affine[:3, 1] = col_dir * first.spacing[0]  # j (row index) moves along the column direction
+    affine[:3, 2] = step
+    affine[:3, 3] = first.ipp
+    used = list(dict.fromkeys(s.source for s in slices))  # sources in slice order
+    remap = {src: n for n, src in enumerate(used)}
+    return Volume(
+        pixels=pixels, affine=affine, sources=[headers[i] for i in used],
+        frames=[FrameRef(remap[s.source], s.frame) for s in slices],
+        modality=str(headers[0].get("Modality", "")), series_uid=series,
+        timings={"read_headers": t1 - t0, "decode": t2 - t1})

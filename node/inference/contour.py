@@ -1,0 +1,25 @@
+"""Outlines of 2D masks as polygons (marching squares through contourpy, matplotlib's contour engine)."""
+
+from __future__ import annotations
+
+import numpy as np
+from contourpy import contour_generator
+
+__all__ = ["mask_outline"]
+
+
+def mask_outline(mask2d: np.ndarray) -> list[tuple[float, float]]:
+    """The longest closed outline of a 2D mask, as (column, row) pixel-index coordinates.
+
+    The polygon runs half-way between inside and outside pixel centres; the first point is repeated
+    at the end. A single pixel gives a small diamond around its centre.
+    """
+    padded = np.pad(mask2d.astype(np.float64), 1)
+    lines = contour_generator(z=padded, line_type="Separate").lines(0.5)
+    if not lines:
+        return []
+    best = max(lines, key=len) - 1.0  # undo the padding
+    pts = [(float(x), float(y)) for x, y in best]
+    if pts and pts[0] != pts[-1]:
+        pts.append(pts[0])
+    return pts

@@ -1,0 +1,177 @@
+"""The model registry: MONAI bundles under the models folder, each with the node's model card.
+
+A model folder holds a MONAI bundle in the Model Zoo layout::
+
+    <name>/configs/metadata.json     name, version, ...
+    <name>/configs/inference.json    network_def, preprocessing, inferer, postprocessing
+    <name>/models/model.ts | model.pt
+    <name>/model_card.toml           the node's card: labels and their codes, ROI rules, outputs
+
+Only folders inside the configured models folder are ever loaded (bundle configs are code). A broken
+bundle is reported with its reason and skipped; it does not stop the node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from node.errors import ModelError
+
+__all__ = ["CodeSpec", "LabelSpec", "ModelCard", "ModelInfo", "Registry", "scan_models"]
+
+logger = logging.getLogger(__name__)
+
+
+class CodeSpec(BaseModel):
+    """A coded concept: code value, coding scheme designator (SCT, DCM, ...) and meaning."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    code: str
+    scheme: str
+    meaning: str
+
+
+class LabelSpec(BaseModel):
+    """One output label of the model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    value: int = Field(ge=1, le=255)
+    name: str
+    category: CodeSpec
+    type: CodeSpec
+    finding_site: CodeSpec | None = None
+    color: tuple[int, int, int] = (255, 64, 64)
+    finding: bool = True
+    min_volume_mm3: float = Field(0.0, ge=0)
+
+
+class CardModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    modality: list[str] = Field(default_factory=list)
+    description: str = ""
+    intended_use: str = ""
+    family: CodeSpec = CodeSpec(code="123109", scheme="DCM", meaning="Manual Processing")
+
+
+class CardOutputs(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    seg: bool = True
+    sr: bool = True
+
+
+class ModelCard(BaseModel):
+    """The node's model card (``model_card.toml``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: CardModel = Field(default_factory=CardModel)
+    labels: list[LabelSpec] = Field(min_length=1)
+    outputs: CardOutputs = Field(default_factory=CardOutputs)
+
+    def label(self, value: int) -> LabelSpec | None:
+        return next((lab for lab in self.labels if lab.value == value), None)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A loadable model: where it is and what it is."""
+
+    name: str
+    version: str
+    path: Path
+    weights: Path
+    sha256: str
+    card: ModelCard
+    metadata: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def inference_config(self) -> Path:
+        return self.path / "configs" / "inference.json"
+
+    def identification(self) -> dict[str, str]:
+        """Name, version and weights SHA-256, as recorded in every output and audit record."""
+        return {"name": self.name, "version": self.version, "weights_sha256": self.sha256}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_model(folder: Path) -> ModelInfo:
+    """Read one bundle folder.
+
+    Raises:
+        ModelError: a required file is missing or invalid; the message names it.
+    """
+    meta_path = folder / "configs" / "metadata.json"
+    if not meta_path.is_file():
+        raise ModelError(f"{folder.name}: no configs/metadata.json (not a MONAI bundle)")
+    try:
+        metadata = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{folder.name}: configs/metadata.json is not valid JSON: {exc}") from exc
+    if not (folder / "configs" / "inference.json").is_file():
+        raise ModelError(f"{folder.name}: no configs/inference.json")
+    weights = next((folder / "models" / n for n in ("model.ts", "model.pt") if (folder / "models" / n).is_file()), None)
+    if weights is None:
+        raise ModelError(f"{folder.name}: no models/model.ts or models/model.pt")
+    card_path = folder / "model_card.toml"
+    if not card_path.is_file():
+        raise ModelError(f"{folder.name}: no model_card.toml (labels and codes for the outputs)")
+    try:
+        card = ModelCard.model_validate(tomllib.loads(card_path.read_text()))
+    except (tomllib.TOMLDecodeError, ValidationError) as exc:
+        raise ModelError(f"{folder.name}: invalid model_card.toml: {exc}") from exc
+    return ModelInfo(name=folder.name,
+                     version=str(metadata.get("version", "0")), path=folder.resolve(), weights=weights,
+                     sha256=_sha256(weights), card=card, metadata=metadata)
+
+
+def scan_models(root: Path) -> tuple[dict[str, ModelInfo], dict[str, str]]:
+    """Scan a models folder.
+
+    Returns:
+        (models by folder name, reasons by folder name for the bundles that could not be loaded)
+    """
+    models: dict[str, ModelInfo] = {}
+    broken: dict[str, str] = {}
+    if not root.is_dir():
+        return models, {str(root): "models folder does not exist"}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
+        try:
+            models[folder.name] = load_model(folder)
+        except ModelError as exc:
+            broken[folder.name] = str(exc)
+            logger.error("model %s skipped: %s", folder.name, exc)
+    return models, broken
+
+
+class Registry:
+    """The models available to the node, scanned once at start (``reload()`` to rescan)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.models: dict[str, ModelInfo] = {}
+        self.broken: dict[str, str] = {}
+        self.reload()
+
+    def reload(self) -> None:
+        self.models, self.broken = scan_models(self.root)
+
+    def get(self, name: str) -> ModelInfo:
+        """The model called ``name``; raises ModelError (with the reason, when it is broken) otherwise."""
+        if name in self.models:
+            return self.models[name]
+        if name in self.broken:
+            raise ModelError(f"model {name!r} is broken: {self.broken[name]}")
+        raise ModelError(f"no model {name!r} in {self.root}; available: {sorted(self.models)}")

@@ -1,0 +1,142 @@
+"""Regions of interest: connected components of each label, with their measurements.
+
+Per ROI: voxel count, volume (mm3), longest diameter in 3D and in-plane (on any one slice), centroid
+in patient coordinates, bounding box, mean/min/max intensity (HU for CT), and the key slice (the
+slice of largest in-plane area) with the outline and the long-axis end points on it, which the SR
+uses to draw the finding in viewers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
+
+from node.dicom.volume import Volume
+from node.inference.contour import mask_outline
+from node.inference.registry import ModelCard
+
+__all__ = ["ROI", "extract_rois"]
+
+
+@dataclass(slots=True)
+class ROI:
+    """One connected region of one label."""
+
+    index: int
+    label: int
+    label_name: str
+    voxels: int
+    volume_mm3: float
+    diameter_3d_mm: float
+    diameter_inplane_mm: float
+    centroid_mm: tuple[float, float, float]
+    bbox: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # (k0, k1), (j0, j1), (i0, i1) inclusive
+    mean: float
+    min: float
+    max: float
+    key_slice: int
+    key_outline_ij: list[tuple[float, float]] = field(default_factory=list)  # (column, row) pixel coords
+    key_axis_ij: tuple[tuple[float, float], tuple[float, float]] = ((0.0, 0.0), (0.0, 0.0))
+    mask: np.ndarray | None = field(default=None, repr=False)
+    offset: tuple[int, int, int] = (0, 0, 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("mask")
+        return d
+
+
+def _max_distance(points: np.ndarray) -> tuple[float, int, int]:
+    """Largest pairwise distance among points (N, D) and the indices of its two ends."""
+    if len(points) < 2:
+        return 0.0, 0, 0
+    cand = np.arange(len(points))
+    if len(points) > 64:
+        try:
+            cand = ConvexHull(points).vertices
+        except (QhullError, ValueError):  # flat or degenerate: fall back to all points (subsampled)
+            cand = np.linspace(0, len(points) - 1, min(len(points), 2000)).astype(int)
+    p = points[cand]
+    d2 = ((p[:, None, :] - p[None, :, :]) ** 2).sum(-1)
+    a, b = np.unravel_index(int(np.argmax(d2)), d2.shape)
+    return float(np.sqrt(d2[a, b])), int(cand[a]), int(cand[b])
+
+
+def _surface_points(mask: np.ndarray) -> np.ndarray:
+    eroded = ndimage.binary_erosion(mask)
+    return np.argwhere(mask & ~eroded)
+
+
+def extract_rois(labels: np.ndarray, volume: Volume, card: ModelCard, *, outlines: bool = True) -> list[ROI]:
+    """Connected components (26-connectivity) of every label the card marks as a finding.
+
+    Components below the label's ``min_volume_mm3`` are dropped. ROIs are numbered from 1 in order of
+    decreasing volume.
+    """
+    sx, sy, sz = volume.spacing
+    voxel_mm3 = sx * sy * sz
+    rois: list[ROI] = []
+    structure = np.ones((3, 3, 3), dtype=bool)
+    for spec in card.labels:
+        if not spec.finding:
+            continue
+        comp, n = ndimage.label(labels == spec.value, structure=structure)
+        if n == 0:
+            continue
+        objects = ndimage.find_objects(comp)
+        for idx, sl in enumerate(objects, start=1):
+            if sl is None:
+                continue
+            sub = comp[sl] == idx
+            count = int(sub.sum())
+            vol = count * voxel_mm3
+            if vol < spec.min_volume_mm3:
+                continue
+            off = np.array([s.start for s in sl])
+            pts_kji = np.argwhere(sub) + off
+            pts_ijk = pts_kji[:, ::-1].astype(np.float64)
+            centroid = volume.voxel_to_patient(pts_ijk.mean(axis=0))[0]
+            surf_ijk = (_surface_points(sub) + off)[:, ::-1].astype(np.float64)
+            d3, _, _ = _max_distance(volume.voxel_to_patient(surf_ijk))
+            areas = sub.sum(axis=(1, 2))
+            key_local = int(np.argmax(areas))
+            best_inplane, key_axis = 0.0, ((0.0, 0.0), (0.0, 0.0))
+            for kk in range(sub.shape[0]):
+                if areas[kk] == 0:
+                    continue
+                sl2 = sub[kk]
+                edge = np.argwhere(sl2 & ~ndimage.binary_erosion(sl2))  # (row, col)
+                pts = edge[:, ::-1].astype(np.float64) * np.array([sx, sy])
+                d, _, _ = _max_distance(pts)
+                best_inplane = max(best_inplane, d)
+            # long axis on the key slice (what a radiologist measures)
+            key2d = sub[key_local]
+            edge = np.argwhere(key2d & ~ndimage.binary_erosion(key2d))
+            pts = edge[:, ::-1].astype(np.float64)
+            dk, a, b = _max_distance(pts * np.array([sx, sy]))
+            if len(pts) >= 2:
+                pa, pb = pts[a] + off[[2, 1]], pts[b] + off[[2, 1]]
+                key_axis = ((float(pa[0]), float(pa[1])), (float(pb[0]), float(pb[1])))
+            else:
+                c = (float(off[2] + pts[0][0]), float(off[1] + pts[0][1])) if len(pts) else (0.0, 0.0)
+                key_axis = (c, c)
+            outline = []
+            if outlines:
+                outline = [(x + off[2], y + off[1]) for x, y in mask_outline(key2d)]
+            values = volume.pixels[sl][sub]
+            rois.append(ROI(
+                index=0, label=spec.value, label_name=spec.name, voxels=count, volume_mm3=round(vol, 2),
+                diameter_3d_mm=round(max(d3, min(sx, sy)), 2), diameter_inplane_mm=round(max(best_inplane, min(sx, sy)), 2),
+                centroid_mm=(round(float(centroid[0]), 2), round(float(centroid[1]), 2), round(float(centroid[2]), 2)),
+                bbox=tuple((int(s.start), int(s.stop - 1)) for s in sl),  # type: ignore[arg-type]
+                mean=round(float(values.mean()), 1), min=round(float(values.min()), 1),
+                max=round(float(values.max()), 1), key_slice=int(off[0] + key_local),
+                key_outline_ij=outline, key_axis_ij=key_axis, mask=sub, offset=(int(off[0]), int(off[1]), int(off[2]))))
+    rois.sort(key=lambda r: -r.volume_mm3)
+    for n, r in enumerate(rois, start=1):
+        r.index = n
+    return rois

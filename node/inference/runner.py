@@ -1,0 +1,178 @@
+"""Run a MONAI bundle on a volume with MONAI's own bundle machinery.
+
+The bundle's ``configs/inference.json`` provides ``network_def`` (or a TorchScript ``model.ts``),
+``preprocessing``, ``inferer`` and ``postprocessing``. The node already holds the image in memory, so
+a leading ``LoadImage(d)`` in the preprocessing is replaced by a MetaTensor carrying the RAS affine
+that MONAI's ITK/NIfTI readers would have produced; ``SaveImage(d)`` in the postprocessing is dropped.
+Everything else (spacing, orientation, intensity transforms, sliding-window inference, ``Invertd``,
+activations, argmax) runs as the bundle says. CUDA with automatic mixed precision when available,
+CPU otherwise. The network is loaded once per runner and reused.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from monai.data import MetaTensor
+
+from node.dicom.volume import Volume
+from node.errors import ModelError, ModelTimeoutError
+from node.inference.registry import ModelInfo
+
+__all__ = ["BundleRunner", "Runner", "select_device"]
+
+logger = logging.getLogger(__name__)
+
+_LOADERS = ("LoadImage", "LoadImaged")
+_SAVERS = ("SaveImage", "SaveImaged")
+
+
+class Runner(Protocol):
+    """Anything that turns a volume into a label volume of the same shape."""
+
+    def predict(self, volume: Volume, *, deadline: float | None = None) -> np.ndarray: ...
+
+
+def select_device(preference: str = "auto") -> torch.device:
+    """``auto``: CUDA when available, else CPU. ``cuda`` without a GPU raises ModelError."""
+    if preference == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if preference == "cuda":
+        raise ModelError("device 'cuda' requested but no CUDA device is available")
+    return torch.device("cpu")
+
+
+def _target(item: Any) -> str:
+    return str(item.get("_target_", "")).rsplit(".", 1)[-1] if isinstance(item, dict) else ""
+
+
+class BundleRunner:
+    """A loaded MONAI bundle, ready to predict.
+
+    Args:
+        model: the registry entry.
+        device: "auto", "cpu" or "cuda".
+        amp: use autocast on CUDA.
+        on_progress: called with a fraction in [0, 1] during sliding-window inference.
+
+    Raises:
+        ModelError: the bundle's configuration or weights cannot be loaded.
+    """
+
+    def __init__(self, model: ModelInfo, *, device: str = "auto", amp: bool = True,
+                 on_progress: Callable[[float], None] | None = None) -> None:
+        self.model = model
+        self.device = select_device(device)
+        self.amp = amp and self.device.type == "cuda"
+        self.on_progress = on_progress
+        t0 = time.perf_counter()
+        try:
+            parser = ConfigParser()
+            parser.read_config(str(model.inference_config))
+            parser.read_meta(str(model.path / "configs" / "metadata.json"))
+            parser["bundle_root"] = str(model.path)
+            parser["device"] = f"$torch.device('{self.device}')"
+            pre = parser["preprocessing"]
+            transforms = list(pre["transforms"]) if isinstance(pre, dict) else []
+            self._has_loader = bool(transforms) and _target(transforms[0]) in _LOADERS
+            if self._has_loader:
+                parser["preprocessing"]["transforms"] = transforms[1:]
+            if "postprocessing" in parser:
+                post = parser["postprocessing"]
+                if isinstance(post, dict) and "transforms" in post:
+                    parser["postprocessing"]["transforms"] = [t for t in post["transforms"]
+                                                              if _target(t) not in _SAVERS]
+            self.preprocessing = parser.get_parsed_content("preprocessing")
+            self.inferer = parser.get_parsed_content("inferer")
+            self.postprocessing = (parser.get_parsed_content("postprocessing")
+                                   if "postprocessing" in parser else None)
+            self.network = self._load_network(parser)
+        except ModelError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - MONAI/torch raise many types for a bad bundle
+            raise ModelError(f"model {model.name}: cannot load the bundle: {type(exc).__name__}: {exc}") from exc
+        self.load_seconds = time.perf_counter() - t0
+        logger.info("model %s %s loaded on %s in %.1f s (weights sha256 %s)", model.name, model.version,
+                    self.device, self.load_seconds, model.sha256[:16])
+
+    def _load_network(self, parser: ConfigParser) -> torch.nn.Module:
+        weights = self.model.weights
+        if weights.suffix == ".ts":
+            net = torch.jit.load(str(weights), map_location=self.device)
+        else:
+            net = parser.get_parsed_content("network_def")
+            state = torch.load(str(weights), map_location=self.device, weights_only=True)
+            if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+                state = state["model"]
+            if isinstance(state, dict) and "state_dict" in state:
+                state = state["state_dict"]
+            try:
+                net.load_state_dict(state)
+            except RuntimeError as exc:
+                raise ModelError(f"model {self.model.name}: weights do not match network_def: {exc}") from exc
+            net = net.to(self.device)
+        net.eval()
+        return net
+
+    def predict(self, volume: Volume, *, deadline: float | None = None) -> np.ndarray:
+        """Label volume (uint8, ``[k, j, i]``, same shape as ``volume.pixels``).
+
+        Raises:
+            ModelTimeoutError: the deadline (``time.monotonic()`` value) passed during inference.
+            ModelError: the bundle failed, or returned a label map of another shape.
+        """
+        arr, affine = volume.to_monai()
+        meta = {"affine": torch.as_tensor(affine), "original_affine": torch.as_tensor(affine),
+                "spatial_shape": np.array(arr.shape), "original_channel_dim": "no_channel",
+                "filename_or_obj": volume.series_uid or "volume"}
+        image = MetaTensor(torch.from_numpy(arr), affine=torch.as_tensor(affine), meta=meta)
+        try:
+            data: dict[str, Any] = self.preprocessing({"image": image})
+            inp = data["image"]
+            if not isinstance(inp, torch.Tensor):
+                inp = torch.as_tensor(inp)
+            inp = inp.unsqueeze(0).to(self.device)
+            net = self._guarded(deadline)
+            with torch.no_grad(), torch.autocast(device_type=self.device.type, enabled=self.amp):
+                pred = self.inferer(inp, net)
+            data["pred"] = pred[0].float()
+            if self.postprocessing is not None:
+                data = self.postprocessing(data)
+        except ModelTimeoutError:
+            raise
+        except torch.cuda.OutOfMemoryError as exc:
+            raise ModelError(f"model {self.model.name}: out of GPU memory: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - surface any bundle failure as a job failure with its reason
+            raise ModelError(f"model {self.model.name} failed: {type(exc).__name__}: {exc}") from exc
+        out = data["pred"]
+        out = out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
+        if out.ndim == 4:
+            out = out[0] if out.shape[0] == 1 else np.argmax(out, axis=0)
+        labels = np.rint(out).astype(np.uint8).transpose(2, 1, 0)
+        if labels.shape != volume.shape:
+            raise ModelError(f"model {self.model.name} returned labels of shape {labels.shape}; the volume is "
+                             f"{volume.shape} (does the bundle's postprocessing invert its resampling?)")
+        return np.ascontiguousarray(labels)
+
+    def _guarded(self, deadline: float | None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The network wrapped to check the deadline and report progress between sliding-window batches."""
+        calls = {"n": 0}
+
+        def run(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if deadline is not None and time.monotonic() > deadline:
+                raise ModelTimeoutError(f"model {self.model.name}: inference passed the job timeout")
+            calls["n"] += 1
+            if self.on_progress is not None:
+                self.on_progress(float(calls["n"]))
+            result: torch.Tensor = self.network(x, *args, **kwargs)
+            return result
+
+        return run

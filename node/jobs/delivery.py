@@ -1,0 +1,76 @@
+"""The delivery loop: sends due outbox items to their destinations, retries with backoff, dead-letters.
+
+Each result object is recorded per destination: ``sent`` with the DICOM status, or ``pending`` again
+with the reason and the time of the next attempt, or ``dead`` after ``delivery.max_attempts``. Items
+left ``sending`` by a killed node are sent again at start; result objects keep their SOP Instance UIDs,
+so a destination that had already stored one keeps a single copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from node.config import Destination, NodeConfig
+from node.dicom.scu import DicomSender, Sender
+from node.errors import ConfigError
+from node.jobs.store import JobStore, OutboxState
+
+__all__ = ["Deliverer"]
+
+logger = logging.getLogger(__name__)
+
+
+class Deliverer(threading.Thread):
+    """Background thread running :meth:`deliver_due` every ``delivery.poll_seconds``."""
+
+    def __init__(self, *, config: NodeConfig, store: JobStore, stop: threading.Event,
+                 sender_factory: Callable[[Destination], Sender] | None = None) -> None:
+        super().__init__(name="delivery", daemon=True)
+        self.config = config
+        self.store = store
+        self.stop_event = stop
+        self.sender_factory = sender_factory or (lambda d: DicomSender(d, calling_ae=config.node.ae_title))
+        self.wake = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self.deliver_due()
+            except Exception:  # noqa: BLE001 - the loop must survive; the error is logged with its traceback
+                logger.exception("delivery loop error")
+            self.wake.wait(self.config.delivery.poll_seconds)
+            self.wake.clear()
+
+    def deliver_due(self) -> int:
+        """Send what is due now. Returns the number of objects delivered."""
+        cfg = self.config.delivery
+        delivered = 0
+        for dest_name, items in self.store.due_deliveries().items():
+            try:
+                dest = self.config.destination(dest_name)
+            except ConfigError as exc:
+                for it in items:
+                    self.store.delivery_failed(it, str(exc), max_attempts=1, backoff_seconds=0, backoff_max_seconds=0)
+                continue
+            outcomes = self.sender_factory(dest).send([it.path for it in items])
+            by_path = {o.path: o for o in outcomes}
+            for it in items:
+                o = by_path.get(it.path)
+                if o is not None and o.ok:
+                    self.store.delivered(it, o.status or "")
+                    delivered += 1
+                    continue
+                reason = o.error if o is not None else "no outcome reported"
+                state = self.store.delivery_failed(it, reason or "failed", max_attempts=cfg.max_attempts,
+                                                   backoff_seconds=cfg.backoff_seconds,
+                                                   backoff_max_seconds=cfg.backoff_max_seconds,
+                                                   status=o.status if o else None)
+                log = logger.error if state == OutboxState.DEAD else logger.warning
+                log("delivery of %s to %s %s (attempt %d/%d): %s", it.sop_uid, dest_name,
+                    "dead" if state == OutboxState.DEAD else "failed", it.attempts, cfg.max_attempts, reason)
+            if delivered:
+                logger.info("delivered %d object(s) to %s (%s@%s:%d)", delivered, dest_name, dest.ae_title, dest.host,
+                            dest.port)
+        return delivered

@@ -1,0 +1,352 @@
+"""Durable jobs and the outbox, in the node database.
+
+A job is one (series, series version, model). Its life::
+
+    queued --lease--> running --ack--> done
+       ^                 |
+       |             fail (attempts < max) --> failed --(backoff elapsed)--> leased again
+       |                 |
+       +--retry------ dead (attempts exhausted, reason kept)     cancelled (by an operator)
+
+A leased job carries ``lease_until``; a job whose lease ran out (its worker died) is leased again.
+At start the node also requeues every job left ``running`` by a killed process (:meth:`JobStore.recover`).
+
+Completing a job and queuing its result objects in the outbox is one transaction, so a result is
+either fully queued for delivery or the job runs again; outbox rows are unique per (destination,
+SOP Instance UID) so a result object can only be queued once per destination.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from node.db import Database
+from node.errors import JobError
+
+__all__ = ["Job", "JobState", "JobStore", "OutboxItem", "OutboxState", "ResultObject"]
+
+logger = logging.getLogger(__name__)
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    DEAD = "dead"
+    CANCELLED = "cancelled"
+
+
+class OutboxState(StrEnum):
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    id: int
+    series_uid: str
+    series_version: int
+    model: str
+    route: str
+    send_to: list[str]
+    state: JobState
+    attempts: int
+    max_attempts: int
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    finished_at: float | None
+    error: str | None
+    result: dict[str, Any] | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> Job:
+        return cls(
+            id=int(row["id"]), series_uid=row["series_uid"], series_version=int(row["series_version"]),
+            model=row["model"], route=row["route"], send_to=json.loads(row["send_to"]),
+            state=JobState(row["state"]), attempts=int(row["attempts"]), max_attempts=int(row["max_attempts"]),
+            created_at=row["created_at"], updated_at=row["updated_at"], started_at=row["started_at"],
+            finished_at=row["finished_at"], error=row["error"],
+            result=json.loads(row["result"]) if row["result"] else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ResultObject:
+    """A result file of a job to be delivered."""
+
+    path: str
+    sop_uid: str
+    sop_class: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    id: int
+    job_id: int
+    destination: str
+    path: str
+    sop_uid: str
+    sop_class: str
+    state: OutboxState
+    attempts: int
+    error: str | None
+
+
+def _backoff(attempts: int, base: float, cap: float) -> float:
+    return float(min(cap, base * (2 ** max(attempts - 1, 0))))
+
+
+class JobStore:
+    """Jobs, outbox and audit events over the node database."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # --- events (audit trail) -------------------------------------------------------------------
+
+    @staticmethod
+    def _event(c: Any, kind: str, detail: dict[str, Any], *, series_uid: str | None = None,
+               job_id: int | None = None, actor: str | None = None, now: float | None = None) -> None:
+        c.execute("INSERT INTO events (ts, kind, actor, series_uid, job_id, detail) VALUES (?, ?, ?, ?, ?, ?)",
+                  (now or time.time(), kind, actor, series_uid, job_id, json.dumps(detail, sort_keys=True)))
+
+    def record(self, kind: str, detail: dict[str, Any], *, series_uid: str | None = None,
+               job_id: int | None = None, actor: str | None = None) -> None:
+        """Append an audit event."""
+        with self.db.tx() as c:
+            self._event(c, kind, detail, series_uid=series_uid, job_id=job_id, actor=actor)
+
+    # --- jobs -----------------------------------------------------------------------------------
+
+    def create(self, c: Any, *, series_uid: str, series_version: int, model: str, route: str,
+               send_to: list[str], max_attempts: int, config_version: str, now: float) -> int | None:
+        """Insert a queued job inside the caller's transaction ``c``; None if it already exists."""
+        cur = c.execute(
+            "INSERT OR IGNORE INTO jobs (series_uid, series_version, model, route, send_to, state, attempts, "
+            "max_attempts, created_at, updated_at, next_run_at, config_version) "
+            "VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?)",
+            (series_uid, series_version, model, route, json.dumps(send_to), max_attempts, now, now, now,
+             config_version))
+        if cur.rowcount == 0:
+            return None
+        job_id = int(cur.lastrowid)
+        self._event(c, "job.queued", {"model": model, "route": route, "series_version": series_version,
+                                      "config_version": config_version},
+                    series_uid=series_uid, job_id=job_id, now=now)
+        return job_id
+
+    def get(self, job_id: int) -> Job:
+        """The job; raises JobError when there is none."""
+        row = self.db.one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        if row is None:
+            raise JobError(f"no job with id {job_id}")
+        return Job.from_row(row)
+
+    def list(self, *, state: JobState | str | None = None, model: str | None = None,
+             series_uid: str | None = None, limit: int = 100) -> list[Job]:
+        """Jobs, newest first, optionally filtered."""
+        sql, params = "SELECT * FROM jobs WHERE 1=1", []
+        if state is not None:
+            sql += " AND state = ?"
+            params.append(str(JobState(state)))
+        if model is not None:
+            sql += " AND model = ?"
+            params.append(model)
+        if series_uid is not None:
+            sql += " AND series_uid = ?"
+            params.append(series_uid)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(limit)
+        return [Job.from_row(r) for r in self.db.query(sql, tuple(params))]
+
+    def counts(self) -> dict[str, int]:
+        """Number of jobs per state."""
+        out = {s.value: 0 for s in JobState}
+        for r in self.db.query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
+            out[r["state"]] = int(r["n"])
+        return out
+
+    def lease(self, *, lease_seconds: float, now: float | None = None) -> Job | None:
+        """Take the oldest runnable job (queued, failed past its backoff, or running with an expired lease)."""
+        now = time.time() if now is None else now
+        with self.db.tx() as c:
+            row = c.execute(
+                "SELECT id FROM jobs WHERE (state IN ('queued', 'failed') AND next_run_at <= ?) "
+                "OR (state = 'running' AND lease_until < ?) ORDER BY next_run_at, id LIMIT 1", (now, now)).fetchone()
+            if row is None:
+                return None
+            c.execute("UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_until = ?, started_at = ?, "
+                      "updated_at = ? WHERE id = ?", (now + lease_seconds, now, now, row["id"]))
+            job = Job.from_row(c.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
+            self._event(c, "job.started", {"attempt": job.attempts, "model": job.model},
+                        series_uid=job.series_uid, job_id=job.id, now=now)
+        return job
+
+    def complete(self, job_id: int, *, result: dict[str, Any], objects: list[ResultObject],
+                 destinations: list[str], now: float | None = None) -> None:
+        """Mark a running job done and queue each result object for each destination (one transaction)."""
+        now = time.time() if now is None else now
+        with self.db.tx() as c:
+            row = c.execute("SELECT state, series_uid FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row["state"] != JobState.RUNNING:
+                raise JobError(f"job {job_id} is {row['state'] if row else 'missing'}; expected running")
+            c.execute("UPDATE jobs SET state = 'done', finished_at = ?, updated_at = ?, lease_until = NULL, "
+                      "error = NULL, result = ? WHERE id = ?", (now, now, json.dumps(result), job_id))
+            for dest in destinations:
+                for obj in objects:
+                    c.execute(
+                        "INSERT OR IGNORE INTO outbox (job_id, destination, path, sop_uid, sop_class, state, "
+                        "attempts, next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?)",
+                        (job_id, dest, obj.path, obj.sop_uid, obj.sop_class, now, now))
+            self._event(c, "job.done", {"objects": [o.sop_uid for o in objects], "destinations": destinations,
+                                        "summary": result.get("summary", {}), "model": result.get("model", {})},
+                        series_uid=row["series_uid"], job_id=job_id, now=now)
+
+    def fail(self, job_id: int, reason: str, *, backoff_seconds: float, backoff_max_seconds: float,
+             now: float | None = None) -> JobState:
+        """Record a failed attempt: failed (retried after a backoff) or dead when attempts are exhausted."""
+        now = time.time() if now is None else now
+        with self.db.tx() as c:
+            row = c.execute("SELECT attempts, max_attempts, series_uid FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JobError(f"no job with id {job_id}")
+            dead = int(row["attempts"]) >= int(row["max_attempts"])
+            state = JobState.DEAD if dead else JobState.FAILED
+            delay = _backoff(int(row["attempts"]), backoff_seconds, backoff_max_seconds)
+            c.execute("UPDATE jobs SET state = ?, error = ?, updated_at = ?, lease_until = NULL, next_run_at = ?, "
+                      "finished_at = ? WHERE id = ?",
+                      (state.value, reason[:4000], now, now + delay, now if dead else None, job_id))
+            self._event(c, f"job.{state.value}", {"reason": reason[:4000], "attempt": int(row["attempts"]),
+                                                 "retry_in_s": None if dead else delay},
+                        series_uid=row["series_uid"], job_id=job_id, now=now)
+        return state
+
+    def retry(self, job_id: int, *, actor: str | None = None, now: float | None = None) -> None:
+        """Queue a failed, dead, cancelled or done job again (attempts reset)."""
+        now = time.time() if now is None else now
+        with self.db.tx() as c:
+            row = c.execute("SELECT state, series_uid FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JobError(f"no job with id {job_id}")
+            if row["state"] in (JobState.RUNNING, JobState.QUEUED):
+                raise JobError(f"job {job_id} is {row['state']}; only failed, dead, cancelled or done jobs retry")
+            c.execute("UPDATE jobs SET state = 'queued', attempts = 0, next_run_at = ?, updated_at = ?, error = NULL "
+                      "WHERE id = ?", (now, now, job_id))
+            self._event(c, "job.retry", {"previous_state": row["state"]}, series_uid=row["series_uid"],
+                        job_id=job_id, actor=actor, now=now)
+
+    def cancel(self, job_id: int, *, actor: str | None = None, now: float | None = None) -> None:
+        """Cancel a queued or failed job."""
+        now = time.time() if now is None else now
+        with self.db.tx() as c:
+            row = c.execute("SELECT state, series_uid FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JobError(f"no job with id {job_id}")
+            if row["state"] not in (JobState.QUEUED, JobState.FAILED):
+                raise JobError(f"job {job_id} is {row['state']}; only queued or failed jobs can be cancelled")
+            c.execute("UPDATE jobs SET state = 'cancelled', updated_at = ?, finished_at = ? WHERE id = ?",
+                      (now, now, job_id))
+            self._event(c, "job.cancelled", {}, series_uid=row["series_uid"], job_id=job_id, actor=actor, now=now)
+
+    def recover(self, now: float | None = None) -> tuple[int, int]:
+        """At start: requeue jobs left running and outbox items left sending by a killed process.
+
+        Returns:
+            (jobs requeued, outbox items requeued)
+        """
+        now = time.time() if now is None else now
+        with self.db.tx() as c:
+            jobs = c.execute("UPDATE jobs SET state = 'queued', lease_until = NULL, next_run_at = ?, updated_at = ? "
+                             "WHERE state = 'running'", (now, now)).rowcount
+            items = c.execute("UPDATE outbox SET state = 'pending', next_attempt_at = ? WHERE state = 'sending'",
+                              (now,)).rowcount
+            if jobs or items:
+                self._event(c, "node.recovered", {"jobs_requeued": jobs, "outbox_requeued": items}, now=now)
+        if jobs or items:
+            logger.warning("recovered after an unclean stop: %d job(s) and %d delivery item(s) requeued", jobs, items)
+        return jobs, items
+
+    # --- outbox ---------------------------------------------------------------------------------
+
+    def due_deliveries(self, *, now: float | None = None, limit: int = 500) -> dict[str, list[OutboxItem]]:
+        """Pending outbox items whose next attempt is due, grouped by destination; marks them sending."""
+        now = time.time() if now is None else now
+        out: dict[str, list[OutboxItem]] = {}
+        with self.db.tx() as c:
+            rows = c.execute("SELECT * FROM outbox WHERE state = 'pending' AND next_attempt_at <= ? "
+                             "ORDER BY id LIMIT ?", (now, limit)).fetchall()
+            for r in rows:
+                c.execute("UPDATE outbox SET state = 'sending', attempts = attempts + 1 WHERE id = ?", (r["id"],))
+                out.setdefault(r["destination"], []).append(OutboxItem(
+                    id=r["id"], job_id=r["job_id"], destination=r["destination"], path=r["path"],
+                    sop_uid=r["sop_uid"], sop_class=r["sop_class"], state=OutboxState.SENDING,
+                    attempts=int(r["attempts"]) + 1, error=r["error"]))
+        return out
+
+    def delivered(self, item: OutboxItem, status: str, *, now: float | None = None) -> None:
+        """Record a successful delivery of one object."""
+        now = time.time() if now is None else now
+        with self.db.tx() as c:
+            c.execute("UPDATE outbox SET state = 'sent', sent_at = ?, last_status = ?, error = NULL WHERE id = ?",
+                      (now, status, item.id))
+            self._event(c, "delivery.sent", {"destination": item.destination, "sop_uid": item.sop_uid,
+                                             "status": status, "attempt": item.attempts},
+                        job_id=item.job_id, now=now)
+
+    def delivery_failed(self, item: OutboxItem, reason: str, *, max_attempts: int, backoff_seconds: float,
+                        backoff_max_seconds: float, status: str | None = None, now: float | None = None) -> OutboxState:
+        """Record a failed delivery attempt: pending again after a backoff, or dead when attempts are exhausted."""
+        now = time.time() if now is None else now
+        dead = item.attempts >= max_attempts
+        state = OutboxState.DEAD if dead else OutboxState.PENDING
+        delay = _backoff(item.attempts, backoff_seconds, backoff_max_seconds)
+        with self.db.tx() as c:
+            c.execute("UPDATE outbox SET state = ?, error = ?, last_status = ?, next_attempt_at = ? WHERE id = ?",
+                      (state.value, reason[:2000], status, now + delay, item.id))
+            self._event(c, "delivery.dead" if dead else "delivery.failed",
+                        {"destination": item.destination, "sop_uid": item.sop_uid, "reason": reason[:2000],
+                         "attempt": item.attempts, "retry_in_s": None if dead else delay},
+                        job_id=item.job_id, now=now)
+        return state
+
+    def resend(self, job_id: int, *, actor: str | None = None, now: float | None = None) -> int:
+        """Queue a job's result objects for delivery again (e.g. after the PACS lost them)."""
+        now = time.time() if now is None else now
+        with self.db.tx() as c:
+            n = c.execute("UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?, error = NULL "
+                          "WHERE job_id = ?", (now, job_id)).rowcount
+            self._event(c, "delivery.resend", {"objects": n}, job_id=job_id, actor=actor, now=now)
+        return int(n)
+
+    def outbox(self, *, job_id: int | None = None, state: OutboxState | str | None = None,
+               limit: int = 500) -> list[OutboxItem]:
+        """Outbox items, newest first."""
+        sql, params = "SELECT * FROM outbox WHERE 1=1", []
+        if job_id is not None:
+            sql += " AND job_id = ?"
+            params.append(job_id)
+        if state is not None:
+            sql += " AND state = ?"
+            params.append(str(OutboxState(state)))
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(limit)
+        return [OutboxItem(id=r["id"], job_id=r["job_id"], destination=r["destination"], path=r["path"],
+                           sop_uid=r["sop_uid"], sop_class=r["sop_class"], state=OutboxState(r["state"]),
+                           attempts=int(r["attempts"]), error=r["error"])
+                for r in self.db.query(sql, tuple(params))]
+
+    def outbox_counts(self) -> dict[str, int]:
+        """Number of outbox items per state."""
+        out = {s.value: 0 for s in OutboxState}
+        for r in self.db.query("SELECT state, COUNT(*) AS n FROM outbox GROUP BY state"):
+            out[r["state"]] = int(r["n"])
+        return out

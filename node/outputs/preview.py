@@ -1,0 +1,48 @@
+"""A PNG preview: the key slice of each ROI (up to 6) with the segmentation outlined and labelled."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from node.dicom.volume import Volume
+from node.inference.rois import ROI
+
+__all__ = ["write_preview"]
+
+
+def write_preview(volume: Volume, labels: np.ndarray, rois: list[ROI], path: Path, *, title: str = "",
+                  max_panels: int = 6) -> Path:
+    """Write the preview PNG and return its path. Without ROIs, shows the middle slice with "no ROI found"."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = rois[:max_panels]
+    slices = [r.key_slice for r in shown] or [volume.shape[0] // 2]
+    n = len(slices)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.6), squeeze=False)
+    window = (-1000, 400) if volume.modality == "CT" else tuple(np.percentile(volume.pixels, [1, 99]))
+    sx, sy, _ = volume.spacing
+    for ax, k, roi in zip(axes[0], slices, shown or [None], strict=False):
+        ax.imshow(volume.pixels[k], cmap="gray", vmin=window[0], vmax=window[1], aspect=sy / sx,
+                  interpolation="nearest")
+        mask = labels[k] > 0
+        if mask.any():
+            ax.contour(mask, levels=[0.5], colors=["#ff3030"], linewidths=1.2)
+        if roi is not None:
+            (x0, y0), (x1, y1) = roi.key_axis_ij
+            ax.plot([x0, x1], [y0, y1], color="#ffd000", linewidth=1.0)
+            ax.set_title(f"ROI {roi.index}: {roi.volume_mm3:.0f} mm³, {roi.diameter_inplane_mm:.1f} mm\n"
+                         f"slice {k + 1}/{volume.shape[0]}", fontsize=9)
+        else:
+            ax.set_title(f"no region of interest found\nslice {k + 1}/{volume.shape[0]}", fontsize=9)
+        ax.axis("off")
+    fig.suptitle((title + "\n" if title else "") + "AI pre-annotation - NOT VERIFIED", fontsize=10, color="#b00000")
+    fig.tight_layout(rect=(0, 0, 1, 0.86))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

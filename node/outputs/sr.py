@@ -1,0 +1,138 @@
+"""DICOM Comprehensive 3D SR, TID 1500 Measurement Report, for the ROIs of one job (IHE AI Results).
+
+Per ROI, sharing one tracking identifier and UID:
+1. a volumetric group (TID 1411) referencing the ROI's segment in the SEG: volume and 3D diameter;
+2. a planar group (TID 1410) with the outline on the key slice (largest in-plane area) as a SCOORD
+   POLYLINE (closed) on the source image: long axis, area and volume, so viewers that draw SR regions (OHIF)
+   show the finding with its measurements;
+3. a planar group with the long axis on the key slice as a 2-point SCOORD POLYLINE: its length.
+
+Observer: the node as a device. CompletionFlag PARTIAL, VerificationFlag UNVERIFIED. When no ROI was
+found, the report says so in a coded finding ("No findings" / "AI: no region of interest found").
+"""
+
+from __future__ import annotations
+
+import logging
+
+import highdicom as hd
+import numpy as np
+from pydicom.sr.codedict import codes
+
+from node.dicom.volume import Volume
+from node.errors import OutputError
+from node.inference.registry import ModelCard
+from node.inference.rois import ROI
+from node.outputs.equipment import Provenance, new_uid
+from node.outputs.seg import coded
+
+__all__ = ["build_sr"]
+
+logger = logging.getLogger(__name__)
+
+LONG_AXIS = hd.sr.CodedConcept("103339001", "SCT", "Long Axis")
+
+
+def _source_image(volume: Volume, k: int) -> hd.sr.SourceImageForRegion:
+    ref = volume.frames[k]
+    ds = volume.sources[ref.source]
+    return hd.sr.SourceImageForRegion(
+        referenced_sop_class_uid=ds.SOPClassUID, referenced_sop_instance_uid=ds.SOPInstanceUID,
+        referenced_frame_numbers=[ref.frame] if ref.frame is not None else None)
+
+
+def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Provenance, *,
+             seg: hd.seg.Segmentation | None, series_number: int) -> hd.sr.Comprehensive3DSR:
+    """Build the TID 1500 measurement report.
+
+    Raises:
+        OutputError: highdicom refused the content.
+    """
+    try:
+        device = hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=provenance.device_uid or new_uid(provenance.uid_root), name="preannot",
+            manufacturer_name=provenance.manufacturer, model_name=provenance.model.name[:64],
+            serial_number=provenance.device_serial_number)
+        context = hd.sr.ObservationContext(
+            observer_device_context=hd.sr.ObserverContext(observer_type=codes.DCM.Device,
+                                                          observer_identifying_attributes=device))
+        groups: list = []
+        seg_numbers = {}
+        if seg is not None:
+            seg_numbers = {int(d.SegmentNumber): d for d in seg.SegmentSequence}
+        label_to_segment = {}
+        for n, d in seg_numbers.items():
+            for spec in card.labels:
+                if spec.name[:64] == d.SegmentLabel:
+                    label_to_segment[spec.value] = n
+        algo = provenance.sr_algorithm()
+        for roi in rois:
+            spec = card.label(roi.label)
+            assert spec is not None
+            tracking = hd.sr.TrackingIdentifier(uid=new_uid(provenance.uid_root),
+                                                identifier=f"{spec.name} {roi.index} (AI)"[:64])
+            finding = coded(spec.type)
+            category = coded(spec.category)
+            sites = [hd.sr.FindingSite(anatomic_location=coded(spec.finding_site))] if spec.finding_site else None
+            volume_m = hd.sr.Measurement(name=codes.SCT.Volume, value=float(roi.volume_mm3),
+                                         unit=codes.UCUM.CubicMillimeter)
+            diam3d = hd.sr.Measurement(name=codes.SCT.Diameter, value=float(roi.diameter_3d_mm),
+                                       unit=codes.UCUM.Millimeter)
+            long_axis = hd.sr.Measurement(name=LONG_AXIS, value=float(roi.diameter_inplane_mm),
+                                          unit=codes.UCUM.Millimeter)
+            if seg is not None and roi.label in label_to_segment:
+                ref_seg = hd.sr.ReferencedSegment(
+                    sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
+                    segment_number=label_to_segment[roi.label],
+                    source_series=hd.sr.SourceSeriesForSegmentation(volume.series_uid))
+                groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tracking, referenced_segment=ref_seg, finding_type=finding,
+                    finding_category=category, algorithm_id=algo, finding_sites=sites,
+                    measurements=[volume_m, diam3d]))
+            src = _source_image(volume, roi.key_slice)
+            sx, sy, _ = volume.spacing
+            outline = np.array(roi.key_outline_ij, dtype=np.float64) + 0.5  # SCOORD: pixel centre at +0.5
+            if len(outline) >= 4:
+                area = float(np.count_nonzero(roi.mask[roi.key_slice - roi.offset[0]])) * sx * sy \
+                    if roi.mask is not None else 0.0
+                groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tracking,
+                    referenced_region=hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                                                        graphic_data=outline, source_image=src),
+                    finding_type=finding, finding_category=category, finding_sites=sites, algorithm_id=algo,
+                    measurements=[long_axis, hd.sr.Measurement(name=codes.SCT.Area, value=round(area, 2),
+                                                               unit=codes.UCUM.SquareMillimeter), volume_m]))
+            axis = np.array(roi.key_axis_ij, dtype=np.float64) + 0.5
+            if not np.allclose(axis[0], axis[1]):
+                groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tracking,
+                    referenced_region=hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                                                        graphic_data=axis, source_image=src),
+                    finding_type=finding, finding_category=category, algorithm_id=algo,
+                    measurements=[long_axis]))
+        no_finding = None
+        if not rois:
+            no_finding = [hd.sr.QualitativeEvaluation(
+                name=hd.sr.CodedConcept("121071", "DCM", "Finding"),
+                value=hd.sr.CodedConcept("373572006", "SCT", "Clinical finding absent"))]
+            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=new_uid(provenance.uid_root),
+                                                             identifier="AI: no region of interest found"),
+                algorithm_id=algo, qualitative_evaluations=no_finding))
+        report = hd.sr.MeasurementReport(
+            observation_context=context,
+            procedure_reported=hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure"),
+            imaging_measurements=groups, title=codes.DCM.ImagingMeasurementReport)
+        evidence = list(volume.sources)
+        if seg is not None:
+            evidence.append(seg)
+        sr = hd.sr.Comprehensive3DSR(
+            evidence=evidence, content=report, series_instance_uid=new_uid(provenance.uid_root),
+            series_number=series_number, sop_instance_uid=new_uid(provenance.uid_root), instance_number=1,
+            manufacturer=provenance.manufacturer, is_complete=False, is_final=False, is_verified=False,
+            institution_name=provenance.institution_name,
+            series_description=provenance.series_description("SR"))
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise OutputError(f"highdicom refused the SR: {type(exc).__name__}: {exc}") from exc
+    provenance.stamp(sr)
+    return sr

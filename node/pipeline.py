@@ -1,0 +1,153 @@
+"""Processing of one job: series files -> volume -> model -> ROIs -> DICOM SEG + SR (+ preview).
+
+The pipeline takes its collaborators as arguments (a :class:`~node.inference.runner.Runner`, the
+model's registry entry, the output settings), so it runs the same in the node's worker, in
+``preannot run`` (offline) and in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from node.config import OutputsConfig
+from node.dicom.volume import Volume, load_series
+from node.errors import ModelTimeoutError, OutputError
+from node.inference.registry import ModelInfo
+from node.inference.rois import ROI, extract_rois
+from node.inference.runner import Runner
+from node.jobs.store import ResultObject
+from node.outputs.equipment import Provenance
+from node.outputs.preview import write_preview
+from node.outputs.seg import build_seg
+from node.outputs.sr import build_sr
+
+__all__ = ["JobOutput", "process_series", "save_dataset"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class JobOutput:
+    """What one run of the pipeline produced."""
+
+    objects: list[ResultObject]
+    rois: list[ROI]
+    timings: dict[str, float]
+    summary: dict[str, Any]
+    files: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"summary": self.summary, "timings": {k: round(v, 4) for k, v in self.timings.items()},
+                "files": self.files, "rois": [r.to_dict() for r in self.rois]}
+
+
+def save_dataset(ds: Dataset, path: Path, *, fsync: bool = True) -> Path:
+    """Write a dataset atomically (temp file, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".part")
+    ds.save_as(tmp, enforce_file_format=True)
+    if fsync:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    os.replace(tmp, path)
+    return path
+
+
+def process_series(files: list[Path], *, runner: Runner, model: ModelInfo, provenance: Provenance,
+                   outputs: OutputsConfig, out_dir: Path, timeout_seconds: float | None = None,
+                   volume: Volume | None = None, fsync: bool = True,
+                   on_stage: Callable[[str], None] | None = None) -> JobOutput:
+    """Run the whole processing of one series with one model, writing the results into ``out_dir``.
+
+    Returns:
+        The result objects (for the outbox), ROIs, per-stage timings and a summary.
+
+    Raises:
+        VolumeError: the series cannot be read as a volume.
+        ModelError / ModelTimeoutError: the model failed or ran past ``timeout_seconds``.
+        OutputError: a result object could not be built.
+    """
+    t_start = time.perf_counter()
+    deadline = time.monotonic() + timeout_seconds if timeout_seconds else None
+    timings: dict[str, float] = {}
+
+    def stage(name: str) -> None:
+        if on_stage is not None:
+            on_stage(name)
+        if deadline is not None and time.monotonic() > deadline:
+            raise ModelTimeoutError(f"job passed its timeout of {timeout_seconds:.0f} s before stage {name}")
+
+    stage("load")
+    if volume is None:
+        volume = load_series(files)
+    timings.update({"read": volume.timings.get("read_headers", 0.0), "decode": volume.timings.get("decode", 0.0)})
+    stage("inference")
+    t = time.perf_counter()
+    labels = runner.predict(volume, deadline=deadline)
+    timings["inference"] = time.perf_counter() - t
+
+    stage("rois")
+    t = time.perf_counter()
+    rois = extract_rois(labels, volume, model.card)
+    kept = np.zeros_like(labels)
+    for r in rois:
+        k0, j0, i0 = r.offset
+        assert r.mask is not None
+        region = kept[k0:k0 + r.mask.shape[0], j0:j0 + r.mask.shape[1], i0:i0 + r.mask.shape[2]]
+        region[r.mask] = r.label
+    timings["rois"] = time.perf_counter() - t
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    objects: list[ResultObject] = []
+    files_out: dict[str, str] = {}
+    seg = None
+    if rois and model.card.outputs.seg:
+        stage("seg")
+        t = time.perf_counter()
+        seg = build_seg(volume, kept, model.card, provenance, series_number=outputs.seg_series_number)
+        p = save_dataset(seg, out_dir / "seg.dcm", fsync=fsync)
+        objects.append(ResultObject(str(p), str(seg.SOPInstanceUID), str(seg.SOPClassUID)))
+        files_out["seg"] = str(p)
+        timings["seg"] = time.perf_counter() - t
+    if model.card.outputs.sr:
+        stage("sr")
+        t = time.perf_counter()
+        sr = build_sr(volume, rois, model.card, provenance, seg=seg, series_number=outputs.sr_series_number)
+        p = save_dataset(sr, out_dir / "sr.dcm", fsync=fsync)
+        objects.append(ResultObject(str(p), str(sr.SOPInstanceUID), str(sr.SOPClassUID)))
+        files_out["sr"] = str(p)
+        timings["sr"] = time.perf_counter() - t
+    if not objects:
+        raise OutputError(f"model {model.name}: the model card enables no output")
+    if outputs.preview_png:
+        t = time.perf_counter()
+        files_out["preview"] = str(write_preview(volume, kept, rois, out_dir / "preview.png",
+                                                 title=f"{model.name} {model.version}"))
+        timings["preview"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start
+    summary = {
+        "series_uid": volume.series_uid, "study_uid": str(volume.sources[0].get("StudyInstanceUID", "")),
+        "slices": volume.shape[0], "shape": list(volume.shape),
+        "spacing_mm": [round(s, 4) for s in volume.spacing], "roi_count": len(rois),
+        "rois": [{"index": r.index, "label": r.label_name, "volume_mm3": r.volume_mm3,
+                  "diameter_mm": r.diameter_inplane_mm, "centroid_mm": list(r.centroid_mm)} for r in rois],
+        "model": model.identification(),
+    }
+    result = JobOutput(objects=objects, rois=rois, timings=timings, summary=summary, files=files_out)
+    (out_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
+    logger.info("series %s: %d ROI(s), %s in %.1f s (inference %.1f s)", volume.series_uid, len(rois),
+                "+".join(k for k in ("seg", "sr") if k in files_out), timings["total"], timings["inference"])
+    return result

@@ -1,0 +1,124 @@
+"""Route matching: which models run on a series, decided from its DICOM attributes and AE titles.
+
+A route's ``match`` table maps a DICOM keyword to a condition; all conditions must hold:
+
+===================  =====================================================================
+condition            holds when
+===================  =====================================================================
+``"CT"``             the value equals (case-insensitive; numbers compare numerically)
+``["CHEST", "LUNG"]``  the value (or one of its values) is in the list
+``"<=2.5"``          numeric comparison; also ``<``, ``>``, ``>=``, ``==``, ``!=``
+``"1..2.5"``         numeric range, both ends included
+``"re:^AX"``         the regular expression is found in the value (case-insensitive)
+``"contains:AXIAL"``  one of the values of a multi-valued attribute equals it
+``"*"``              the attribute is present, whatever its value
+``"!"``              the attribute is absent or empty
+===================  =====================================================================
+
+``called_ae`` / ``calling_ae`` restrict a route to AE titles (empty: any). A series matching no route
+is kept for ``unmatched_retention_days`` and logged, not processed.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from node.config import Route
+from node.errors import ConfigError
+
+__all__ = ["match_route", "matching_routes", "validate_route"]
+
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    "<=": operator.le, ">=": operator.ge, "==": operator.eq, "!=": operator.ne, "<": operator.lt, ">": operator.gt,
+}
+_OP_RE = re.compile(r"^\s*(<=|>=|==|!=|<|>)\s*(-?[0-9.]+(?:[eE][-+]?\d+)?)\s*$")
+_RANGE_RE = re.compile(r"^\s*(-?[0-9.]+)\s*\.\.\s*(-?[0-9.]+)\s*$")
+
+
+def _values(v: Any) -> list[str]:
+    if v is None:
+        return []
+    if isinstance(v, list | tuple):
+        return [str(x).strip() for x in v]
+    return [s.strip() for s in str(v).split("\\")]
+
+
+def _num(s: str) -> float | None:
+    try:
+        return float(s)
+    except ValueError:
+        return None
+
+
+def _eq(a: str, b: Any) -> bool:
+    na, nb = _num(a), _num(str(b))
+    if na is not None and nb is not None:
+        return na == nb
+    return a.upper() == str(b).strip().upper()
+
+
+def _check(cond: Any, present: Any) -> bool:
+    vals = _values(present)
+    has = any(v != "" for v in vals)
+    if isinstance(cond, list):
+        return any(_eq(v, c) for v in vals for c in cond)
+    if isinstance(cond, int | float) and not isinstance(cond, bool):
+        return any(_eq(v, cond) for v in vals)
+    text = str(cond)
+    if text == "*":
+        return has
+    if text == "!":
+        return not has
+    if text.startswith("re:"):
+        rx = re.compile(text[3:], re.IGNORECASE)
+        return any(rx.search(v) for v in vals)
+    if text.startswith("contains:"):
+        want = text[len("contains:"):].strip().upper()
+        return any(v.upper() == want for v in vals)
+    m = _OP_RE.match(text)
+    if m:
+        op, ref = _OPS[m.group(1)], float(m.group(2))
+        nums = [n for n in (_num(v) for v in vals) if n is not None]
+        return bool(nums) and all(op(n, ref) for n in nums)
+    m = _RANGE_RE.match(text)
+    if m:
+        lo, hi = float(m.group(1)), float(m.group(2))
+        nums = [n for n in (_num(v) for v in vals) if n is not None]
+        return bool(nums) and all(lo <= n <= hi for n in nums)
+    return any(_eq(v, text) for v in vals)
+
+
+def validate_route(route: Route) -> None:
+    """Check a route's conditions can be evaluated (regexes compile).
+
+    Raises:
+        ConfigError: naming the route, the key and the bad condition.
+    """
+    for key, cond in route.match.items():
+        for c in cond if isinstance(cond, list) else [cond]:
+            if isinstance(c, str) and c.startswith("re:"):
+                try:
+                    re.compile(c[3:])
+                except re.error as exc:
+                    raise ConfigError(f"routes[{route.name}].match.{key}: bad regular expression {c!r}: {exc}") \
+                        from exc
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", key):
+            raise ConfigError(f"routes[{route.name}].match: {key!r} is not a DICOM keyword")
+
+
+def match_route(route: Route, attrs: Mapping[str, Any], *, called_ae: str = "", calling_ae: str = "") -> bool:
+    """Whether a series with these attributes and AE titles matches the route."""
+    if route.called_ae and called_ae.strip().upper() not in {a.upper() for a in route.called_ae}:
+        return False
+    if route.calling_ae and calling_ae.strip().upper() not in {a.upper() for a in route.calling_ae}:
+        return False
+    return all(_check(cond, attrs.get(key)) for key, cond in route.match.items())
+
+
+def matching_routes(routes: Sequence[Route], attrs: Mapping[str, Any], *, called_ae: str = "",
+                    calling_ae: str = "") -> list[Route]:
+    """All routes the series matches, in configuration order."""
+    return [r for r in routes if match_route(r, attrs, called_ae=called_ae, calling_ae=calling_ae)]

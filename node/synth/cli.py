@@ -1,0 +1,63 @@
+"""``preannot synth``: make the sample series and labelled cases for training and evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from node.synth.phantom import CaseGeometry, make_phantom
+from node.synth.writer import write_case, write_series
+
+app = typer.Typer(help="Generate synthetic chest CT series with known lesions (ground truth as DICOM SEG).",
+                  no_args_is_help=True)
+
+#: The seed of the series shipped in sample_dicom/ (chosen for a mix of lesion sizes and types).
+SAMPLE_SEED = 20261122
+
+
+@app.command("sample")
+def sample(
+    out: Annotated[Path, typer.Option(help="Output folder for the CT series")] = Path("sample_dicom"),
+    seed: Annotated[int, typer.Option(help="Random seed")] = SAMPLE_SEED,
+    slices: Annotated[int, typer.Option(help="Number of slices")] = 96,
+    size: Annotated[int, typer.Option(help="Rows and columns")] = 256,
+    lesions: Annotated[int, typer.Option(help="Number of lesions")] = 3,
+    compress: Annotated[bool, typer.Option(help="RLE Lossless transfer syntax")] = True,
+) -> None:
+    """Write the demo series (one CT series, no ground truth beside it) and print its lesions."""
+    geom = CaseGeometry(size=size, slices=slices, spacing_xy=360.0 / size)
+    phantom = make_phantom(seed, geom, n_lesions=lesions)
+    paths = write_series(phantom, out, seed=seed, compress=compress, patient_name="SYNTHETIC^DEMO",
+                         patient_id="PREANNOT-DEMO")
+    typer.echo(f"wrote {len(paths)} CT instances to {out}")
+    for les in phantom.lesions:
+        typer.echo(f"  lesion {les.index}: {les.kind}, {les.diameter_mm:.1f} mm, {les.volume_mm3:.0f} mm3, "
+                   f"attached to {les.attached_to}, centre {tuple(round(c, 1) for c in les.center)}")
+
+
+@app.command("cases")
+def cases(
+    out: Annotated[Path, typer.Option(help="Output folder: one sub-folder per case")],
+    n: Annotated[int, typer.Option(help="Number of cases")] = 10,
+    first_seed: Annotated[int, typer.Option(help="Seed of the first case; case i uses first_seed + i")] = 1000,
+    slices: Annotated[int, typer.Option(help="Slices per case")] = 96,
+    size: Annotated[int, typer.Option(help="Rows and columns")] = 256,
+    compress: Annotated[bool, typer.Option(help="RLE Lossless transfer syntax")] = False,
+) -> None:
+    """Write labelled cases: image series + ground-truth SEG + ground_truth.json per case."""
+    geom = CaseGeometry(size=size, slices=slices, spacing_xy=360.0 / size)
+    out.mkdir(parents=True, exist_ok=True)
+    index = []
+    with typer.progressbar(range(n), label="generating cases") as bar:
+        for i in bar:
+            seed = first_seed + i
+            case_dir = out / f"case_{seed:05d}"
+            if (case_dir / "ground_truth.json").exists():
+                continue
+            info = write_case(make_phantom(seed, geom), case_dir, seed=seed, compress=compress)
+            index.append({"case": case_dir.name, "lesions": len(info["lesions"])})  # type: ignore[arg-type]
+    (out / "cases.json").write_text(json.dumps(index, indent=2))
+    typer.echo(f"wrote {n} cases to {out}")

@@ -1,0 +1,181 @@
+"""Write synthetic phantoms as a CT Image Storage series plus a ground-truth DICOM SEG."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    RLELossless,
+    generate_uid,
+)
+
+from node import __version__
+from node.synth.phantom import Phantom
+
+__all__ = ["SYNTH_UID_ROOT", "write_case", "write_ground_truth_seg", "write_series"]
+
+logger = logging.getLogger(__name__)
+
+#: UID root for synthetic objects (a UUID-derived root would also do; this one is stable for tests).
+SYNTH_UID_ROOT = "1.2.826.0.1.3680043.10.1473."
+
+LESION_CATEGORY = codes.SCT.MorphologicallyAbnormalStructure
+LESION_TYPE = codes.SCT.Nodule
+
+
+def _uid(seed: int, *parts: object) -> str:
+    """A deterministic UID for (seed, parts): the same case always gets the same UIDs."""
+    return generate_uid(prefix=SYNTH_UID_ROOT, entropy_srcs=[str(seed), *map(str, parts)])
+
+
+def write_series(phantom: Phantom, out_dir: Path, *, seed: int, patient_name: str = "SYNTHETIC^CHEST",
+                 patient_id: str | None = None, compress: bool = False) -> list[Path]:
+    """Write the phantom's HU volume as single-frame CT instances, one file per slice.
+
+    Returns:
+        The written paths, in slice order.
+    """
+    geom = phantom.geometry
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study_uid = _uid(seed, "study")
+    series_uid = _uid(seed, "series")
+    for_uid = _uid(seed, "for")
+    when = _dt.datetime(2026, 1, 1, 9, 0, 0) + _dt.timedelta(days=seed % 300, minutes=seed % 600)
+    pid = patient_id or f"SYN{seed:06d}"
+    stored = np.clip(np.rint(phantom.hu + 1024.0), 0, 4095).astype(np.uint16)
+    x0, y0, z0 = geom.origin
+    paths: list[Path] = []
+    for k in range(geom.slices):
+        ds = Dataset()
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = _uid(seed, "instance", k)
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = when.strftime("%Y%m%d")
+        ds.StudyTime = ds.SeriesTime = ds.ContentTime = ds.AcquisitionTime = when.strftime("%H%M%S")
+        ds.AccessionNumber = f"ACC{seed:06d}"
+        ds.Modality = "CT"
+        ds.Manufacturer = "preannot synthetic phantom"
+        ds.ManufacturerModelName = "node.synth"
+        ds.SoftwareVersions = __version__
+        ds.InstitutionName = "Synthetic Hospital"
+        ds.ReferringPhysicianName = ""
+        ds.StudyDescription = "CT CHEST (synthetic)"
+        ds.SeriesDescription = "Chest 2.5 mm (synthetic phantom)"
+        ds.PatientName = patient_name
+        ds.PatientID = pid
+        ds.PatientBirthDate = "19600101"
+        ds.PatientSex = "O"
+        ds.PatientAge = "066Y"
+        ds.BodyPartExamined = "CHEST"
+        ds.SliceThickness = f"{geom.spacing_z:g}"
+        ds.KVP = "120"
+        ds.PatientPosition = "FFS"
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.StudyID = "1"
+        ds.SeriesNumber = 2
+        ds.AcquisitionNumber = 1
+        ds.InstanceNumber = k + 1
+        ds.FrameOfReferenceUID = for_uid
+        ds.PositionReferenceIndicator = ""
+        ds.ImagePositionPatient = [f"{x0:.5f}", f"{y0:.5f}", f"{z0 + k * geom.spacing_z:.5f}"]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.SliceLocation = f"{z0 + k * geom.spacing_z:.5f}"
+        ds.PixelSpacing = [f"{geom.spacing_xy:.6g}", f"{geom.spacing_xy:.6g}"]
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows = ds.Columns = geom.size
+        ds.BitsAllocated = 16
+        ds.BitsStored = 12
+        ds.HighBit = 11
+        ds.PixelRepresentation = 0
+        ds.RescaleIntercept = "-1024"
+        ds.RescaleSlope = "1"
+        ds.RescaleType = "HU"
+        ds.WindowCenter = ["-600", "40"]
+        ds.WindowWidth = ["1500", "400"]
+        ds.WindowCenterWidthExplanation = ["LUNG", "MEDIASTINUM"]
+        ds.PixelData = stored[k].tobytes()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        if compress:
+            ds.compress(RLELossless, stored[k], generate_instance_uid=False)
+        path = out_dir / f"CT{k + 1:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def write_ground_truth_seg(phantom: Phantom, source_paths: list[Path], out_path: Path, *, seed: int) -> Path:
+    """Write the phantom's lesion mask as a binary DICOM SEG referencing the source series.
+
+    All lesions share one segment ("Nodule"); a case without lesions gets a SEG with one empty frame.
+    """
+    from pydicom import dcmread
+
+    sources = [dcmread(p, stop_before_pixels=True) for p in source_paths]
+    mask = phantom.mask.astype(np.uint8)
+    desc = hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label="Nodule",
+        segmented_property_category=LESION_CATEGORY,
+        segmented_property_type=LESION_TYPE,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+        anatomic_regions=[codes.SCT.Lung],
+        tracking_uid=_uid(seed, "gt-track"),
+        tracking_id="ground truth: all lesions",
+    )
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=mask,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[desc],
+        series_instance_uid=_uid(seed, "gt-series"),
+        series_number=900,
+        sop_instance_uid=_uid(seed, "gt-instance"),
+        instance_number=1,
+        manufacturer="preannot synthetic phantom",
+        manufacturer_model_name="node.synth ground truth",
+        software_versions=__version__,
+        device_serial_number="synthetic",
+        series_description="Ground truth lesions (synthetic)",
+        content_label="GROUNDTRUTH",
+        omit_empty_frames=bool(mask.any()),
+    )
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    seg.save_as(out_path)
+    return out_path
+
+
+def write_case(phantom: Phantom, case_dir: Path, *, seed: int, compress: bool = False,
+               ground_truth: bool = True, patient_name: str | None = None) -> dict[str, object]:
+    """Write one labelled case: ``image/`` (CT series), ``ground_truth_seg.dcm`` and ``ground_truth.json``.
+
+    Returns:
+        The ground-truth description written to ``ground_truth.json``.
+    """
+    image_dir = case_dir / "image"
+    paths = write_series(phantom, image_dir, seed=seed, compress=compress,
+                         patient_name=patient_name or f"SYNTHETIC^CASE{seed:04d}")
+    info: dict[str, object] = {
+        "seed": seed,
+        "geometry": asdict(phantom.geometry),
+        "lesions": [asdict(les) for les in phantom.lesions],
+    }
+    if ground_truth:
+        write_ground_truth_seg(phantom, paths, case_dir / "ground_truth_seg.dcm", seed=seed)
+        (case_dir / "ground_truth.json").write_text(json.dumps(info, indent=2))
+    return info
