@@ -55,12 +55,16 @@ def _die(exc: Exception, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-@app.callback()
-def _main(log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR")] = "INFO",
-          version: Annotated[bool, typer.Option("--version", help="Print the version and exit")] = False) -> None:
-    if version:
+def _version(value: bool) -> None:
+    if value:
         typer.echo(f"preannot {__version__}")
         raise typer.Exit(0)
+
+
+@app.callback()
+def _main(log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR")] = "INFO",
+          version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit")] = False) -> None:
     _setup_logging(log_level)
 
 
@@ -204,9 +208,9 @@ def status(config: ConfigOpt = None,
     cfg = _load(config)
     store = open_store(cfg)
     series = {r["state"]: int(r["n"]) for r in store.db.query("SELECT state, COUNT(*) AS n FROM series GROUP BY state")}
-    data = {"series": series, "jobs": store.counts(), "outbox": store.outbox_counts(),
+    data: dict[str, Any] = {"series": series, "jobs": store.counts(), "outbox": store.outbox_counts(),
             "latest_jobs": [{"id": j.id, "state": j.state.value, "model": j.model, "series_uid": j.series_uid,
-                             "attempts": j.attempts, "error": j.error} for j in store.list(limit=10)]}
+                             "attempts": j.attempts, "error": j.error} for j in store.list_jobs(limit=10)]}
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
@@ -228,7 +232,7 @@ def jobs(config: ConfigOpt = None,
 
     store = open_store(_load(config))
     try:
-        rows = store.list(state=state, model=model, limit=limit)
+        rows = store.list_jobs(state=state, model=model, limit=limit)
     except ValueError as exc:
         raise _die(PreannotError(f"unknown state {state!r}"), 2) from exc
     for j in rows:

@@ -166,14 +166,14 @@ class WebConfig(_Section):
 class NodeConfig(_Section):
     """The whole configuration."""
 
-    node: NodeSection = Field(default_factory=NodeSection)
+    node: NodeSection = Field(default_factory=lambda: NodeSection())
     destinations: list[Destination] = Field(default_factory=list)
     routes: list[Route] = Field(default_factory=list)
-    models: ModelsConfig = Field(default_factory=ModelsConfig)
-    jobs: JobsConfig = Field(default_factory=JobsConfig)
-    delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
-    outputs: OutputsConfig = Field(default_factory=OutputsConfig)
-    web: WebConfig = Field(default_factory=WebConfig)
+    models: ModelsConfig = Field(default_factory=lambda: ModelsConfig())
+    jobs: JobsConfig = Field(default_factory=lambda: JobsConfig())
+    delivery: DeliveryConfig = Field(default_factory=lambda: DeliveryConfig())
+    outputs: OutputsConfig = Field(default_factory=lambda: OutputsConfig())
+    web: WebConfig = Field(default_factory=lambda: WebConfig())
     source: str = Field("<defaults>", exclude=True)
 
     @model_validator(mode="after")

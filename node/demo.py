@@ -20,8 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +79,7 @@ def describe(seg_path: Path | None, sr_path: Path) -> list[dict]:
     """What the received SR says: one entry per finding (tracking id, volume, long axis)."""
     import highdicom as hd
 
-    sr = hd.sr.srread(sr_path)
+    sr: Any = hd.sr.srread(sr_path)
     findings: dict[str, dict] = {}
     for group in sr.content.get_volumetric_roi_measurement_groups():
         entry = findings.setdefault(group.tracking_identifier, {"finding": group.tracking_identifier})
@@ -114,8 +113,8 @@ def overlay(sample: Path, seg_path: Path, png: Path) -> int:
             if mask.any():
                 hits.append((int(mask.sum()), sop, mask))
     hits.sort(key=lambda t: -t[0])
-    shown = []
-    for area, sop, mask in hits:  # largest slice of each separate lesion (skip neighbours of a shown slice)
+    shown: list[tuple[float, str, Any]] = []
+    for _area, sop, mask in hits:  # largest slice of each separate lesion (skip neighbours of a shown slice)
         z = float(sources[sop][1].ImagePositionPatient[2])
         if all(abs(z - s[0]) > 8.0 for s in shown):
             shown.append((z, sop, mask))
@@ -123,8 +122,8 @@ def overlay(sample: Path, seg_path: Path, png: Path) -> int:
             break
     n = max(len(shown), 1)
     fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 4.8), squeeze=False)
-    for ax, (z, sop, mask) in zip(axes[0], shown, strict=False):
-        ds = dcmread(sources[sop][0])
+    for ax, (z, key, mask) in zip(axes[0], shown, strict=False):
+        ds = dcmread(sources[key][0])
         hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
         ax.imshow(hu, cmap="gray", vmin=-1000, vmax=400)
         ax.contour(mask, levels=[0.5], colors=["#ff3030"], linewidths=1.2)

@@ -96,7 +96,7 @@ class Node:
                 self.assembler.tick()
             except PreannotError as exc:
                 logger.error("assembler: %s", exc)
-            except Exception:  # noqa: BLE001 - keep assembling; logged with traceback
+            except Exception:
                 logger.exception("assembler error")
             self.stop_event.wait(0.5)
 

@@ -29,7 +29,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from node.dicom.spool import IngestResult, Spool
 from node.errors import InvalidInstanceError, OutOfSpaceError, PreannotError
 
-__all__ = ["Listener", "ListenerStats", "STATUS"]
+__all__ = ["STATUS", "Listener", "ListenerStats"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class Listener:
             # pynetdicom rejects unlisted callers itself (A-ASSOCIATE-RJ, reason: calling AE not recognised)
             ae.require_calling_aet = self.allowed or ["\x00never"]
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         self.ae = ae
         self._ssl = ssl_context
@@ -112,7 +112,7 @@ class Listener:
 
     def start(self) -> None:
         """Start listening in background threads."""
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -166,7 +166,7 @@ class Listener:
         called = str(assoc.acceptor.ae_title)
         try:
             raw = event.encoded_dataset(include_meta=True)
-        except Exception as exc:  # noqa: BLE001 - pynetdicom may fail on a malformed meta; answer, don't crash
+        except Exception as exc:
             self.stats.count_failure("cannot_understand")
             logger.warning("association %s: C-STORE with unreadable data (%s) -> 0xC000", assoc.name, exc)
             return STATUS["cannot_understand"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from pydicom import dcmread
 from pynetdicom import AE, build_context
@@ -55,7 +55,7 @@ def send_files(paths: list[str], *, ae_title: str, host: str, port: int, calling
     for p in paths:
         try:
             ds = dcmread(p)
-        except Exception as exc:  # noqa: BLE001 - an unreadable result file is reported, not raised
+        except Exception as exc:
             outcomes.append(SendOutcome(p, False, None, f"cannot read {p}: {exc}"))
             continue
         datasets[p] = ds
@@ -66,7 +66,7 @@ def send_files(paths: list[str], *, ae_title: str, host: str, port: int, calling
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.maximum_pdu_size = max_pdu
     # one context per (SOP class, transfer syntax) so the peer can accept each syntax as sent
-    requested = []
+    requested: list[Any] = []
     for sop, syntaxes in contexts.items():
         requested.extend(build_context(sop, [ts]) for ts in sorted(syntaxes))
         if not syntaxes & {"1.2.840.10008.1.2.1", "1.2.840.10008.1.2"}:
@@ -74,14 +74,14 @@ def send_files(paths: list[str], *, ae_title: str, host: str, port: int, calling
     requested = requested[:128]
     assoc = ae.associate(host, port, contexts=requested, ae_title=ae_title)
     if not assoc.is_established:
-        reason = "association rejected" if assoc.is_rejected else "association aborted" if assoc.is_aborted \
-            else "no association (destination down or unreachable)"
+        reason = "association rejected by the destination" if assoc.is_rejected \
+            else "no association: connection refused or aborted (destination down or unreachable)"
         return outcomes + [SendOutcome(p, False, None, f"{ae_title}@{host}:{port}: {reason}") for p in datasets]
     try:
         for p, ds in datasets.items():
             try:
                 status = assoc.send_c_store(ds)
-            except Exception as exc:  # noqa: BLE001 - e.g. no accepted context for the SOP class
+            except Exception as exc:
                 outcomes.append(SendOutcome(p, False, None, f"C-STORE failed: {exc}"))
                 continue
             code = int(getattr(status, "Status", -1)) if status else -1

@@ -24,13 +24,15 @@ class StoreSink:
         folder.mkdir(parents=True, exist_ok=True)
         self.ae = AE(ae_title=ae_title)
         for cx in AllStoragePresentationContexts:
-            self.ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            self.ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
         self.ae.add_supported_context(Verification)
         self.received: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._server = self.ae.start_server((bind, port), block=False,
-                                            evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
-        self.port = int(self._server.server_address[1])
+        server = self.ae.start_server((bind, port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        assert server is not None
+        self._server = server
+        self.port = int(server.server_address[1])
 
     def _on_store(self, event: Any) -> int:
         ds = event.dataset

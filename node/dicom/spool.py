@@ -64,7 +64,7 @@ def routing_attributes(ds: Dataset) -> dict[str, Any]:
             continue
         try:
             val = elem.value
-        except Exception:  # noqa: BLE001 - a malformed value is simply not routable
+        except Exception:
             continue
         if val is None or val == "":
             continue
@@ -160,7 +160,7 @@ class Spool:
             sop_class = str(ds.SOPClassUID)
         except AttributeError as exc:
             raise InvalidInstanceError(f"missing a required UID: {exc}") from exc
-        except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt elements
+        except Exception as exc:
             raise InvalidInstanceError(f"unreadable UID element: {exc}") from exc
         if not (sop_uid and series_uid and study_uid and sop_class):
             raise InvalidInstanceError("SOPInstanceUID, SeriesInstanceUID, StudyInstanceUID and SOPClassUID "

@@ -108,7 +108,7 @@ def _floats(v: Any, n: int, what: str, where: str) -> np.ndarray:
 
 def read_headers(paths: Sequence[Path]) -> list[Dataset]:
     """Read the headers (no pixel data) of the files; raises VolumeError for an unreadable file."""
-    out = []
+    out: list[Dataset] = []
     for p in paths:
         try:
             out.append(dcmread(p, stop_before_pixels=True))
@@ -206,7 +206,7 @@ def _check_and_sort(slices: list[_Slice], series: str, *, gap_tolerance: float,
         count = int(np.sum(np.abs(pos - pos[i]) < 1e-2))
         raise VolumeError(f"series {series} has {count} slices at position {pos[i]:.2f} mm along the normal; "
                           "expected one (several phases or echoes in one series?)")
-    usual = float(np.median(steps))
+    usual = float(steps.min())
     gaps = np.where(steps > gap_tolerance * usual)[0]
     if gaps.size:
         i = int(gaps[0])
@@ -231,7 +231,7 @@ def _decode(ds: Dataset, where: str) -> np.ndarray:
         raise VolumeError(f"{where}: no pixel data")
     try:
         arr = ds.pixel_array
-    except Exception as exc:  # noqa: BLE001 - decoders raise many types; the message says which file
+    except Exception as exc:
         raise VolumeError(f"{where}: pixel data cannot be decoded "
                           f"(transfer syntax {ds.file_meta.get('TransferSyntaxUID', '?')}): {exc}") from exc
     return np.asarray(arr)

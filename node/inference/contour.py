@@ -18,7 +18,8 @@ def mask_outline(mask2d: np.ndarray) -> list[tuple[float, float]]:
     lines = contour_generator(z=padded, line_type="Separate").lines(0.5)
     if not lines:
         return []
-    best = max(lines, key=len) - 1.0  # undo the padding
+    arrays = [np.asarray(line, dtype=np.float64) for line in lines]
+    best = max(arrays, key=len) - 1.0  # undo the padding
     pts = [(float(x), float(y)) for x, y in best]
     if pts and pts[0] != pts[-1]:
         pts.append(pts[0])

@@ -117,7 +117,7 @@ def extract_rois(labels: np.ndarray, volume: Volume, card: ModelCard, *, outline
             key2d = sub[key_local]
             edge = np.argwhere(key2d & ~ndimage.binary_erosion(key2d))
             pts = edge[:, ::-1].astype(np.float64)
-            dk, a, b = _max_distance(pts * np.array([sx, sy]))
+            _, a, b = _max_distance(pts * np.array([sx, sy]))
             if len(pts) >= 2:
                 pa, pb = pts[a] + off[[2, 1]], pts[b] + off[[2, 1]]
                 key_axis = ((float(pa[0]), float(pa[1])), (float(pb[0]), float(pb[1])))

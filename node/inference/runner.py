@@ -97,7 +97,7 @@ class BundleRunner:
             self.network = self._load_network(parser)
         except ModelError:
             raise
-        except Exception as exc:  # noqa: BLE001 - MONAI/torch raise many types for a bad bundle
+        except Exception as exc:
             raise ModelError(f"model {model.name}: cannot load the bundle: {type(exc).__name__}: {exc}") from exc
         self.load_seconds = time.perf_counter() - t0
         logger.info("model %s %s loaded on %s in %.1f s (weights sha256 %s)", model.name, model.version,
@@ -130,7 +130,7 @@ class BundleRunner:
             ModelError: the bundle failed, or returned a label map of another shape.
         """
         arr, affine = volume.to_monai()
-        meta = {"affine": torch.as_tensor(affine), "original_affine": torch.as_tensor(affine),
+        meta = {"original_affine": torch.as_tensor(affine),
                 "spatial_shape": np.array(arr.shape), "original_channel_dim": "no_channel",
                 "filename_or_obj": volume.series_uid or "volume"}
         image = MetaTensor(torch.from_numpy(arr), affine=torch.as_tensor(affine), meta=meta)
@@ -150,7 +150,7 @@ class BundleRunner:
             raise
         except torch.cuda.OutOfMemoryError as exc:
             raise ModelError(f"model {self.model.name}: out of GPU memory: {exc}") from exc
-        except Exception as exc:  # noqa: BLE001 - surface any bundle failure as a job failure with its reason
+        except Exception as exc:
             raise ModelError(f"model {self.model.name} failed: {type(exc).__name__}: {exc}") from exc
         out = data["pred"]
         out = out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)

@@ -38,7 +38,7 @@ class Deliverer(threading.Thread):
         while not self.stop_event.is_set():
             try:
                 self.deliver_due()
-            except Exception:  # noqa: BLE001 - the loop must survive; the error is logged with its traceback
+            except Exception:
                 logger.exception("delivery loop error")
             self.wake.wait(self.config.delivery.poll_seconds)
             self.wake.clear()

@@ -151,10 +151,10 @@ class JobStore:
             raise JobError(f"no job with id {job_id}")
         return Job.from_row(row)
 
-    def list(self, *, state: JobState | str | None = None, model: str | None = None,
+    def list_jobs(self, *, state: JobState | str | None = None, model: str | None = None,
              series_uid: str | None = None, limit: int = 100) -> list[Job]:
         """Jobs, newest first, optionally filtered."""
-        sql, params = "SELECT * FROM jobs WHERE 1=1", []
+        sql, params = "SELECT * FROM jobs WHERE 1=1", list[object]()
         if state is not None:
             sql += " AND state = ?"
             params.append(str(JobState(state)))
@@ -330,7 +330,7 @@ class JobStore:
     def outbox(self, *, job_id: int | None = None, state: OutboxState | str | None = None,
                limit: int = 500) -> list[OutboxItem]:
         """Outbox items, newest first."""
-        sql, params = "SELECT * FROM outbox WHERE 1=1", []
+        sql, params = "SELECT * FROM outbox WHERE 1=1", list[object]()
         if job_id is not None:
             sql += " AND job_id = ?"
             params.append(job_id)

@@ -94,7 +94,7 @@ class Worker(threading.Thread):
             self._fail(job, f"{type(exc).__name__}: {exc}")
         except MemoryError as exc:
             self._fail(job, f"out of memory: {exc}")
-        except Exception as exc:  # noqa: BLE001 - a bug in one job must not stop the worker; kept with traceback
+        except Exception as exc:
             logger.error("job %d: unexpected error\n%s", job.id, traceback.format_exc())
             self._fail(job, f"unexpected {type(exc).__name__}: {exc}")
         finally:

@@ -26,7 +26,8 @@ def write_preview(volume: Volume, labels: np.ndarray, rois: list[ROI], path: Pat
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.6), squeeze=False)
     window = (-1000, 400) if volume.modality == "CT" else tuple(np.percentile(volume.pixels, [1, 99]))
     sx, sy, _ = volume.spacing
-    for ax, k, roi in zip(axes[0], slices, shown or [None], strict=False):
+    panels: list[ROI | None] = list(shown) or [None]
+    for ax, k, roi in zip(axes[0], slices, panels, strict=False):
         ax.imshow(volume.pixels[k], cmap="gray", vmin=window[0], vmax=window[1], aspect=sy / sx,
                   interpolation="nearest")
         mask = labels[k] > 0

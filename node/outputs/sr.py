@@ -67,8 +67,10 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
                     label_to_segment[spec.value] = n
         algo = provenance.sr_algorithm()
         for roi in rois:
-            spec = card.label(roi.label)
-            assert spec is not None
+            found = card.label(roi.label)
+            if found is None:
+                raise OutputError(f"label {roi.label} is not described in the model card")
+            spec = found
             tracking = hd.sr.TrackingIdentifier(uid=new_uid(provenance.uid_root),
                                                 identifier=f"{spec.name} {roi.index} (AI)"[:64])
             finding = coded(spec.type)

@@ -104,12 +104,12 @@ class _Renderer:
         """Index slices and broadcast coordinate grids for the physical box [lo, hi]."""
         g = self.geom
         x0, y0, z0 = g.origin
-        i0 = max(int(math.floor((lo[0] - x0) / g.spacing_xy)), 0)
-        i1 = min(int(math.ceil((hi[0] - x0) / g.spacing_xy)) + 1, g.size)
-        j0 = max(int(math.floor((lo[1] - y0) / g.spacing_xy)), 0)
-        j1 = min(int(math.ceil((hi[1] - y0) / g.spacing_xy)) + 1, g.size)
-        k0 = max(int(math.floor((lo[2] - z0) / g.spacing_z)), 0)
-        k1 = min(int(math.ceil((hi[2] - z0) / g.spacing_z)) + 1, g.slices)
+        i0 = max(math.floor((lo[0] - x0) / g.spacing_xy), 0)
+        i1 = min(math.ceil((hi[0] - x0) / g.spacing_xy) + 1, g.size)
+        j0 = max(math.floor((lo[1] - y0) / g.spacing_xy), 0)
+        j1 = min(math.ceil((hi[1] - y0) / g.spacing_xy) + 1, g.size)
+        k0 = max(math.floor((lo[2] - z0) / g.spacing_z), 0)
+        k1 = min(math.ceil((hi[2] - z0) / g.spacing_z) + 1, g.slices)
         if i0 >= i1 or j0 >= j1 or k0 >= k1:
             return None
         sl = (slice(k0, k1), slice(j0, j1), slice(i0, i1))
@@ -216,7 +216,7 @@ def make_phantom(seed: int, geometry: CaseGeometry | None = None, *, n_lesions: 
         r = np.sqrt(((X - cx) / lx) ** 2 + ((Y - 8.0) / ly) ** 2)
         dome = z.min() + 25.0 + 20.0 * np.sqrt(np.clip(1.0 - ((X - cx) / 60.0) ** 2 - (Y / 90.0) ** 2, 0, 1))
         top = z.max() - 8.0
-        lungs |= (r <= 1.0) & (Z >= dome) & (Z <= top)
+        lungs |= (r <= 1.0) & (dome <= Z) & (top >= Z)
     lungs &= muscle
     tex = ndimage.gaussian_filter(rng.normal(0.0, 1.0, geom.shape).astype(np.float32), 2.0)
     hu[lungs] = -860.0 + 120.0 * tex[lungs]
@@ -238,7 +238,7 @@ def make_phantom(seed: int, geometry: CaseGeometry | None = None, *, n_lesions: 
     hu[rib] = 750.0
     bone |= rib
     # sternum
-    st = full((np.abs(X) < 12.0) & (Y < -ay * 0.82) & (Y > -ay * 0.95)) & body
+    st = full((np.abs(X) < 12.0) & (-ay * 0.82 > Y) & (-ay * 0.95 < Y)) & body
     hu[st] = 600.0
     bone |= st
     aorta_r = np.sqrt((X - 25.0) ** 2 + (Y - 45.0) ** 2)

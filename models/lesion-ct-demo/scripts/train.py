@@ -2,8 +2,8 @@
 
     python models/lesion-ct-demo/scripts/train.py --out models/lesion-ct-demo/models/model.pt
 
-The cases come from ``node.synth`` (seeds 100000..100000+N-1); the held-out evaluation uses seeds from
-200000 on, which training never sees. The network definition is read from configs/inference.json so the
+The cases come from ``node.synth`` (seeds first_seed..first_seed+N-1, default 100000); the held-out
+evaluation uses seeds from 200000 on, which training never sees. The network definition is read from configs/inference.json so the
 trained weights always match what the node loads.
 """
 
@@ -58,6 +58,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--log", type=Path, default=None, help="JSON lines training log")
+    ap.add_argument("--init", type=Path, default=None, help="start from these weights (fine-tuning)")
+    ap.add_argument("--first-seed", type=int, default=100000, help="seed of the first training case")
+    ap.add_argument("--pos-ratio", type=float, default=0.67, help="share of patches centred on a lesion")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -66,13 +69,15 @@ def main() -> None:
     parser = ConfigParser()
     parser.read_config(BUNDLE / "configs" / "inference.json")
     net = parser.get_parsed_content("network_def")
+    if args.init is not None:
+        net.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=True))
     roi = tuple(parser.get_parsed_content("inferer").roi_size)
 
     geom = CaseGeometry()
     t0 = time.time()
     data = []
     for n in range(args.cases):
-        ph = make_phantom(100000 + n, geom)
+        ph = make_phantom(args.first_seed + n, geom)
         img = to_monai(ph.hu)
         lab = ph.mask.transpose(2, 1, 0).astype(np.int64)
         data.append((img, lab, np.argwhere(lab > 0)))
@@ -90,7 +95,7 @@ def main() -> None:
         xs, ys = [], []
         for _ in range(args.batch):
             img, lab, fg = data[rng.integers(len(data))]
-            x, y = sample_patch(rng, img, lab, fg, roi, pos_ratio=0.67)
+            x, y = sample_patch(rng, img, lab, fg, roi, pos_ratio=args.pos_ratio)
             x = x * rng.uniform(0.95, 1.05) + rng.uniform(-0.02, 0.02)
             xs.append(x[None])
             ys.append(y[None])
@@ -101,7 +106,7 @@ def main() -> None:
         loss.backward()
         opt.step()
         sched.step()
-        running = 0.98 * running + 0.02 * float(loss) if it > 1 else float(loss)
+        running = 0.98 * running + 0.02 * loss.item() if it > 1 else loss.item()
         if it % 50 == 0 or it == args.iterations:
             msg = {"iteration": it, "loss": round(running, 4), "lr": sched.get_last_lr()[0],
                    "seconds": round(time.time() - t1, 1)}

@@ -1,0 +1,110 @@
+"""The command line: run (offline), send, echo, status/jobs/retry/cancel, config check/init, synth."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from node.cli import app
+from node.config import load_config
+from node.dicom.sink import StoreSink
+from node.jobs.store import JobStore
+from node.service import open_store
+from tests.conftest import ROOT, free_port, node_toml
+
+runner = CliRunner()
+
+
+def test_version() -> None:
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.startswith("preannot ")
+
+
+def test_run_offline(small_series: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["run", "--model", "lesion-ct-demo", str(small_series), str(out), "--device", "cpu"],
+                      env={"PREANNOT_MODELS__DIR": str(ROOT / "models")})
+    assert r.exit_code == 0, r.output
+    assert "region(s) of interest" in r.output and "timings (s)" in r.output
+    result = json.loads((out / "result.json").read_text())
+    assert result["summary"]["slices"] == 24
+    assert (out / "sr.dcm").is_file() and (out / "preview.png").is_file()
+    assert set(result["timings"]) >= {"read", "decode", "inference", "rois", "sr", "total"}
+
+
+def test_run_errors(tmp_path: Path, small_series: Path) -> None:
+    r = runner.invoke(app, ["run", "--model", "lesion-ct-demo", str(tmp_path), str(tmp_path / "o")])
+    assert r.exit_code == 2 and "no DICOM files" in r.output
+    r = runner.invoke(app, ["run", "--model", "nope", str(small_series), str(tmp_path / "o")],
+                      env={"PREANNOT_MODELS__DIR": str(ROOT / "models")})
+    assert r.exit_code == 1 and "no model 'nope'" in r.output
+
+
+def test_send_and_echo(small_series: Path, tmp_path: Path) -> None:
+    sink = StoreSink(tmp_path / "recv", ae_title="SINK")
+    try:
+        r = runner.invoke(app, ["send", str(small_series), "--to", f"SINK@127.0.0.1:{sink.port}"])
+        assert r.exit_code == 0, r.output
+        assert "sent 24 of 24" in r.output
+        assert len(sink.files()) == 24
+        assert runner.invoke(app, ["echo", f"SINK@127.0.0.1:{sink.port}"]).exit_code == 0
+    finally:
+        sink.stop()
+    port = free_port()
+    r = runner.invoke(app, ["send", str(small_series), "--to", f"SINK@127.0.0.1:{port}"])
+    assert r.exit_code == 1 and "0 of 24" in r.output
+    r = runner.invoke(app, ["send", str(small_series), "--to", "garbage"])
+    assert r.exit_code == 2
+
+
+def test_status_jobs_retry_cancel(tmp_path: Path) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(node_toml(tmp_path / "data", free_port()))
+    store: JobStore = open_store(load_config(cfg, env={}))
+    with store.db.tx() as c:
+        jid = store.create(c, series_uid="1.2.3", series_version=1, model="lesion-ct-demo", route="r",
+                           send_to=[], max_attempts=1, config_version="v", now=1.0)
+    store.lease(lease_seconds=10, now=2.0)
+    store.fail(jid, "ModelError: boom", backoff_seconds=1, backoff_max_seconds=1, now=3.0)
+    r = runner.invoke(app, ["status", "--config", str(cfg)])
+    assert r.exit_code == 0 and "dead 1" in r.output and "boom" in r.output
+    r = runner.invoke(app, ["status", "--config", str(cfg), "--json"])
+    assert json.loads(r.output)["jobs"]["dead"] == 1
+    r = runner.invoke(app, ["jobs", "--config", str(cfg), "--state", "dead"])
+    assert "boom" in r.output
+    assert runner.invoke(app, ["jobs", "--config", str(cfg), "--state", "weird"]).exit_code == 2
+    r = runner.invoke(app, ["retry", str(jid), "--config", str(cfg)])
+    assert r.exit_code == 0 and store.get(jid).state == "queued"
+    assert runner.invoke(app, ["retry", "999", "--config", str(cfg)]).exit_code == 1
+    assert runner.invoke(app, ["cancel", str(jid), "--config", str(cfg)]).exit_code == 0
+    assert store.get(jid).state == "cancelled"
+    audit = [r["actor"] for r in store.db.query("SELECT actor FROM events WHERE kind IN ('job.retry', 'job.cancelled')")]
+    assert audit == ["cli", "cli"]
+
+
+def test_config_init_and_check(tmp_path: Path) -> None:
+    r = runner.invoke(app, ["config", "init"])
+    assert r.exit_code == 0
+    p = tmp_path / "node.toml"
+    p.write_text(r.output.replace('dir = "models"', f'dir = "{ROOT / "models"}"'))
+    r = runner.invoke(app, ["config", "check", "--config", str(p)])
+    assert r.exit_code == 0, r.output
+    assert "is valid" in r.output
+    p.write_text(p.read_text().replace('models = ["lesion-ct-demo"]', 'models = ["missing-model"]'))
+    r = runner.invoke(app, ["config", "check", "--config", str(p)])
+    assert r.exit_code == 2 and "missing-model" in r.output
+    p.write_text("[node]\nport = -1\n")
+    r = runner.invoke(app, ["config", "check", "--config", str(p)])
+    assert r.exit_code == 2 and "node.port" in r.output
+
+
+def test_synth_cases(tmp_path: Path) -> None:
+    r = runner.invoke(app, ["synth", "cases", "--out", str(tmp_path), "--n", "2", "--slices", "12", "--size", "64"])
+    assert r.exit_code == 0, r.output
+    cases = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert len(cases) == 2
+    for c in cases:
+        assert len(list((c / "image").glob("*.dcm"))) == 12
+        assert (c / "ground_truth_seg.dcm").is_file() and (c / "ground_truth.json").is_file()

@@ -1,0 +1,164 @@
+"""The running node over real DICOM associations on loopback (pynetdicom and dcmtk as peers)."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+from node.dicom.scu import echo, send_files
+from node.dicom.sink import StoreSink
+from node.jobs.store import JobState
+from tests.conftest import free_port, wait_for
+
+
+def _send(node: Any, paths: list[Path], calling: str = "TESTSCU") -> list[Any]:
+    return send_files([str(p) for p in paths], ae_title="PREANNOT", host="127.0.0.1", port=node.listener.port,
+                      calling_ae=calling)
+
+
+def _done_jobs(node: Any) -> list[Any]:
+    return node.store.list_jobs(state=JobState.DONE)
+
+
+def test_series_over_several_associations_is_one_job(make_node: Callable[..., Any], small_series: Path,
+                                                     tmp_path: Path) -> None:
+    sink = StoreSink(tmp_path / "pacs", ae_title="SINK")
+    try:
+        node = make_node(sink_port=sink.port, stable=1.5)
+        files = sorted(small_series.glob("*.dcm"))
+        for chunk in (files[:8], files[8:16], files[16:]):  # three associations
+            assert all(o.ok for o in _send(node, chunk))
+        wait_for(lambda: _done_jobs(node), 120, what="the job to finish")
+        job = node.store.list_jobs()[0]
+        assert len(node.store.list_jobs()) == 1
+        assert job.result and job.result["summary"]["slices"] == len(files)
+        n_objects = len(job.result["files"]) - ("preview" in job.result["files"])
+        wait_for(lambda: len(sink.received) == n_objects, 60, what="the results at the destination")
+        assert set(sink.received.values()) == {1}
+        kinds = sorted(str(dcmread(p).Modality) for p in sink.files())
+        assert "SR" in kinds
+        study = dcmread(files[0]).StudyInstanceUID
+        assert all(dcmread(p).StudyInstanceUID == study for p in sink.files())
+        events = [r["kind"] for r in node.db.query("SELECT kind FROM events ORDER BY id")]
+        for kind in ("series.stable", "job.queued", "job.started", "job.done", "delivery.sent"):
+            assert kind in events
+    finally:
+        sink.stop()
+
+
+def test_unknown_calling_ae_is_refused(make_node: Callable[..., Any], small_series: Path) -> None:
+    node = make_node()
+    ae = AE(ae_title="INTRUDER")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", node.listener.port, ae_title="PREANNOT")
+    assert assoc.is_rejected
+    assert node.listener.stats.associations_refused == 1
+    assert node.db.one("SELECT COUNT(*) AS n FROM instances")["n"] == 0
+    assert echo(ae_title="PREANNOT", host="127.0.0.1", port=node.listener.port, calling_ae="TESTSCU")
+
+
+def test_route_miss_is_kept_not_processed(make_node: Callable[..., Any], small_series: Path, tmp_path: Path) -> None:
+    node = make_node(stable=0.5)
+    out = tmp_path / "mr"
+    out.mkdir()
+    series_uid = generate_uid()
+    for p in sorted(small_series.glob("*.dcm"))[:3]:
+        ds = dcmread(p)
+        ds.Modality = "MR"
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(out / p.name)
+    assert all(o.ok for o in _send(node, sorted(out.glob("*.dcm"))))
+    wait_for(lambda: node.db.one("SELECT state FROM series")["state"] == "unmatched", 20, what="unmatched")
+    assert node.store.list_jobs() == []
+
+
+def test_bad_instance_gets_failure_status_and_node_stays_up(make_node: Callable[..., Any], small_series: Path) -> None:
+    node = make_node()
+    ds = dcmread(sorted(small_series.glob("*.dcm"))[0])
+    del ds.StudyInstanceUID
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.listener.port, ae_title="PREANNOT")
+    assert assoc.is_established
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == 0xC000
+    assert node.listener.stats.failures == {"cannot_understand": 1}
+    assert all(o.ok for o in _send(node, sorted(small_series.glob("*.dcm"))[:2]))
+
+
+def test_below_disk_reserve_answers_out_of_resources(make_node: Callable[..., Any], small_series: Path) -> None:
+    node = make_node(extra="")
+    node.spool.reserve_bytes = 1 << 62  # as if the disk were almost full
+    outcomes = _send(node, sorted(small_series.glob("*.dcm"))[:2])
+    assert [o.status for o in outcomes] == ["0xA700", "0xA700"]
+    node.spool.reserve_bytes = 0  # space comes back: accepted again
+    assert all(o.ok for o in _send(node, sorted(small_series.glob("*.dcm"))[:2]))
+
+
+def test_destination_down_then_up(make_node: Callable[..., Any], small_series: Path, tmp_path: Path) -> None:
+    port = free_port()
+    node = make_node(sink_port=port, stable=0.5)
+    assert all(o.ok for o in _send(node, sorted(small_series.glob("*.dcm"))))
+    wait_for(lambda: _done_jobs(node), 120, what="the job")
+    wait_for(lambda: any(i.error for i in node.store.outbox()), 30, what="a failed delivery attempt")
+    assert node.store.outbox_counts()["sent"] == 0
+    assert "destination down or unreachable" in (node.store.outbox()[0].error or "")
+    sink = StoreSink(tmp_path / "pacs", ae_title="SINK", port=port)
+    try:
+        n = len(node.store.outbox())
+        wait_for(lambda: node.store.outbox_counts()["sent"] == n, 60, what="delivery after recovery")
+        assert len(sink.received) == n and set(sink.received.values()) == {1}
+    finally:
+        sink.stop()
+
+
+@pytest.mark.integration
+def test_dcmtk_storescu_and_storescp_as_outside_peers(make_node: Callable[..., Any], small_series: Path,
+                                                     tmp_path: Path) -> None:
+    if not (shutil.which("storescu") and shutil.which("storescp")):
+        pytest.skip("dcmtk is not installed; `make test` installs it as root")
+    port = free_port()
+    received = tmp_path / "storescp"
+    received.mkdir()
+    scp = subprocess.Popen(["storescp", "-aet", "SINK", "-od", str(received), "-uf", "--fork", str(port)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        node = make_node(sink_port=port, stable=1.0)
+        files = [str(p) for p in sorted(small_series.glob("*.dcm"))]
+        proc = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "PREANNOT", "127.0.0.1",
+                               str(node.listener.port), *files], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert node.db.one("SELECT COUNT(*) AS n FROM instances")["n"] == len(files)
+        wait_for(lambda: _done_jobs(node), 120, what="the job")
+        job = _done_jobs(node)[0]
+        n = len([k for k in job.result["files"] if k != "preview"])
+        wait_for(lambda: node.store.outbox_counts()["sent"] == n, 60, what="delivery to storescp")
+        got = wait_for(lambda: len(list(received.glob("*"))) == n and list(received.glob("*")), 20,
+                       what="files written by storescp")
+        assert {dcmread(p).Modality for p in got} <= {"SEG", "SR"}
+    finally:
+        scp.terminate()
+        scp.wait(10)
+
+
+def test_instances_are_stored_as_received(make_node: Callable[..., Any], small_series: Path) -> None:
+    node = make_node()
+    f = sorted(small_series.glob("*.dcm"))[0]
+    assert _send(node, [f])[0].ok
+    row = node.db.one("SELECT path FROM instances")
+    stored = dcmread(io.BytesIO(Path(row["path"]).read_bytes()))
+    original = dcmread(f)
+    assert stored.PixelData == original.PixelData
+    assert stored.SOPInstanceUID == original.SOPInstanceUID

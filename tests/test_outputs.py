@@ -1,0 +1,170 @@
+"""DICOM SEG and TID 1500 SR: placement over the source, content, references, validation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import pytest
+from pydicom import dcmread
+
+from node.config import OutputsConfig
+from node.dicom.volume import Volume, load_series
+from node.inference.rois import extract_rois
+from node.outputs.equipment import Provenance
+from node.outputs.seg import build_seg
+from node.pipeline import process_series, save_dataset
+from tests.dicomgen import make_series
+
+
+class FixedRunner:
+    """A runner returning a given label map (to test outputs independently of a model)."""
+
+    def __init__(self, labels: np.ndarray) -> None:
+        self.labels = labels
+
+    def predict(self, volume: Volume, *, deadline: float | None = None) -> np.ndarray:
+        return self.labels
+
+
+def _blob_labels(shape: tuple[int, int, int]) -> np.ndarray:
+    lab = np.zeros(shape, dtype=np.uint8)
+    lab[2:5, 3:9, 4:8] = 1  # an asymmetric block: any flip or shift shows
+    lab[1, 1, 1] = 1  # a single voxel (dropped by min volume? the card says 15 mm3)
+    return lab
+
+
+def _roundtrip(seg_path: Path, volume: Volume, source_paths: list[Path]) -> np.ndarray:
+    """Read the SEG back and map each frame to its source slice by SOP Instance UID."""
+    seg = hd.seg.segread(seg_path)
+    uids = [str(volume.sources[f.source].SOPInstanceUID) for f in volume.frames]
+    return seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1],
+                                             assert_missing_frames_are_empty=True)[..., 0]
+
+
+@pytest.mark.parametrize("geometry", ["axial", "reversed", "coronal", "nonsquare"])
+def test_seg_placed_exactly_over_source(tmp_path: Path, demo_model: Any, geometry: str,
+                                        dciodvfy: Callable[[Path], list[str]]) -> None:
+    stored = np.full((6, 12, 14), 24, dtype=np.uint16)
+    kwargs: dict[str, Any] = {}
+    if geometry == "coronal":
+        kwargs["iop"] = (1, 0, 0, 0, 0, -1)
+    if geometry == "nonsquare":
+        kwargs["pixel_spacing"] = (2.0, 0.7)
+    paths = make_series(tmp_path / "src", stored, **kwargs)
+    if geometry == "reversed":
+        paths = list(reversed(paths))
+    volume = load_series(paths)
+    labels = _blob_labels(volume.shape)
+    prov = Provenance(model=demo_model, device_uid="1.2.826.0.1.3680043.10.1473.99")
+    seg = build_seg(volume, labels, demo_model.card, prov, series_number=9901)
+    p = save_dataset(seg, tmp_path / "seg.dcm")
+    back = _roundtrip(p, volume, paths)
+    assert np.array_equal(back.astype(bool), labels.astype(bool))
+    ds = dcmread(p)
+    assert ds.FrameOfReferenceUID == volume.sources[0].FrameOfReferenceUID
+    assert ds.StudyInstanceUID == volume.sources[0].StudyInstanceUID
+    assert ds.SeriesInstanceUID != volume.sources[0].SeriesInstanceUID
+    assert ds.SeriesNumber == 9901
+    assert "UNVERIFIED" in ds.SeriesDescription
+    assert ds.NumberOfFrames == 4  # empty frames omitted: slices 1..4 hold the blob/voxel
+    assert dciodvfy(p) == []
+
+
+def test_seg_sr_content_and_references(tmp_path: Path, small_series: Path, demo_model: Any,
+                                       dciodvfy: Callable[[Path], list[str]]) -> None:
+    paths = sorted(small_series.glob("*.dcm"))
+    volume = load_series(paths)
+    labels = np.zeros(volume.shape, dtype=np.uint8)
+    labels[8:12, 30:40, 20:28] = 1
+    labels[15:17, 50:55, 60:66] = 1
+    prov = Provenance(model=demo_model, device_uid="1.2.826.0.1.3680043.10.1473.98")
+    out = process_series(paths, runner=FixedRunner(labels), model=demo_model, provenance=prov,
+                         outputs=OutputsConfig(), out_dir=tmp_path / "out", volume=volume)
+    assert out.summary["roi_count"] == 2
+    seg_path, sr_path = Path(out.files["seg"]), Path(out.files["sr"])
+    assert dciodvfy(seg_path) == []
+    assert dciodvfy(sr_path) == []
+    seg = dcmread(seg_path)
+    sr_ds = dcmread(sr_path)
+    # flagged as unverified AI output, IHE AIR identification, weights hash
+    assert sr_ds.CompletionFlag == "PARTIAL" and sr_ds.VerificationFlag == "UNVERIFIED"
+    for ds in (seg, sr_ds):
+        eq = ds.ContributingEquipmentSequence[-1]
+        purpose = eq.PurposeOfReferenceCodeSequence[0]
+        assert (purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning) == \
+            ("Newcode1", "99IHE", "Processing Algorithm")
+        assert eq.ManufacturerModelName == "lesion-ct-demo"
+        assert any(demo_model.sha256[:56] in v for v in eq.SoftwareVersions)
+        assert ds.PatientID == "PID-424242" and ds.StudyInstanceUID == volume.sources[0].StudyInstanceUID
+    algo = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algo.AlgorithmName == "lesion-ct-demo" and demo_model.sha256 in algo.AlgorithmParameters
+    assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "27925004"
+
+    sr = hd.sr.srread(sr_path)
+    vol_groups = sr.content.get_volumetric_roi_measurement_groups()
+    planar = sr.content.get_planar_roi_measurement_groups()
+    assert len(vol_groups) == 2 and len(planar) == 4  # outline + long axis per ROI
+    source_uids = {str(ds.SOPInstanceUID) for ds in volume.sources}
+    for g in vol_groups:
+        ref = g.referenced_segment
+        assert ref is not None
+        assert ref.referenced_sop_instance_uid == seg.SOPInstanceUID  # type: ignore[attr-defined]
+        names = {m.name.meaning: (m.value, m.unit.value) for m in g.get_measurements()}
+        assert names["Volume"][1] == "mm3" and names["Diameter"][1] == "mm"
+        assert g.finding_type.value == "27925004"
+        assert g.tracking_identifier.endswith("(AI)")
+    vols = sorted(float(dict((m.name.meaning, m.value) for m in g.get_measurements())["Volume"])
+                  for g in vol_groups)
+    sx, sy, sz = volume.spacing
+    assert vols == pytest.approx(sorted([2 * 5 * 6 * sx * sy * sz, 4 * 10 * 8 * sx * sy * sz]))
+    for g in planar:
+        region = g.roi
+        assert region is not None
+        image_item = region.ContentSequence[0]
+        assert image_item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID in source_uids
+    # the long-axis line of the big ROI lies on its key slice and is about its diagonal
+    rois = out.rois
+    assert rois[0].diameter_inplane_mm == pytest.approx(np.hypot(9 * sx, 7 * sy), rel=0.15)
+
+
+def test_no_finding_report(tmp_path: Path, small_series: Path, demo_model: Any,
+                           dciodvfy: Callable[[Path], list[str]]) -> None:
+    paths = sorted(small_series.glob("*.dcm"))
+    volume = load_series(paths)
+    prov = Provenance(model=demo_model)
+    out = process_series(paths, runner=FixedRunner(np.zeros(volume.shape, np.uint8)), model=demo_model,
+                         provenance=prov, outputs=OutputsConfig(), out_dir=tmp_path / "out", volume=volume)
+    assert "seg" not in out.files  # an empty SEG is not produced
+    sr_path = Path(out.files["sr"])
+    assert dciodvfy(sr_path) == []
+    sr = hd.sr.srread(sr_path)
+    assert sr.content.get_volumetric_roi_measurement_groups() == []
+    assert sr.content.get_planar_roi_measurement_groups() == []
+    text = [str(e.value) for e in dcmread(sr_path).iterall() if e.keyword in ("TextValue", "CodeMeaning")]
+    assert "AI: no region of interest found" in text
+    assert "Clinical finding absent" in text
+
+
+def test_rois_measurements(tmp_path: Path, demo_model: Any) -> None:
+    stored = np.full((10, 40, 40), 1024 + 40, dtype=np.uint16)  # 40 HU everywhere
+    volume = load_series(make_series(tmp_path, stored, pixel_spacing=(1.0, 1.0), step=(0, 0, 1.0)))
+    labels = np.zeros(volume.shape, np.uint8)
+    zz, yy, xx = np.mgrid[:10, :40, :40]
+    labels[((zz - 5) ** 2 + (yy - 20) ** 2 + (xx - 20) ** 2) <= 16] = 1  # sphere r=4 mm
+    labels[0, 0, 0] = 1  # 1 mm3: below min_volume_mm3 (15) -> dropped
+    rois = extract_rois(labels, volume, demo_model.card)
+    assert len(rois) == 1
+    r = rois[0]
+    assert r.volume_mm3 == pytest.approx(4 / 3 * np.pi * 64, rel=0.1)
+    assert r.diameter_3d_mm == pytest.approx(8.0, abs=1.5)
+    assert r.diameter_inplane_mm == pytest.approx(8.0, abs=1.5)
+    assert r.mean == pytest.approx(40.0)
+    assert r.key_slice == 5
+    assert r.bbox == ((1, 9), (16, 24), (16, 24))
+    x0, y0, z0 = -100.0, -100.0, -50.0
+    assert r.centroid_mm == pytest.approx((x0 + 20, y0 + 20, z0 + 5), abs=0.01)
+    assert len(r.key_outline_ij) > 8

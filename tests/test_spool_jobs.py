@@ -1,0 +1,231 @@
+"""Spool (durable ingest + index), assembler and the durable job store."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+from node.config import load_config
+from node.db import Database
+from node.dicom.assembler import Assembler
+from node.dicom.spool import Spool, safe_uid
+from node.errors import InvalidInstanceError, JobError, OutOfSpaceError
+from node.jobs.store import JobState, JobStore, OutboxState, ResultObject
+
+
+def _raw(path: Path, **changes: str) -> bytes:
+    ds = dcmread(path)
+    for k, v in changes.items():
+        setattr(ds, k, v)
+    if "SOPInstanceUID" in changes:
+        ds.file_meta.MediaStorageSOPInstanceUID = changes["SOPInstanceUID"]
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Database:
+    return Database(tmp_path / "node.db")
+
+
+def test_safe_uid() -> None:
+    assert safe_uid("1.2.840.10008.1") == "1.2.840.10008.1"
+    for bad in ("../../etc/passwd", "1.2/3", "..", "1.2.3 ", "a" * 70, "1.2\\3", "1." + "9" * 70):
+        s = safe_uid(bad)
+        assert "/" not in s and "\\" not in s and s not in (".", "..") and len(s) <= 64
+    assert safe_uid("../x") != safe_uid("../y")
+
+
+def test_store_index_and_duplicate(tmp_path: Path, db: Database, small_series: Path) -> None:
+    spool = Spool(tmp_path / "spool", db)
+    f = sorted(small_series.glob("*.dcm"))[0]
+    raw = f.read_bytes()
+    r = spool.store(raw, calling_ae="TESTSCU", called_ae="PREANNOT")
+    assert r.path.read_bytes() == raw  # stored exactly as received
+    assert not r.duplicate
+    assert oct(r.path.stat().st_mode & 0o777) == oct(0o600)
+    row = db.one("SELECT * FROM instances WHERE sop_uid = ?", (r.sop_uid,))
+    assert row is not None and row["calling_ae"] == "TESTSCU"
+    again = spool.store(raw)
+    assert again.duplicate and again.path == r.path
+    assert db.one("SELECT n_instances FROM series")["n_instances"] == 1
+    attrs = json.loads(db.one("SELECT attrs FROM series")["attrs"])
+    assert attrs["Modality"] == "CT"
+    assert "PatientName" not in attrs and "PatientID" not in attrs
+
+
+def test_invalid_instances_leave_nothing(tmp_path: Path, db: Database, small_series: Path) -> None:
+    spool = Spool(tmp_path / "spool", db)
+    f = sorted(small_series.glob("*.dcm"))[0]
+    with pytest.raises(InvalidInstanceError):
+        spool.store(b"not a dicom file at all" * 10)
+    with pytest.raises(InvalidInstanceError, match="SOP Instance UID"):
+        spool.store(f.read_bytes(), expected_sop_uid="1.2.3.4")
+    ds = dcmread(f)
+    del ds.SeriesInstanceUID
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    with pytest.raises(InvalidInstanceError, match="SeriesInstanceUID"):
+        spool.store(buf.getvalue())
+    assert db.one("SELECT COUNT(*) AS n FROM instances")["n"] == 0
+    assert [p for p in (tmp_path / "spool").rglob("*") if p.is_file()] == []
+
+
+def test_reserve_refuses_with_out_of_space(tmp_path: Path, db: Database, small_series: Path) -> None:
+    spool = Spool(tmp_path / "spool", db, reserve_bytes=1 << 62)
+    with pytest.raises(OutOfSpaceError, match="reserve"):
+        spool.store(sorted(small_series.glob("*.dcm"))[0].read_bytes())
+    assert [p for p in (tmp_path / "spool").rglob("*.dcm")] == []
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_path_characters_in_uids_stay_inside_the_spool(tmp_path: Path, db: Database, small_series: Path) -> None:
+    spool = Spool(tmp_path / "spool", db)
+    raw = _raw(sorted(small_series.glob("*.dcm"))[0], SOPInstanceUID="../../../escape",
+               SeriesInstanceUID="../series", StudyInstanceUID="/abs")
+    r = spool.store(raw)
+    assert (tmp_path / "spool") in r.path.parents
+    assert r.path.name.startswith("x")
+
+
+def test_sweep_removes_partial_files(tmp_path: Path, db: Database) -> None:
+    (tmp_path / "spool" / ".tmp").mkdir(parents=True)
+    (tmp_path / "spool" / ".tmp" / "half.part").write_bytes(b"partial")
+    Spool(tmp_path / "spool", db)
+    assert list((tmp_path / "spool" / ".tmp").iterdir()) == []
+
+
+def _config(tmp_path: Path, **node: object) -> object:
+    return load_config(None, env={}, overrides={
+        "node": {"data_dir": str(tmp_path), "stable_seconds": 5, **node},
+        "routes": [{"name": "chest", "match": {"Modality": "CT"}, "models": ["m1", "m2"], "send_to": []},
+                   {"name": "mr", "match": {"Modality": "MR"}, "models": ["m3"]}]})
+
+
+def test_assembler_waits_for_stability_then_queues_one_job_per_model(tmp_path: Path, db: Database,
+                                                                      small_series: Path) -> None:
+    cfg = _config(tmp_path)
+    store = JobStore(db)
+    spool = Spool(tmp_path / "spool", db)
+    asm = Assembler(cfg, store)  # type: ignore[arg-type]
+    files = sorted(small_series.glob("*.dcm"))
+    for n, f in enumerate(files):
+        spool.store(f.read_bytes(), now=1000.0 + n * 0.1)
+    last = 1000.0 + (len(files) - 1) * 0.1
+    assert asm.tick(now=last + 4.0) == []  # not stable yet
+    d = asm.tick(now=last + 5.5)
+    assert len(d) == 1 and d[0].routes == ["chest"] and len(d[0].jobs) == 2
+    assert asm.tick(now=last + 100) == []  # dispatched once
+    jobs = store.list_jobs()
+    assert sorted(j.model for j in jobs) == ["m1", "m2"]
+    assert all(j.state == JobState.QUEUED for j in jobs)
+
+
+def test_late_instance_reprocess_and_ignore(tmp_path: Path, small_series: Path) -> None:
+    files = sorted(small_series.glob("*.dcm"))
+    for mode, expected_jobs in (("reprocess", 4), ("ignore", 2)):
+        db = Database(tmp_path / mode / "node.db")
+        cfg = _config(tmp_path / mode, late_instances=mode)
+        store = JobStore(db)
+        spool = Spool(tmp_path / mode / "spool", db, late_instances=mode)
+        asm = Assembler(cfg, store)  # type: ignore[arg-type]
+        for f in files[:-1]:
+            spool.store(f.read_bytes(), now=1000.0)
+        asm.tick(now=1010.0)
+        spool.store(files[0].read_bytes(), now=1020.0)  # a re-send is not a late instance
+        assert not spool.store(files[-1].read_bytes(), now=1020.0).duplicate
+        asm.tick(now=1030.0)
+        assert len(store.list_jobs()) == expected_jobs, mode
+
+
+def test_unmatched_series_is_kept_not_processed(tmp_path: Path, db: Database, small_series: Path) -> None:
+    cfg = load_config(None, env={}, overrides={"node": {"data_dir": str(tmp_path), "stable_seconds": 1},
+                                               "routes": [{"name": "mr", "match": {"Modality": "MR"}, "models": ["m"]}]})
+    store = JobStore(db)
+    spool = Spool(tmp_path / "spool", db)
+    spool.store(sorted(small_series.glob("*.dcm"))[0].read_bytes(), now=10.0)
+    Assembler(cfg, store).tick(now=20.0)
+    assert store.list_jobs() == []
+    assert db.one("SELECT state FROM series")["state"] == "unmatched"
+    assert db.one("SELECT COUNT(*) AS n FROM events WHERE kind = 'series.unmatched'")["n"] == 1
+
+
+def _job(store: JobStore, db: Database, max_attempts: int = 2) -> int:
+    with db.tx() as c:
+        jid = store.create(c, series_uid="1.2.3", series_version=1, model="m", route="r", send_to=["pacs"],
+                           max_attempts=max_attempts, config_version="v", now=100.0)
+    assert jid is not None
+    return jid
+
+
+def test_job_lifecycle_backoff_dead_retry(db: Database) -> None:
+    store = JobStore(db)
+    jid = _job(store, db)
+    job = store.lease(lease_seconds=60, now=100.0)
+    assert job is not None and job.id == jid and job.attempts == 1
+    assert store.lease(lease_seconds=60, now=100.0) is None  # leased
+    assert store.fail(jid, "boom", backoff_seconds=10, backoff_max_seconds=100, now=101.0) == JobState.FAILED
+    assert store.lease(lease_seconds=60, now=105.0) is None  # backing off
+    job = store.lease(lease_seconds=60, now=112.0)
+    assert job is not None and job.attempts == 2
+    assert store.fail(jid, "boom again", backoff_seconds=10, backoff_max_seconds=100, now=113.0) == JobState.DEAD
+    assert store.get(jid).error == "boom again"
+    assert store.lease(lease_seconds=60, now=10_000.0) is None
+    store.retry(jid, actor="test")
+    assert store.get(jid).state == JobState.QUEUED
+    with pytest.raises(JobError, match="queued"):
+        store.retry(jid)
+    store.cancel(jid)
+    assert store.get(jid).state == JobState.CANCELLED
+    with pytest.raises(JobError, match="no job"):
+        store.get(999)
+
+
+def test_expired_lease_is_taken_again_and_recover(db: Database) -> None:
+    store = JobStore(db)
+    jid = _job(store, db, max_attempts=5)
+    assert store.lease(lease_seconds=10, now=100.0) is not None
+    again = store.lease(lease_seconds=10, now=111.0)
+    assert again is not None and again.id == jid and again.attempts == 2
+    assert store.recover(now=112.0) == (1, 0)
+    assert store.get(jid).state == JobState.QUEUED
+
+
+def test_complete_queues_outbox_once(db: Database) -> None:
+    store = JobStore(db)
+    jid = _job(store, db)
+    store.lease(lease_seconds=60, now=100.0)
+    objs = [ResultObject("/x/seg.dcm", "1.2.3.1", "seg"), ResultObject("/x/sr.dcm", "1.2.3.2", "sr")]
+    store.complete(jid, result={"summary": {"roi_count": 1}}, objects=objs, destinations=["pacs"], now=101.0)
+    with pytest.raises(JobError, match="expected running"):
+        store.complete(jid, result={}, objects=objs, destinations=["pacs"])
+    due = store.due_deliveries(now=102.0)
+    assert [i.sop_uid for i in due["pacs"]] == ["1.2.3.1", "1.2.3.2"]
+    assert store.due_deliveries(now=102.0) == {}  # marked sending
+    a, b = due["pacs"]
+    store.delivered(a, "0x0000")
+    assert store.delivery_failed(b, "down", max_attempts=2, backoff_seconds=5, backoff_max_seconds=5,
+                                 now=103.0) == OutboxState.PENDING
+    assert store.due_deliveries(now=104.0) == {}
+    b2 = store.due_deliveries(now=109.0)["pacs"][0]
+    assert store.delivery_failed(b2, "still down", max_attempts=2, backoff_seconds=5, backoff_max_seconds=5,
+                                 now=110.0) == OutboxState.DEAD
+    assert store.outbox_counts() == {"pending": 0, "sending": 0, "sent": 1, "dead": 1}
+    assert store.resend(jid) == 2
+    assert store.outbox_counts()["pending"] == 2
+
+
+def test_recover_requeues_sending_items(db: Database) -> None:
+    store = JobStore(db)
+    jid = _job(store, db)
+    store.lease(lease_seconds=60, now=100.0)
+    store.complete(jid, result={}, objects=[ResultObject("/x", generate_uid(), "c")], destinations=["pacs"])
+    assert store.due_deliveries()
+    assert store.recover() == (0, 1)
+    assert store.outbox_counts()["pending"] == 1

@@ -1,0 +1,120 @@
+"""Series -> volume: geometry, rescale, and refusals with their messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from node.dicom.volume import load_series
+from node.errors import VolumeError
+from tests.conftest import SHARED
+from tests.dicomgen import make_series
+
+
+def _marker(shape: tuple[int, int, int], at: tuple[int, int, int]) -> np.ndarray:
+    arr = np.full(shape, 24, dtype=np.uint16)  # -1000 HU
+    arr[at] = 2024  # +1000 HU
+    return arr
+
+
+def test_axial_geometry_and_rescale(tmp_path: Path) -> None:
+    stored = _marker((6, 20, 30), (2, 5, 7))
+    paths = make_series(tmp_path, stored, pixel_spacing=(2.0, 1.5), origin=(-10.0, -20.0, 30.0), slope=1.0)
+    vol = load_series(paths)
+    assert vol.shape == (6, 20, 30)
+    assert vol.spacing == pytest.approx((1.5, 2.0, 3.0))  # non-square pixels: column spacing 1.5, row 2.0
+    assert vol.pixels.min() == -1000 and vol.pixels.max() == 1000
+    k, j, i = np.argwhere(vol.pixels == 1000)[0]
+    # pixel (row 5, column 7) of slice 2: x = -10 + 7 * 1.5, y = -20 + 5 * 2.0, z = 30 + 2 * 3
+    assert vol.voxel_to_patient(np.array([i, j, k]))[0] == pytest.approx([0.5, -10.0, 36.0])
+
+
+def test_reversed_and_shuffled_order_is_sorted(tmp_path: Path) -> None:
+    stored = np.stack([np.full((8, 8), 100 * k, dtype=np.uint16) for k in range(5)])
+    paths = make_series(tmp_path, stored)
+    vol = load_series(list(reversed(paths)))
+    assert [float(vol.pixels[k, 0, 0]) for k in range(5)] == [100.0 * k - 1024 for k in range(5)]
+    vol2 = load_series([paths[3], paths[0], paths[4], paths[1], paths[2]])
+    assert np.array_equal(vol.pixels, vol2.pixels)
+    # positions given from head to feet: still sorted along the normal
+    paths_desc = make_series(tmp_path / "desc", stored[::-1], origin=(0, 0, 12.0), step=(0, 0, -3.0))
+    vol3 = load_series(paths_desc)
+    assert vol3.affine[2, 2] == pytest.approx(3.0)
+    assert vol3.affine[2, 3] == pytest.approx(0.0)
+
+
+def test_coronal_acquisition(tmp_path: Path) -> None:
+    iop = (1, 0, 0, 0, 0, -1)  # rows along x, columns towards the feet; slices step along +y
+    stored = _marker((4, 10, 12), (1, 3, 4))
+    paths = make_series(tmp_path, stored, iop=iop, origin=(-6.0, -30.0, 50.0), pixel_spacing=(2.0, 1.0))
+    vol = load_series(paths)
+    k, j, i = np.argwhere(vol.pixels == 1000)[0]
+    # x = -6 + 4 * 1.0, y = -30 + 1 * 3, z = 50 - 3 * 2.0
+    assert vol.voxel_to_patient(np.array([i, j, k]))[0] == pytest.approx([-2.0, -27.0, 44.0])
+
+
+def test_rescale_slope(tmp_path: Path) -> None:
+    stored = np.full((3, 4, 4), 10, dtype=np.uint16)
+    vol = load_series(make_series(tmp_path, stored, slope=2.5, intercept=-5))
+    assert float(vol.pixels[0, 0, 0]) == 20.0
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"sizes": [(8, 8), (8, 8), (8, 10)]}, "mixes matrix sizes 8x8 and 8x10"),
+    ({"iops": [(1, 0, 0, 0, 1, 0), (1, 0, 0, 0, 1, 0), (1, 0, 0, 0, 0, -1)]}, "mixes orientations"),
+    ({"positions": [(0, 0, 0), (0, 0, 3), (0, 0, 3)]}, "has 2 slices at position 3.00 mm"),
+    ({"positions": [(0, 0, 0), (0, 0, 3), (0, 0, 9)]}, "gap of 6.00 mm"),
+    ({"positions": [(0, 0, 0), (0, 2.0, 3), (0, 4.0, 6)]}, "gantry tilt"),
+])
+def test_refusals(tmp_path: Path, kwargs: dict, message: str) -> None:
+    stored = np.zeros((3, 8, 8), dtype=np.uint16)
+    with pytest.raises(VolumeError, match=message):
+        load_series(make_series(tmp_path, stored, **kwargs))
+
+
+def test_uneven_spacing_refused(tmp_path: Path) -> None:
+    stored = np.zeros((5, 8, 8), dtype=np.uint16)
+    positions = [(0, 0, 0), (0, 0, 3), (0, 0, 6), (0, 0, 9.8), (0, 0, 12.8)]
+    with pytest.raises(VolumeError, match="uneven slice spacing"):
+        load_series(make_series(tmp_path, stored, positions=positions))
+
+
+def test_non_image_refused(tmp_path: Path) -> None:
+    from pydicom import dcmread
+
+    p = make_series(tmp_path, np.zeros((1, 4, 4), dtype=np.uint16))[0]
+    ds = dcmread(p)
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
+    for kw in ("Rows", "Columns", "PixelData"):
+        delattr(ds, kw)
+    ds.save_as(p)
+    with pytest.raises(VolumeError, match="no image"):
+        load_series([p])
+
+
+def test_empty_series_refused() -> None:
+    with pytest.raises(VolumeError, match="no instances"):
+        load_series([])
+
+
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data/real_dicom is absent (a user's clone)")
+
+
+@needs_shared
+def test_real_ge_ct_with_gantry_tilt_is_refused_clearly() -> None:
+    with pytest.raises(VolumeError, match=r"tilt|uneven|gap"):
+        load_series(sorted((SHARED / "dcm_qa_ct" / "GE").glob("*.dcm")))
+
+
+@needs_shared
+@pytest.mark.parametrize("folder", ["dcm_qa_enh/Siemens/XA10", "dcm_qa_frag/5001_anat-T1w_acq-tfl"])
+def test_real_mr_series_load(folder: str) -> None:
+    files = sorted((SHARED / folder).glob("*.dcm"))
+    if folder.startswith("dcm_qa_enh"):
+        files = files[:1]  # one enhanced multi-frame file is one volume
+    vol = load_series(files)
+    assert vol.pixels.ndim == 3 and vol.pixels.shape[0] > 1
+    assert np.isfinite(vol.pixels).all()
+    assert all(s > 0 for s in vol.spacing)
