@@ -7,7 +7,6 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
-APT_PACKAGES := dcmtk dicom3tools
 PYTEST_ARGS ?=
 
 .PHONY: demo test test-all bench soak lint typecheck apt-deps clean help
@@ -26,11 +25,15 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Debian packages used by the tests: dcmtk (storescu/storescp as outside peers), dicom3tools (dciodvfy).
+# Debian packages used by the tests: dcmtk (storescu/storescp as outside peers), dicom3tools (dciodvfy),
+# chromium (dashboard and OHIF screenshots), orthanc + its DICOMweb plugin (a real PACS).
 apt-deps:
 	@missing=""; \
 	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
 	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v Orthanc >/dev/null || missing="$$missing orthanc"; \
+	[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing="$$missing orthanc-dicomweb"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null; then SUDO="sudo"; else SUDO=none; fi; \
 	  if [ "$$SUDO" = none ]; then \

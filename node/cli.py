@@ -26,6 +26,8 @@ app = typer.Typer(help="preannot: imaging pre-annotation DICOM node.", no_args_i
                   pretty_exceptions_enable=False)
 config_app = typer.Typer(help="Check or create the configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+audit_app = typer.Typer(help="Export and verify the audit trail.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
 
 logger = logging.getLogger("node.cli")
 
@@ -321,6 +323,80 @@ def config_init() -> None:
     from node.config_template import TEMPLATE
 
     typer.echo(TEMPLATE)
+
+
+def _when(value: str | None) -> float | None:
+    """ISO date/time (2026-11-22, 2026-11-22T08:00) or epoch seconds -> epoch seconds."""
+    import datetime as dt
+
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        return dt.datetime.fromisoformat(value).timestamp()
+    except ValueError as exc:
+        raise typer.BadParameter(f"{value!r}: expected an ISO date/time such as 2026-11-22T08:00") from exc
+
+
+@audit_app.command("export")
+def audit_export(config: ConfigOpt = None,
+                 since: Annotated[str | None, typer.Option(help="From (ISO date/time or epoch s)")] = None,
+                 until: Annotated[str | None, typer.Option(help="Until (ISO date/time or epoch s)")] = None,
+                 out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout")] = None) -> None:
+    """Export audit records as JSON lines, oldest first."""
+    from node.audit import export
+    from node.service import open_store
+
+    store = open_store(_load(config))
+    lines = (json.dumps(r, sort_keys=True) for r in export(store.db, since=_when(since), until=_when(until)))
+    if out is None:
+        for line in lines:
+            typer.echo(line)
+    else:
+        n = 0
+        with out.open("w") as f:
+            for line in lines:
+                f.write(line + "\n")
+                n += 1
+        typer.echo(f"{n} record(s) written to {out}", err=True)
+
+
+@audit_app.command("verify")
+def audit_verify(config: ConfigOpt = None) -> None:
+    """Check the hash chain of the audit trail; exit 1 at the first modified, missing or reordered record."""
+    from node.audit import verify
+    from node.service import open_store
+
+    result = verify(open_store(_load(config)).db)
+    if result.ok:
+        typer.echo(f"audit trail intact: {result.records} record(s), hash chain verified")
+        return
+    typer.echo(f"audit trail BROKEN at record {result.first_bad_id}: {result.reason}", err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def purge(config: ConfigOpt = None,
+          dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what would be removed")] = False) -> None:
+    """Remove spooled instances and result files past their retention (never while a job needs them)."""
+    from node.retention import execute_purge, plan_purge
+    from node.service import open_store
+
+    cfg = _load(config)
+    store = open_store(cfg)
+    if dry_run:
+        plan = plan_purge(store.db, cfg)
+        typer.echo(f"would remove {plan.summary()}")
+        for uid in plan.series:
+            typer.echo(f"  series {uid}")
+        for job_id, d in plan.job_dirs.items():
+            typer.echo(f"  job {job_id} outputs {d}")
+        return
+    plan = execute_purge(store.db, cfg, actor="cli")
+    typer.echo(f"removed {plan.summary()}")
 
 
 def _synth() -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "NodeConfig",
     "NodeSection",
     "OutputsConfig",
+    "RetentionConfig",
     "Route",
     "WebConfig",
     "load_config",
@@ -154,6 +155,14 @@ class OutputsConfig(_Section):
         return v
 
 
+class RetentionConfig(_Section):
+    """``[retention]``: when received images and results are removed (audit records are kept)."""
+
+    spool_days: float = Field(7.0, ge=0)
+    outputs_days: float = Field(30.0, ge=0)
+    interval_minutes: float = Field(60.0, gt=0)
+
+
 class WebConfig(_Section):
     """``[web]``: the HTTP API (health, metrics, status)."""
 
@@ -161,6 +170,15 @@ class WebConfig(_Section):
     bind: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     tokens: dict[str, str] = Field(default_factory=dict)
+    auth_reads: bool = False
+
+    @field_validator("tokens")
+    @classmethod
+    def _tokens(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, secret in v.items():
+            if len(secret) < 16:
+                raise ValueError(f"token {name!r} is {len(secret)} characters; use at least 16 (e.g. openssl rand -hex 24)")
+        return v
 
 
 class NodeConfig(_Section):
@@ -173,6 +191,7 @@ class NodeConfig(_Section):
     jobs: JobsConfig = Field(default_factory=lambda: JobsConfig())
     delivery: DeliveryConfig = Field(default_factory=lambda: DeliveryConfig())
     outputs: OutputsConfig = Field(default_factory=lambda: OutputsConfig())
+    retention: RetentionConfig = Field(default_factory=lambda: RetentionConfig())
     web: WebConfig = Field(default_factory=lambda: WebConfig())
     source: str = Field("<defaults>", exclude=True)
 

@@ -68,9 +68,15 @@ manufacturer = "preannot"
 device_serial_number = "preannot-node"
 preview_png = true               # write preview.png with the key slices beside the outputs
 
+[retention]
+spool_days = 7                   # spooled instances go after this, once their jobs and deliveries are settled
+outputs_days = 30                # job output folders go after this, once delivered
+interval_minutes = 60            # how often the node purges (preannot purge --dry-run shows the plan)
+
 [web]
-enabled = true
+enabled = true                   # HTTP service: dashboard /, API /docs, metrics /metrics
 bind = "127.0.0.1"
 port = 8080
-# tokens = { admin = "change-me" }   # bearer tokens by name; required for actions
+# tokens = { ops = "at-least-16-characters-secret" }   # bearer tokens by name; required for actions
+auth_reads = false               # true: reads need a token too
 '''

@@ -101,8 +101,11 @@ CREATE TABLE IF NOT EXISTS events (
     actor TEXT,
     series_uid TEXT,
     job_id INTEGER,
-    detail TEXT NOT NULL
+    detail TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS events_ts ON events(ts);
 """
 
 

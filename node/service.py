@@ -24,7 +24,9 @@ from node.inference.registry import Registry
 from node.jobs.delivery import Deliverer
 from node.jobs.store import JobStore
 from node.jobs.worker import Worker
+from node.metrics import NodeMetrics
 from node.outputs.equipment import new_uid
+from node.retention import execute_purge
 from node.routing import validate_route
 
 __all__ = ["Node", "open_store"]
@@ -76,6 +78,7 @@ class Node:
                          m, self.registry.broken.get(m, f"not in {config.models.dir}"))
         self.device_uid = _device_uid(data, config.outputs.uid_root)
         self.stop_event = threading.Event()
+        self.metrics = NodeMetrics()
         self.assembler = Assembler(config, self.store)
         self.listener = Listener(
             self.spool, ae_title=config.node.ae_title, bind=config.node.bind, port=config.node.port,
@@ -83,17 +86,86 @@ class Node:
             max_pdu=config.node.max_pdu, acse_timeout=config.node.acse_timeout,
             dimse_timeout=config.node.dimse_timeout, network_timeout=config.node.network_timeout)
         self.workers = [Worker(f"worker-{n}", config=config, store=self.store, spool=self.spool,
-                               registry=self.registry, device_uid=self.device_uid, stop=self.stop_event)
+                               registry=self.registry, device_uid=self.device_uid, stop=self.stop_event,
+                               metrics=self.metrics)
                         for n in range(config.jobs.workers)]
-        self.deliverer = Deliverer(config=config, store=self.store, stop=self.stop_event)
+        self.deliverer = Deliverer(config=config, store=self.store, stop=self.stop_event, metrics=self.metrics)
+        self.metrics.attach_state(self._metric_state)
         self._assembler_thread = threading.Thread(target=self._assemble_loop, name="assembler", daemon=True)
         self.started_at = 0.0
+        self._next_purge = 0.0
         self.web: Any = None
+        self._web_thread: threading.Thread | None = None
+
+    # --- state for the API, metrics and readiness ---------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Counts of series, jobs and outbox, spool size and disk."""
+        series = {r["state"]: int(r["n"]) for r in self.db.query("SELECT state, COUNT(*) AS n FROM series GROUP BY state")}
+        spool = self.db.one("SELECT COALESCE(SUM(i.size), 0) AS b FROM instances i JOIN series s "
+                            "ON i.series_uid = s.series_uid WHERE s.state != 'purged'")
+        free = self.spool.free_bytes()
+        st = self.listener.stats
+        return {"series": series, "jobs": self.store.counts(), "outbox": self.store.outbox_counts(),
+                "spool_bytes": int(spool["b"]) if spool else 0, "disk_free_bytes": free,
+                "disk_ok": free >= self.spool.reserve_bytes, "instances_received": st.instances,
+                "associations": st.associations, "associations_refused": st.associations_refused,
+                "failures": dict(st.failures), "uptime_s": round(time.time() - self.started_at, 1)}
+
+    def _metric_state(self) -> dict[str, Any]:
+        s = self.status()
+        st = self.listener.stats
+        gpu = None
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                gpu = {"allocated": torch.cuda.memory_allocated(), "reserved": torch.cuda.memory_reserved(),
+                       "max_allocated": torch.cuda.max_memory_allocated()}
+        except ImportError:  # pragma: no cover - torch is a dependency
+            gpu = None
+        return {"instances": st.instances, "duplicates": st.duplicates, "bytes": st.bytes,
+                "associations": st.associations, "refused": st.associations_refused, "failures": dict(st.failures),
+                "jobs": s["jobs"], "outbox": s["outbox"], "series": s["series"], "spool_bytes": s["spool_bytes"],
+                "disk_free": s["disk_free_bytes"], "gpu": gpu}
+
+    def readiness(self) -> dict[str, bool]:
+        """Checks behind GET /ready."""
+        try:
+            with self.db.tx() as c:
+                c.execute("SELECT 1")
+            writable = True
+        except Exception:
+            writable = False
+        needed = {m for r in self.config.routes for m in r.models}
+        return {"dicom_listener": self.listener._server is not None, "store_writable": writable,
+                "models_loaded": needed <= set(self.registry.models),
+                "disk_reserve_ok": self.spool.free_bytes() >= self.spool.reserve_bytes}
+
+    def reprocess(self, series_uid: str, *, actor: str | None = None) -> int | None:
+        """Queue a series through its routes again as a new version. None if it has no spooled instances."""
+        from node.audit import append_event
+
+        now = time.time()
+        with self.db.tx() as c:
+            row = c.execute("SELECT version, state FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
+            if row is None or row["state"] == "purged":
+                return None
+            version = int(row["version"]) + 1
+            # back to 'receiving' with its old last_received: the assembler dispatches it at its next tick
+            c.execute("UPDATE series SET state = 'receiving', version = ?, updated_at = ? WHERE series_uid = ?",
+                      (version, now, series_uid))
+            append_event(c, "series.reprocess", {"version": version}, series_uid=series_uid, actor=actor, now=now)
+        return version
 
     def _assemble_loop(self) -> None:
         while not self.stop_event.is_set():
             try:
-                self.assembler.tick()
+                for d in self.assembler.tick():
+                    self.metrics.series_stable.labels("routed" if d.routes else "unmatched").inc()
+                if time.time() >= self._next_purge:
+                    self._next_purge = time.time() + self.config.retention.interval_minutes * 60
+                    execute_purge(self.db, self.config, actor="retention")
             except PreannotError as exc:
                 logger.error("assembler: %s", exc)
             except Exception:
@@ -112,13 +184,34 @@ class Node:
         for w in self.workers:
             w.start()
         self.deliverer.start()
+        if self.config.web.enabled:
+            self._start_web()
         logger.info("node started: %d worker(s), %d route(s), %d destination(s), models %s",
                     len(self.workers), len(self.config.routes), len(self.config.destinations),
                     sorted(self.registry.models))
 
+    def _start_web(self) -> None:
+        import uvicorn
+
+        from node.web.app import create_app
+
+        cfg = self.config.web
+        self.web = uvicorn.Server(uvicorn.Config(create_app(self), host=cfg.bind, port=cfg.port, log_level="warning",
+                                                 access_log=False, lifespan="off"))
+        self._web_thread = threading.Thread(target=self.web.run, name="web", daemon=True)
+        self._web_thread.start()
+        deadline = time.time() + 10
+        while not self.web.started and time.time() < deadline and self._web_thread.is_alive():
+            time.sleep(0.05)
+        if not self.web.started:
+            raise ConfigError(f"the HTTP service could not listen on {cfg.bind}:{cfg.port}")
+        logger.info("HTTP service on http://%s:%d (dashboard /, API /docs, metrics /metrics)", cfg.bind, cfg.port)
+
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, let the current jobs finish (up to ``timeout``), and stop."""
         self.listener.stop()
+        if self.web is not None:
+            self.web.should_exit = True
         self.stop_event.set()
         self.deliverer.wake.set()
         deadline = time.time() + timeout

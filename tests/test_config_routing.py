@@ -32,10 +32,10 @@ def test_env_overrides_file(tmp_path: Path) -> None:
     p = tmp_path / "node.toml"
     p.write_text(TEMPLATE)
     cfg = load_config(p, env={"PREANNOT_NODE__PORT": "11999", "PREANNOT_NODE__ALLOWED_CALLERS": '["A", "B"]',
-                              "PREANNOT_WEB__TOKENS": '{"ops": "s3cret"}'})
+                              "PREANNOT_WEB__TOKENS": '{"ops": "s3cret-s3cret-s3cret"}'})
     assert cfg.node.port == 11999
     assert cfg.node.allowed_callers == ["A", "B"]
-    assert cfg.web.tokens == {"ops": "s3cret"}
+    assert cfg.web.tokens == {"ops": "s3cret-s3cret-s3cret"}
 
 
 @pytest.mark.parametrize(("toml", "needle"), [

@@ -107,7 +107,7 @@ def test_seg_sr_content_and_references(tmp_path: Path, small_series: Path, demo_
     sr = hd.sr.srread(sr_path)
     vol_groups = sr.content.get_volumetric_roi_measurement_groups()
     planar = sr.content.get_planar_roi_measurement_groups()
-    assert len(vol_groups) == 2 and len(planar) == 4  # outline + long axis per ROI
+    assert len(vol_groups) == 2 and len(planar) == 6  # outline, long axis and centroid per ROI
     source_uids = {str(ds.SOPInstanceUID) for ds in volume.sources}
     for g in vol_groups:
         ref = g.referenced_segment
@@ -121,11 +121,18 @@ def test_seg_sr_content_and_references(tmp_path: Path, small_series: Path, demo_
                   for g in vol_groups)
     sx, sy, sz = volume.spacing
     assert vols == pytest.approx(sorted([2 * 5 * 6 * sx * sy * sz, 4 * 10 * 8 * sx * sy * sz]))
+    centroids = []
     for g in planar:
         region = g.roi
         assert region is not None
-        image_item = region.ContentSequence[0]
-        assert image_item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID in source_uids
+        if region.ValueType == "SCOORD3D":  # the centroid, in the source's frame of reference
+            assert region.ReferencedFrameOfReferenceUID == volume.sources[0].FrameOfReferenceUID
+            assert region.GraphicType == "POINT"
+            centroids.append([float(v) for v in region.GraphicData])
+        else:
+            image_item = region.ContentSequence[0]
+            assert image_item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID in source_uids
+    assert np.allclose(sorted(centroids), sorted(list(r.centroid_mm) for r in out.rois), atol=0.01)
     # the long-axis line of the big ROI lies on its key slice and is about its diagonal
     rois = out.rois
     assert rois[0].diameter_inplane_mm == pytest.approx(np.hypot(9 * sx, 7 * sy), rel=0.15)

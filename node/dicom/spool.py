@@ -24,6 +24,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from node.audit import append_event
 from node.db import Database
 from node.errors import InvalidInstanceError, OutOfSpaceError, SpoolError
 
@@ -220,6 +221,9 @@ class Spool:
                     (series_uid, study_uid, str(ds.get("Modality", "")), attrs, calling_ae, called_ae,
                      now, now, now))
                 version = 1
+                append_event(c, "series.received", {"study_uid": study_uid, "calling_ae": calling_ae,
+                                                    "called_ae": called_ae, "modality": str(ds.get("Modality", "")),
+                                                    "sop_class": sop_class}, series_uid=series_uid, now=now)
             else:
                 version = int(row["version"])
                 if row["state"] in ("dispatched", "unmatched", "purged"):

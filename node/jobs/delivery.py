@@ -16,6 +16,7 @@ from node.config import Destination, NodeConfig
 from node.dicom.scu import DicomSender, Sender
 from node.errors import ConfigError
 from node.jobs.store import JobStore, OutboxState
+from node.metrics import NodeMetrics
 
 __all__ = ["Deliverer"]
 
@@ -26,13 +27,15 @@ class Deliverer(threading.Thread):
     """Background thread running :meth:`deliver_due` every ``delivery.poll_seconds``."""
 
     def __init__(self, *, config: NodeConfig, store: JobStore, stop: threading.Event,
-                 sender_factory: Callable[[Destination], Sender] | None = None) -> None:
+                 sender_factory: Callable[[Destination], Sender] | None = None,
+                 metrics: NodeMetrics | None = None) -> None:
         super().__init__(name="delivery", daemon=True)
         self.config = config
         self.store = store
         self.stop_event = stop
         self.sender_factory = sender_factory or (lambda d: DicomSender(d, calling_ae=config.node.ae_title))
         self.wake = threading.Event()
+        self.metrics = metrics
 
     def run(self) -> None:
         while not self.stop_event.is_set():
@@ -56,6 +59,8 @@ class Deliverer(threading.Thread):
                 continue
             outcomes = self.sender_factory(dest).send([it.path for it in items])
             by_path = {o.path: o for o in outcomes}
+            if self.metrics is not None:
+                self.metrics.delivery_attempts.labels(dest_name).inc(len(items))
             for it in items:
                 o = by_path.get(it.path)
                 if o is not None and o.ok:
@@ -67,6 +72,8 @@ class Deliverer(threading.Thread):
                                                    backoff_seconds=cfg.backoff_seconds,
                                                    backoff_max_seconds=cfg.backoff_max_seconds,
                                                    status=o.status if o else None)
+                if self.metrics is not None:
+                    self.metrics.delivery_failures.labels(dest_name, str(state == OutboxState.DEAD).lower()).inc()
                 log = logger.error if state == OutboxState.DEAD else logger.warning
                 log("delivery of %s to %s %s (attempt %d/%d): %s", it.sop_uid, dest_name,
                     "dead" if state == OutboxState.DEAD else "failed", it.attempts, cfg.max_attempts, reason)

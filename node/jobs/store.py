@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from node.audit import append_event
 from node.db import Database
 from node.errors import JobError
 
@@ -116,8 +117,7 @@ class JobStore:
     @staticmethod
     def _event(c: Any, kind: str, detail: dict[str, Any], *, series_uid: str | None = None,
                job_id: int | None = None, actor: str | None = None, now: float | None = None) -> None:
-        c.execute("INSERT INTO events (ts, kind, actor, series_uid, job_id, detail) VALUES (?, ?, ?, ?, ?, ?)",
-                  (now or time.time(), kind, actor, series_uid, job_id, json.dumps(detail, sort_keys=True)))
+        append_event(c, kind, detail, series_uid=series_uid, job_id=job_id, actor=actor, now=now)
 
     def record(self, kind: str, detail: dict[str, Any], *, series_uid: str | None = None,
                job_id: int | None = None, actor: str | None = None) -> None:

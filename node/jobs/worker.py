@@ -17,6 +17,7 @@ from node.errors import PreannotError
 from node.inference.registry import Registry
 from node.inference.runner import BundleRunner, Runner
 from node.jobs.store import Job, JobStore
+from node.metrics import NodeMetrics
 from node.outputs.equipment import Provenance
 from node.pipeline import process_series
 
@@ -36,7 +37,8 @@ class Worker(threading.Thread):
     """
 
     def __init__(self, name: str, *, config: NodeConfig, store: JobStore, spool: Spool, registry: Registry,
-                 device_uid: str, stop: threading.Event, poll_seconds: float = 0.5) -> None:
+                 device_uid: str, stop: threading.Event, poll_seconds: float = 0.5,
+                 metrics: NodeMetrics | None = None) -> None:
         super().__init__(name=name, daemon=True)
         self.config = config
         self.store = store
@@ -45,6 +47,7 @@ class Worker(threading.Thread):
         self.device_uid = device_uid
         self.stop_event = stop
         self.poll_seconds = poll_seconds
+        self.metrics = metrics
         self.runners: dict[str, Runner] = {}
         self.current: Job | None = None
         self.stage: str = ""
@@ -88,6 +91,8 @@ class Worker(threading.Thread):
             result["model"] = model.identification()
             result["output_dir"] = str(out_dir)
             self.store.complete(job.id, result=result, objects=output.objects, destinations=job.send_to)
+            if self.metrics is not None:
+                self.metrics.observe_job(job.model, "done", output.timings)
             logger.info("job %d done in %.1f s: %d ROI(s), %d object(s) queued for %s", job.id, time.time() - t0,
                         len(output.rois), len(output.objects), job.send_to or "no destination")
         except PreannotError as exc:
@@ -107,5 +112,7 @@ class Worker(threading.Thread):
     def _fail(self, job: Job, reason: str) -> None:
         state = self.store.fail(job.id, reason, backoff_seconds=self.config.jobs.backoff_seconds,
                                 backoff_max_seconds=self.config.jobs.backoff_max_seconds)
+        if self.metrics is not None:
+            self.metrics.observe_job(job.model, state.value)
         logger.warning("job %d %s (attempt %d/%d): %s", job.id, state.value, job.attempts, job.max_attempts, reason)
 

@@ -23,7 +23,12 @@ def write_preview(volume: Volume, labels: np.ndarray, rois: list[ROI], path: Pat
     shown = rois[:max_panels]
     slices = [r.key_slice for r in shown] or [volume.shape[0] // 2]
     n = len(slices)
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.6), squeeze=False)
+    cols = min(n, 3)
+    rows = (n + cols - 1) // cols
+    fig, grid = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.4 * rows + 0.4), squeeze=False)
+    axes = [list(grid.ravel())]
+    for extra in axes[0][n:]:
+        extra.axis("off")
     window = (-1000, 400) if volume.modality == "CT" else tuple(np.percentile(volume.pixels, [1, 99]))
     sx, sy, _ = volume.spacing
     panels: list[ROI | None] = list(shown) or [None]
@@ -42,7 +47,7 @@ def write_preview(volume: Volume, labels: np.ndarray, rois: list[ROI], path: Pat
             ax.set_title(f"no region of interest found\nslice {k + 1}/{volume.shape[0]}", fontsize=9)
         ax.axis("off")
     fig.suptitle((title + "\n" if title else "") + "AI pre-annotation - NOT VERIFIED", fontsize=10, color="#b00000")
-    fig.tight_layout(rect=(0, 0, 1, 0.86))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (4.4 * rows + 0.4)))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)

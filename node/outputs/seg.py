@@ -82,7 +82,7 @@ def build_seg(volume: Volume, labels: np.ndarray, card: ModelCard, provenance: P
             instance_number=1,
             manufacturer=provenance.manufacturer,
             manufacturer_model_name=provenance.model.name[:64],
-            software_versions=tuple(provenance.software_versions()),  # type: ignore[arg-type]
+            software_versions=provenance.software_versions(),  # type: ignore[arg-type]  # LO, multi-valued
             device_serial_number=provenance.device_serial_number,
             institution_name=provenance.institution_name,
             series_description=provenance.series_description("SEG"),

@@ -5,7 +5,9 @@ Per ROI, sharing one tracking identifier and UID:
 2. a planar group (TID 1410) with the outline on the key slice (largest in-plane area) as a SCOORD
    POLYLINE (closed) on the source image: long axis, area and volume, so viewers that draw SR regions (OHIF)
    show the finding with its measurements;
-3. a planar group with the long axis on the key slice as a 2-point SCOORD POLYLINE: its length.
+3. a planar group with the long axis on the key slice as a 2-point SCOORD POLYLINE: its length;
+4. a planar group whose region is the ROI's centroid in patient coordinates (SCOORD3D POINT in the
+   source's Frame of Reference), geometric purpose "Center".
 
 Observer: the node as a device. CompletionFlag PARTIAL, VerificationFlag UNVERIFIED. When no ROI was
 found, the report says so in a coded finding ("No findings" / "AI: no region of interest found").
@@ -31,6 +33,7 @@ __all__ = ["build_sr"]
 logger = logging.getLogger(__name__)
 
 LONG_AXIS = hd.sr.CodedConcept("103339001", "SCT", "Long Axis")
+CENTER = hd.sr.CodedConcept("111010", "DCM", "Center")
 
 
 def _source_image(volume: Volume, k: int) -> hd.sr.SourceImageForRegion:
@@ -103,7 +106,7 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
                                                         graphic_data=outline, source_image=src),
                     finding_type=finding, finding_category=category, finding_sites=sites, algorithm_id=algo,
                     measurements=[long_axis, hd.sr.Measurement(name=codes.SCT.Area, value=round(area, 2),
-                                                               unit=codes.UCUM.SquareMillimeter), volume_m]))
+                                                               unit=codes.UCUM.SquareMillimeter)]))
             axis = np.array(roi.key_axis_ij, dtype=np.float64) + 0.5
             if not np.allclose(axis[0], axis[1]):
                 groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
@@ -112,6 +115,15 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
                                                         graphic_data=axis, source_image=src),
                     finding_type=finding, finding_category=category, algorithm_id=algo,
                     measurements=[long_axis]))
+            for_uid = str(volume.sources[0].get("FrameOfReferenceUID", ""))
+            if for_uid:
+                groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tracking,
+                    referenced_region=hd.sr.ImageRegion3D(graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+                                                          graphic_data=np.array([roi.centroid_mm], dtype=np.float64),
+                                                          frame_of_reference_uid=for_uid),
+                    geometric_purpose=CENTER, finding_type=finding, finding_category=category,
+                    algorithm_id=algo))
         no_finding = None
         if not rois:
             no_finding = [hd.sr.QualitativeEvaluation(

@@ -25,7 +25,7 @@ def sample(
     slices: Annotated[int, typer.Option(help="Number of slices")] = 96,
     size: Annotated[int, typer.Option(help="Rows and columns")] = 256,
     lesions: Annotated[int, typer.Option(help="Number of lesions")] = 3,
-    compress: Annotated[bool, typer.Option(help="RLE Lossless transfer syntax")] = True,
+    compress: Annotated[bool, typer.Option(help="RLE Lossless transfer syntax")] = False,
 ) -> None:
     """Write the demo series (one CT series, no ground truth beside it) and print its lesions."""
     geom = CaseGeometry(size=size, slices=slices, spacing_xy=360.0 / size)

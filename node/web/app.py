@@ -1,0 +1,204 @@
+"""The HTTP service inside ``preannot serve``: health, readiness, metrics, JSON API and dashboard.
+
+Reads are open unless ``[web].auth_reads`` is set; every action (``POST /api/...``) needs a bearer token
+from ``[web].tokens`` (name -> secret). Tokens are compared in constant time; the token's *name* is
+recorded in the audit trail with the action. No CORS headers are sent (browsers refuse cross-origin
+calls); bind to localhost (the default) or put a TLS reverse proxy in front.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
+
+from node import __version__
+from node.errors import JobError
+from node.jobs.store import Job, JobState
+from node.web.dashboard import render_dashboard
+
+if TYPE_CHECKING:
+    from node.service import Node
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger(__name__)
+
+
+def _job_dict(job: Job, *, detail: bool = False) -> dict[str, Any]:
+    result = job.result or {}
+    summary = result.get("summary", {})
+    d: dict[str, Any] = {
+        "id": job.id, "state": job.state.value, "model": job.model, "route": job.route,
+        "series_uid": job.series_uid, "series_version": job.series_version, "attempts": job.attempts,
+        "max_attempts": job.max_attempts, "created_at": job.created_at, "started_at": job.started_at,
+        "finished_at": job.finished_at, "error": job.error, "roi_count": summary.get("roi_count"),
+        "duration_s": result.get("timings", {}).get("total"), "send_to": job.send_to,
+    }
+    if detail:
+        d.update({"timings": result.get("timings", {}), "outputs": result.get("files", {}),
+                  "model_identification": result.get("model"), "rois": summary.get("rois", []),
+                  "output_dir": result.get("output_dir")})
+    return d
+
+
+def create_app(node: Node) -> FastAPI:
+    """The FastAPI application bound to a running node."""
+    cfg = node.config.web
+    # FastAPIOffline serves the Swagger UI at /docs from the package, not from a CDN
+    app: FastAPI = FastAPIOffline(title="preannot", version=__version__,
+                  description="Imaging pre-annotation DICOM node: status, metrics, jobs and actions.")
+
+    def _token_name(request: Request) -> str | None:
+        header = request.headers.get("authorization", "")
+        if not header.lower().startswith("bearer "):
+            return None
+        given = header[7:].strip().encode()
+        for name, secret in cfg.tokens.items():
+            if hmac.compare_digest(given, secret.encode()):
+                return name
+        return ""
+
+    def require_token(request: Request) -> str:
+        name = _token_name(request)
+        if name is None:
+            raise HTTPException(401, "a bearer token is required for this action",
+                                headers={"WWW-Authenticate": "Bearer"})
+        if name == "":
+            raise HTTPException(403, "the token is not valid")
+        return name
+
+    def read_access(request: Request) -> None:
+        if cfg.auth_reads:
+            require_token(request)
+
+    reads = [Depends(read_access)]
+
+    @app.get("/health", tags=["status"])
+    def health() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/ready", tags=["status"])
+    def ready() -> JSONResponse:
+        """Readiness: DICOM listener up, store writable, route models loaded, disk above the reserve."""
+        checks = node.readiness()
+        return JSONResponse({"ready": all(checks.values()), "checks": checks},
+                            status_code=200 if all(checks.values()) else 503)
+
+    @app.get("/metrics", tags=["status"], dependencies=reads)
+    def metrics() -> Response:
+        """Prometheus metrics."""
+        return Response(node.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/api/status", tags=["status"], dependencies=reads)
+    def status() -> dict[str, Any]:
+        return node.status()
+
+    @app.get("/api/series", tags=["series"], dependencies=reads)
+    def series(state: str | None = None, limit: Annotated[int, Query(le=1000)] = 100) -> list[dict[str, Any]]:
+        sql, params = "SELECT * FROM series", list[object]()
+        if state:
+            sql += " WHERE state = ?"
+            params.append(state)
+        rows = node.db.query(sql + " ORDER BY last_received DESC LIMIT ?", (*params, limit))
+        return [{"series_uid": r["series_uid"], "study_uid": r["study_uid"], "modality": r["modality"],
+                 "state": r["state"], "version": r["version"], "instances": r["n_instances"],
+                 "calling_ae": r["calling_ae"], "first_received": r["first_received"],
+                 "last_received": r["last_received"], "routes": json.loads(r["routes"] or "[]"), "note": r["note"]}
+                for r in rows]
+
+    @app.get("/api/jobs", tags=["jobs"], dependencies=reads)
+    def jobs(state: str | None = None, model: str | None = None, since: float | None = None,
+             until: float | None = None, limit: Annotated[int, Query(le=1000)] = 100) -> list[dict[str, Any]]:
+        """Jobs, newest first; filter by state, model and creation time (epoch seconds)."""
+        try:
+            found = node.store.list_jobs(state=state, model=model, limit=limit if since is None and until is None
+                                         else 100000)
+        except ValueError as exc:
+            raise HTTPException(422, f"unknown state {state!r}; states: {[s.value for s in JobState]}") from exc
+        found = [j for j in found if (since is None or j.created_at >= since) and (until is None or j.created_at <= until)]
+        return [_job_dict(j) for j in found[:limit]]
+
+    def _get(job_id: int) -> Job:
+        try:
+            return node.store.get(job_id)
+        except JobError as exc:
+            raise HTTPException(404, str(exc)) from exc
+
+    @app.get("/api/jobs/{job_id}", tags=["jobs"], dependencies=reads)
+    def job(job_id: int) -> dict[str, Any]:
+        """One job: stage timings, inputs, outputs, deliveries, errors and its audit events."""
+        j = _get(job_id)
+        d = _job_dict(j, detail=True)
+        count = node.db.one("SELECT COUNT(*) AS n FROM instances WHERE series_uid = ?", (j.series_uid,))
+        d["inputs"] = {"instances": int(count["n"]) if count else 0}
+        d["deliveries"] = [{"destination": o.destination, "sop_uid": o.sop_uid, "state": o.state.value,
+                            "attempts": o.attempts, "error": o.error} for o in node.store.outbox(job_id=job_id)]
+        d["events"] = [{"ts": r["ts"], "kind": r["kind"], "actor": r["actor"], "detail": json.loads(r["detail"])}
+                       for r in node.db.query("SELECT * FROM events WHERE job_id = ? ORDER BY id", (job_id,))]
+        return d
+
+    @app.get("/api/jobs/{job_id}/preview.png", tags=["jobs"], dependencies=reads)
+    def preview(job_id: int) -> FileResponse:
+        j = _get(job_id)
+        path = (j.result or {}).get("files", {}).get("preview")
+        if not path or not Path(path).is_file():
+            raise HTTPException(404, f"job {job_id} has no preview")
+        return FileResponse(path, media_type="image/png")
+
+    @app.get("/api/deliveries", tags=["deliveries"], dependencies=reads)
+    def deliveries(state: str | None = None, limit: Annotated[int, Query(le=5000)] = 200) -> list[dict[str, Any]]:
+        try:
+            items = node.store.outbox(state=state, limit=limit)
+        except ValueError as exc:
+            raise HTTPException(422, f"unknown state {state!r}") from exc
+        return [{"id": o.id, "job_id": o.job_id, "destination": o.destination, "sop_uid": o.sop_uid,
+                 "state": o.state.value, "attempts": o.attempts, "error": o.error} for o in items]
+
+    @app.post("/api/jobs/{job_id}/retry", tags=["actions"])
+    def retry(job_id: int, actor: str = Depends(require_token)) -> dict[str, Any]:
+        """Queue a failed, dead, cancelled or done job again."""
+        try:
+            node.store.retry(job_id, actor=actor)
+        except JobError as exc:
+            raise HTTPException(409 if "no job" not in str(exc) else 404, str(exc)) from exc
+        logger.info("job %d retried by %s", job_id, actor)
+        return _job_dict(node.store.get(job_id))
+
+    @app.post("/api/jobs/{job_id}/cancel", tags=["actions"])
+    def cancel(job_id: int, actor: str = Depends(require_token)) -> dict[str, Any]:
+        try:
+            node.store.cancel(job_id, actor=actor)
+        except JobError as exc:
+            raise HTTPException(409 if "no job" not in str(exc) else 404, str(exc)) from exc
+        return _job_dict(node.store.get(job_id))
+
+    @app.post("/api/jobs/{job_id}/resend", tags=["actions"])
+    def resend(job_id: int, actor: str = Depends(require_token)) -> dict[str, Any]:
+        """Queue the job's result objects for delivery again."""
+        _get(job_id)
+        n = node.store.resend(job_id, actor=actor)
+        node.deliverer.wake.set()
+        return {"job_id": job_id, "requeued_objects": n}
+
+    @app.post("/api/series/{series_uid}/reprocess", tags=["actions"])
+    def reprocess(series_uid: str, actor: str = Depends(require_token)) -> dict[str, Any]:
+        """Run the series through its routes again (a new series version, new jobs)."""
+        version = node.reprocess(series_uid, actor=actor)
+        if version is None:
+            raise HTTPException(404, f"no series {series_uid} with spooled instances")
+        return {"series_uid": series_uid, "version": version}
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False, dependencies=reads)
+    def dashboard() -> HTMLResponse:
+        return HTMLResponse(render_dashboard(node, time.time()))
+
+    return app

@@ -1,0 +1,50 @@
+"""What the radiologist sees: the demo series' SEG and SR in OHIF v3 (headless Chromium), through
+../shared/tools/ohif-check. Skips when ../shared is absent (a user's clone); runs in CI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from node.config import OutputsConfig
+from node.outputs.equipment import Provenance
+from node.pipeline import process_series
+from tests.conftest import ROOT
+
+TOOL = ROOT.parent / "shared" / "tools" / "ohif-check"
+OHIF_HOME = Path(os.environ.get("OHIF_HOME", Path.home() / ".cache" / "ohif-check"))
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(not TOOL.is_dir(), reason="../shared/tools/ohif-check is absent (a user's clone)")]
+
+
+def _setup() -> None:
+    if (OHIF_HOME / "dist" / ".version").is_file() and shutil.which("chromium") and shutil.which("Orthanc"):
+        return
+    if os.geteuid() != 0 and not shutil.which("sudo"):
+        pytest.skip("ohif-check setup needs root to install chromium and orthanc")
+    proc = subprocess.run(["bash", str(TOOL / "setup.sh")], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"ohif-check setup failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+def test_demo_results_displayed_in_ohif(tmp_path: Path, demo_model: Any, demo_runner: Any) -> None:
+    _setup()
+    files = sorted((ROOT / "sample_dicom").glob("*.dcm"))
+    out = process_series(files, runner=demo_runner, model=demo_model, provenance=Provenance(model=demo_model),
+                         outputs=OutputsConfig(), out_dir=tmp_path / "results")
+    assert out.rois, "the demo model found nothing on the demo series"
+    shots = tmp_path / "ohif"
+    proc = subprocess.run(["bash", str(TOOL / "check.sh"), str(ROOT / "sample_dicom"), out.files["seg"],
+                           out.files["sr"], str(shots)], capture_output=True, text=True, timeout=600)
+    summary = json.loads((shots / "summary.json").read_text()) if (shots / "summary.json").exists() else {}
+    verdict = summary.get("verdict", {})
+    assert proc.returncode == 0, f"OHIF check failed: {verdict}\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}"
+    assert verdict["seg_overlay"] and verdict["sr_displayed"] and not verdict["viewer_crashed"]
+    assert (shots / "d_sr_viewport.png").is_file()
+    assert "Volume" in summary["checks"]["srViewportText"]

@@ -1,0 +1,206 @@
+"""Operations: the HTTP API of a running `preannot serve`, the dashboard in headless Chromium,
+the audit trail's hash chain and retention."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from node.audit import verify
+from node.cli import app
+from node.config import load_config
+from node.db import Database
+from node.dicom.scu import send_files
+from node.retention import execute_purge, plan_purge
+from tests.conftest import ROOT, free_port, node_toml, wait_for
+
+TOKEN = "test-token-0123456789abcdef"
+
+
+@pytest.fixture
+def served(tmp_path: Path, small_series: Path):  # type: ignore[no-untyped-def]
+    """A real `preannot serve` process with the HTTP service on, fed one series."""
+    port, web = free_port(), free_port()
+    cfg = tmp_path / "node.toml"
+    text = node_toml(tmp_path / "data", port).replace("[web]\nenabled = false", "")
+    cfg.write_text(text + f'\n[web]\nenabled = true\nbind = "127.0.0.1"\nport = {web}\ntokens = {{ ops = "{TOKEN}" }}\n')
+    log = (tmp_path / "node.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(cfg)], cwd=ROOT,
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    base = f"http://127.0.0.1:{web}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"{base}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return proc.poll() is not None  # stop waiting if it died
+    wait_for(up, 60, what="the HTTP service")
+    assert proc.poll() is None, (tmp_path / "node.log").read_text()
+    outcomes = send_files([str(p) for p in sorted(small_series.glob("*.dcm"))], ae_title="PREANNOT",
+                          host="127.0.0.1", port=port, calling_ae="TESTSCU")
+    assert all(o.ok for o in outcomes)
+    wait_for(lambda: any(j["state"] == "done" for j in httpx.get(f"{base}/api/jobs").json()), 120,
+             what="the job to finish")
+    yield base, cfg, tmp_path
+    proc.terminate()
+    proc.wait(30)
+    log.close()
+
+
+def test_api_metrics_actions(served) -> None:  # type: ignore[no-untyped-def]
+    base, cfg, _ = served
+    assert httpx.get(f"{base}/health").json()["status"] == "ok"
+    r = httpx.get(f"{base}/ready")
+    assert r.status_code == 200 and all(r.json()["checks"].values())
+    metrics = httpx.get(f"{base}/metrics").text
+    assert "preannot_instances_received_total 24.0" in metrics
+    assert 'preannot_jobs{state="done"} 1.0' in metrics
+    assert 'preannot_series_stable_total{outcome="routed"} 1.0' in metrics
+    assert 'preannot_job_stage_seconds_count{model="lesion-ct-demo",stage="inference"} 1.0' in metrics
+    assert "preannot_queue_depth 0.0" in metrics and "preannot_disk_free_bytes" in metrics
+    jobs = httpx.get(f"{base}/api/jobs", params={"state": "done"}).json()
+    assert len(jobs) == 1 and jobs[0]["model"] == "lesion-ct-demo"
+    job_id = jobs[0]["id"]
+    detail = httpx.get(f"{base}/api/jobs/{job_id}").json()
+    assert {"inference", "rois", "sr"} <= set(detail["timings"])
+    assert detail["inputs"]["instances"] == 24
+    assert detail["model_identification"]["weights_sha256"]
+    assert [e["kind"] for e in detail["events"]][:2] == ["job.queued", "job.started"]
+    png = httpx.get(f"{base}/api/jobs/{job_id}/preview.png")
+    assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+    assert httpx.get(f"{base}/api/series").json()[0]["instances"] == 24
+    assert httpx.get(f"{base}/api/jobs", params={"state": "bogus"}).status_code == 422
+    assert httpx.get(f"{base}/api/jobs/9999").status_code == 404
+    # actions need the token
+    assert httpx.post(f"{base}/api/jobs/{job_id}/retry").status_code == 401
+    bad = httpx.post(f"{base}/api/jobs/{job_id}/retry", headers={"Authorization": "Bearer wrong-token-xxxxxxxx"})
+    assert bad.status_code == 403
+    ok = httpx.post(f"{base}/api/jobs/{job_id}/retry", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert ok.status_code == 200 and ok.json()["state"] == "queued"
+    wait_for(lambda: httpx.get(f"{base}/api/jobs/{job_id}").json()["state"] == "done", 120, what="the retried job")
+    events = httpx.get(f"{base}/api/jobs/{job_id}").json()["events"]
+    assert any(e["kind"] == "job.retry" and e["actor"] == "ops" for e in events)
+    conflict = httpx.post(f"{base}/api/jobs/{job_id}/cancel", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert conflict.status_code == 409
+    docs = httpx.get(f"{base}/docs").text
+    assert "swagger" in docs.lower() and "cdn.jsdelivr" not in docs
+    assert httpx.get(f"{base}/openapi.json").json()["info"]["title"] == "preannot"
+    # no secret or patient identifier in the log
+    log = (cfg.parent / "node.log").read_text()
+    assert TOKEN not in log and "TESTPATIENT" not in log and "PID-424242" not in log
+
+
+def test_dashboard_in_headless_chromium(served) -> None:  # type: ignore[no-untyped-def]
+    base, _, tmp = served
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (Debian package chromium; `make test` installs it as root)")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp / 'chr'}"]
+    shot = tmp / "dashboard.png"
+    subprocess.run([chromium, *flags, "--window-size=1400,1300", f"--screenshot={shot}",
+                    "--virtual-time-budget=5000", f"{base}/"], capture_output=True, timeout=120, check=False)
+    assert shot.is_file() and shot.stat().st_size > 20_000
+    dom = subprocess.run([chromium, *flags, "--virtual-time-budget=5000", "--dump-dom", f"{base}/"],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert "Recent jobs" in dom and "lesion-ct-demo" in dom and "/preview.png" in dom
+    out = ROOT / "docs" / "img"
+    if os.environ.get("PREANNOT_SAVE_SCREENSHOTS"):
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, out / "dashboard.png")
+
+
+def _db_with_events(tmp_path: Path) -> Database:
+    from node.jobs.store import JobStore
+
+    db = Database(tmp_path / "node.db")
+    store = JobStore(db)
+    for n in range(5):
+        store.record("test.event", {"n": n}, actor="t")
+    return db
+
+
+def test_audit_chain_verifies_and_detects_tampering(tmp_path: Path) -> None:
+    db = _db_with_events(tmp_path)
+    assert verify(db).ok and verify(db).records == 5
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'[node]\ndata_dir = "{tmp_path}"\n')
+    runner = CliRunner()
+    assert "hash chain verified" in runner.invoke(app, ["audit", "verify", "--config", str(cfg)]).output
+    exported = runner.invoke(app, ["audit", "export", "--config", str(cfg), "--since", "2000-01-01"]).output
+    assert len(exported.strip().splitlines()) == 5
+    db.close()
+    con = sqlite3.connect(tmp_path / "node.db")
+    con.execute("UPDATE events SET detail = '{\"n\": 99}' WHERE id = 3")
+    con.commit()
+    con.close()
+    db = Database(tmp_path / "node.db")
+    result = verify(db)
+    assert not result.ok and result.first_bad_id == 3 and "modified" in result.reason
+    r = runner.invoke(app, ["audit", "verify", "--config", str(cfg)])
+    assert r.exit_code == 1 and "BROKEN at record 3" in r.output
+    con = sqlite3.connect(tmp_path / "node.db")
+    con.execute("DELETE FROM events WHERE id = 3")
+    con.commit()
+    con.close()
+    assert "missing" in verify(Database(tmp_path / "node.db")).reason
+
+
+def test_purge_removes_only_what_is_allowed(tmp_path: Path, small_series: Path) -> None:
+    from node.dicom.spool import Spool
+    from node.jobs.store import JobStore, ResultObject
+
+    cfg = load_config(None, env={}, overrides={"node": {"data_dir": str(tmp_path)},
+                                               "retention": {"spool_days": 1, "outputs_days": 1}})
+    db = Database(tmp_path / "node.db")
+    store = JobStore(db)
+    spool = Spool(tmp_path / "spool", db)
+    old = time.time() - 3 * 86400
+    files = sorted(small_series.glob("*.dcm"))
+    busy_uid = "1.2.3.999"
+    for f in files[:3]:
+        spool.store(f.read_bytes(), now=old)
+    series_uid = db.one("SELECT series_uid FROM series")["series_uid"]
+    with db.tx() as c:
+        c.execute("UPDATE series SET state = 'dispatched'")
+        done = store.create(c, series_uid=series_uid, series_version=1, model="m", route="r", send_to=["pacs"],
+                            max_attempts=1, config_version="v", now=old)
+        busy = store.create(c, series_uid=busy_uid, series_version=1, model="m", route="r", send_to=[],
+                            max_attempts=1, config_version="v", now=old)
+        c.execute("INSERT INTO series (series_uid, study_uid, attrs, first_received, last_received, state, updated_at) "
+                  "VALUES (?, '1.2', '{}', ?, ?, 'dispatched', ?)", (busy_uid, old, old, old))
+    assert done and busy
+    store.lease(lease_seconds=60, now=old)  # the first job runs...
+    out_dir = tmp_path / "outputs" / f"job-{done:06d}" / "attempt-1"
+    out_dir.mkdir(parents=True)
+    (out_dir / "sr.dcm").write_bytes(b"x" * 100)
+    store.complete(done, result={}, objects=[ResultObject(str(out_dir / "sr.dcm"), "1.2.3.4", "sr")],
+                   destinations=["pacs"], now=old)
+    # a result still waiting for delivery keeps the series and its outputs
+    assert plan_purge(db, cfg).series == [] and plan_purge(db, cfg).job_dirs == {}
+    item = store.due_deliveries()["pacs"][0]
+    store.delivered(item, "0x0000")
+    plan = plan_purge(db, cfg)
+    assert plan.series == [series_uid] and len(plan.instance_files) == 3 and list(plan.job_dirs) == [done]
+    r = CliRunner().invoke(app, ["purge", "--dry-run"], env={"PREANNOT_NODE__DATA_DIR": str(tmp_path),
+                                                             "PREANNOT_RETENTION__SPOOL_DAYS": "1",
+                                                             "PREANNOT_RETENTION__OUTPUTS_DAYS": "1"})
+    assert "would remove 1 series (3 instance files), 1 job output folder(s)" in r.output
+    assert all(p.exists() for p in plan.instance_files)  # dry run removed nothing
+    execute_purge(db, cfg, actor="test")
+    assert not any(p.exists() for p in plan.instance_files)
+    assert not (tmp_path / "outputs" / f"job-{done:06d}").exists()
+    assert db.one("SELECT state FROM series WHERE series_uid = ?", (series_uid,))["state"] == "purged"
+    # the queued job's series is untouched; the audit trail is kept and intact
+    assert db.one("SELECT state FROM series WHERE series_uid = ?", (busy_uid,))["state"] == "dispatched"
+    assert db.one("SELECT COUNT(*) AS n FROM events WHERE kind = 'purge.series'")["n"] == 1
+    assert verify(db).ok
