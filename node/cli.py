@@ -189,6 +189,23 @@ def send(
 
 
 @app.command()
+def fetch(study: Annotated[str, typer.Option("--study", help="Study Instance UID")],
+          source: Annotated[str, typer.Option("--from", help="A configured destination (dicom or dicomweb)")],
+          config: ConfigOpt = None) -> None:
+    """Ask a PACS for a past study (C-MOVE to this node, or WADO-RS) so the running node processes it."""
+    from node.dicom.fetch import fetch_study
+
+    cfg = _load(config)
+    try:
+        result = fetch_study(cfg, source, study)
+    except PreannotError as exc:
+        raise _die(exc, 1) from exc
+    typer.echo(f"{result.how}: {result.completed} instance(s) sent, {result.failed} failed, {result.warning} warning(s)")
+    if result.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
 def echo(peer: Annotated[str, typer.Argument(help="AE@host:port")],
          calling_ae: Annotated[str, typer.Option(help="Our AE title")] = "PREANNOT") -> None:
     """C-ECHO a DICOM peer."""

@@ -75,18 +75,72 @@ class NodeSection(_Section):
 
 
 class Destination(_Section):
-    """``[[destinations]]``: where results are sent."""
+    """``[[destinations]]``: where results are sent (C-STORE, DICOMweb STOW-RS or Orthanc REST)."""
 
     name: str
-    kind: Literal["dicom"] = "dicom"
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+    kind: Literal["dicom", "dicomweb", "orthanc"] = "dicom"
+    # kind = "dicom"
+    ae_title: str | None = None
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
     calling_ae_title: str | None = None
     max_pdu: int = Field(0, ge=0)
+    # kind = "dicomweb" / "orthanc"
+    url: str | None = None
+    auth: Literal["none", "basic", "bearer"] = "none"
+    username: str | None = None
+    password_env: str | None = None
+    password_file: Path | None = None
+    token_env: str | None = None
+    token_file: Path | None = None
+    verify_tls: bool = True
     timeout: float = Field(30.0, gt=0)
 
-    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+    @model_validator(mode="after")
+    def _kind_fields(self) -> Destination:
+        if self.kind == "dicom":
+            missing = [k for k in ("ae_title", "host", "port") if getattr(self, k) in (None, "")]
+            if missing:
+                raise ValueError(f"destination {self.name!r} (kind dicom) needs {', '.join(missing)}")
+            _check_ae(str(self.ae_title))
+        else:
+            if not self.url or not self.url.startswith(("http://", "https://")):
+                raise ValueError(f"destination {self.name!r} (kind {self.kind}) needs url = 'http(s)://...' "
+                                 f"(found {self.url!r})")
+            if self.auth == "basic" and not (self.username and (self.password_env or self.password_file)):
+                raise ValueError(f"destination {self.name!r}: auth = 'basic' needs username and password_env or "
+                                 "password_file")
+            if self.auth == "bearer" and not (self.token_env or self.token_file):
+                raise ValueError(f"destination {self.name!r}: auth = 'bearer' needs token_env or token_file")
+        return self
+
+    def secret(self) -> str | None:
+        """The password (basic) or token (bearer), read now from the environment or a file; never logged.
+
+        Raises:
+            ConfigError: the variable or file is missing or empty.
+        """
+        env_name = self.password_env if self.auth == "basic" else self.token_env if self.auth == "bearer" else None
+        file = self.password_file if self.auth == "basic" else self.token_file if self.auth == "bearer" else None
+        if self.auth == "none":
+            return None
+        if env_name:
+            value = os.environ.get(env_name, "")
+            if not value:
+                raise ConfigError(f"destination {self.name!r}: environment variable {env_name} is not set")
+            return value
+        assert file is not None
+        try:
+            value = file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"destination {self.name!r}: cannot read secret file {file}: {exc.strerror}") from exc
+        if not value:
+            raise ConfigError(f"destination {self.name!r}: secret file {file} is empty")
+        return value
+
+    def describe(self) -> str:
+        """Where it goes, without secrets."""
+        return f"{self.ae_title}@{self.host}:{self.port}" if self.kind == "dicom" else f"{self.kind} {self.url}"
 
 
 #: Scalar value, list of allowed values, or an operator string: "<=2.5", "re:^AX", "contains:AXIAL", "*".

@@ -106,6 +106,7 @@ class DicomSender:
 
     def send(self, paths: list[str]) -> list[SendOutcome]:
         d = self.destination
+        assert d.ae_title and d.host and d.port  # validated by the configuration
         return send_files(paths, ae_title=d.ae_title, host=d.host, port=d.port, calling_ae=self.calling_ae,
                           max_pdu=d.max_pdu, timeout=d.timeout)
 

@@ -13,7 +13,8 @@ import threading
 from collections.abc import Callable
 
 from node.config import Destination, NodeConfig
-from node.dicom.scu import DicomSender, Sender
+from node.dicom.scu import Sender
+from node.dicom.web_senders import make_sender
 from node.errors import ConfigError
 from node.jobs.store import JobStore, OutboxState
 from node.metrics import NodeMetrics
@@ -33,7 +34,7 @@ class Deliverer(threading.Thread):
         self.config = config
         self.store = store
         self.stop_event = stop
-        self.sender_factory = sender_factory or (lambda d: DicomSender(d, calling_ae=config.node.ae_title))
+        self.sender_factory = sender_factory or (lambda d: make_sender(d, calling_ae=config.node.ae_title))
         self.wake = threading.Event()
         self.metrics = metrics
 
@@ -78,6 +79,5 @@ class Deliverer(threading.Thread):
                 log("delivery of %s to %s %s (attempt %d/%d): %s", it.sop_uid, dest_name,
                     "dead" if state == OutboxState.DEAD else "failed", it.attempts, cfg.max_attempts, reason)
             if delivered:
-                logger.info("delivered %d object(s) to %s (%s@%s:%d)", delivered, dest_name, dest.ae_title, dest.host,
-                            dest.port)
+                logger.info("delivered %d object(s) to %s (%s)", delivered, dest_name, dest.describe())
         return delivered

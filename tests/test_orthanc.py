@@ -1,0 +1,161 @@
+"""A real PACS end to end: Orthanc routes CT series to preannot (Lua OnStableSeries), preannot sends
+the SEG and SR back by C-STORE, DICOMweb STOW-RS or Orthanc REST, and they land in the same study,
+once."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+
+from tests.conftest import wait_for
+from tests.orthanc import Orthanc, orthanc_available
+
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(orthanc_available() is not None,
+                                                          reason=orthanc_available() or "")]
+
+
+def _destination(kind: str, orthanc: Orthanc) -> str:
+    if kind == "dicom":
+        return f'''
+[[destinations]]
+name = "pacs"
+ae_title = "ORTHANC"
+host = "127.0.0.1"
+port = {orthanc.dicom_port}
+'''
+    url = f"{orthanc.url}/dicom-web" if kind == "dicomweb" else orthanc.url
+    return f'''
+[[destinations]]
+name = "pacs"
+kind = "{kind}"
+url = "{url}"
+auth = "basic"
+username = "{orthanc.user}"
+password_env = "TEST_ORTHANC_PASSWORD"
+'''
+
+
+def _study_series(client: Any, study_id: str) -> dict[str, list[dict[str, Any]]]:
+    by_modality: dict[str, list[dict[str, Any]]] = {}
+    for s in client.get_json(f"/studies/{study_id}/series"):
+        by_modality.setdefault(s["MainDicomTags"].get("Modality", "?"), []).append(s)
+    return by_modality
+
+
+@pytest.mark.parametrize("kind", ["dicom", "dicomweb", "orthanc"])
+def test_orthanc_routes_and_receives_results(kind: str, tmp_path: Path, small_series: Path,
+                                             make_node: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.conftest import free_port, node_toml
+
+    port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", preannot_port=port)
+    monkeypatch.setenv("TEST_ORTHANC_PASSWORD", orthanc.password)
+    try:
+        from node.config import load_config
+        from node.service import Node
+
+        text = node_toml(tmp_path / "data", port, stable=1.0, allowed='["ORTHANC"]')
+        text = text.replace('send_to = []', 'send_to = ["pacs"]') + _destination(kind, orthanc)
+        cfg_path = tmp_path / "node.toml"
+        cfg_path.write_text(text)
+        node = Node(load_config(cfg_path))
+        node.start()
+        try:
+            client = orthanc.client()
+            for p in sorted(small_series.glob("*.dcm")):
+                client.upload(p.read_bytes())
+            study_uid = str(dcmread(next(small_series.glob("*.dcm"))).StudyInstanceUID)
+            found = client.lookup(study_uid)
+            study_id = found[0] if isinstance(found, list) else found
+            assert study_id
+            series = wait_for(lambda: (s := _study_series(client, study_id)) and "SR" in s and "SEG" in s and s,
+                              180, interval=1.0, what="SEG and SR in the Orthanc study")
+            assert len(series["SEG"]) == 1 and len(series["SR"]) == 1
+            assert len(series["SEG"][0]["Instances"]) == 1 and len(series["SR"][0]["Instances"]) == 1
+            seg_bytes = client.get_binary(f"/instances/{series['SEG'][0]['Instances'][0]}/file")
+            import io
+
+            seg = dcmread(io.BytesIO(seg_bytes))
+            ct_series_uid = str(dcmread(next(small_series.glob("*.dcm"))).SeriesInstanceUID)
+            assert seg.StudyInstanceUID == study_uid
+            assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == ct_series_uid
+            assert node.store.outbox_counts()["sent"] == 2
+
+            # the same series routed again: no new job, no duplicate result
+            client.post("/modalities/preannot/store", json={"Resources": [series["CT"][0]["ID"]]})
+            time.sleep(4.0)
+            assert len(node.store.list_jobs()) == 1
+            again = _study_series(client, study_id)
+            assert len(again["SEG"]) == 1 and len(again["SR"]) == 1
+            assert sum(len(s["Instances"]) for s in again["SEG"] + again["SR"]) == 2
+            # the password never reaches the logs or the audit trail
+            events = " ".join(r["detail"] for r in node.db.query("SELECT detail FROM events"))
+            assert orthanc.password not in events
+        finally:
+            node.stop()
+    finally:
+        orthanc.stop()
+
+
+def test_wrong_password_is_retried_then_dead(tmp_path: Path, small_series: Path, make_node: Callable[..., Any],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from node.config import load_config
+    from node.dicom.web_senders import make_sender
+
+    orthanc = Orthanc(tmp_path / "orthanc", preannot_port=1)
+    try:
+        monkeypatch.setenv("TEST_ORTHANC_PASSWORD", "not-the-password")
+        cfg = load_config(None, env={}, overrides={"destinations": [
+            {"name": "pacs", "kind": "dicomweb", "url": f"{orthanc.url}/dicom-web", "auth": "basic",
+             "username": "preannot", "password_env": "TEST_ORTHANC_PASSWORD"}]})
+        out = make_sender(cfg.destination("pacs"), calling_ae="PREANNOT").send([str(next(small_series.glob("*.dcm")))])
+        assert not out[0].ok and "HTTP 401" in (out[0].error or "")
+        assert "not-the-password" not in (out[0].error or "")
+        monkeypatch.delenv("TEST_ORTHANC_PASSWORD")
+        out = make_sender(cfg.destination("pacs"), calling_ae="PREANNOT").send(["x.dcm"])
+        assert "TEST_ORTHANC_PASSWORD is not set" in (out[0].error or "")
+    finally:
+        orthanc.stop()
+
+
+@pytest.mark.parametrize("kind", ["dicom", "dicomweb"])
+def test_fetch_past_study_for_reprocessing(kind: str, tmp_path: Path, small_series: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """`preannot fetch --from pacs --study UID`: C-MOVE (or WADO-RS) brings a stored study to the node."""
+    from typer.testing import CliRunner
+
+    from node.cli import app
+    from node.config import load_config
+    from node.service import Node
+    from tests.conftest import free_port, node_toml
+
+    port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", preannot_port=port, route=False)  # no automatic routing
+    monkeypatch.setenv("TEST_ORTHANC_PASSWORD", orthanc.password)
+    try:
+        client = orthanc.client()
+        for p in sorted(small_series.glob("*.dcm")):
+            client.upload(p.read_bytes())
+        text = node_toml(tmp_path / "data", port, stable=1.0, allowed='["ORTHANC", "PACS"]')
+        text = text.replace('send_to = []', 'send_to = ["pacs"]') + _destination(kind, orthanc)
+        cfg_path = tmp_path / "node.toml"
+        cfg_path.write_text(text)
+        node = Node(load_config(cfg_path))
+        node.start()
+        try:
+            study_uid = str(dcmread(next(small_series.glob("*.dcm"))).StudyInstanceUID)
+            r = CliRunner().invoke(app, ["fetch", "--from", "pacs", "--study", study_uid, "--config", str(cfg_path)])
+            assert r.exit_code == 0, r.output
+            assert "24 instance(s) sent, 0 failed" in r.output
+            wait_for(lambda: node.store.outbox_counts()["sent"] == 2, 120, what="results of the fetched study")
+            r = CliRunner().invoke(app, ["fetch", "--from", "pacs", "--study", "1.2.3.4.5", "--config", str(cfg_path)])
+            assert r.exit_code != 0 or "0 instance(s) sent" in r.output
+        finally:
+            node.stop()
+    finally:
+        orthanc.stop()
