@@ -157,6 +157,7 @@ class Route(_Section):
     models: list[str] = Field(min_length=1)
     send_to: list[str] = Field(default_factory=list)
     stable_seconds: float | None = Field(None, ge=0)
+    extra_outputs: list[Literal["gsps", "sc", "kos", "rtstruct"]] = Field(default_factory=list)
 
 
 class ModelsConfig(_Section):
@@ -194,6 +195,10 @@ class OutputsConfig(_Section):
     uid_root: str | None = None
     seg_series_number: int = Field(9901, ge=1)
     sr_series_number: int = Field(9902, ge=1)
+    gsps_series_number: int = Field(9903, ge=1)
+    sc_series_number: int = Field(9904, ge=1)
+    kos_series_number: int = Field(9905, ge=1)
+    rtstruct_series_number: int = Field(9906, ge=1)
     manufacturer: str = "preannot"
     institution_name: str | None = None
     device_serial_number: str = "preannot-node"

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from node.outputs.equipment import Provenance
 from node.outputs.preview import write_preview
 from node.outputs.seg import build_seg
 from node.outputs.sr import build_sr
+from node.outputs.viewer_objects import build_capture, build_gsps, build_kos, build_rtstruct
 
 __all__ = ["JobOutput", "process_series", "save_dataset"]
 
@@ -68,7 +69,7 @@ def save_dataset(ds: Dataset, path: Path, *, fsync: bool = True) -> Path:
 
 def process_series(files: list[Path], *, runner: Runner, model: ModelInfo, provenance: Provenance,
                    outputs: OutputsConfig, out_dir: Path, timeout_seconds: float | None = None,
-                   volume: Volume | None = None, fsync: bool = True,
+                   volume: Volume | None = None, fsync: bool = True, extra_outputs: Sequence[str] = (),
                    on_stage: Callable[[str], None] | None = None) -> JobOutput:
     """Run the whole processing of one series with one model, writing the results into ``out_dir``.
 
@@ -130,6 +131,26 @@ def process_series(files: list[Path], *, runner: Runner, model: ModelInfo, prove
         objects.append(ResultObject(str(p), str(sr.SOPInstanceUID), str(sr.SOPClassUID)))
         files_out["sr"] = str(p)
         timings["sr"] = time.perf_counter() - t
+    if rois and extra_outputs:
+        stage("extra")
+        t = time.perf_counter()
+        extra: list[tuple[str, Dataset]] = []
+        if "gsps" in extra_outputs:
+            extra.append(("gsps", build_gsps(volume, rois, provenance, series_number=outputs.gsps_series_number)))
+        if "sc" in extra_outputs:
+            caps = build_capture(volume, kept, rois, provenance, series_number=outputs.sc_series_number)
+            extra.extend((f"sc{n + 1:02d}", c) for n, c in enumerate(caps))
+        if "kos" in extra_outputs:
+            extra.append(("kos", build_kos(volume, rois, provenance, series_number=outputs.kos_series_number,
+                                           also=[seg] if seg is not None else [])))
+        if "rtstruct" in extra_outputs:
+            extra.append(("rtstruct", build_rtstruct(volume, rois, model.card, provenance,
+                                                     series_number=outputs.rtstruct_series_number)))
+        for name, ds in extra:
+            p = save_dataset(ds, out_dir / f"{name}.dcm", fsync=fsync)
+            objects.append(ResultObject(str(p), str(ds.SOPInstanceUID), str(ds.SOPClassUID)))
+            files_out[name] = str(p)
+        timings["extra_outputs"] = time.perf_counter() - t
     if not objects:
         raise OutputError(f"model {model.name}: the model card enables no output")
     if outputs.preview_png:

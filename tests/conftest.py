@@ -87,7 +87,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.2
 
 def node_toml(data_dir: Path, port: int, *, sink_port: int | None = None, stable: float = 1.0,
               allowed: str = '["TESTSCU", "STORESCU"]', extra: str = "", models: Path | None = None,
-              delivery_backoff: float = 0.5) -> str:
+              delivery_backoff: float = 0.5, extra_outputs: str = "[]") -> str:
     dest = f'''
 [[destinations]]
 name = "pacs"
@@ -112,6 +112,7 @@ name = "chest-ct"
 match = {{ Modality = "CT", BodyPartExamined = ["CHEST", "THORAX"] }}
 models = ["lesion-ct-demo"]
 send_to = {send_to}
+extra_outputs = {extra_outputs}
 
 [models]
 dir = "{models or ROOT / 'models'}"

@@ -83,7 +83,9 @@ class Worker(threading.Thread):
                                     device_serial_number=self.config.outputs.device_serial_number,
                                     institution_name=self.config.outputs.institution_name,
                                     uid_root=self.config.outputs.uid_root)
+            route = next((r for r in self.config.routes if r.name == job.route), None)
             output = process_series(files, runner=runner, model=model, provenance=provenance,
+                                    extra_outputs=route.extra_outputs if route else (),
                                     outputs=self.config.outputs, out_dir=out_dir,
                                     timeout_seconds=self.config.jobs.timeout_seconds, fsync=self.config.node.fsync,
                                     on_stage=self._set_stage)
