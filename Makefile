@@ -64,7 +64,8 @@ bench: $(STAMP) apt-deps
 	$(BIN)/python -m benchmarks.run
 
 soak: $(STAMP) apt-deps
-	$(BIN)/python -m pytest -m soak $(PYTEST_ARGS)
+	PREANNOT_SOAK=1 PREANNOT_FAULT_REPORT=$(CURDIR)/soak-report.jsonl $(BIN)/python -m pytest -m "soak or not (slow or gpu)" tests/test_faults.py tests/test_crash.py $(PYTEST_ARGS)
+	@echo "figures: soak-report.jsonl"
 
 clean:
 	rm -rf demo-output .pytest_cache .mypy_cache .ruff_cache benchmarks/work

@@ -164,18 +164,25 @@ def send(
     to: Annotated[str, typer.Option("--to", help="Destination as AE@host:port")],
     calling_ae: Annotated[str, typer.Option(help="Our AE title")] = "PREANNOT",
     batch: Annotated[int, typer.Option(help="Files per association")] = 500,
+    tls: Annotated[bool, typer.Option(help="Use DICOM TLS")] = False,
+    tls_ca: Annotated[Path | None, typer.Option(help="CA certificate to verify the peer")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="Our client certificate (mutual TLS)")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="Our client key (mutual TLS)")] = None,
 ) -> None:
     """Push DICOM files to a peer by C-STORE (handy for tests and admins)."""
     from node.dicom.scu import iter_dicom_files, send_files
+    from node.dicom.tls import client_context
 
     ae, host, port = _parse_peer(to)
     files = [str(p) for p in iter_dicom_files(path)]
     if not files:
         raise _die(PreannotError(f"no DICOM files under {path}"), 2)
+    ctx = client_context(ca=tls_ca, cert=tls_cert, key=tls_key) if tls else None
     ok = failed = 0
     with typer.progressbar(length=len(files), label=f"sending to {ae}@{host}:{port}", file=sys.stderr) as bar:
         for i in range(0, len(files), batch):
-            outcomes = send_files(files[i:i + batch], ae_title=ae, host=host, port=port, calling_ae=calling_ae)
+            outcomes = send_files(files[i:i + batch], ae_title=ae, host=host, port=port, calling_ae=calling_ae,
+                                  ssl_context=ctx)
             for o in outcomes:
                 if o.ok:
                     ok += 1

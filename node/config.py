@@ -65,8 +65,35 @@ class NodeSection(_Section):
     free_space_reserve_mb: int = Field(1024, ge=0)
     unmatched_retention_days: float = Field(7.0, ge=0)
     fsync: bool = True
+    caller_hosts: dict[str, list[str]] = Field(default_factory=dict)
+    max_associations_per_caller: int = Field(4, ge=0)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    tls_require_client_cert: bool = False
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+    @field_validator("caller_hosts")
+    @classmethod
+    def _hosts(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        import ipaddress
+
+        for ae, nets in v.items():
+            for n in nets:
+                try:
+                    ipaddress.ip_network(n, strict=False)
+                except ValueError as exc:
+                    raise ValueError(f"caller_hosts[{ae!r}]: {n!r} is not an IP address or network") from exc
+        return v
+
+    @model_validator(mode="after")
+    def _tls(self) -> NodeSection:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together (found only one)")
+        if self.tls_require_client_cert and (self.tls_cert is None or self.tls_ca is None):
+            raise ValueError("tls_require_client_cert needs tls_cert, tls_key and tls_ca (the clients' CA)")
+        return self
 
     @field_validator("allowed_callers")
     @classmethod
@@ -94,6 +121,10 @@ class Destination(_Section):
     token_env: str | None = None
     token_file: Path | None = None
     verify_tls: bool = True
+    tls: bool = False
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     timeout: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")

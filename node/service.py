@@ -19,6 +19,7 @@ from node.db import Database
 from node.dicom.assembler import Assembler
 from node.dicom.scp import Listener
 from node.dicom.spool import Spool
+from node.dicom.tls import server_context
 from node.errors import ConfigError, PreannotError
 from node.inference.registry import Registry
 from node.jobs.delivery import Deliverer
@@ -84,7 +85,11 @@ class Node:
             self.spool, ae_title=config.node.ae_title, bind=config.node.bind, port=config.node.port,
             allowed_callers=config.node.allowed_callers, max_associations=config.node.max_associations,
             max_pdu=config.node.max_pdu, acse_timeout=config.node.acse_timeout,
-            dimse_timeout=config.node.dimse_timeout, network_timeout=config.node.network_timeout)
+            dimse_timeout=config.node.dimse_timeout, network_timeout=config.node.network_timeout,
+            ssl_context=server_context(config.node.tls_cert, config.node.tls_key, ca=config.node.tls_ca,
+                                       require_client_cert=config.node.tls_require_client_cert)
+            if config.node.tls_cert and config.node.tls_key else None,
+            caller_hosts=config.node.caller_hosts, max_per_caller=config.node.max_associations_per_caller)
         self.workers = [Worker(f"worker-{n}", config=config, store=self.store, spool=self.spool,
                                registry=self.registry, device_uid=self.device_uid, stop=self.stop_event,
                                metrics=self.metrics)

@@ -15,6 +15,7 @@ status    meaning                                      cause
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import ssl
 import threading
@@ -78,7 +79,8 @@ class Listener:
     def __init__(self, spool: Spool, *, ae_title: str = "PREANNOT", bind: str = "0.0.0.0", port: int = 11112,
                  allowed_callers: list[str] | None = None, max_associations: int = 10, max_pdu: int = 262144,
                  acse_timeout: float = 30.0, dimse_timeout: float = 60.0, network_timeout: float = 60.0,
-                 ssl_context: ssl.SSLContext | None = None,
+                 ssl_context: ssl.SSLContext | None = None, caller_hosts: dict[str, list[str]] | None = None,
+                 max_per_caller: int = 0,
                  on_instance: Callable[[IngestResult], None] | None = None) -> None:
         self.spool = spool
         self.ae_title = ae_title
@@ -86,6 +88,11 @@ class Listener:
         self._port = port
         self.allowed = list(allowed_callers or [])
         self.stats = ListenerStats()
+        self.caller_hosts = {ae.strip(): [ipaddress.ip_network(n, strict=False) for n in nets]
+                             for ae, nets in (caller_hosts or {}).items()}
+        self.max_per_caller = max_per_caller
+        self._active: dict[str, int] = {}
+        self._refused_assocs: set[int] = set()
         self._on_instance = on_instance
         self._server: ThreadedAssociationServer | None = None
         ae = AE(ae_title=ae_title)
@@ -139,9 +146,34 @@ class Listener:
         a = event.assoc
         return f"{a.requestor.ae_title}@{a.requestor.address}:{a.requestor.port}"
 
+    def _policy_refusal(self, calling: str, address: str) -> str | None:
+        """Why an accepted association must be dropped (host binding, per-caller limit), or None."""
+        nets = self.caller_hosts.get(calling)
+        if nets is not None:
+            try:
+                ip = ipaddress.ip_address(address)
+            except ValueError:
+                return f"calling AE {calling!r} from unparseable address {address!r}"
+            if not any(ip in n for n in nets):
+                return f"calling AE {calling!r} is bound to {[str(n) for n in nets]}, not {address}"
+        if self.max_per_caller and self._active.get(calling, 0) >= self.max_per_caller:
+            return f"calling AE {calling!r} already has {self.max_per_caller} associations open"
+        return None
+
     def _on_accepted(self, event: Any) -> None:
+        calling = str(event.assoc.requestor.ae_title).strip()
         with self.stats.lock:
-            self.stats.associations += 1
+            reason = self._policy_refusal(calling, str(event.assoc.requestor.address))
+            if reason is None:
+                self._active[calling] = self._active.get(calling, 0) + 1
+                self.stats.associations += 1
+            else:
+                self.stats.associations_refused += 1
+                self._refused_assocs.add(id(event.assoc))
+        if reason is not None:
+            logger.warning("association %s from %s aborted: %s", event.assoc.name, self._peer(event), reason)
+            event.assoc.abort()
+            return
         logger.info("association %s accepted from %s (called %s)", event.assoc.name, self._peer(event),
                     event.assoc.acceptor.ae_title)
 
@@ -151,10 +183,20 @@ class Listener:
         logger.warning("association refused: calling AE %r from %s is not in allowed_callers",
                        event.assoc.requestor.ae_title, event.assoc.requestor.address)
 
+    def _closed(self, event: Any) -> None:
+        calling = str(event.assoc.requestor.ae_title).strip()
+        with self.stats.lock:
+            if id(event.assoc) in self._refused_assocs:
+                self._refused_assocs.discard(id(event.assoc))
+            elif self._active.get(calling, 0) > 0:
+                self._active[calling] -= 1
+
     def _on_released(self, event: Any) -> None:
+        self._closed(event)
         logger.info("association %s released by %s", event.assoc.name, self._peer(event))
 
     def _on_aborted(self, event: Any) -> None:
+        self._closed(event)
         logger.warning("association %s aborted (%s)", event.assoc.name, self._peer(event))
 
     def _on_echo(self, event: Any) -> int:
@@ -164,6 +206,8 @@ class Listener:
         assoc = event.assoc
         calling = str(assoc.requestor.ae_title)
         called = str(assoc.acceptor.ae_title)
+        if id(assoc) in self._refused_assocs:  # dropped by policy: never store
+            return STATUS["out_of_resources"]
         try:
             raw = event.encoded_dataset(include_meta=True)
         except Exception as exc:

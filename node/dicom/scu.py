@@ -7,6 +7,7 @@ refused object (the outcome says why), only the delivery loop decides about retr
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -43,7 +44,8 @@ def _status_text(status: int) -> str:
 
 
 def send_files(paths: list[str], *, ae_title: str, host: str, port: int, calling_ae: str = "PREANNOT",
-               max_pdu: int = 0, timeout: float = 30.0) -> list[SendOutcome]:
+               max_pdu: int = 0, timeout: float = 30.0, ssl_context: ssl.SSLContext | None = None,
+               server_hostname: str | None = None) -> list[SendOutcome]:
     """C-STORE each file over one association (contexts proposed from the files' SOP classes and syntaxes).
 
     Returns:
@@ -72,7 +74,11 @@ def send_files(paths: list[str], *, ae_title: str, host: str, port: int, calling
         if not syntaxes & {"1.2.840.10008.1.2.1", "1.2.840.10008.1.2"}:
             requested.append(build_context(sop, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]))
     requested = requested[:128]
-    assoc = ae.associate(host, port, contexts=requested, ae_title=ae_title)
+    tls_args = (ssl_context, server_hostname or host) if ssl_context is not None else None
+    try:
+        assoc = ae.associate(host, port, contexts=requested, ae_title=ae_title, tls_args=tls_args)
+    except (OSError, ValueError) as exc:  # e.g. a TLS handshake failure
+        return outcomes + [SendOutcome(p, False, None, f"{ae_title}@{host}:{port}: {exc}") for p in datasets]
     if not assoc.is_established:
         reason = "association rejected by the destination" if assoc.is_rejected \
             else "no association: connection refused or aborted (destination down or unreachable)"
@@ -107,8 +113,13 @@ class DicomSender:
     def send(self, paths: list[str]) -> list[SendOutcome]:
         d = self.destination
         assert d.ae_title and d.host and d.port  # validated by the configuration
+        ctx = None
+        if d.tls:
+            from node.dicom.tls import client_context
+
+            ctx = client_context(ca=d.tls_ca, cert=d.tls_cert, key=d.tls_key, verify=d.verify_tls)
         return send_files(paths, ae_title=d.ae_title, host=d.host, port=d.port, calling_ae=self.calling_ae,
-                          max_pdu=d.max_pdu, timeout=d.timeout)
+                          max_pdu=d.max_pdu, timeout=d.timeout, ssl_context=ctx)
 
 
 def echo(*, ae_title: str, host: str, port: int, calling_ae: str = "PREANNOT", timeout: float = 10.0) -> bool:

@@ -81,6 +81,31 @@ def routing_attributes(ds: Dataset) -> dict[str, Any]:
     return out
 
 
+_NATIVE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99")
+
+
+def _check_pixel_data(ds: Dataset) -> None:
+    """Refuse native pixel data that cannot hold Rows x Columns x frames x samples (truncated, absurd sizes)."""
+    if "PixelData" not in ds:
+        return
+    try:
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        bits = int(ds.get("BitsAllocated", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInstanceError(f"unreadable image pixel description: {exc}") from exc
+    if rows <= 0 or cols <= 0 or bits <= 0:
+        raise InvalidInstanceError(f"pixel data with Rows x Columns {rows} x {cols} and BitsAllocated {bits}")
+    ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
+    if ts in _NATIVE:
+        expected = (rows * cols * frames * samples * bits + 7) // 8
+        found = len(ds.PixelData)
+        if found < expected:
+            raise InvalidInstanceError(f"pixel data is {found} bytes; Rows x Columns x frames x samples x bits "
+                                       f"({rows} x {cols} x {frames} x {samples} x {bits}) needs {expected}")
+
+
 @dataclass(frozen=True, slots=True)
 class IngestResult:
     """What the spool did with one instance."""
@@ -151,9 +176,10 @@ class Spool:
         """
         now = time.time() if now is None else now
         try:
-            ds = dcmread(BytesIO(raw), stop_before_pixels=True)
-        except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
+            ds = dcmread(BytesIO(raw))  # the whole dataset: a truncated or corrupt one is refused here
+        except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, OverflowError) as exc:
             raise InvalidInstanceError(f"cannot parse the dataset: {exc}") from exc
+        _check_pixel_data(ds)
         try:
             sop_uid = str(ds.SOPInstanceUID)
             series_uid = str(ds.SeriesInstanceUID)

@@ -44,7 +44,8 @@ class Volume:
     """A 3D image with its geometry and the source instances it was read from.
 
     Attributes:
-        pixels: float32 ``[k, j, i]``; HU for CT (rescale applied).
+        pixels: ``[k, j, i]``, rescale applied (HU for CT); int16 when every value is an integer that
+            fits (typical CT: half the memory), float32 otherwise.
         affine: 4x4, voxel (i, j, k) -> patient LPS mm.
         sources: the source datasets without pixel data, in the order of :attr:`frames` references.
         frames: per slice k, which source (and frame, for multi-frame images) it came from.
@@ -73,9 +74,9 @@ class Volume:
         return ijk @ self.affine[:3, :3].T + self.affine[:3, 3]
 
     def to_monai(self) -> tuple[np.ndarray, np.ndarray]:
-        """The pixels in MONAI's spatial order (i, j, k) and the matching RAS affine (as ITK/NIfTI readers give)."""
+        """float32 pixels in MONAI's spatial order (i, j, k) and the matching RAS affine (as ITK/NIfTI readers give)."""
         lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
-        return np.ascontiguousarray(self.pixels.transpose(2, 1, 0)), lps_to_ras @ self.affine
+        return np.ascontiguousarray(self.pixels.transpose(2, 1, 0), dtype=np.float32), lps_to_ras @ self.affine
 
 
 _NON_IMAGE_PREFIXES = ("1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.104.", "1.2.840.10008.5.1.4.1.1.11.",
@@ -226,15 +227,57 @@ def _check_and_sort(slices: list[_Slice], series: str, *, gap_tolerance: float,
     return slices, step_vec
 
 
+_NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+
+
+def _fast_native(ds: Dataset) -> np.ndarray | None:
+    """Single-frame native little-endian greyscale pixels straight from the buffer (no decoder), or None."""
+    ts = str(getattr(ds.file_meta, "TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
+    if ts not in _NATIVE_LE or int(ds.get("NumberOfFrames", 1) or 1) != 1 or int(ds.get("SamplesPerPixel", 1)) != 1:
+        return None
+    bits, stored = int(ds.get("BitsAllocated", 0)), int(ds.get("BitsStored", 0))
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    if bits not in (8, 16) or "PixelData" not in ds or (signed and stored != bits):
+        return None
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    raw = ds.PixelData
+    if len(raw) < rows * cols * bits // 8:
+        return None  # let the decoder report the short pixel data
+    dtype = {(8, False): "<u1", (8, True): "<i1", (16, False): "<u2", (16, True): "<i2"}[(bits, signed)]
+    arr = np.frombuffer(raw, dtype=dtype, count=rows * cols).reshape(rows, cols)
+    if not signed and stored < bits:
+        arr = arr & np.array((1 << stored) - 1, dtype=arr.dtype)  # unused high bits are not pixel data
+    return arr
+
+
 def _decode(ds: Dataset, where: str) -> np.ndarray:
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise VolumeError(f"{where}: no pixel data")
+    fast = _fast_native(ds)
+    if fast is not None:
+        return fast
     try:
         arr = ds.pixel_array
     except Exception as exc:
         raise VolumeError(f"{where}: pixel data cannot be decoded "
                           f"(transfer syntax {ds.file_meta.get('TransferSyntaxUID', '?')}): {exc}") from exc
     return np.asarray(arr)
+
+
+def _volume_dtype(headers: Sequence[Dataset], slices: Sequence[_Slice]) -> np.dtype:
+    """int16 when every rescaled value is an integer that fits (most CT: half the memory of float32), else float32."""
+    lo, hi = 0, 0
+    for s in slices:
+        if s.slope != 1.0 or s.intercept != int(s.intercept):
+            return np.dtype(np.float32)
+        ds = headers[s.source]
+        stored = int(ds.get("BitsStored", 16) or 16)
+        if int(ds.get("PixelRepresentation", 0)) == 1:
+            smin, smax = -(1 << (stored - 1)), (1 << (stored - 1)) - 1
+        else:
+            smin, smax = 0, (1 << stored) - 1
+        lo, hi = min(lo, smin + int(s.intercept)), max(hi, smax + int(s.intercept))
+    return np.dtype(np.int16) if lo >= -32768 and hi <= 32767 else np.dtype(np.float32)
 
 
 def load_series(paths: Sequence[Path], *, gap_tolerance: float = 1.5, tilt_tolerance_deg: float = 0.5) -> Volume:
@@ -264,7 +307,8 @@ def load_series(paths: Sequence[Path], *, gap_tolerance: float = 1.5, tilt_toler
     slices, step = _check_and_sort(slices, series, gap_tolerance=gap_tolerance, tilt_tolerance_deg=tilt_tolerance_deg)
     t1 = time.perf_counter()
     first = slices[0]
-    pixels = np.empty((len(slices), first.rows, first.cols), dtype=np.float32)
+    dtype = _volume_dtype(headers, slices)
+    pixels = np.empty((len(slices), first.rows, first.cols), dtype=dtype)
     cache: tuple[int, np.ndarray] | None = None
     for k, s in enumerate(slices):
         where = f"series {series}, instance {headers[s.source].get('SOPInstanceUID', '?')}"
@@ -278,9 +322,12 @@ def load_series(paths: Sequence[Path], *, gap_tolerance: float = 1.5, tilt_toler
         if arr.shape != (first.rows, first.cols):
             raise VolumeError(f"{where}: decoded pixels are {arr.shape}; Rows x Columns say "
                               f"{first.rows} x {first.cols}")
-        if s.slope != 1.0 or s.intercept != 0.0:
-            np.multiply(arr, s.slope, out=pixels[k], casting="unsafe")
-            pixels[k] += s.intercept
+        if s.slope != 1.0:
+            np.multiply(arr, np.float32(s.slope), out=pixels[k], casting="unsafe")
+            if s.intercept != 0.0:
+                pixels[k] += np.float32(s.intercept)
+        elif s.intercept != 0.0:
+            np.add(arr, pixels.dtype.type(s.intercept), out=pixels[k], casting="unsafe")
         else:
             pixels[k] = arr
     t2 = time.perf_counter()

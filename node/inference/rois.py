@@ -84,14 +84,19 @@ def extract_rois(labels: np.ndarray, volume: Volume, card: ModelCard, *, outline
     for spec in card.labels:
         if not spec.finding:
             continue
-        comp, n = ndimage.label(labels == spec.value, structure=structure)
-        if n == 0:
+        hit = labels == spec.value
+        zs, ys, xs = np.any(hit, axis=(1, 2)), np.any(hit, axis=(0, 2)), np.any(hit, axis=(0, 1))
+        if not zs.any():
             continue
+        crop = tuple(slice(int(np.argmax(a)), len(a) - int(np.argmax(a[::-1]))) for a in (zs, ys, xs))
+        base = np.array([c.start for c in crop])
+        comp, n = ndimage.label(hit[crop], structure=structure)
         objects = ndimage.find_objects(comp)
-        for idx, sl in enumerate(objects, start=1):
-            if sl is None:
+        for idx, local in enumerate(objects, start=1):
+            if local is None:
                 continue
-            sub = comp[sl] == idx
+            sl = tuple(slice(s.start + b, s.stop + b) for s, b in zip(local, base, strict=True))
+            sub = comp[local] == idx
             count = int(sub.sum())
             vol = count * voxel_mm3
             if vol < spec.min_volume_mm3:

@@ -50,6 +50,15 @@ def select_device(preference: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception (MONAI wraps transform errors in RuntimeError)."""
+    seen = set()
+    while (exc.__cause__ or exc.__context__) is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return exc
+
+
 def _target(item: Any) -> str:
     return str(item.get("_target_", "")).rsplit(".", 1)[-1] if isinstance(item, dict) else ""
 
@@ -150,8 +159,15 @@ class BundleRunner:
             raise
         except torch.cuda.OutOfMemoryError as exc:
             raise ModelError(f"model {self.model.name}: out of GPU memory: {exc}") from exc
-        except Exception as exc:
-            raise ModelError(f"model {self.model.name} failed: {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:  # any bundle failure becomes a job failure with its root cause
+            root = _root_cause(exc)
+            if isinstance(root, ModelTimeoutError):
+                raise root from exc
+            what = "out of memory" if isinstance(root, MemoryError) else "failed"
+            detail = f"{type(exc).__name__}: {str(exc)[:200]}"
+            if root is not exc:
+                detail += f" (caused by {type(root).__name__}: {str(root)[:300]})"
+            raise ModelError(f"model {self.model.name} {what}: {detail}") from exc
         out = data["pred"]
         out = out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
         if out.ndim == 4:

@@ -1,0 +1,132 @@
+"""Security: DICOM TLS (server and mutual), AE/host binding, per-caller limits, file permissions and
+no patient identifiers in the logs of a full run."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from node.dicom.scu import send_files
+from node.dicom.tls import client_context
+from node.jobs.store import JobState
+from tests.conftest import wait_for
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private CA, a server certificate for localhost/127.0.0.1 and a client certificate."""
+    d = tmp_path_factory.mktemp("pki")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=Test CA",
+             "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"))
+    for name, cn, ext in (("server", "localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1"),
+                          ("client", "TESTSCU", "extendedKeyUsage=clientAuth")):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}", "-keyout", str(d / f"{name}.key"),
+                 "-out", str(d / f"{name}.csr"))
+        (d / f"{name}.ext").write_text(ext + "\n")
+        _openssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.pem"), "-CAkey", str(d / "ca.key"),
+                 "-CAcreateserial", "-days", "2", "-extfile", str(d / f"{name}.ext"), "-out", str(d / f"{name}.pem"))
+    return d
+
+
+def _send(node: Any, files: list[Path], ctx: Any = None) -> list[Any]:
+    return send_files([str(p) for p in files], ae_title="PREANNOT", host="127.0.0.1", port=node.listener.port,
+                      calling_ae="TESTSCU", ssl_context=ctx, server_hostname="localhost")
+
+
+def _tls_node(make_node: Callable[..., Any], pki: Path, *, mutual: bool) -> Any:
+    node = make_node(extra="")
+    node.stop()
+    from node.config import load_config
+    from node.service import Node
+
+    cfg = node.config.model_dump(mode="json")
+    cfg["node"].update({"tls_cert": str(pki / "server.pem"), "tls_key": str(pki / "server.key"),
+                        "tls_ca": str(pki / "ca.pem") if mutual else None, "tls_require_client_cert": mutual})
+    cfg.pop("source", None)
+    tls_node = Node(load_config(None, env={}, overrides=cfg))
+    tls_node.start()
+    return tls_node
+
+
+def test_dicom_tls_server(make_node: Callable[..., Any], pki: Path, small_series: Path) -> None:
+    node = _tls_node(make_node, pki, mutual=False)
+    try:
+        files = sorted(small_series.glob("*.dcm"))[:2]
+        assert all(o.ok for o in _send(node, files, client_context(ca=pki / "ca.pem")))
+        assert not any(o.ok for o in _send(node, files))  # plain TCP to a TLS port: refused
+        wrong_ca = client_context(ca=pki / "client.pem")  # does not sign the server: handshake fails
+        assert not any(o.ok for o in _send(node, files, wrong_ca))
+    finally:
+        node.stop()
+
+
+def test_mutual_tls(make_node: Callable[..., Any], pki: Path, small_series: Path) -> None:
+    node = _tls_node(make_node, pki, mutual=True)
+    try:
+        files = sorted(small_series.glob("*.dcm"))[:1]
+        assert not any(o.ok for o in _send(node, files, client_context(ca=pki / "ca.pem")))  # no client cert
+        ctx = client_context(ca=pki / "ca.pem", cert=pki / "client.pem", key=pki / "client.key")
+        assert all(o.ok for o in _send(node, files, ctx))
+    finally:
+        node.stop()
+
+
+def test_calling_ae_bound_to_hosts(make_node: Callable[..., Any], small_series: Path) -> None:
+    node = make_node(extra="")
+    node.listener.caller_hosts = {"TESTSCU": [ipaddress.ip_network("10.1.2.0/24")],
+                                  "STORESCU": [ipaddress.ip_network("127.0.0.0/8")]}
+    outcomes = _send(node, sorted(small_series.glob("*.dcm"))[:2])
+    assert not any(o.ok for o in outcomes)
+    assert node.db.one("SELECT COUNT(*) AS n FROM instances")["n"] == 0
+    assert node.listener.stats.associations_refused == 1
+    ok = send_files([str(p) for p in sorted(small_series.glob("*.dcm"))[:2]], ae_title="PREANNOT",
+                    host="127.0.0.1", port=node.listener.port, calling_ae="STORESCU")
+    assert all(o.ok for o in ok)
+
+
+def test_associations_per_caller_are_limited(make_node: Callable[..., Any]) -> None:
+    node = make_node(extra="")
+    node.listener.max_per_caller = 1
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(Verification)
+    first = ae.associate("127.0.0.1", node.listener.port, ae_title="PREANNOT")
+    assert first.is_established
+    second = ae.associate("127.0.0.1", node.listener.port, ae_title="PREANNOT")
+    if second.is_established:  # accepted at the protocol level, then aborted by the policy
+        wait_for(lambda: not second.is_established, 5, what="the abort")
+    assert second.is_aborted or not second.is_established
+    first.release()
+    wait_for(lambda: node.listener._active.get("TESTSCU", 0) == 0, 5, what="the release")
+    third = ae.associate("127.0.0.1", node.listener.port, ae_title="PREANNOT")
+    assert third.is_established and third.send_c_echo().Status == 0
+    third.release()
+
+
+def test_permissions_and_no_identifiers_in_logs(make_node: Callable[..., Any], small_series: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    node = make_node(stable=0.5)
+    files = sorted(small_series.glob("*.dcm"))
+    assert all(o.ok for o in _send(node, files))
+    wait_for(lambda: node.store.list_jobs(state=JobState.DONE), 120, what="the job")
+    data = node.config.data_dir
+    assert oct(data.stat().st_mode & 0o777) == oct(0o700)
+    assert oct((data / "node.db").stat().st_mode & 0o777) == oct(0o600)
+    spooled = [p for p in (data / "spool").rglob("*.dcm")]
+    assert spooled and all((p.stat().st_mode & 0o777) == 0o600 for p in spooled)
+    text = caplog.text
+    assert "job 1 done" in text  # the run was logged...
+    for identifier in ("TESTPATIENT", "ALICE", "PID-424242", "19600101"):  # ...without identifiers
+        assert identifier not in text
