@@ -7,6 +7,7 @@ Each test appends its figures to $PREANNOT_FAULT_REPORT (JSON lines) when set, f
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import random
@@ -66,15 +67,18 @@ def _kill_during_ingest_trials(tmp_path: Path, small_series: Path, trials: int) 
     rng = random.Random(1234)
     acked_total = lost = partial = 0
     log = (tmp_path / "node.log").open("a")
-    for trial in range(trials):
+    for _ in range(trials):
         proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(cfg)], cwd=ROOT,
                                 stdout=log, stderr=subprocess.STDOUT)
         wait_for(lambda: echo(ae_title="PREANNOT", host="127.0.0.1", port=port, calling_ae="TESTSCU", timeout=1),
                  60, what="the node")
         outcomes: list[Any] = []
-        sender = threading.Thread(target=lambda: outcomes.extend(send_files(
-            [str(p) for p in files], ae_title="PREANNOT", host="127.0.0.1", port=port, calling_ae="TESTSCU",
-            timeout=5)))
+
+        def push(into: list[Any] = outcomes) -> None:
+            into.extend(send_files([str(p) for p in files], ae_title="PREANNOT", host="127.0.0.1", port=port,
+                                   calling_ae="TESTSCU", timeout=5))
+
+        sender = threading.Thread(target=push)
         sender.start()
         time.sleep(rng.uniform(0.0, 0.25))
         proc.send_signal(signal.SIGKILL)
@@ -191,7 +195,7 @@ def _store_raw(port: int, items: list[tuple[str, bytes]], tmp: Path) -> list[tup
         try:
             status = assoc.send_c_store(str(p)) if assoc.is_established else None
             results.append((kind, int(status.Status) if status else None))
-        except Exception:  # noqa: BLE001 - the SCU itself may refuse to send a broken file: that is an outcome too
+        except Exception:  # the SCU itself may refuse to send a broken file: that is an outcome too
             results.append((kind, -1))
     if assoc is not None and assoc.is_established:
         assoc.release()
@@ -339,7 +343,7 @@ def test_destination_down_for_good_is_dead_lettered(tmp_path: Path, small_series
         times = [r["ts"] for r in node.db.query(
             "SELECT ts FROM events WHERE kind IN ('delivery.failed', 'delivery.dead') AND detail LIKE ? ORDER BY id",
             (f'%{dead[0].sop_uid}%',))]
-        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
         assert len(times) == 4 and all(g >= 0.35 for g in gaps) and gaps == sorted(gaps)  # exponential backoff
         assert 'preannot_outbox{state="dead"}' in node.metrics.render().decode()
         assert node.status()["outbox"]["dead"] == len(dead)
