@@ -75,6 +75,17 @@ def dciodvfy() -> Callable[[Path], list[str]]:
     return dciodvfy_errors
 
 
+def query_db(db: Path, sql: str) -> list[tuple]:
+    """Read a running node's database (read-only connection, WAL allows it)."""
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        return list(con.execute(sql).fetchall())
+    finally:
+        con.close()
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.2, what: str = "condition") -> Any:
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -10,19 +10,12 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import free_port
+from tests.conftest import ROOT, free_port
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
-ROUTE_LUA = """
--- forward every stable CT series to preannot (results, SEG/SR, are not forwarded back)
-function OnStableSeries(seriesId, tags, metadata)
-  if tags['Modality'] == 'CT' then
-    print('routing CT series ' .. seriesId .. ' to preannot')
-    RestApiPost('/modalities/preannot/store', seriesId, true)
-  end
-end
-"""
+#: the routing rule shipped in deploy/ is the one the tests run
+ROUTE_LUA = (ROOT / "deploy" / "orthanc" / "route-to-preannot.lua").read_text()
 
 
 def orthanc_available() -> str | None:

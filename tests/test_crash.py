@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 from node.dicom.scu import echo, send_files
 from node.dicom.sink import StoreSink
-from tests.conftest import ROOT, free_port, node_toml, wait_for
+from tests.conftest import ROOT, free_port, node_toml, query_db, wait_for
 
 
 def _serve(cfg: Path, log: Path) -> subprocess.Popen:
@@ -21,12 +20,7 @@ def _serve(cfg: Path, log: Path) -> subprocess.Popen:
     return proc
 
 
-def _q(db: Path, sql: str) -> list[tuple]:
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-    try:
-        return list(con.execute(sql).fetchall())
-    finally:
-        con.close()
+_q = query_db
 
 
 def test_kill9_during_inference_and_while_delivering(tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ import os
 import random
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -30,7 +29,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 
 from node.dicom.scu import echo, send_files
 from node.jobs.store import JobState
-from tests.conftest import ROOT, free_port, node_toml, wait_for
+from tests.conftest import ROOT, free_port, node_toml, query_db, wait_for
 
 SOAK = os.environ.get("PREANNOT_SOAK") == "1"
 
@@ -42,12 +41,7 @@ def report(name: str, **figures: Any) -> None:
             f.write(json.dumps({"test": name, **figures}) + "\n")
 
 
-def _q(db: Path, sql: str) -> list[tuple]:
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-    try:
-        return list(con.execute(sql).fetchall())
-    finally:
-        con.close()
+_q = query_db
 
 
 # --- kill -9 during ingest ------------------------------------------------------------------------
