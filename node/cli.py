@@ -349,6 +349,50 @@ def config_init() -> None:
     typer.echo(TEMPLATE)
 
 
+@app.command()
+def evaluate(
+    dataset: Annotated[Path, typer.Argument(help="Folder of image series with reference SEG (or NIfTI) beside them")],
+    out: Annotated[Path, typer.Option("--out", help="Report folder (report.html, metrics.csv, summary.json)")],
+    model: Annotated[list[str], typer.Option("--model", "-m", help="Model to evaluate; repeat to compare")],
+    config: ConfigOpt = None,
+    tolerance_mm: Annotated[float, typer.Option(help="Surface Dice tolerance (mm)")] = 2.0,
+    detection: Annotated[str, typer.Option(help="Lesion matching: overlap or centroid")] = "overlap",
+    centroid_mm: Annotated[float, typer.Option(help="Centroid rule distance (mm)")] = 5.0,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs")] = 2000,
+) -> None:
+    """Evaluate models on labelled data: overlap, surface distances, detection, FROC, volumes, speed."""
+    from node.evaluate.run import EvalOptions
+    from node.evaluate.run import evaluate as run_evaluation
+    from node.inference.registry import Registry
+
+    cfg = _load(config)
+    if detection not in ("overlap", "centroid"):
+        raise _die(PreannotError(f"--detection must be overlap or centroid (found {detection!r})"), 2)
+    try:
+        reg = Registry(cfg.models.dir)
+        infos = [reg.get(m) for m in model]
+        summary = run_evaluation(dataset, infos, out, options=EvalOptions(
+            tolerance_mm=tolerance_mm, detection=detection, centroid_mm=centroid_mm, bootstrap=bootstrap),
+            progress=lambda msg: typer.echo(msg, err=True))
+    except PreannotError as exc:
+        raise _die(exc, 1) from exc
+    for name, m in summary["models"].items():
+        for lab, entry in m["labels"].items():
+            d = entry["voxel"]["dice"]
+            line = f"{name} / {lab}: Dice {d['mean']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]"
+            det = entry.get("detection")
+            if det:
+                line += (f", sensitivity {det['sensitivity']:.3f} ({det['detected']}/{det['lesions']}), "
+                         f"FP/scan {det['fp_per_scan']:.2f}")
+            typer.echo(line)
+    for c in summary["comparisons"]:
+        typer.echo(f"{c['b']} - {c['a']} ({c['label']}, {c['metric']}): {c['mean_difference_b_minus_a']:+.3f} "
+                   f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}], Wilcoxon p = {c['wilcoxon_p']:.4f}")
+    if summary["problems"]:
+        typer.echo(f"{len(summary['problems'])} problem(s) in the dataset, listed in the report", err=True)
+    typer.echo(f"report: {out / 'report.html'}")
+
+
 def _when(value: str | None) -> float | None:
     """ISO date/time (2026-11-22, 2026-11-22T08:00) or epoch seconds -> epoch seconds."""
     import datetime as dt

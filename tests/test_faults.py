@@ -107,6 +107,7 @@ def _kill_during_ingest_trials(tmp_path: Path, small_series: Path, trials: int) 
     return {"trials": trials, "acknowledged": acked_total, "lost": lost, "partial": partial}
 
 
+@pytest.mark.timeout(2400)
 def test_kill9_during_ingest(tmp_path: Path, small_series: Path) -> None:
     figures = _kill_during_ingest_trials(tmp_path, small_series, trials=50 if SOAK else 6)
     report("kill9_during_ingest", **figures)
@@ -349,6 +350,7 @@ def test_destination_down_for_good_is_dead_lettered(tmp_path: Path, small_series
 # --- fuzz (soak only) -----------------------------------------------------------------------------
 
 @pytest.mark.soak
+@pytest.mark.timeout(1800)
 def test_fuzz_scp_with_hypothesis(make_node: Callable[..., Any], small_series: Path, tmp_path: Path) -> None:
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st

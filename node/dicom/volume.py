@@ -73,6 +73,10 @@ class Volume:
         ijk = np.atleast_2d(np.asarray(ijk, dtype=np.float64))
         return ijk @ self.affine[:3, :3].T + self.affine[:3, 3]
 
+    def ras_affine(self) -> np.ndarray:
+        """Voxel (i, j, k) -> RAS mm, the convention of NIfTI and of MONAI's readers."""
+        return np.diag([-1.0, -1.0, 1.0, 1.0]) @ self.affine
+
     def to_monai(self) -> tuple[np.ndarray, np.ndarray]:
         """float32 pixels in MONAI's spatial order (i, j, k) and the matching RAS affine (as ITK/NIfTI readers give)."""
         lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
