@@ -19,7 +19,6 @@ import ipaddress
 import logging
 import ssl
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +26,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from node.dicom.spool import IngestResult, Spool
+from node.dicom.spool import Spool
 from node.errors import InvalidInstanceError, OutOfSpaceError, PreannotError
 
 __all__ = ["STATUS", "Listener", "ListenerStats"]
@@ -73,15 +72,14 @@ class Listener:
         allowed_callers: calling AE titles accepted; ``["*"]`` or empty-with-allow_any accepts all.
         max_associations, max_pdu, timeouts: pynetdicom settings.
         ssl_context: a server-side TLS context, or None for plain TCP.
-        on_instance: called after each stored instance (used for metrics and the assembler's wake-up).
+        caller_hosts: calling AE -> allowed networks; max_per_caller: concurrent associations per calling AE.
     """
 
     def __init__(self, spool: Spool, *, ae_title: str = "PREANNOT", bind: str = "0.0.0.0", port: int = 11112,
                  allowed_callers: list[str] | None = None, max_associations: int = 10, max_pdu: int = 262144,
                  acse_timeout: float = 30.0, dimse_timeout: float = 60.0, network_timeout: float = 60.0,
                  ssl_context: ssl.SSLContext | None = None, caller_hosts: dict[str, list[str]] | None = None,
-                 max_per_caller: int = 0,
-                 on_instance: Callable[[IngestResult], None] | None = None) -> None:
+                 max_per_caller: int = 0) -> None:
         self.spool = spool
         self.ae_title = ae_title
         self.bind = bind
@@ -93,7 +91,6 @@ class Listener:
         self.max_per_caller = max_per_caller
         self._active: dict[str, int] = {}
         self._refused_assocs: set[int] = set()
-        self._on_instance = on_instance
         self._server: ThreadedAssociationServer | None = None
         ae = AE(ae_title=ae_title)
         ae.maximum_associations = max_associations
@@ -236,6 +233,4 @@ class Listener:
                 self.stats.duplicates += 1
         logger.debug("stored %s (series %s)%s", result.sop_uid, result.series_uid,
                      " [duplicate]" if result.duplicate else "")
-        if self._on_instance is not None:
-            self._on_instance(result)
         return STATUS["success"]

@@ -1,0 +1,255 @@
+"""End-to-end, concurrency and large-series benchmarks against a real `preannot serve` process.
+
+    python -m benchmarks.e2e [--scenario e2e|concurrency|large|all]
+
+- e2e: a 512x512x300 CT from the first instance sent to the last result acknowledged by the
+  destination, split into transfer, stable wait, queue, read, decode, inference, ROI, SEG, SR, delivery
+  (from the node's own timestamps and per-stage timings).
+- concurrency: 8 studies (256x256x96) pushed at once over 4 associations; studies/min, latency p50/p95
+  (first instance sent -> results received), peak RSS of the node, objects lost.
+- large: a 1000-slice 512x512 CT processed by the node's pipeline in a fresh process; peak RSS against
+  the size of the decoded volume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from benchmarks.ingest import Peer, _port, _wait_port
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "benchmarks" / "work"
+
+
+class Node(Peer):
+    name = "preannot"
+
+    def __init__(self, sink_port: int, stable: float = 2.0, workers: int = 1) -> None:
+        self.sink_port, self.stable, self.workers = sink_port, stable, workers
+
+    def start(self, work: Path) -> int:
+        port = _port()
+        self.db = work / "node" / "node.db"
+        (work / "node.toml").write_text(f'''[node]
+ae_title = "PREANNOT"
+bind = "127.0.0.1"
+port = {port}
+data_dir = "{work / 'node'}"
+allowed_callers = ["*"]
+max_associations_per_caller = 8
+free_space_reserve_mb = 0
+stable_seconds = {self.stable}
+[[destinations]]
+name = "pacs"
+ae_title = "SINK"
+host = "127.0.0.1"
+port = {self.sink_port}
+[[routes]]
+name = "ct"
+match = {{ Modality = "CT" }}
+models = ["lesion-ct-demo"]
+send_to = ["pacs"]
+[models]
+dir = "{ROOT / 'models'}"
+[jobs]
+workers = {self.workers}
+[delivery]
+poll_seconds = 0.2
+[web]
+enabled = false
+''')
+        self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "--log-level", "WARNING", "serve", "--config",
+                                      str(work / "node.toml")], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        _wait_port(port)
+        return port
+
+    def query(self, sql: str) -> list[tuple]:
+        con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
+        try:
+            return list(con.execute(sql).fetchall())
+        finally:
+            con.close()
+
+
+def _header(title: str, command: str) -> list[str]:
+    return [f"### {title}", "", f"Command: `{command}`  ",
+            f"Machine: {platform.node()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}", ""]
+
+
+def scenario_e2e() -> str:
+    from benchmarks.stages import ensure_series
+    from node.dicom.scu import send_files
+    from node.dicom.sink import StoreSink
+
+    series = ensure_series(512, 300)
+    files = [str(p) for p in sorted(series.glob("*.dcm"))]
+    with tempfile.TemporaryDirectory(dir=WORK) as tmp:
+        sink = StoreSink(Path(tmp) / "sink", ae_title="SINK")
+        node = Node(sink.port, stable=2.0)
+        port = node.start(Path(tmp))
+        try:
+            t0 = time.time()
+            outcomes = send_files(files, ae_title="PREANNOT", host="127.0.0.1", port=port, calling_ae="BENCH")
+            t_sent = time.time()
+            assert all(o.ok for o in outcomes)
+            while True:
+                rows = node.query("SELECT COUNT(*), SUM(state = 'sent'), MAX(sent_at) FROM outbox")
+                if rows and rows[0][0] and rows[0][0] == rows[0][1]:
+                    break
+                time.sleep(0.2)
+            t_end = rows[0][2]
+            last_rx = node.query("SELECT last_received FROM series")[0][0]
+            created, started, finished, result = node.query(
+                "SELECT created_at, started_at, finished_at, result FROM jobs")[0]
+            timings = json.loads(result)["timings"]
+            rss = node.peak_rss_mb()
+        finally:
+            node.stop()
+            sink.stop()
+    parts = [("transfer (300 instances, stored durably)", t_sent - t0),
+             ("stable wait (stable_seconds = 2)", created - last_rx), ("queue", started - created),
+             ("read headers", timings["read"]), ("decode", timings["decode"]), ("inference", timings["inference"]),
+             ("ROI", timings["rois"]), ("SEG", timings.get("seg", 0.0)), ("SR", timings.get("sr", 0.0)),
+             ("preview", timings.get("preview", 0.0)), ("delivery (outbox -> acknowledged)", t_end - finished)]
+    total = t_end - t0
+    overhead = total - timings["inference"] - (created - last_rx) - (t_sent - t0)
+    lines = _header("End to end, 512x512x300 CT, demo model on CPU", "python -m benchmarks.e2e --scenario e2e")
+    lines += ["| part | seconds |", "|---|---|"] + [f"| {n} | {v:.2f} |" for n, v in parts]
+    lines += [f"| **total, first instance sent -> last result acknowledged** | **{total:.2f}** |",
+              f"| everything but transfer, stable wait and inference | {overhead:.2f} |",
+              f"| peak RSS of the node | {rss:.0f} MB |" if rss else ""]
+    return "\n".join(lines) + "\n"
+
+
+def scenario_concurrency(studies: int = 8, associations: int = 4) -> str:
+    from node.dicom.scu import send_files
+    from node.dicom.sink import StoreSink
+    from node.synth.phantom import CaseGeometry, make_phantom
+    from node.synth.writer import write_series
+
+    folders = []
+    for n in range(studies):
+        d = WORK / "studies" / f"study_{n:02d}"
+        if len(list(d.glob("*.dcm"))) != 96:
+            write_series(make_phantom(40000 + n, CaseGeometry()), d, seed=40000 + n)
+        folders.append(d)
+    with tempfile.TemporaryDirectory(dir=WORK) as tmp:
+        sink = StoreSink(Path(tmp) / "sink", ae_title="SINK")
+        node = Node(sink.port, stable=2.0)
+        port = node.start(Path(tmp))
+        first_sent: dict[str, float] = {}
+        lost = []
+
+        def push(chunk: list[Path]) -> None:
+            for d in chunk:
+                files = [str(p) for p in sorted(d.glob("*.dcm"))]
+                first_sent[d.name] = time.time()
+                out = send_files(files, ae_title="PREANNOT", host="127.0.0.1", port=port, calling_ae="BENCH")
+                lost.extend(o for o in out if not o.ok)
+
+        try:
+            t0 = time.time()
+            threads = [threading.Thread(target=push, args=(folders[i::associations],)) for i in range(associations)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            while True:
+                jobs = node.query("SELECT COUNT(*), SUM(state IN ('done', 'dead')) FROM jobs")[0]
+                pending = node.query("SELECT COUNT(*) FROM outbox WHERE state != 'sent'")[0][0]
+                if jobs[0] == studies and jobs[1] == studies and pending == 0:
+                    break
+                time.sleep(0.5)
+            t_end = time.time()
+            done = node.query("SELECT s.study_uid, MAX(o.sent_at) FROM outbox o JOIN jobs j ON o.job_id = j.id "
+                              "JOIN series s ON s.series_uid = j.series_uid GROUP BY s.study_uid")
+            rss = node.peak_rss_mb()
+            dead = node.query("SELECT COUNT(*) FROM jobs WHERE state = 'dead'")[0][0]
+        finally:
+            node.stop()
+            sink.stop()
+    from pydicom import dcmread
+
+    study_of = {d.name: str(dcmread(next(d.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID) for d in folders}
+    latency = sorted(dict(done)[study_of[name]] - first_sent[name] for name in first_sent)
+    p95 = latency[min(len(latency) - 1, round(0.95 * (len(latency) - 1)))]
+    counts = list(sink.received.values())
+    lines = _header(f"Concurrency: {studies} studies (256x256x96) over {associations} associations at once",
+                    "python -m benchmarks.e2e --scenario concurrency")
+    lines += ["| figure | value |", "|---|---|",
+              f"| throughput | {studies / (t_end - t0) * 60:.1f} studies/min |",
+              f"| latency p50 (first instance sent -> results received) | {statistics.median(latency):.1f} s |",
+              f"| latency p95 | {p95:.1f} s |", f"| peak RSS of the node | {rss:.0f} MB |" if rss else "",
+              f"| instances refused or lost | {len(lost)} |", f"| jobs dead | {dead} |",
+              f"| result objects received / each exactly once | {len(counts)} / {all(c == 1 for c in counts)} |"]
+    return "\n".join(lines) + "\n"
+
+
+def scenario_large(slices: int = 1000) -> str:
+    from benchmarks.stages import ensure_series
+
+    series = ensure_series(512, slices)
+    code = f"""
+import json, resource, time
+from pathlib import Path
+from node.config import OutputsConfig
+from node.inference.registry import Registry
+from node.inference.runner import BundleRunner
+from node.outputs.equipment import Provenance
+from node.pipeline import process_series
+import tempfile
+m = Registry(Path({str(ROOT / 'models')!r})).get('lesion-ct-demo')
+files = sorted(Path({str(series)!r}).glob('*.dcm'))
+with tempfile.TemporaryDirectory() as tmp:
+    out = process_series(files, runner=BundleRunner(m), model=m, provenance=Provenance(model=m),
+                         outputs=OutputsConfig(), out_dir=Path(tmp))
+print(json.dumps({{"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                   "timings": out.timings, "shape": out.summary["shape"]}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    k, j, i = r["shape"]
+    decoded_mb = k * j * i * 2 / 2**20
+    lines = _header(f"Large series: 512x512x{slices} CT through the pipeline (demo model, CPU)",
+                    f"python -m benchmarks.e2e --scenario large --slices {slices}")
+    lines += ["| figure | value |", "|---|---|", f"| decoded volume (int16) | {decoded_mb:.0f} MB |",
+              f"| peak RSS of the process | {r['peak_rss_mb']:.0f} MB |",
+              f"| ratio peak RSS / decoded volume | {r['peak_rss_mb'] / decoded_mb:.2f} |"]
+    lines += [f"| {stage} | {v:.2f} s |" for stage, v in r["timings"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenario", default="all", choices=["e2e", "concurrency", "large", "all"])
+    ap.add_argument("--slices", type=int, default=1000, help="slices of the large series")
+    args = ap.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    texts = []
+    if args.scenario in ("e2e", "all"):
+        texts.append(scenario_e2e())
+    if args.scenario in ("concurrency", "all"):
+        texts.append(scenario_concurrency())
+    if args.scenario in ("large", "all"):
+        texts.append(scenario_large(args.slices))
+    text = "\n".join(texts)
+    print(text)
+    out = ROOT / "benchmarks" / "results" / f"{time.strftime('%Y-%m-%d')}-{platform.node()}-{args.scenario}.md"
+    out.write_text(text)
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()

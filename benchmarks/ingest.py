@@ -1,0 +1,227 @@
+"""Ingest: the same CT series sent by dcmtk's storescu (and by pynetdicom) into preannot (durable:
+fsync + index), dcmtk's storescp and Orthanc, alternating runs; also the node's peak memory on a
+large series.
+
+    python -m benchmarks.ingest [--slices 300] [--repeat 3]
+
+Peers: `storescp` (dcmtk, writes files, no fsync), Orthanc (Debian package, its own storage and
+SQLite index), `preannot serve` (fsync of each file and folder, SQLite WAL synchronous=FULL, then
+Success). Each run starts with an empty store; the time is the sender's wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+#: dcmtk leaves Nagle's algorithm on unless TCP_NODELAY is set in the environment; with it on, every
+#: C-STORE waits for a delayed ACK (about 40 ms on Linux) and storescp looks 30 times slower than it is
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+class Peer:
+    name = ""
+
+    def start(self, work: Path) -> int:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        proc = getattr(self, "proc", None)
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def stored(self, work: Path) -> int:
+        """How many instances the peer holds after a run (checked: a fast peer must also be complete)."""
+        raise NotImplementedError
+
+    def peak_rss_mb(self) -> float | None:
+        proc = getattr(self, "proc", None)
+        try:
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except (OSError, AttributeError):
+            return None
+        return None
+
+
+class Storescp(Peer):
+    name = "dcmtk storescp"
+
+    def start(self, work: Path) -> int:
+        port = _port()
+        (work / "scp").mkdir()
+        self.proc = subprocess.Popen(["storescp", "-dhl", "-aet", "STORESCP", "-od", str(work / "scp"), "-pdu",
+                                      "131072", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     env=DCMTK_ENV)
+        _wait_port(port)
+        return port
+
+    def stored(self, work: Path) -> int:
+        return len(list((work / "scp").iterdir()))
+
+
+class OrthancPeer(Peer):
+    name = "Orthanc"
+
+    def start(self, work: Path) -> int:
+        port, http = _port(), _port()
+        cfg = {"Name": "BENCH", "StorageDirectory": str(work / "orthanc"), "IndexDirectory": str(work / "orthanc"),
+               "DicomPort": port, "HttpPort": http, "DicomAet": "ORTHANC", "DicomCheckCalledAet": False,
+               "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": []}
+        (work / "orthanc.json").write_text(json.dumps(cfg))
+        self.proc = subprocess.Popen(["Orthanc", str(work / "orthanc.json")], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, env=DCMTK_ENV)  # Orthanc's DICOM layer is dcmtk
+        self.http = http
+        _wait_port(port)
+        return port
+
+    def stored(self, work: Path) -> int:
+        import httpx
+
+        return int(httpx.get(f"http://127.0.0.1:{self.http}/statistics", timeout=10).json()["CountInstances"])
+
+
+class Preannot(Peer):
+    name = "preannot (fsync + index)"
+
+    def start(self, work: Path) -> int:
+        port = _port()
+        (work / "node.toml").write_text(f'''[node]
+ae_title = "PREANNOT"
+bind = "127.0.0.1"
+port = {port}
+data_dir = "{work / 'node'}"
+allowed_callers = ["*"]
+max_pdu = 131072
+free_space_reserve_mb = 0
+stable_seconds = 3600
+[models]
+dir = "{ROOT / 'models'}"
+[web]
+enabled = false
+''')
+        self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "--log-level", "WARNING", "serve", "--config",
+                                      str(work / "node.toml")], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        _wait_port(port)
+        return port
+
+    def stored(self, work: Path) -> int:
+        import sqlite3
+
+        con = sqlite3.connect(f"file:{work / 'node' / 'node.db'}?mode=ro", uri=True)
+        try:
+            return int(con.execute("SELECT COUNT(*) FROM instances").fetchone()[0])
+        finally:
+            con.close()
+
+
+def _storescu(folder: Path, port: int, aec: str) -> float:
+    t = time.perf_counter()
+    subprocess.run(["storescu", "-aet", "STORESCU", "-aec", aec, "-pdu", "131072", "+sd", "127.0.0.1", str(port),
+                    str(folder)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=DCMTK_ENV)
+    return time.perf_counter() - t
+
+
+def _pynetdicom(folder: Path, port: int, aec: str) -> float:
+    from node.dicom.scu import send_files
+
+    files = [str(p) for p in sorted(folder.glob("*.dcm"))]
+    t = time.perf_counter()
+    outcomes = send_files(files, ae_title=aec, host="127.0.0.1", port=port, calling_ae="BENCHSCU")
+    elapsed = time.perf_counter() - t
+    if not all(o.ok for o in outcomes):
+        raise RuntimeError(f"{sum(not o.ok for o in outcomes)} instance(s) refused")
+    return elapsed
+
+
+def run(args: argparse.Namespace) -> str:
+    from benchmarks.stages import ensure_series
+
+    series = ensure_series(args.size, args.slices)
+    mb = sum(p.stat().st_size for p in series.glob("*.dcm")) / 1e6
+    peers = [Storescp(), OrthancPeer(), Preannot()]
+    senders = [("storescu", _storescu), ("pynetdicom", _pynetdicom)]
+    times: dict[tuple[str, str], list[float]] = {}
+    for rep in range(args.repeat):
+        for sender_name, sender in senders:
+            for peer in peers:  # alternating: each repetition visits every peer in turn
+                with tempfile.TemporaryDirectory(dir=ROOT / "benchmarks" / "work") as tmp:
+                    port = peer.start(Path(tmp))
+                    try:
+                        aec = {"dcmtk storescp": "STORESCP", "Orthanc": "ORTHANC"}.get(peer.name, "PREANNOT")
+                        elapsed = sender(series, port, aec)
+                        stored = peer.stored(Path(tmp))
+                    finally:
+                        peer.stop()
+                    if stored != args.slices:
+                        raise RuntimeError(f"{peer.name} stored {stored} of {args.slices} instances")
+                times.setdefault((sender_name, peer.name), []).append(elapsed)
+                print(f"  rep {rep + 1}: {sender_name} -> {peer.name}: {elapsed:.2f} s", flush=True)
+    lines = [f"### Ingest of a {args.size}x{args.size}x{args.slices} CT ({mb:.0f} MB, {args.slices} files), loopback",
+             "", f"Command: `python -m benchmarks.ingest --size {args.size} --slices {args.slices} --repeat {args.repeat}`  ",
+             f"Machine: {platform.node()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}; PDU 128 KiB; "
+             "dcmtk with TCP_NODELAY=1 and -dhl; every run checked complete", "",
+             "| sender | receiver | median s | min s | max s | MB/s | ratio to storescp |", "|---|---|---|---|---|---|---|"]
+    for sender_name, _ in senders:
+        base = statistics.median(times[(sender_name, "dcmtk storescp")])
+        for peer in peers:
+            v = times[(sender_name, peer.name)]
+            med = statistics.median(v)
+            lines.append(f"| {sender_name} | {peer.name} | {med:.2f} | {min(v):.2f} | {max(v):.2f} | {mb / med:.0f} | "
+                         f"{med / base:.2f} |")
+    lines += ["", "pynetdicom (sender and preannot's receiver) sets no TCP_NODELAY; dcmtk peers run with it."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--slices", type=int, default=300)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    for tool in ("storescu", "storescp", "Orthanc"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is not installed: make bench installs dcmtk and orthanc (as root)")
+    (ROOT / "benchmarks" / "work").mkdir(parents=True, exist_ok=True)
+    text = run(args)
+    print(text)
+    out = ROOT / "benchmarks" / "results" / f"{time.strftime('%Y-%m-%d')}-{platform.node()}-ingest.md"
+    out.write_text(text)
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
