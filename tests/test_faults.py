@@ -289,12 +289,12 @@ def test_model_failures_are_recorded_and_isolated(tmp_path: Path, small_series: 
     shutil.copytree(ROOT / "models" / "lesion-ct-demo", models / "good")
     _failing_bundle(models, "raises", "$lambda x: (_ for _ in ()).throw(ValueError('simulated model bug'))")
     _failing_bundle(models, "oom", "$lambda x: (_ for _ in ()).throw(MemoryError('simulated out of memory'))")
-    _failing_bundle(models, "slow", "$lambda x: (__import__('time').sleep(3), x)[1]")
+    _failing_bundle(models, "slow", "$lambda x: (__import__('time').sleep(8), x)[1]")
     port = free_port()
     text = node_toml(tmp_path / "data", port, stable=0.5, models=models)
     text = text.replace('models = ["lesion-ct-demo"]', 'models = ["raises", "oom", "slow", "good"]')
     text = text.replace("[jobs]\nbackoff_seconds = 0.5", "[jobs]\nbackoff_seconds = 0.2\nmax_attempts = 2\n"
-                                                         "timeout_seconds = 2")
+                                                         "timeout_seconds = 6")  # the good model needs ~1 s
     (tmp_path / "node.toml").write_text(text)
     node = Node(load_config(tmp_path / "node.toml"))
     node.start()
