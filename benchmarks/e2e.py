@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -26,30 +25,22 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.ingest import Peer, _port, _wait_port
+from benchmarks.ingest import Preannot
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / "work"
 
 
-class Node(Peer):
+class Node(Preannot):
+    """The node with a route to the demo model and the benchmark's storage SCP as destination."""
+
     name = "preannot"
 
     def __init__(self, sink_port: int, stable: float = 2.0, workers: int = 1) -> None:
-        self.sink_port, self.stable, self.workers = sink_port, stable, workers
+        self.sink_port, self.stable_seconds, self.workers = sink_port, stable, workers
 
-    def start(self, work: Path) -> int:
-        port = _port()
-        self.db = work / "node" / "node.db"
-        (work / "node.toml").write_text(f'''[node]
-ae_title = "PREANNOT"
-bind = "127.0.0.1"
-port = {port}
-data_dir = "{work / 'node'}"
-allowed_callers = ["*"]
-max_associations_per_caller = 8
-free_space_reserve_mb = 0
-stable_seconds = {self.stable}
+    def extra_config(self) -> str:
+        return f'''
 [[destinations]]
 name = "pacs"
 ae_title = "SINK"
@@ -60,27 +51,11 @@ name = "ct"
 match = {{ Modality = "CT" }}
 models = ["lesion-ct-demo"]
 send_to = ["pacs"]
-[models]
-dir = "{ROOT / 'models'}"
 [jobs]
 workers = {self.workers}
 [delivery]
 poll_seconds = 0.2
-[web]
-enabled = false
-''')
-        self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "--log-level", "WARNING", "serve", "--config",
-                                      str(work / "node.toml")], cwd=ROOT, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        _wait_port(port)
-        return port
-
-    def query(self, sql: str) -> list[tuple]:
-        con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
-        try:
-            return list(con.execute(sql).fetchall())
-        finally:
-            con.close()
+'''
 
 
 def _header(title: str, command: str) -> list[str]:

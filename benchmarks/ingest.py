@@ -114,10 +114,17 @@ class OrthancPeer(Peer):
 
 
 class Preannot(Peer):
+    """A real `preannot serve` process; subclasses add configuration (routes, destinations)."""
+
     name = "preannot (fsync + index)"
+    stable_seconds = 3600.0
+
+    def extra_config(self) -> str:
+        return ""
 
     def start(self, work: Path) -> int:
         port = _port()
+        self.db = work / "node" / "node.db"
         (work / "node.toml").write_text(f'''[node]
 ae_title = "PREANNOT"
 bind = "127.0.0.1"
@@ -125,27 +132,32 @@ port = {port}
 data_dir = "{work / 'node'}"
 allowed_callers = ["*"]
 max_pdu = 131072
+max_associations_per_caller = 8
 free_space_reserve_mb = 0
-stable_seconds = 3600
+stable_seconds = {self.stable_seconds}
 [models]
 dir = "{ROOT / 'models'}"
 [web]
 enabled = false
-''')
+{self.extra_config()}''')
         self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "--log-level", "WARNING", "serve", "--config",
                                       str(work / "node.toml")], cwd=ROOT, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         _wait_port(port)
         return port
 
-    def stored(self, work: Path) -> int:
+    def query(self, sql: str) -> list[tuple]:
+        """Read the node's database (read-only)."""
         import sqlite3
 
-        con = sqlite3.connect(f"file:{work / 'node' / 'node.db'}?mode=ro", uri=True)
+        con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
         try:
-            return int(con.execute("SELECT COUNT(*) FROM instances").fetchone()[0])
+            return list(con.execute(sql).fetchall())
         finally:
             con.close()
+
+    def stored(self, work: Path) -> int:
+        return int(self.query("SELECT COUNT(*) FROM instances")[0][0])
 
 
 def _storescu(folder: Path, port: int, aec: str) -> float:
