@@ -75,7 +75,7 @@ def _wait_echo(port: int, timeout: float, proc: subprocess.Popen) -> None:
     raise SystemExit("the node did not answer C-ECHO in time; see demo-output/node.log")
 
 
-def describe(seg_path: Path | None, sr_path: Path) -> list[dict]:
+def describe(sr_path: Path) -> list[dict]:
     """What the received SR says: one entry per finding (tracking id, volume, long axis)."""
     import highdicom as hd
 
@@ -199,7 +199,7 @@ def main() -> int:
         if seg_path is not None:
             print(f"      DICOM SEG: {seg_path}")
         print(f"      DICOM SR : {sr_path}")
-        findings = describe(seg_path, sr_path)
+        findings = describe(sr_path)
         print(f"      {len(findings)} region(s) of interest (AI pre-annotation, NOT VERIFIED):")
         for f in findings:
             vol = f.get("Volume", (float("nan"), ""))

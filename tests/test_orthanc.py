@@ -40,6 +40,21 @@ password_env = "TEST_ORTHANC_PASSWORD"
 '''
 
 
+def _start_node(tmp_path: Path, port: int, kind: str, orthanc: Orthanc, allowed: str) -> tuple[Any, Path]:
+    """A started node sending its results to ``orthanc`` by ``kind``; returns it with its config path."""
+    from node.config import load_config
+    from node.service import Node
+    from tests.conftest import node_toml
+
+    text = node_toml(tmp_path / "data", port, stable=1.0, allowed=allowed)
+    text = text.replace('send_to = []', 'send_to = ["pacs"]') + _destination(kind, orthanc)
+    cfg_path = tmp_path / "node.toml"
+    cfg_path.write_text(text)
+    node = Node(load_config(cfg_path))
+    node.start()
+    return node, cfg_path
+
+
 def _study_series(client: Any, study_id: str) -> dict[str, list[dict[str, Any]]]:
     by_modality: dict[str, list[dict[str, Any]]] = {}
     for s in client.get_json(f"/studies/{study_id}/series"):
@@ -50,21 +65,13 @@ def _study_series(client: Any, study_id: str) -> dict[str, list[dict[str, Any]]]
 @pytest.mark.parametrize("kind", ["dicom", "dicomweb", "orthanc"])
 def test_orthanc_routes_and_receives_results(kind: str, tmp_path: Path, small_series: Path,
                                              make_node: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.conftest import free_port, node_toml
+    from tests.conftest import free_port
 
     port = free_port()
     orthanc = Orthanc(tmp_path / "orthanc", preannot_port=port)
     monkeypatch.setenv("TEST_ORTHANC_PASSWORD", orthanc.password)
     try:
-        from node.config import load_config
-        from node.service import Node
-
-        text = node_toml(tmp_path / "data", port, stable=1.0, allowed='["ORTHANC"]')
-        text = text.replace('send_to = []', 'send_to = ["pacs"]') + _destination(kind, orthanc)
-        cfg_path = tmp_path / "node.toml"
-        cfg_path.write_text(text)
-        node = Node(load_config(cfg_path))
-        node.start()
+        node, _ = _start_node(tmp_path, port, kind, orthanc, '["ORTHANC"]')
         try:
             client = orthanc.client()
             for p in sorted(small_series.glob("*.dcm")):
@@ -130,9 +137,7 @@ def test_fetch_past_study_for_reprocessing(kind: str, tmp_path: Path, small_seri
     from typer.testing import CliRunner
 
     from node.cli import app
-    from node.config import load_config
-    from node.service import Node
-    from tests.conftest import free_port, node_toml
+    from tests.conftest import free_port
 
     port = free_port()
     orthanc = Orthanc(tmp_path / "orthanc", preannot_port=port, route=False)  # no automatic routing
@@ -141,12 +146,7 @@ def test_fetch_past_study_for_reprocessing(kind: str, tmp_path: Path, small_seri
         client = orthanc.client()
         for p in sorted(small_series.glob("*.dcm")):
             client.upload(p.read_bytes())
-        text = node_toml(tmp_path / "data", port, stable=1.0, allowed='["ORTHANC", "PACS"]')
-        text = text.replace('send_to = []', 'send_to = ["pacs"]') + _destination(kind, orthanc)
-        cfg_path = tmp_path / "node.toml"
-        cfg_path.write_text(text)
-        node = Node(load_config(cfg_path))
-        node.start()
+        node, cfg_path = _start_node(tmp_path, port, kind, orthanc, '["ORTHANC", "PACS"]')
         try:
             study_uid = str(dcmread(next(small_series.glob("*.dcm"))).StudyInstanceUID)
             r = CliRunner().invoke(app, ["fetch", "--from", "pacs", "--study", study_uid, "--config", str(cfg_path)])

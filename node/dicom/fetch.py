@@ -22,7 +22,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove  # t
 
 from node.config import Destination, NodeConfig
 from node.dicom.scu import send_files
-from node.dicom.web_senders import _auth
+from node.dicom.web_senders import http_auth
 from node.errors import DeliveryError
 
 __all__ = ["FetchResult", "fetch_study"]
@@ -68,7 +68,7 @@ def _cmove(src: Destination, study_uid: str, move_to: str, calling_ae: str) -> F
 
 
 def _wado(src: Destination, study_uid: str, node_host: str, node_port: int, node_ae: str, calling_ae: str) -> FetchResult:
-    auth, headers = _auth(src)
+    auth, headers = http_auth(src)
     url = f"{str(src.url).rstrip('/')}/studies/{study_uid}"
     with httpx.Client(auth=auth, headers=headers, timeout=max(src.timeout, 120.0), verify=src.verify_tls) as client:
         r = client.get(url, headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})

@@ -310,6 +310,9 @@ def load_series(paths: Sequence[Path], *, gap_tolerance: float = 1.5, tilt_toler
         slices.extend(_slices_of(ds, n, f"series {series}, instance {ds.get('SOPInstanceUID', Path(paths[n]).name)}"))
     slices, step = _check_and_sort(slices, series, gap_tolerance=gap_tolerance, tilt_tolerance_deg=tilt_tolerance_deg)
     t1 = time.perf_counter()
+    # second pass: each file is read again for its pixels, one at a time, straight into its sorted slot;
+    # keeping every dataset from the first pass would double the peak memory (the page cache makes the
+    # re-read cheap)
     first = slices[0]
     dtype = _volume_dtype(headers, slices)
     pixels = np.empty((len(slices), first.rows, first.cols), dtype=dtype)

@@ -18,7 +18,7 @@ from node.config import Destination
 from node.dicom.scu import DicomSender, Sender, SendOutcome
 from node.errors import ConfigError
 
-__all__ = ["DicomWebSender", "OrthancRestSender", "make_sender"]
+__all__ = ["DicomWebSender", "OrthancRestSender", "http_auth", "make_sender"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,8 @@ _FAILURE_REASON = "00081197"
 _SOP_INSTANCE = "00081155"
 
 
-def _auth(dest: Destination) -> tuple[httpx.Auth | None, dict[str, str]]:
+def http_auth(dest: Destination) -> tuple[httpx.Auth | None, dict[str, str]]:
+    """httpx auth and headers for a destination's basic or bearer authentication (secret read now)."""
     secret = dest.secret()
     if dest.auth == "basic":
         return httpx.BasicAuth(dest.username or "", secret or ""), {}
@@ -46,7 +47,7 @@ class DicomWebSender:
     def send(self, paths: list[str]) -> list[SendOutcome]:
         d = self.destination
         try:
-            auth, headers = _auth(d)
+            auth, headers = http_auth(d)
         except ConfigError as exc:
             return [SendOutcome(p, False, None, str(exc)) for p in paths]
         url = str(d.url).rstrip("/") + "/studies"

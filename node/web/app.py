@@ -12,6 +12,7 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -163,23 +164,24 @@ def create_app(node: Node) -> FastAPI:
         return [{"id": o.id, "job_id": o.job_id, "destination": o.destination, "sop_uid": o.sop_uid,
                  "state": o.state.value, "attempts": o.attempts, "error": o.error} for o in items]
 
+    def _transition(action: Callable[..., None], job_id: int, actor: str) -> dict[str, Any]:
+        """Apply a job state change; 404 for an unknown job, 409 for a state that does not allow it."""
+        try:
+            action(job_id, actor=actor)
+        except JobError as exc:
+            raise HTTPException(409 if "no job" not in str(exc) else 404, str(exc)) from exc
+        logger.info("job %d: %s by %s", job_id, action.__name__, actor)
+        return _job_dict(node.store.get(job_id))
+
     @app.post("/api/jobs/{job_id}/retry", tags=["actions"])
     def retry(job_id: int, actor: str = Depends(require_token)) -> dict[str, Any]:
         """Queue a failed, dead, cancelled or done job again."""
-        try:
-            node.store.retry(job_id, actor=actor)
-        except JobError as exc:
-            raise HTTPException(409 if "no job" not in str(exc) else 404, str(exc)) from exc
-        logger.info("job %d retried by %s", job_id, actor)
-        return _job_dict(node.store.get(job_id))
+        return _transition(node.store.retry, job_id, actor)
 
     @app.post("/api/jobs/{job_id}/cancel", tags=["actions"])
     def cancel(job_id: int, actor: str = Depends(require_token)) -> dict[str, Any]:
-        try:
-            node.store.cancel(job_id, actor=actor)
-        except JobError as exc:
-            raise HTTPException(409 if "no job" not in str(exc) else 404, str(exc)) from exc
-        return _job_dict(node.store.get(job_id))
+        """Cancel a queued or failed job."""
+        return _transition(node.store.cancel, job_id, actor)
 
     @app.post("/api/jobs/{job_id}/resend", tags=["actions"])
     def resend(job_id: int, actor: str = Depends(require_token)) -> dict[str, Any]:
