@@ -91,7 +91,8 @@ def test_orthanc_routes_and_receives_results(kind: str, tmp_path: Path, small_se
             ct_series_uid = str(dcmread(next(small_series.glob("*.dcm"))).SeriesInstanceUID)
             assert seg.StudyInstanceUID == study_uid
             assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == ct_series_uid
-            assert node.store.outbox_counts()["sent"] == 2
+            # the PACS can show the objects before the node has recorded the C-STORE responses: wait for it
+            wait_for(lambda: node.store.outbox_counts()["sent"] == 2, 30, what="both objects recorded as sent")
 
             # the same series routed again: no new job, no duplicate result
             client.post("/modalities/preannot/store", json={"Resources": [series["CT"][0]["ID"]]})
