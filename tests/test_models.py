@@ -23,7 +23,7 @@ from node.inference.runner import BundleRunner
 def test_registry_lists_demo_model(models_dir: Path) -> None:
     reg = Registry(models_dir)
     m = reg.get("lesion-ct-demo")
-    assert m.version == "0.1.0"
+    assert m.version == "0.2.0"
     assert m.sha256 == hashlib.sha256(m.weights.read_bytes()).hexdigest()
     assert m.card.labels[0].type.code == "27925004"
     assert m.weights.stat().st_size < 8 * 2**20  # a few MB at most
@@ -47,7 +47,7 @@ def test_broken_bundle_is_reported_not_fatal(tmp_path: Path, models_dir: Path) -
         reg.get("nope")
     result = CliRunner().invoke(app, ["models"], env={"PREANNOT_MODELS__DIR": str(tmp_path)})
     assert result.exit_code == 0, result.output
-    assert "good  version 0.1.0" in result.output and "no-card  BROKEN" in result.output
+    assert "good  version 0.2.0" in result.output and "no-card  BROKEN" in result.output
 
 
 def test_runner_predicts_label_map_of_volume_shape(small_series: Path, demo_runner: Any) -> None:
@@ -102,3 +102,110 @@ def test_cuda_amp_prediction_matches_cpu(small_series: Path, models_dir: Path, d
     volume = load_series(sorted(small_series.glob("*.dcm")))
     a, b = gpu.predict(volume), demo_runner.predict(volume)
     assert (a != b).mean() < 0.001
+
+
+# --- memory-bounded resampling (the demo bundle's scripts/transforms.py) -----------------------------
+
+def _bounded_module(models_dir: Path) -> Any:
+    import importlib.util
+
+    path = models_dir / "lesion-ct-demo" / "scripts" / "transforms.py"
+    spec = importlib.util.spec_from_file_location("lesion_ct_demo_transforms", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _meta_image(arr: np.ndarray, affine: np.ndarray) -> Any:
+    from monai.data import MetaTensor
+
+    return MetaTensor(torch.from_numpy(arr), affine=torch.as_tensor(affine),
+                      meta={"original_channel_dim": "no_channel", "spatial_shape": np.array(arr.shape)})
+
+
+@pytest.mark.parametrize("pixdim", [(1.40625, 1.40625, 2.5), (0.5, 0.93, 1.1)])
+def test_bounded_spacing_matches_monai_spacing_and_inverts(models_dir: Path, pixdim: tuple[float, ...]) -> None:
+    from monai.transforms import Compose, EnsureChannelFirstd, Invertd, Spacingd
+
+    mod = _bounded_module(models_dir)
+    rng = np.random.default_rng(7)
+    arr = rng.integers(-1000, 1000, size=(41, 37, 23)).astype(np.int16)
+    affine = np.array([[-0.7, 0, 0, 120.3], [0, -0.75, 0, -80.1], [0, 0, 1.25, -300.2], [0, 0, 0, 1]])
+    ref = Compose([EnsureChannelFirstd("image"), Spacingd("image", pixdim=pixdim, mode="bilinear",
+                                                              dtype=torch.float32)])
+    new = Compose([EnsureChannelFirstd("image"), mod.BoundedSpacingd("image", pixdim=pixdim, slab=3)])
+    a = ref({"image": _meta_image(arr.astype(np.float32), affine)})
+    b = new({"image": _meta_image(arr, affine)})  # int16 in: converted one slab at a time
+    assert a["image"].shape == b["image"].shape
+    np.testing.assert_allclose(b["image"].affine.numpy(), a["image"].affine.numpy(), atol=1e-9)
+    np.testing.assert_allclose(b["image"].numpy(), a["image"].numpy(), atol=0.05)  # float32 rounding of HU
+    # a label map on the resampled grid goes back to the input grid, as MONAI's inverse puts it
+    label = (a["image"] > 200).to(torch.uint8)
+    a["pred"], b["pred"] = label.clone(), label.clone()
+    back_xform = np.linalg.inv(b["image"].applied_operations[-1]["extra_info"]["xform"])
+    back_ref = Invertd("pred", transform=ref, orig_keys="image", nearest_interp=True)(a)["pred"]
+    back = Invertd("pred", transform=new, orig_keys="image", nearest_interp=True)(b)["pred"]
+    assert back.shape == (1, *arr.shape) and back.dtype == torch.uint8  # nearest keeps the label type
+    np.testing.assert_allclose(back.affine.numpy(), affine, atol=1e-9)
+    # identical except where a sample falls exactly half-way between two voxels (MONAI's float
+    # rounding picks either side; the bounded version rounds half to even)
+    ties = np.zeros(arr.shape, dtype=bool)
+    for axis, n in enumerate(arr.shape):
+        c = back_xform[axis, axis] * np.arange(n) + back_xform[axis, 3]
+        on_tie = np.abs(c - np.floor(c) - 0.5) < 1e-6
+        ties |= on_tie.reshape([-1 if d == axis else 1 for d in range(3)])
+    differ = back.numpy()[0] != back_ref.numpy()[0].astype(np.uint8)
+    assert not (differ & ~ties).any()
+    assert (~ties).mean() > 0.4  # the comparison is not vacuous
+    # laid out so that the [k, j, i] transpose the runner takes is contiguous (no copy of the label map)
+    assert back[0].numpy().transpose(2, 1, 0).flags.c_contiguous
+
+
+def test_bounded_spacing_oblique_falls_back_to_monai(models_dir: Path) -> None:
+    mod = _bounded_module(models_dir)
+    c, s = np.cos(0.3), np.sin(0.3)
+    affine = np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1]])
+    arr = np.arange(10 * 12 * 8, dtype=np.float32).reshape(1, 10, 12, 8)
+    out = mod.BoundedSpacingd("image", pixdim=(2.0, 2.0, 2.0))({"image": _meta_image(arr, affine)})["image"]
+    assert out.ndim == 4 and out.dtype == torch.float32
+
+
+def test_bundle_scripts_resolve_to_their_own_bundle(demo_model: Any) -> None:
+    """Every Model Zoo bundle calls its package ``scripts``: another bundle's must not shadow ours."""
+    import sys
+    import types
+
+    sys.modules["scripts"] = types.ModuleType("scripts")  # as if another bundle had been loaded first
+    try:
+        runner = BundleRunner(demo_model, device="cpu")
+    finally:
+        sys.modules.pop("scripts", None)
+    assert runner.input_dtype is None  # the bundle's LoadImaged says dtype null: int16 CT goes in as is
+    assert str(demo_model.path) not in sys.path
+
+
+def test_large_volume_is_mapped_and_released(small_series: Path, tmp_path: Path) -> None:
+    files = sorted(small_series.glob("*.dcm"))
+    plain = load_series(files)
+    mapped = load_series(files, scratch_dir=tmp_path, map_above_bytes=0)
+    assert plain.mapping is None and mapped.mapping is not None
+    assert list(tmp_path.iterdir()) == []  # the scratch file is unlinked from the start: nothing to clean up
+    np.testing.assert_array_equal(mapped.pixels, plain.pixels)
+    mapped.release_memory()  # pages go back to the page cache; the pixels read back unchanged
+    np.testing.assert_array_equal(mapped.pixels, plain.pixels)
+
+
+def test_bounded_spacing_on_the_target_grid_is_a_copy(models_dir: Path) -> None:
+    from monai.transforms import Compose, EnsureChannelFirstd, Invertd
+
+    mod = _bounded_module(models_dir)
+    affine = np.diag([1.40625, 1.40625, 2.5, 1.0])
+    affine[:3, 3] = [10.0, 20.0, 30.0]
+    arr = np.random.default_rng(0).integers(-5, 5, size=(20, 22, 9)).astype(np.int16)
+    t = Compose([EnsureChannelFirstd("image"), mod.BoundedSpacingd("image", pixdim=(1.40625, 1.40625, 2.5))])
+    d = t({"image": _meta_image(arr, affine)})
+    assert d["image"].dtype == torch.float32 and np.array_equal(d["image"][0].numpy(), arr)
+    d["pred"] = (d["image"] > 0).to(torch.uint8)
+    back = Invertd("pred", transform=t, orig_keys="image", nearest_interp=True)(d)["pred"]
+    assert back.dtype == torch.uint8 and np.array_equal(back[0].numpy(), arr > 0)

@@ -14,6 +14,8 @@ missing slices (a gap over ``gap_tolerance`` x the usual spacing), uneven spacin
 from __future__ import annotations
 
 import logging
+import mmap
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +60,17 @@ class Volume:
     modality: str = ""
     series_uid: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    #: the scratch mapping holding :attr:`pixels` when the volume was decoded into one (large series)
+    mapping: mmap.mmap | None = field(default=None, repr=False)
+
+    def release_memory(self) -> None:
+        """Give the pages of a file-backed volume back to the page cache (they leave this process's RSS).
+
+        The pixels stay valid: touching them again reads them back from the page cache (or the scratch
+        file). A no-op for a volume held in ordinary memory.
+        """
+        if self.mapping is not None:
+            self.mapping.madvise(mmap.MADV_DONTNEED)
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -77,10 +90,16 @@ class Volume:
         """Voxel (i, j, k) -> RAS mm, the convention of NIfTI and of MONAI's readers."""
         return np.diag([-1.0, -1.0, 1.0, 1.0]) @ self.affine
 
-    def to_monai(self) -> tuple[np.ndarray, np.ndarray]:
-        """float32 pixels in MONAI's spatial order (i, j, k) and the matching RAS affine (as ITK/NIfTI readers give)."""
+    def to_monai(self, dtype: np.dtype | type | None = np.float32) -> tuple[np.ndarray, np.ndarray]:
+        """Pixels in MONAI's spatial order (i, j, k) and the matching RAS affine (as ITK/NIfTI readers give).
+
+        ``dtype=None`` returns a transposed view of :attr:`pixels` (no copy); otherwise a contiguous
+        array of that type (float32 is what MONAI's ``LoadImage`` gives by default).
+        """
         lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
-        return np.ascontiguousarray(self.pixels.transpose(2, 1, 0), dtype=np.float32), lps_to_ras @ self.affine
+        view = self.pixels.transpose(2, 1, 0)
+        arr = view if dtype is None else np.ascontiguousarray(view, dtype=dtype)
+        return arr, lps_to_ras @ self.affine
 
 
 _NON_IMAGE_PREFIXES = ("1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.104.", "1.2.840.10008.5.1.4.1.1.11.",
@@ -284,13 +303,27 @@ def _volume_dtype(headers: Sequence[Dataset], slices: Sequence[_Slice]) -> np.dt
     return np.dtype(np.int16) if lo >= -32768 and hi <= 32767 else np.dtype(np.float32)
 
 
-def load_series(paths: Sequence[Path], *, gap_tolerance: float = 1.5, tilt_tolerance_deg: float = 0.5) -> Volume:
+def _scratch_array(folder: Path, shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, mmap.mmap]:
+    """A zeroed array backed by an anonymous (already unlinked) file in ``folder``, and its mapping."""
+    folder.mkdir(parents=True, exist_ok=True)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    with tempfile.TemporaryFile(dir=folder, prefix=".volume-") as f:
+        f.truncate(nbytes)
+        mapping = mmap.mmap(f.fileno(), nbytes)  # the mapping keeps the (unlinked) file alive
+    return np.frombuffer(mapping, dtype=dtype).reshape(shape), mapping
+
+
+def load_series(paths: Sequence[Path], *, gap_tolerance: float = 1.5, tilt_tolerance_deg: float = 0.5,
+                scratch_dir: Path | None = None, map_above_bytes: int = 256 * 2**20) -> Volume:
     """Read a series into a :class:`Volume`.
 
     Args:
         paths: the files of one series (any order).
         gap_tolerance: a step over this multiple of the median spacing counts as missing slices.
         tilt_tolerance_deg: largest angle between the slice stack and the slice normal accepted.
+        scratch_dir: where a volume larger than ``map_above_bytes`` is decoded into an unlinked
+            scratch file mapped into memory, so :meth:`Volume.release_memory` can hand its pages
+            back while the model runs (None: always in ordinary memory).
 
     Returns:
         The volume, slices sorted along the normal (increasing position).
@@ -315,7 +348,12 @@ def load_series(paths: Sequence[Path], *, gap_tolerance: float = 1.5, tilt_toler
     # re-read cheap)
     first = slices[0]
     dtype = _volume_dtype(headers, slices)
-    pixels = np.empty((len(slices), first.rows, first.cols), dtype=dtype)
+    shape = (len(slices), first.rows, first.cols)
+    mapping: mmap.mmap | None = None
+    if scratch_dir is not None and int(np.prod(shape)) * dtype.itemsize > map_above_bytes:
+        pixels, mapping = _scratch_array(scratch_dir, shape, dtype)
+    else:
+        pixels = np.empty(shape, dtype=dtype)
     cache: tuple[int, np.ndarray] | None = None
     for k, s in enumerate(slices):
         where = f"series {series}, instance {headers[s.source].get('SOPInstanceUID', '?')}"
@@ -350,4 +388,4 @@ def load_series(paths: Sequence[Path], *, gap_tolerance: float = 1.5, tilt_toler
         pixels=pixels, affine=affine, sources=[headers[i] for i in used],
         frames=[FrameRef(remap[s.source], s.frame) for s in slices],
         modality=str(headers[0].get("Modality", "")), series_uid=series,
-        timings={"read_headers": t1 - t0, "decode": t2 - t1})
+        timings={"read_headers": t1 - t0, "decode": t2 - t1}, mapping=mapping)

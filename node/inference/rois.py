@@ -84,13 +84,26 @@ def extract_rois(labels: np.ndarray, volume: Volume, card: ModelCard, *, outline
     for spec in card.labels:
         if not spec.finding:
             continue
-        hit = labels == spec.value
-        zs, ys, xs = np.any(hit, axis=(1, 2)), np.any(hit, axis=(0, 2)), np.any(hit, axis=(0, 1))
+        # bounding box of the label, found 64 slices at a time (no full-size boolean copy)
+        zs = np.zeros(labels.shape[0], dtype=bool)
+        ys, xs = np.zeros(labels.shape[1], dtype=bool), np.zeros(labels.shape[2], dtype=bool)
+        for k0 in range(0, labels.shape[0], 64):
+            h = labels[k0:k0 + 64] == spec.value
+            zs[k0:k0 + 64] = h.reshape(h.shape[0], -1).any(axis=1)
+            plane = h.any(axis=0)
+            ys |= plane.any(axis=1)
+            xs |= plane.any(axis=0)
         if not zs.any():
             continue
         crop = tuple(slice(int(np.argmax(a)), len(a) - int(np.argmax(a[::-1]))) for a in (zs, ys, xs))
         base = np.array([c.start for c in crop])
-        comp, n = ndimage.label(hit[crop], structure=structure)
+        hit = labels[crop] == spec.value
+        try:  # 16-bit component labels (half the memory of int32) unless there are more than 65535 of them
+            comp = np.empty(hit.shape, dtype=np.uint16)
+            ndimage.label(hit, structure=structure, output=comp)
+        except RuntimeError:
+            comp = ndimage.label(hit, structure=structure)[0]
+        del hit
         objects = ndimage.find_objects(comp)
         for idx, local in enumerate(objects, start=1):
             if local is None:

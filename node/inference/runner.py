@@ -12,8 +12,11 @@ CPU otherwise. The network is loaded once per runner and reused.
 from __future__ import annotations
 
 import logging
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -59,6 +62,24 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+@contextmanager
+def _bundle_on_path(root: Path) -> Iterator[None]:
+    """The bundle root on ``sys.path`` while its configuration is parsed, as ``monai.bundle run`` does,
+    so that ``$import scripts...`` and ``_target_: scripts.x.Y`` resolve to *this* bundle's code.
+
+    Model Zoo bundles all call their package ``scripts``: a copy imported for another bundle is
+    dropped from ``sys.modules`` first (objects already built from it keep working).
+    """
+    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+        del sys.modules[name]
+    sys.path.insert(0, str(root))
+    try:
+        yield
+    finally:
+        with suppress(ValueError):  # the bundle may have removed it itself
+            sys.path.remove(str(root))
+
+
 def _target(item: Any) -> str:
     return str(item.get("_target_", "")).rsplit(".", 1)[-1] if isinstance(item, dict) else ""
 
@@ -84,26 +105,8 @@ class BundleRunner:
         self.on_progress = on_progress
         t0 = time.perf_counter()
         try:
-            parser = ConfigParser()
-            parser.read_config(str(model.inference_config))
-            parser.read_meta(str(model.path / "configs" / "metadata.json"))
-            parser["bundle_root"] = str(model.path)
-            parser["device"] = f"$torch.device('{self.device}')"
-            pre = parser["preprocessing"]
-            transforms = list(pre["transforms"]) if isinstance(pre, dict) else []
-            self._has_loader = bool(transforms) and _target(transforms[0]) in _LOADERS
-            if self._has_loader:
-                parser["preprocessing"]["transforms"] = transforms[1:]
-            if "postprocessing" in parser:
-                post = parser["postprocessing"]
-                if isinstance(post, dict) and "transforms" in post:
-                    parser["postprocessing"]["transforms"] = [t for t in post["transforms"]
-                                                              if _target(t) not in _SAVERS]
-            self.preprocessing = parser.get_parsed_content("preprocessing")
-            self.inferer = parser.get_parsed_content("inferer")
-            self.postprocessing = (parser.get_parsed_content("postprocessing")
-                                   if "postprocessing" in parser else None)
-            self.network = self._load_network(parser)
+            with _bundle_on_path(model.path):
+                self._parse(model)
         except ModelError:
             raise
         except Exception as exc:
@@ -111,6 +114,35 @@ class BundleRunner:
         self.load_seconds = time.perf_counter() - t0
         logger.info("model %s %s loaded on %s in %.1f s (weights sha256 %s)", model.name, model.version,
                     self.device, self.load_seconds, model.sha256[:16])
+
+    def _parse(self, model: ModelInfo) -> None:
+        parser = ConfigParser()
+        parser.read_config(str(model.inference_config))
+        parser.read_meta(str(model.path / "configs" / "metadata.json"))
+        parser["bundle_root"] = str(model.path)
+        parser["device"] = f"$torch.device('{self.device}')"
+        pre = parser["preprocessing"]
+        transforms = list(pre["transforms"]) if isinstance(pre, dict) else []
+        self._has_loader = bool(transforms) and _target(transforms[0]) in _LOADERS
+        #: the dtype the bundle's loader would have produced (LoadImage's default is float32;
+        #: ``"dtype": null`` keeps the stored type, which bounded transforms can use to save memory)
+        self.input_dtype: np.dtype | None = np.dtype(np.float32)
+        if self._has_loader:
+            if isinstance(transforms[0], dict) and "dtype" in transforms[0]:
+                raw = transforms[0]["dtype"]  # evaluated on its own ("$np.int16" style or null)
+                given = None if raw is None else ConfigParser({"dtype": raw}).get_parsed_content("dtype")
+                self.input_dtype = None if given is None else np.dtype(given)
+            parser["preprocessing"]["transforms"] = transforms[1:]
+        if "postprocessing" in parser:
+            post = parser["postprocessing"]
+            if isinstance(post, dict) and "transforms" in post:
+                parser["postprocessing"]["transforms"] = [t for t in post["transforms"]
+                                                          if _target(t) not in _SAVERS]
+        self.preprocessing = parser.get_parsed_content("preprocessing")
+        self.inferer = parser.get_parsed_content("inferer")
+        self.postprocessing = (parser.get_parsed_content("postprocessing")
+                               if "postprocessing" in parser else None)
+        self.network = self._load_network(parser)
 
     def _load_network(self, parser: ConfigParser) -> torch.nn.Module:
         weights = self.model.weights
@@ -138,13 +170,15 @@ class BundleRunner:
             ModelTimeoutError: the deadline (``time.monotonic()`` value) passed during inference.
             ModelError: the bundle failed, or returned a label map of another shape.
         """
-        arr, affine = volume.to_monai()
+        arr, affine = volume.to_monai(dtype=self.input_dtype)
         meta = {"original_affine": torch.as_tensor(affine),
                 "spatial_shape": np.array(arr.shape), "original_channel_dim": "no_channel",
                 "filename_or_obj": volume.series_uid or "volume"}
         image = MetaTensor(torch.from_numpy(arr), affine=torch.as_tensor(affine), meta=meta)
         try:
             data: dict[str, Any] = self.preprocessing({"image": image})
+            del image
+            volume.release_memory()  # a mapped volume's pages go back to the page cache while the model runs
             inp = data["image"]
             if not isinstance(inp, torch.Tensor):
                 inp = torch.as_tensor(inp)
@@ -153,6 +187,7 @@ class BundleRunner:
             with torch.no_grad(), torch.autocast(device_type=self.device.type, enabled=self.amp):
                 pred = self.inferer(inp, net)
             data["pred"] = pred[0].float()
+            del pred, inp  # the network output lives on in data["pred"] only: postprocessing may replace it
             if self.postprocessing is not None:
                 data = self.postprocessing(data)
         except ModelTimeoutError:
@@ -168,11 +203,15 @@ class BundleRunner:
             if root is not exc:
                 detail += f" (caused by {type(root).__name__}: {str(root)[:300]})"
             raise ModelError(f"model {self.model.name} {what}: {detail}") from exc
-        out = data["pred"]
+        out = data.pop("pred")
+        del data
         out = out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
         if out.ndim == 4:
             out = out[0] if out.shape[0] == 1 else np.argmax(out, axis=0)
-        labels = np.rint(out).astype(np.uint8).transpose(2, 1, 0)
+        if out.dtype.kind == "f":
+            out = np.rint(out)
+        # no copy when the bundle already returns uint8 laid out as [k, j, i] (see the demo bundle)
+        labels = out.astype(np.uint8, copy=False).transpose(2, 1, 0)
         if labels.shape != volume.shape:
             raise ModelError(f"model {self.model.name} returned labels of shape {labels.shape}; the volume is "
                              f"{volume.shape} (does the bundle's postprocessing invert its resampling?)")

@@ -68,8 +68,12 @@ def build_seg(volume: Volume, labels: np.ndarray, card: ModelCard, provenance: P
                 arr[ref.frame - 1, :, :, s] = labels[k] == v  # type: ignore[operator]
         sources = volume.sources
     else:
-        arr = np.stack([labels == v for v in present], axis=-1)
         sources = [volume.sources[f.source] for f in volume.frames]
+        if present == list(range(1, len(present) + 1)) and int(labels.max()) <= len(present):
+            # label values are already the segment numbers: highdicom takes the label map as is (no copy)
+            arr = labels
+        else:
+            arr = np.stack([labels == v for v in present], axis=-1)
     try:
         seg = hd.seg.Segmentation(
             source_images=sources,
