@@ -198,6 +198,7 @@ class ModelsConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     threads: int = Field(0, ge=0)  # 0: torch's default
+    preload: bool = True  # load the routed models when a worker starts, not on the first job
 
 
 class JobsConfig(_Section):

@@ -44,6 +44,7 @@ dir = "models"                   # folder of MONAI bundles (only these ever run)
 device = "auto"                  # "auto" (CUDA when present), "cpu" or "cuda"
 amp = true                       # automatic mixed precision on CUDA
 threads = 0                      # torch CPU threads (0: torch's default)
+preload = true                   # load the routed models when a worker starts
 
 [jobs]
 workers = 1                      # parallel jobs

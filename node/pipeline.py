@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pydicom.dataset import Dataset
 
 from node.config import OutputsConfig
@@ -46,6 +45,18 @@ class JobOutput:
     timings: dict[str, float]
     summary: dict[str, Any]
     files: dict[str, str] = field(default_factory=dict)
+    #: work left for after the results are queued (the preview, when deferred)
+    deferred: Callable[[], None] | None = field(default=None, repr=False)
+
+    def finish(self) -> None:
+        """Run the deferred work (a failure is logged: the preview is a convenience, not a result)."""
+        if self.deferred is None:
+            return
+        work, self.deferred = self.deferred, None
+        try:
+            work()
+        except Exception as exc:
+            logger.warning("preview not written: %s: %s", type(exc).__name__, exc)
 
     def to_dict(self) -> dict[str, Any]:
         return {"summary": self.summary, "timings": {k: round(v, 4) for k, v in self.timings.items()},
@@ -70,7 +81,7 @@ def save_dataset(ds: Dataset, path: Path, *, fsync: bool = True) -> Path:
 def process_series(files: list[Path], *, runner: Runner, model: ModelInfo, provenance: Provenance,
                    outputs: OutputsConfig, out_dir: Path, timeout_seconds: float | None = None,
                    volume: Volume | None = None, fsync: bool = True, extra_outputs: Sequence[str] = (),
-                   on_stage: Callable[[str], None] | None = None) -> JobOutput:
+                   on_stage: Callable[[str], None] | None = None, defer_preview: bool = False) -> JobOutput:
     """Run the whole processing of one series with one model, writing the results into ``out_dir``.
 
     Returns:
@@ -93,7 +104,7 @@ def process_series(files: list[Path], *, runner: Runner, model: ModelInfo, prove
 
     stage("load")
     if volume is None:
-        volume = load_series(files)
+        volume = load_series(files, scratch_dir=out_dir)  # a large volume goes to a mapped scratch file
     timings.update({"read": volume.timings.get("read_headers", 0.0), "decode": volume.timings.get("decode", 0.0)})
     stage("inference")
     t = time.perf_counter()
@@ -103,7 +114,8 @@ def process_series(files: list[Path], *, runner: Runner, model: ModelInfo, prove
     stage("rois")
     t = time.perf_counter()
     rois = extract_rois(labels, volume, model.card)
-    kept = np.zeros_like(labels)
+    kept = labels  # the runner's label map is ours: cleared and repainted with the kept ROIs (no second copy)
+    kept.fill(0)
     for r in rois:
         k0, j0, i0 = r.offset
         assert r.mask is not None
@@ -118,7 +130,8 @@ def process_series(files: list[Path], *, runner: Runner, model: ModelInfo, prove
     if rois and model.card.outputs.seg:
         stage("seg")
         t = time.perf_counter()
-        seg = build_seg(volume, kept, model.card, provenance, series_number=outputs.seg_series_number)
+        seg = build_seg(volume, kept, model.card, provenance, series_number=outputs.seg_series_number,
+                        label_values=sorted({r.label for r in rois}))
         p = save_dataset(seg, out_dir / "seg.dcm", fsync=fsync)
         objects.append(ResultObject(str(p), str(seg.SOPInstanceUID), str(seg.SOPClassUID)))
         files_out["seg"] = str(p)
@@ -153,11 +166,20 @@ def process_series(files: list[Path], *, runner: Runner, model: ModelInfo, prove
         timings["extra_outputs"] = time.perf_counter() - t
     if not objects:
         raise OutputError(f"model {model.name}: the model card enables no output")
+    deferred = None
     if outputs.preview_png:
-        t = time.perf_counter()
-        files_out["preview"] = str(write_preview(volume, kept, rois, out_dir / "preview.png",
-                                                 title=f"{model.name} {model.version}"))
-        timings["preview"] = time.perf_counter() - t
+        preview_path = out_dir / "preview.png"
+        files_out["preview"] = str(preview_path)
+
+        def preview() -> None:
+            t = time.perf_counter()
+            write_preview(volume, kept, rois, preview_path, title=f"{model.name} {model.version}")
+            timings["preview"] = time.perf_counter() - t
+
+        if defer_preview:  # off the critical path: the caller queues the results first, then calls finish()
+            deferred = preview
+        else:
+            preview()
     timings["total"] = time.perf_counter() - t_start
     summary = {
         "series_uid": volume.series_uid, "study_uid": str(volume.sources[0].get("StudyInstanceUID", "")),
@@ -167,7 +189,8 @@ def process_series(files: list[Path], *, runner: Runner, model: ModelInfo, prove
                   "diameter_mm": r.diameter_inplane_mm, "centroid_mm": list(r.centroid_mm)} for r in rois],
         "model": model.identification(),
     }
-    result = JobOutput(objects=objects, rois=rois, timings=timings, summary=summary, files=files_out)
+    result = JobOutput(objects=objects, rois=rois, timings=timings, summary=summary, files=files_out,
+                       deferred=deferred)
     (out_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
     logger.info("series %s: %d ROI(s), %s in %.1f s (inference %.1f s)", volume.series_uid, len(rois),
                 "+".join(k for k in ("seg", "sr") if k in files_out), timings["total"], timings["inference"])

@@ -166,7 +166,10 @@ class Node:
     def _assemble_loop(self) -> None:
         while not self.stop_event.is_set():
             try:
-                for d in self.assembler.tick():
+                dispatched = self.assembler.tick()
+                if any(d.routes for d in dispatched):
+                    self.store.jobs_waiting.set()  # the jobs are committed: wake the workers now
+                for d in dispatched:
                     self.metrics.series_stable.labels("routed" if d.routes else "unmatched").inc()
                 if time.time() >= self._next_purge:
                     self._next_purge = time.time() + self.config.retention.interval_minutes * 60
@@ -219,6 +222,7 @@ class Node:
             self.web.should_exit = True
         self.stop_event.set()
         self.deliverer.wake.set()
+        self.store.jobs_waiting.set()
         deadline = time.time() + timeout
         for t in [self._assembler_thread, *self.workers, self.deliverer]:
             if t.is_alive():

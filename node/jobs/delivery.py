@@ -35,7 +35,7 @@ class Deliverer(threading.Thread):
         self.store = store
         self.stop_event = stop
         self.sender_factory = sender_factory or (lambda d: make_sender(d, calling_ae=config.node.ae_title))
-        self.wake = threading.Event()
+        self.wake = store.outbox_waiting  # set by the store when results are queued, and by resend/stop
         self.metrics = metrics
 
     def run(self) -> None:
@@ -45,7 +45,7 @@ class Deliverer(threading.Thread):
             except Exception:
                 logger.exception("delivery loop error")
             self.wake.wait(self.config.delivery.poll_seconds)
-            self.wake.clear()
+            self.wake.clear()  # anything queued before this point is picked up by the next deliver_due
 
     def deliver_due(self) -> int:
         """Send what is due now. Returns the number of objects delivered."""

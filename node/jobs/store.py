@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -111,6 +112,11 @@ class JobStore:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        #: set when jobs may be waiting (after a dispatch commits, a retry, recovery): workers wake at once
+        #: instead of at their next poll
+        self.jobs_waiting = threading.Event()
+        #: set when result objects were queued: the deliverer wakes at once
+        self.outbox_waiting = threading.Event()
 
     # --- events (audit trail) -------------------------------------------------------------------
 
@@ -210,6 +216,8 @@ class JobStore:
             self._event(c, "job.done", {"objects": [o.sop_uid for o in objects], "destinations": destinations,
                                         "summary": result.get("summary", {}), "model": result.get("model", {})},
                         series_uid=row["series_uid"], job_id=job_id, now=now)
+        if destinations and objects:
+            self.outbox_waiting.set()
 
     def fail(self, job_id: int, reason: str, *, backoff_seconds: float, backoff_max_seconds: float,
              now: float | None = None) -> JobState:
@@ -243,6 +251,7 @@ class JobStore:
                       "WHERE id = ?", (now, now, job_id))
             self._event(c, "job.retry", {"previous_state": row["state"]}, series_uid=row["series_uid"],
                         job_id=job_id, actor=actor, now=now)
+        self.jobs_waiting.set()
 
     def cancel(self, job_id: int, *, actor: str | None = None, now: float | None = None) -> None:
         """Cancel a queued or failed job."""
@@ -325,6 +334,8 @@ class JobStore:
             n = c.execute("UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?, error = NULL "
                           "WHERE job_id = ?", (now, job_id)).rowcount
             self._event(c, "delivery.resend", {"objects": n}, job_id=job_id, actor=actor, now=now)
+        if n:
+            self.outbox_waiting.set()
         return int(n)
 
     def outbox(self, *, job_id: int | None = None, state: OutboxState | str | None = None,

@@ -59,11 +59,27 @@ class Worker(threading.Thread):
             self.runners[model_name] = BundleRunner(info, device=self.config.models.device, amp=self.config.models.amp)
         return self.runners[model_name]
 
+    def preload(self) -> None:
+        """Load every model a route names, so the first job does not wait for it (``models.preload``).
+
+        A model that cannot be loaded is only logged here: its jobs fail with the reason when they run.
+        """
+        for name in dict.fromkeys(m for r in self.config.routes for m in r.models):
+            if self.stop_event.is_set():
+                return
+            try:
+                self.runner_for(name)
+            except PreannotError as exc:
+                logger.warning("model %s not preloaded: %s", name, exc)
+
     def run(self) -> None:
+        if self.config.models.preload:
+            self.preload()
         while not self.stop_event.is_set():
+            self.store.jobs_waiting.clear()  # cleared before leasing: a job queued meanwhile sets it again
             job = self.store.lease(lease_seconds=self.config.jobs.lease_seconds)
             if job is None:
-                self.stop_event.wait(self.poll_seconds)
+                self.store.jobs_waiting.wait(self.poll_seconds)
                 continue
             self.execute(job)
 
@@ -88,7 +104,7 @@ class Worker(threading.Thread):
                                     extra_outputs=route.extra_outputs if route else (),
                                     outputs=self.config.outputs, out_dir=out_dir,
                                     timeout_seconds=self.config.jobs.timeout_seconds, fsync=self.config.node.fsync,
-                                    on_stage=self._set_stage)
+                                    on_stage=self._set_stage, defer_preview=True)
             result = output.to_dict()
             result["model"] = model.identification()
             result["output_dir"] = str(out_dir)
@@ -97,6 +113,7 @@ class Worker(threading.Thread):
                 self.metrics.observe_job(job.model, "done", output.timings)
             logger.info("job %d done in %.1f s: %d ROI(s), %d object(s) queued for %s", job.id, time.time() - t0,
                         len(output.rois), len(output.objects), job.send_to or "no destination")
+            output.finish()  # the preview, once the results are on their way
         except PreannotError as exc:
             self._fail(job, f"{type(exc).__name__}: {exc}")
         except MemoryError as exc:
