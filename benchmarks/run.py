@@ -1,19 +1,48 @@
 """`make bench`: every benchmark scenario, one after the other (not part of `make test`).
 
-Each writes its table to benchmarks/results/<date>-<host>-<scenario>.md and prints it.
+Each scenario writes its table to benchmarks/results/<date>-<host>-<scenario>.md and prints it; the
+whole run is then gathered into benchmarks/results/<date>-<host>.md, headed by the machine.
 """
 
 from __future__ import annotations
 
+import os
+import platform
 import sys
+import time
+from pathlib import Path
 
 from benchmarks import e2e, ingest, stages
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def machine() -> str:
+    import torch
+
+    mem = ""
+    try:
+        kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("MemTotal:"))
+        mem = f", {kb / 2**20:.0f} GiB RAM"
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.node()}: {os.cpu_count()} cores{mem}, {gpu}; Python {platform.python_version()}, "
+            f"torch {torch.__version__}")
+
 
 def main() -> None:
+    started = time.time()
+    parts = []
     for scenario in (stages, ingest, e2e):
         sys.argv = [sys.argv[0]]
-        scenario.main()
+        parts.append(scenario.main().read_text())
+    out = ROOT / "benchmarks" / "results" / f"{time.strftime('%Y-%m-%d')}-{platform.node()}.md"
+    head = [f"# Benchmarks, {time.strftime('%Y-%m-%d %H:%M')}", "", f"Machine: {machine()}  ",
+            f"Command: `make bench` ({(time.time() - started) / 60:.0f} min)", ""]
+    out.write_text("\n".join(head) + "\n" + "\n".join(parts))
+    print(f"all tables written to {out}")
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def table(rows: list[dict[str, float]], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main() -> Path:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--slices", type=int, default=300)
@@ -134,6 +134,7 @@ def main() -> None:
     out = ROOT / "benchmarks" / "results" / f"{time.strftime('%Y-%m-%d')}-{platform.node()}-stages.md"
     out.write_text(text)
     print(f"written to {out}")
+    return out
 
 
 if __name__ == "__main__":
