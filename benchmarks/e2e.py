@@ -29,6 +29,9 @@ from benchmarks.ingest import Preannot
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / "work"
+#: the bundle under test (--model): the demo model by default; a heavier, full-resolution bundle in
+#: models/ when a GPU is there to run it
+MODEL = "lesion-ct-demo"
 
 
 class Node(Preannot):
@@ -49,13 +52,19 @@ port = {self.sink_port}
 [[routes]]
 name = "ct"
 match = {{ Modality = "CT" }}
-models = ["lesion-ct-demo"]
+models = ["{MODEL}"]
 send_to = ["pacs"]
 [jobs]
 workers = {self.workers}
 [delivery]
 poll_seconds = 0.2
 '''
+
+
+def _device() -> str:
+    import torch
+
+    return f"GPU ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "CPU"
 
 
 def _header(title: str, command: str) -> list[str]:
@@ -101,7 +110,8 @@ def scenario_e2e() -> str:
     total = t_end - t0
     transfer, stable = t_sent - t0, created - last_rx
     overhead = total - timings["inference"] - stable - transfer
-    lines = _header("End to end, 512x512x300 CT, demo model on CPU", "python -m benchmarks.e2e --scenario e2e")
+    lines = _header(f"End to end, 512x512x300 CT, model {MODEL} on {_device()}",
+                    f"python -m benchmarks.e2e --scenario e2e --model {MODEL}")
     lines += ["| part | seconds |", "|---|---|"] + [f"| {n} | {v:.2f} |" for n, v in parts]
     lines += [f"| **total, first instance sent -> last result acknowledged** | **{total:.2f}** |",
               f"| **the node's own work around inference** (total - transfer - stable wait - inference) | "
@@ -204,7 +214,7 @@ def sample():  # the peak RSS of each stage, sampled every 20 ms
 threading.Thread(target=sample, daemon=True).start()
 def on_stage(name):
     current[0] = name
-m = Registry(Path({str(ROOT / 'models')!r})).get('lesion-ct-demo')
+m = Registry(Path({str(ROOT / 'models')!r})).get({MODEL!r})
 files = sorted(Path({str(series)!r}).glob('*.dcm'))
 runner = BundleRunner(m)
 peaks['imports and model'] = rss_mb()
@@ -221,8 +231,8 @@ print(json.dumps({{"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_ma
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     k, j, i = r["shape"]
     decoded_mb = k * j * i * 2 / 2**20
-    lines = _header(f"Large series: 512x512x{slices} CT through the pipeline (demo model, CPU)",
-                    f"python -m benchmarks.e2e --scenario large --slices {slices}")
+    lines = _header(f"Large series: 512x512x{slices} CT through the pipeline (model {MODEL}, {_device()})",
+                    f"python -m benchmarks.e2e --scenario large --slices {slices} --model {MODEL}")
     lines += ["| figure | value |", "|---|---|", f"| decoded volume (int16) | {decoded_mb:.0f} MB |",
               f"| peak RSS of the process | {r['peak_rss_mb']:.0f} MB |",
               f"| ratio peak RSS / decoded volume | {r['peak_rss_mb'] / decoded_mb:.2f} |"]
@@ -235,10 +245,13 @@ print(json.dumps({{"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_ma
 
 
 def main() -> Path:
+    global MODEL
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenario", default="all", choices=["e2e", "concurrency", "large", "all"])
     ap.add_argument("--slices", type=int, default=1000, help="slices of the large series")
+    ap.add_argument("--model", default=MODEL, help="bundle in models/ to route to (default: the demo model)")
     args = ap.parse_args()
+    MODEL = args.model
     WORK.mkdir(parents=True, exist_ok=True)
     texts = []
     if args.scenario in ("e2e", "all"):

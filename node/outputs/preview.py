@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,9 @@ def write_preview(volume: Volume, labels: np.ndarray, rois: list[ROI], path: Pat
     fig.suptitle((title + "\n" if title else "") + "AI pre-annotation - NOT VERIFIED", fontsize=10, color="#b00000")
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (4.4 * rows + 0.4)))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    # written aside and renamed: the dashboard and the API may serve it while it is being drawn
+    tmp = path.with_name(f".{path.name}.part")
+    fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
+    os.replace(tmp, path)
     return path
