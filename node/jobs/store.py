@@ -112,7 +112,7 @@ class JobStore:
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        #: set when jobs may be waiting (after a dispatch commits, a retry, recovery): workers wake at once
+        #: set when jobs may be waiting (after a dispatch commits, after a retry): workers wake at once
         #: instead of at their next poll
         self.jobs_waiting = threading.Event()
         #: set when result objects were queued: the deliverer wakes at once
