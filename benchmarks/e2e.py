@@ -1,6 +1,8 @@
 """End-to-end, concurrency and large-series benchmarks against a real `preannot serve` process.
 
-    python -m benchmarks.e2e [--scenario e2e|concurrency|large|all]
+    python -m benchmarks.e2e [--scenario e2e|concurrency|large|all] [--repeat 3] [--model NAME]
+
+Each scenario runs --repeat times (a fresh node or process each time); tables give median, min, max.
 
 - e2e: a 512x512x300 CT from the first instance sent to the last result acknowledged by the
   destination, split into transfer, stable wait, queue, read, decode, inference, ROI, SEG, SR, delivery
@@ -72,13 +74,26 @@ def _header(title: str, command: str) -> list[str]:
             f"Machine: {platform.node()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}", ""]
 
 
-def scenario_e2e() -> str:
-    from benchmarks.stages import ensure_series
+def _table(runs: list[dict[str, float]], unit: dict[str, str] | None = None, bold: tuple[str, ...] = ()) -> list[str]:
+    """Median, min and max of each figure over the runs (figures in the order of the first run)."""
+    unit = unit or {}
+    lines = ["| figure | median | min | max |", "|---|---|---|---|"]
+    for name in runs[0]:
+        v = [r[name] for r in runs]
+        med, lo, hi = statistics.median(v), min(v), max(v)
+        u = unit.get(name, "s")
+        digits = {"MB": 0, "count": 0, "studies/min": 1}.get(u, 2)
+        cells = [f"{x:.{digits}f}" for x in (med, lo, hi)]
+        if name in bold:
+            name, cells[0] = f"**{name}**", f"**{cells[0]}**"
+        lines.append(f"| {name} ({u}) | {cells[0]} | {cells[1]} | {cells[2]} |")
+    return lines
+
+
+def _e2e_once(files: list[str]) -> dict[str, float]:
     from node.dicom.scu import send_files
     from node.dicom.sink import StoreSink
 
-    series = ensure_series(512, 300)
-    files = [str(p) for p in sorted(series.glob("*.dcm"))]
     with tempfile.TemporaryDirectory(dir=WORK) as tmp:
         sink = StoreSink(Path(tmp) / "sink", ae_title="SINK")
         node = Node(sink.port, stable=2.0)
@@ -102,38 +117,44 @@ def scenario_e2e() -> str:
         finally:
             node.stop()
             sink.stop()
-    parts = [("transfer (300 instances, stored durably)", t_sent - t0),
-             ("stable wait (stable_seconds = 2)", created - last_rx), ("queue", started - created),
-             ("read headers", timings["read"]), ("decode", timings["decode"]), ("inference", timings["inference"]),
-             ("ROI", timings["rois"]), ("SEG", timings.get("seg", 0.0)), ("SR", timings.get("sr", 0.0)),
-             ("delivery (job done -> last object acknowledged)", t_end - finished)]
     total = t_end - t0
     transfer, stable = t_sent - t0, created - last_rx
     overhead = total - timings["inference"] - stable - transfer
-    lines = _header(f"End to end, 512x512x300 CT, model {MODEL} on {_device()}",
-                    f"python -m benchmarks.e2e --scenario e2e --model {MODEL}")
-    lines += ["| part | seconds |", "|---|---|"] + [f"| {n} | {v:.2f} |" for n, v in parts]
-    lines += [f"| **total, first instance sent -> last result acknowledged** | **{total:.2f}** |",
-              f"| **the node's own work around inference** (total - transfer - stable wait - inference) | "
-              f"**{overhead:.2f}** |",
-              f"| the same with the transfer (total - stable wait - inference) | {overhead + transfer:.2f} |",
-              f"| peak RSS of the node | {rss:.0f} MB |" if rss else "",
-              "", "The preview PNG is drawn after the results are queued for delivery, off this path."]
+    return {"transfer (300 instances, stored durably)": transfer, "stable wait (stable_seconds = 2)": stable,
+            "queue": started - created, "read headers": timings["read"], "decode": timings["decode"],
+            "inference": timings["inference"], "ROI": timings["rois"], "SEG": timings.get("seg", 0.0),
+            "SR": timings.get("sr", 0.0), "delivery (job done -> last object acknowledged)": t_end - finished,
+            "total, first instance sent -> last result acknowledged": total,
+            "the node's own work around inference (total - transfer - stable wait - inference)": overhead,
+            "the same with the transfer (total - stable wait - inference)": overhead + transfer,
+            "peak RSS of the node": rss or 0.0}
+
+
+def scenario_e2e(repeat: int = 3) -> str:
+    from benchmarks.stages import ensure_series
+
+    files = [str(p) for p in sorted(ensure_series(512, 300).glob("*.dcm"))]
+    runs = []
+    for n in range(repeat):  # a fresh node each time
+        runs.append(_e2e_once(files))
+        print(f"  e2e run {n + 1}: total {runs[-1]['total, first instance sent -> last result acknowledged']:.2f} s",
+              flush=True)
+    lines = _header(f"End to end, 512x512x300 CT, model {MODEL} on {_device()}, {repeat} runs",
+                    f"python -m benchmarks.e2e --scenario e2e --repeat {repeat} --model {MODEL}")
+    lines += _table(runs, unit={"peak RSS of the node": "MB"},
+                    bold=("total, first instance sent -> last result acknowledged",
+                          "the node's own work around inference (total - transfer - stable wait - inference)"))
+    lines += ["", "The preview PNG is drawn after the results are queued for delivery, off this path."]
     return "\n".join(lines) + "\n"
 
 
-def scenario_concurrency(studies: int = 8, associations: int = 4) -> str:
+def _concurrency_once(folders: list[Path], associations: int) -> dict[str, float]:
+    from pydicom import dcmread
+
     from node.dicom.scu import send_files
     from node.dicom.sink import StoreSink
-    from node.synth.phantom import CaseGeometry, make_phantom
-    from node.synth.writer import write_series
 
-    folders = []
-    for n in range(studies):
-        d = WORK / "studies" / f"study_{n:02d}"
-        if len(list(d.glob("*.dcm"))) != 96:
-            write_series(make_phantom(40000 + n, CaseGeometry()), d, seed=40000 + n)
-        folders.append(d)
+    studies = len(folders)
     with tempfile.TemporaryDirectory(dir=WORK) as tmp:
         sink = StoreSink(Path(tmp) / "sink", ae_title="SINK")
         node = Node(sink.port, stable=2.0)
@@ -169,29 +190,48 @@ def scenario_concurrency(studies: int = 8, associations: int = 4) -> str:
         finally:
             node.stop()
             sink.stop()
-    from pydicom import dcmread
-
     study_of = {d.name: str(dcmread(next(d.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID) for d in folders}
     latency = sorted(dict(done)[study_of[name]] - first_sent[name] for name in first_sent)
     p95 = latency[min(len(latency) - 1, round(0.95 * (len(latency) - 1)))]
     counts = list(sink.received.values())
-    lines = _header(f"Concurrency: {studies} studies (256x256x96) over {associations} associations at once",
-                    "python -m benchmarks.e2e --scenario concurrency")
-    lines += ["| figure | value |", "|---|---|",
-              f"| throughput | {studies / (t_end - t0) * 60:.1f} studies/min |",
-              f"| latency p50 (first instance sent -> results received) | {statistics.median(latency):.1f} s |",
-              f"| latency p95 | {p95:.1f} s |", f"| peak RSS of the node | {rss:.0f} MB |" if rss else "",
-              f"| instances refused or lost | {len(lost)} |", f"| jobs dead | {dead} |",
-              f"| result objects received / each exactly once | {len(counts)} / {all(c == 1 for c in counts)} |"]
+    return {"throughput": studies / (t_end - t0) * 60, "latency p50 (first instance sent -> results received)":
+            statistics.median(latency), "latency p95": p95, "peak RSS of the node": rss or 0.0,
+            "instances refused or lost": float(len(lost)), "jobs dead": float(dead),
+            "result objects received": float(len(counts)),
+            "result objects received more than once": float(sum(c > 1 for c in counts))}
+
+
+def ensure_studies(studies: int = 8) -> list[Path]:
+    """The concurrency scenario's small studies (256x256x96), generated once under benchmarks/work."""
+    from node.synth.phantom import CaseGeometry, make_phantom
+    from node.synth.writer import write_series
+
+    folders = []
+    for n in range(studies):
+        d = WORK / "studies" / f"study_{n:02d}"
+        if len(list(d.glob("*.dcm"))) != 96:
+            write_series(make_phantom(40000 + n, CaseGeometry()), d, seed=40000 + n)
+        folders.append(d)
+    return folders
+
+
+def scenario_concurrency(studies: int = 8, associations: int = 4, repeat: int = 3) -> str:
+    folders = ensure_studies(studies)
+    runs = []
+    for n in range(repeat):
+        runs.append(_concurrency_once(folders, associations))
+        print(f"  concurrency run {n + 1}: {runs[-1]['throughput']:.1f} studies/min", flush=True)
+    lines = _header(f"Concurrency: {studies} studies (256x256x96) over {associations} associations at once, "
+                    f"{repeat} runs", f"python -m benchmarks.e2e --scenario concurrency --repeat {repeat}")
+    lines += _table(runs, unit={"throughput": "studies/min", "peak RSS of the node": "MB",
+                                "instances refused or lost": "count", "jobs dead": "count",
+                                "result objects received": "count",
+                                "result objects received more than once": "count"})
     return "\n".join(lines) + "\n"
 
 
-def scenario_large(slices: int = 1000) -> str:
-    from benchmarks.stages import ensure_series
-
-    series = ensure_series(512, slices)
-    code = f"""
-import json, resource, threading, time
+_LARGE_CODE = """
+import json, sys, threading, time
 from pathlib import Path
 from node.config import OutputsConfig
 from node.inference.registry import Registry
@@ -206,7 +246,7 @@ def rss_mb():
             return int(line.split()[1]) / 1024
     return 0.0
 
-peaks, current, stop = {{}}, ['start'], threading.Event()
+peaks, current, stop = {}, ['start'], threading.Event()
 def sample():  # the peak RSS of each stage, sampled every 20 ms
     while not stop.is_set():
         peaks[current[0]] = max(peaks.get(current[0], 0.0), rss_mb())
@@ -214,8 +254,9 @@ def sample():  # the peak RSS of each stage, sampled every 20 ms
 threading.Thread(target=sample, daemon=True).start()
 def on_stage(name):
     current[0] = name
-m = Registry(Path({str(ROOT / 'models')!r})).get({MODEL!r})
-files = sorted(Path({str(series)!r}).glob('*.dcm'))
+models, model, series = sys.argv[1:4]
+m = Registry(Path(models)).get(model)
+files = sorted(Path(series).glob('*.dcm'))
 runner = BundleRunner(m)
 peaks['imports and model'] = rss_mb()
 with tempfile.TemporaryDirectory() as tmp:
@@ -224,23 +265,39 @@ with tempfile.TemporaryDirectory() as tmp:
     current[0] = 'preview'
 time.sleep(0.05)
 stop.set()
-print(json.dumps({{"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "stage_peaks": peaks,
-                   "timings": out.timings, "shape": out.summary["shape"]}}))
+peaks.pop('start', None)
+# VmHWM, not getrusage's ru_maxrss: after fork + exec, ru_maxrss still carries the parent's peak (the
+# benchmark process, which may just have generated the series)
+hwm = next(int(line.split()[1]) / 1024 for line in open('/proc/self/status') if line.startswith('VmHWM:'))
+print(json.dumps({"peak_rss_mb": hwm, "stage_peaks": peaks,
+                  "timings": out.timings, "shape": out.summary["shape"]}))
 """
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
-    k, j, i = r["shape"]
+
+
+def scenario_large(slices: int = 1000, repeat: int = 3) -> str:
+    from benchmarks.stages import ensure_series
+
+    series = ensure_series(512, slices)
+    results = []
+    for n in range(repeat):  # a fresh process each time: its peak RSS is the figure
+        proc = subprocess.run([sys.executable, "-c", _LARGE_CODE, str(ROOT / "models"), MODEL, str(series)],
+                              cwd=ROOT, capture_output=True, text=True, check=True)
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"  large run {n + 1}: peak RSS {results[-1]['peak_rss_mb']:.0f} MB", flush=True)
+    k, j, i = results[0]["shape"]
     decoded_mb = k * j * i * 2 / 2**20
-    lines = _header(f"Large series: 512x512x{slices} CT through the pipeline (model {MODEL}, {_device()})",
-                    f"python -m benchmarks.e2e --scenario large --slices {slices} --model {MODEL}")
-    lines += ["| figure | value |", "|---|---|", f"| decoded volume (int16) | {decoded_mb:.0f} MB |",
-              f"| peak RSS of the process | {r['peak_rss_mb']:.0f} MB |",
-              f"| ratio peak RSS / decoded volume | {r['peak_rss_mb'] / decoded_mb:.2f} |"]
-    lines += [f"| {stage} | {v:.2f} s |" for stage, v in r["timings"].items()]
+    runs = [{"peak RSS of the process": r["peak_rss_mb"], "ratio peak RSS / decoded volume":
+             r["peak_rss_mb"] / decoded_mb, **r["timings"]} for r in results]
+    lines = _header(f"Large series: 512x512x{slices} CT through the pipeline (model {MODEL}, {_device()}), "
+                    f"{repeat} runs", f"python -m benchmarks.e2e --scenario large --slices {slices} --repeat {repeat} "
+                    f"--model {MODEL}")
+    lines += [f"Decoded volume (int16): {decoded_mb:.0f} MB", ""]
+    lines += _table(runs, unit={"peak RSS of the process": "MB", "ratio peak RSS / decoded volume": "x"},
+                    bold=("ratio peak RSS / decoded volume",))
     lines += ["", "Peak RSS by stage (sampled every 20 ms; a stage's figure includes what earlier stages still hold):",
-              "", "| stage | peak RSS MB | x decoded volume |", "|---|---|---|"]
-    lines += [f"| {stage} | {mb:.0f} | {mb / decoded_mb:.2f} |" for stage, mb in r["stage_peaks"].items()
-              if stage != "start"]
+              ""]
+    lines += _table([{stage: mb for stage, mb in r["stage_peaks"].items()} for r in results],
+                    unit={stage: "MB" for stage in results[0]["stage_peaks"]})
     return "\n".join(lines) + "\n"
 
 
@@ -250,16 +307,17 @@ def main() -> Path:
     ap.add_argument("--scenario", default="all", choices=["e2e", "concurrency", "large", "all"])
     ap.add_argument("--slices", type=int, default=1000, help="slices of the large series")
     ap.add_argument("--model", default=MODEL, help="bundle in models/ to route to (default: the demo model)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each scenario (median, min, max)")
     args = ap.parse_args()
     MODEL = args.model
     WORK.mkdir(parents=True, exist_ok=True)
     texts = []
     if args.scenario in ("e2e", "all"):
-        texts.append(scenario_e2e())
+        texts.append(scenario_e2e(args.repeat))
     if args.scenario in ("concurrency", "all"):
-        texts.append(scenario_concurrency())
+        texts.append(scenario_concurrency(repeat=args.repeat))
     if args.scenario in ("large", "all"):
-        texts.append(scenario_large(args.slices))
+        texts.append(scenario_large(args.slices, args.repeat))
     text = "\n".join(texts)
     print(text)
     out = ROOT / "benchmarks" / "results" / f"{time.strftime('%Y-%m-%d')}-{platform.node()}-{args.scenario}.md"

@@ -32,8 +32,20 @@ def machine() -> str:
             f"torch {torch.__version__}")
 
 
+def prepare() -> None:
+    """Generate every input first and flush it to disk, so no scenario is timed while the page cache
+    writes back hundreds of megabytes of freshly generated files (it slows every fsync)."""
+    from benchmarks.stages import ensure_series
+
+    ensure_series(512, 300)
+    ensure_series(512, 1000)
+    e2e.ensure_studies()
+    os.sync()
+
+
 def main() -> None:
     started = time.time()
+    prepare()
     parts = []
     for scenario in (stages, ingest, e2e):
         sys.argv = [sys.argv[0]]
