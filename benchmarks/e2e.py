@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from benchmarks.ingest import Preannot
+from benchmarks.results_file import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / "work"
@@ -319,11 +320,7 @@ def main() -> Path:
     if args.scenario in ("large", "all"):
         texts.append(scenario_large(args.slices, args.repeat))
     text = "\n".join(texts)
-    print(text)
-    out = ROOT / "benchmarks" / "results" / f"{time.strftime('%Y-%m-%d')}-{platform.node()}-{args.scenario}.md"
-    out.write_text(text)
-    print(f"written to {out}")
-    return out
+    return write_result(text, args.scenario)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.results_file import write_result
+
 ROOT = Path(__file__).resolve().parents[1]
 #: dcmtk leaves Nagle's algorithm on unless TCP_NODELAY is set in the environment; then every C-STORE
 #: response waits for a delayed ACK (about 40 ms on Linux). The benchmark runs dcmtk both ways: as
@@ -309,11 +311,7 @@ def main() -> Path:
             raise SystemExit(f"{tool} is not installed: make bench installs dcmtk and orthanc (as root)")
     (ROOT / "benchmarks" / "work").mkdir(parents=True, exist_ok=True)
     text = run(args)
-    print(text)
-    out = ROOT / "benchmarks" / "results" / f"{time.strftime('%Y-%m-%d')}-{platform.node()}-ingest.md"
-    out.write_text(text)
-    print(f"written to {out}")
-    return out
+    return write_result(text, "ingest")
 
 
 if __name__ == "__main__":

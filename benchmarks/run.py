@@ -13,8 +13,7 @@ import time
 from pathlib import Path
 
 from benchmarks import e2e, ingest, stages
-
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.results_file import write_result
 
 
 def machine() -> str:
@@ -50,11 +49,9 @@ def main() -> None:
     for scenario in (stages, ingest, e2e):
         sys.argv = [sys.argv[0]]
         parts.append(scenario.main().read_text())
-    out = ROOT / "benchmarks" / "results" / f"{time.strftime('%Y-%m-%d')}-{platform.node()}.md"
     head = [f"# Benchmarks, {time.strftime('%Y-%m-%d %H:%M')}", "", f"Machine: {machine()}  ",
             f"Command: `make bench` ({(time.time() - started) / 60:.0f} min)", ""]
-    out.write_text("\n".join(head) + "\n" + "\n".join(parts))
-    print(f"all tables written to {out}")
+    write_result("\n".join(head) + "\n" + "\n".join(parts), echo=False)  # each table was printed already
 
 
 if __name__ == "__main__":

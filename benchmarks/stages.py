@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.results_file import write_result
+
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / "work"
 
@@ -130,11 +132,7 @@ def main() -> Path:
     args = ap.parse_args()
     rows = run(args)
     text = table(rows, args)
-    print(text)
-    out = ROOT / "benchmarks" / "results" / f"{time.strftime('%Y-%m-%d')}-{platform.node()}-stages.md"
-    out.write_text(text)
-    print(f"written to {out}")
-    return out
+    return write_result(text, "stages")
 
 
 if __name__ == "__main__":
