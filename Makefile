@@ -6,7 +6,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-TORCH  ?= torch==2.13.0
+# torch with torchvision (MONAI's detection networks need it); pip takes this pair from local disk here.
+# Installed first and pinned exactly, so resolving the project never pulls another torch build.
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
 .PHONY: demo test test-all bench soak lint typecheck apt-deps clean help
@@ -19,7 +21,7 @@ help:
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
 
@@ -46,7 +48,7 @@ apt-deps:
 	fi
 
 demo: $(STAMP)
-	$(BIN)/python -m node.demo
+	$(BIN)/python -m node.devtools.demo
 
 test: $(STAMP) apt-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -92,8 +92,10 @@ def _table(runs: list[dict[str, float]], unit: dict[str, str] | None = None, bol
 
 
 def _e2e_once(files: list[str]) -> dict[str, float]:
-    from node.dicom.scu import send_files
-    from node.dicom.sink import StoreSink
+    from node.devtools.sink import StoreSink
+    from node.net.scu import send_files
+    from node.store.db import Database
+    from node.store.series import SeriesStore
 
     with tempfile.TemporaryDirectory(dir=WORK) as tmp:
         sink = StoreSink(Path(tmp) / "sink", ae_title="SINK")
@@ -110,7 +112,7 @@ def _e2e_once(files: list[str]) -> dict[str, float]:
                     break
                 time.sleep(0.2)
             t_end = rows[0][2]
-            last_rx = node.query("SELECT last_received FROM series")[0][0]
+            last_rx = SeriesStore(Database(node.db, readonly=True)).list_series()[0].last_received
             created, started, finished, result = node.query(
                 "SELECT created_at, started_at, finished_at, result FROM jobs")[0]
             timings = json.loads(result)["timings"]
@@ -152,8 +154,10 @@ def scenario_e2e(repeat: int = 3) -> str:
 def _concurrency_once(folders: list[Path], associations: int) -> dict[str, float]:
     from pydicom import dcmread
 
-    from node.dicom.scu import send_files
-    from node.dicom.sink import StoreSink
+    from node.devtools.sink import StoreSink
+    from node.net.scu import send_files
+    from node.store.db import Database
+    from node.store.series import SeriesStore
 
     studies = len(folders)
     with tempfile.TemporaryDirectory(dir=WORK) as tmp:
@@ -184,8 +188,14 @@ def _concurrency_once(folders: list[Path], associations: int) -> dict[str, float
                     break
                 time.sleep(0.5)
             t_end = time.time()
-            done = node.query("SELECT s.study_uid, MAX(o.sent_at) FROM outbox o JOIN jobs j ON o.job_id = j.id "
-                              "JOIN series s ON s.series_uid = j.series_uid GROUP BY s.study_uid")
+            study_of_series = {s.series_uid: s.study_uid
+                               for s in SeriesStore(Database(node.db, readonly=True)).list_series(limit=10000)}
+            sent_at: dict[str, float] = {}
+            for series_uid, t_sent in node.query("SELECT j.series_uid, MAX(o.sent_at) FROM outbox o JOIN jobs j "
+                                                 "ON o.job_id = j.id GROUP BY j.series_uid"):
+                study = study_of_series[series_uid]
+                sent_at[study] = max(sent_at.get(study, 0.0), t_sent)
+            done = list(sent_at.items())
             rss = node.peak_rss_mb()
             dead = node.query("SELECT COUNT(*) FROM jobs WHERE state = 'dead'")[0][0]
         finally:
@@ -204,8 +214,8 @@ def _concurrency_once(folders: list[Path], associations: int) -> dict[str, float
 
 def ensure_studies(studies: int = 8) -> list[Path]:
     """The concurrency scenario's small studies (256x256x96), generated once under benchmarks/work."""
-    from node.synth.phantom import CaseGeometry, make_phantom
-    from node.synth.writer import write_series
+    from node.devtools.synth.phantom import CaseGeometry, make_phantom
+    from node.devtools.synth.writer import write_series
 
     folders = []
     for n in range(studies):
@@ -234,11 +244,10 @@ def scenario_concurrency(studies: int = 8, associations: int = 4, repeat: int = 
 _LARGE_CODE = """
 import json, sys, threading, time
 from pathlib import Path
-from node.config import OutputsConfig
 from node.inference.registry import Registry
 from node.inference.runner import BundleRunner
 from node.outputs.equipment import Provenance
-from node.pipeline import process_series
+from node.processing.pipeline import ModelContext, process_series
 import tempfile
 
 def rss_mb():
@@ -261,8 +270,7 @@ files = sorted(Path(series).glob('*.dcm'))
 runner = BundleRunner(m)
 peaks['imports and model'] = rss_mb()
 with tempfile.TemporaryDirectory() as tmp:
-    out = process_series(files, runner=runner, model=m, provenance=Provenance(model=m),
-                         outputs=OutputsConfig(), out_dir=Path(tmp), on_stage=on_stage)
+    out = process_series(files, ModelContext(m, runner, Provenance(model=m)), Path(tmp), on_stage=on_stage)
     current[0] = 'preview'
 time.sleep(0.05)
 stop.set()

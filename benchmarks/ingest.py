@@ -190,7 +190,7 @@ def _storescu(folder: Path, port: int, aec: str, env: dict[str, str]) -> float:
 
 
 def _pynetdicom(folder: Path, port: int, aec: str, env: dict[str, str]) -> float:
-    from node.dicom.scu import send_files
+    from node.net.scu import send_files
 
     files = [str(p) for p in sorted(folder.glob("*.dcm"))]
     t = time.perf_counter()

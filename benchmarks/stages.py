@@ -23,8 +23,8 @@ WORK = ROOT / "benchmarks" / "work"
 
 
 def ensure_series(size: int, slices: int) -> Path:
-    from node.synth.phantom import CaseGeometry, make_phantom
-    from node.synth.writer import write_series
+    from node.devtools.synth.phantom import CaseGeometry, make_phantom
+    from node.devtools.synth.writer import write_series
 
     out = WORK / f"ct_{size}x{size}x{slices}"
     if len(list(out.glob("*.dcm"))) == slices:
@@ -39,16 +39,16 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
     import torch
 
     from node.config import OutputsConfig
-    from node.dicom.scu import send_files
-    from node.dicom.sink import StoreSink
-    from node.dicom.volume import load_series
+    from node.devtools.sink import StoreSink
+    from node.imaging.volume import load_series
     from node.inference.registry import Registry
-    from node.inference.rois import extract_rois
+    from node.inference.rois import extract_rois, paint_rois
     from node.inference.runner import BundleRunner
+    from node.net.scu import send_files
     from node.outputs.equipment import Provenance
+    from node.outputs.result import save_dataset
     from node.outputs.seg import build_seg
     from node.outputs.sr import build_sr
-    from node.pipeline import save_dataset
 
     series = ensure_series(args.size, args.slices)
     files = sorted(series.glob("*.dcm"))
@@ -73,12 +73,7 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
                 t["inference"] = time.perf_counter() - a
                 a = time.perf_counter()
                 rois = extract_rois(labels, vol, model.card)
-                import numpy as np
-
-                kept = np.zeros_like(labels)
-                for r in rois:
-                    k0, j0, i0 = r.offset
-                    kept[k0:k0 + r.mask.shape[0], j0:j0 + r.mask.shape[1], i0:i0 + r.mask.shape[2]][r.mask] = r.label
+                kept = paint_rois(rois, shape=labels.shape)
                 t["roi"] = time.perf_counter() - a
                 a = time.perf_counter()
                 seg = build_seg(vol, kept, model.card, prov, series_number=outputs.seg_series_number) if rois else None

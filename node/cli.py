@@ -14,13 +14,16 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from node import __version__
 from node.config import NodeConfig, load_config
 from node.errors import PreannotError
+
+if TYPE_CHECKING:
+    from node.service import Stores
 
 app = typer.Typer(help="preannot: imaging pre-annotation DICOM node.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -55,6 +58,16 @@ def _load(config: Path | None) -> NodeConfig:
 def _die(exc: Exception, code: int = 1) -> typer.Exit:
     typer.echo(f"error: {exc}", err=True)
     return typer.Exit(code)
+
+
+def _stores(config: Path | None) -> Stores:
+    """The node's state owners, for read and act commands: never creates a data folder."""
+    from node.service import open_stores
+
+    try:
+        return open_stores(_load(config))
+    except PreannotError as exc:
+        raise _die(exc, 2) from exc
 
 
 def _version(value: bool) -> None:
@@ -106,16 +119,17 @@ def run(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON")] = False,
 ) -> None:
     """Process one series offline (no network): the whole pipeline, with a per-stage summary."""
-    from node.dicom.scu import iter_dicom_files
     from node.inference.registry import Registry
-    from node.inference.runner import BundleRunner
-    from node.outputs.equipment import Provenance
-    from node.pipeline import process_series
+    from node.inference.runner import BundleRunner, configure_torch
+    from node.net.scu import iter_dicom_files
+    from node.outputs.equipment import Provenance, device_uid
+    from node.processing.pipeline import ModelContext, PipelineOptions, process_series
 
     cfg = _load(config)
     files = iter_dicom_files(input_dir)
     if not files:
         raise _die(PreannotError(f"no DICOM files under {input_dir}"), 2)
+    configure_torch(cfg.models)
     try:
         info = Registry(cfg.models.dir).get(model)
         t = time.perf_counter()
@@ -125,14 +139,13 @@ def run(
 
         def on_stage(name: str) -> None:
             stages.append(name)
-            typer.echo(f"  [{len(stages)}/6] {name} ...", err=True)
+            typer.echo(f"  [{len(stages)}] {name} ...", err=True)
 
         typer.echo(f"processing {len(files)} file(s) from {input_dir} with {info.name} {info.version}", err=True)
-        out = process_series(files, runner=runner, model=info,
-                             provenance=Provenance(model=info, manufacturer=cfg.outputs.manufacturer,
-                                                   uid_root=cfg.outputs.uid_root,
-                                                   device_serial_number=cfg.outputs.device_serial_number),
-                             outputs=cfg.outputs, out_dir=output_dir, timeout_seconds=cfg.jobs.timeout_seconds,
+        provenance = Provenance.for_node(info, cfg.outputs,
+                                         device_uid=device_uid(cfg.outputs, cfg.data_dir, create=False))
+        out = process_series(files, ModelContext(info, runner, provenance), output_dir,
+                             options=PipelineOptions(outputs=cfg.outputs, timeout_seconds=cfg.jobs.timeout_seconds),
                              on_stage=on_stage)
     except PreannotError as exc:
         raise _die(exc, 1) from exc
@@ -170,8 +183,8 @@ def send(
     tls_key: Annotated[Path | None, typer.Option(help="Our client key (mutual TLS)")] = None,
 ) -> None:
     """Push DICOM files to a peer by C-STORE (handy for tests and admins)."""
-    from node.dicom.scu import iter_dicom_files, send_files
-    from node.dicom.tls import client_context
+    from node.net.scu import iter_dicom_files, send_files
+    from node.net.tls import client_context
 
     ae, host, port = _parse_peer(to)
     files = [str(p) for p in iter_dicom_files(path)]
@@ -200,7 +213,7 @@ def fetch(study: Annotated[str, typer.Option("--study", help="Study Instance UID
           source: Annotated[str, typer.Option("--from", help="A configured destination (dicom or dicomweb)")],
           config: ConfigOpt = None) -> None:
     """Ask a PACS for a past study (C-MOVE to this node, or WADO-RS) so the running node processes it."""
-    from node.dicom.fetch import fetch_study
+    from node.net.fetch import fetch_study
 
     cfg = _load(config)
     try:
@@ -210,13 +223,16 @@ def fetch(study: Annotated[str, typer.Option("--study", help="Study Instance UID
     typer.echo(f"{result.how}: {result.completed} instance(s) sent, {result.failed} failed, {result.warning} warning(s)")
     if result.failed:
         raise typer.Exit(1)
+    if result.completed == 0:
+        raise _die(PreannotError(f"{source} sent no instance of study {study} (unknown to it, or not "
+                                 "retrievable by this node)"), 1)
 
 
 @app.command()
 def echo(peer: Annotated[str, typer.Argument(help="AE@host:port")],
          calling_ae: Annotated[str, typer.Option(help="Our AE title")] = "PREANNOT") -> None:
     """C-ECHO a DICOM peer."""
-    from node.dicom.scu import echo as _echo
+    from node.net.scu import echo as _echo
 
     ae, host, port = _parse_peer(peer)
     if _echo(ae_title=ae, host=host, port=port, calling_ae=calling_ae):
@@ -229,11 +245,9 @@ def echo(peer: Annotated[str, typer.Argument(help="AE@host:port")],
 def status(config: ConfigOpt = None,
            as_json: Annotated[bool, typer.Option("--json", help="JSON output")] = False) -> None:
     """Jobs, series and outbox counts, and the latest jobs."""
-    from node.service import open_store
-
-    cfg = _load(config)
-    store = open_store(cfg)
-    series = {r["state"]: int(r["n"]) for r in store.db.query("SELECT state, COUNT(*) AS n FROM series GROUP BY state")}
+    stores = _stores(config)
+    store = stores.jobs
+    series = {k: v for k, v in stores.series.counts().items() if v}
     data: dict[str, Any] = {"series": series, "jobs": store.counts(), "outbox": store.outbox_counts(),
             "latest_jobs": [{"id": j.id, "state": j.state.value, "model": j.model, "series_uid": j.series_uid,
                              "attempts": j.attempts, "error": j.error} for j in store.list_jobs(limit=10)]}
@@ -254,9 +268,7 @@ def jobs(config: ConfigOpt = None,
          model: Annotated[str | None, typer.Option(help="Only this model")] = None,
          limit: Annotated[int, typer.Option(help="At most this many")] = 50) -> None:
     """List jobs, newest first."""
-    from node.service import open_store
-
-    store = open_store(_load(config))
+    store = _stores(config).jobs
     try:
         rows = store.list_jobs(state=state, model=model, limit=limit)
     except ValueError as exc:
@@ -267,36 +279,33 @@ def jobs(config: ConfigOpt = None,
                    f"rois {rois!s:<3} {j.series_uid}" + (f"  error: {j.error}" if j.error else ""))
 
 
-@app.command()
-def retry(job_id: Annotated[int, typer.Argument(help="Job id")], config: ConfigOpt = None) -> None:
-    """Queue a failed, dead, cancelled or done job again."""
-    from node.service import open_store
-
+def _job_action(config: Path | None, action: str, job_id: int) -> Any:
+    """Apply a JobStore action as the operator "cli"; a refused action exits 1 with the reason."""
+    store = _stores(config).jobs
     try:
-        open_store(_load(config)).retry(job_id, actor="cli")
+        return getattr(store, action)(job_id, actor="cli")
     except PreannotError as exc:
         raise _die(exc, 1) from exc
+
+
+@app.command()
+def retry(job_id: Annotated[int, typer.Argument(help="Job id")], config: ConfigOpt = None) -> None:
+    """Queue a failed, dead or cancelled job again (a done job is refused: reprocess its series)."""
+    _job_action(config, "retry", job_id)
     typer.echo(f"job {job_id} queued again")
 
 
 @app.command()
 def cancel(job_id: Annotated[int, typer.Argument(help="Job id")], config: ConfigOpt = None) -> None:
     """Cancel a queued or failed job."""
-    from node.service import open_store
-
-    try:
-        open_store(_load(config)).cancel(job_id, actor="cli")
-    except PreannotError as exc:
-        raise _die(exc, 1) from exc
+    _job_action(config, "cancel", job_id)
     typer.echo(f"job {job_id} cancelled")
 
 
 @app.command()
 def resend(job_id: Annotated[int, typer.Argument(help="Job id")], config: ConfigOpt = None) -> None:
     """Queue a job's result objects for delivery again."""
-    from node.service import open_store
-
-    n = open_store(_load(config)).resend(job_id, actor="cli")
+    n = _job_action(config, "resend", job_id)
     typer.echo(f"{n} object(s) of job {job_id} queued for delivery again")
 
 
@@ -322,7 +331,7 @@ def config_check(config: ConfigOpt = None) -> None:
     """Validate the configuration, the routes and the models they name."""
     from node.errors import ConfigError
     from node.inference.registry import Registry
-    from node.routing import validate_route
+    from node.schedule.routing import validate_route
 
     cfg = _load(config)
     try:
@@ -342,11 +351,21 @@ def config_check(config: ConfigOpt = None) -> None:
 
 
 @config_app.command("init")
-def config_init() -> None:
-    """Print a commented default configuration."""
-    from node.config_template import TEMPLATE
+def config_init(output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the file here "
+                                                            "(its folder is created) instead of printing it")] = None,
+                force: Annotated[bool, typer.Option(help="Overwrite an existing --output file")] = False) -> None:
+    """Print (or write) a commented default configuration."""
+    from node.config_template import render_template
 
-    typer.echo(TEMPLATE)
+    text = render_template()
+    if output is None:
+        typer.echo(text)
+        return
+    if output.exists() and not force:
+        raise _die(PreannotError(f"{output} exists; use --force to overwrite it"), 1)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text + "\n")
+    typer.echo(f"configuration written to {output}; edit it, then: preannot config check --config {output}")
 
 
 @app.command()
@@ -415,11 +434,10 @@ def audit_export(config: ConfigOpt = None,
                  until: Annotated[str | None, typer.Option(help="Until (ISO date/time or epoch s)")] = None,
                  out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout")] = None) -> None:
     """Export audit records as JSON lines, oldest first."""
-    from node.audit import export
-    from node.service import open_store
+    from node.store.audit import export
 
-    store = open_store(_load(config))
-    lines = (json.dumps(r, sort_keys=True) for r in export(store.db, since=_when(since), until=_when(until)))
+    db = _stores(config).db
+    lines = (json.dumps(r, sort_keys=True) for r in export(db, since=_when(since), until=_when(until)))
     if out is None:
         for line in lines:
             typer.echo(line)
@@ -435,10 +453,9 @@ def audit_export(config: ConfigOpt = None,
 @audit_app.command("verify")
 def audit_verify(config: ConfigOpt = None) -> None:
     """Check the hash chain of the audit trail; exit 1 at the first modified, missing or reordered record."""
-    from node.audit import verify
-    from node.service import open_store
+    from node.store.audit import verify
 
-    result = verify(open_store(_load(config)).db)
+    result = verify(_stores(config).db)
     if result.ok:
         typer.echo(f"audit trail intact: {result.records} record(s), hash chain verified")
         return
@@ -451,24 +468,22 @@ def purge(config: ConfigOpt = None,
           dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what would be removed")] = False) -> None:
     """Remove spooled instances and result files past their retention (never while a job needs them)."""
     from node.retention import execute_purge, plan_purge
-    from node.service import open_store
-
     cfg = _load(config)
-    store = open_store(cfg)
+    stores = _stores(config)
     if dry_run:
-        plan = plan_purge(store.db, cfg)
+        plan = plan_purge(stores.series, stores.jobs, cfg)
         typer.echo(f"would remove {plan.summary()}")
         for uid in plan.series:
             typer.echo(f"  series {uid}")
         for job_id, d in plan.job_dirs.items():
             typer.echo(f"  job {job_id} outputs {d}")
         return
-    plan = execute_purge(store.db, cfg, actor="cli")
+    plan = execute_purge(stores.series, stores.jobs, cfg, actor="cli")
     typer.echo(f"removed {plan.summary()}")
 
 
 def _synth() -> None:
-    from node.synth.cli import app as synth_app
+    from node.devtools.synth.cli import app as synth_app
 
     app.add_typer(synth_app, name="synth")
 

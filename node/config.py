@@ -1,22 +1,26 @@
 """One validated configuration object, loaded once from a TOML file and ``PREANNOT_*`` variables.
 
-Precedence: built-in defaults < TOML file < environment. Environment variables address any scalar key
-by its path with double underscores: ``PREANNOT_NODE__PORT=11113``, ``PREANNOT_WEB__TOKEN=...``,
-``PREANNOT_NODE__ALLOWED_CALLERS='["ORTHANC","PACS"]'`` (JSON for lists).
+Precedence: built-in defaults < TOML file < environment. Environment variables address any key by its
+path with double underscores, parsed by pydantic-settings against the key's type:
+``PREANNOT_NODE__PORT=11113``, ``PREANNOT_NODE__AE_TITLE=1234`` (stays the text "1234"),
+``PREANNOT_NODE__ALLOWED_CALLERS='["ORTHANC","PACS"]'`` and ``PREANNOT_WEB__TOKENS='{"ris": "..."}'``
+(JSON for lists and tables). Relative paths in a configuration file (``data_dir``, ``models.dir``, TLS
+and secret files) are resolved against the file's folder, so the same file works from any directory.
 
 Every key is documented in docs/configuration.md; ``preannot config init`` prints a commented file.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from node.errors import ConfigError
 
@@ -62,6 +66,8 @@ class NodeSection(_Section):
     network_timeout: float = Field(60.0, gt=0)
     stable_seconds: float = Field(10.0, ge=0)
     late_instances: Literal["reprocess", "ignore"] = "reprocess"
+    #: a known SOP Instance UID received with other content: keep the first copy, or replace it
+    on_conflict: Literal["keep", "replace"] = "keep"
     free_space_reserve_mb: int = Field(1024, ge=0)
     unmatched_retention_days: float = Field(7.0, ge=0)
     fsync: bool = True
@@ -272,8 +278,11 @@ class WebConfig(_Section):
         return v
 
 
-class NodeConfig(_Section):
+class NodeConfig(BaseSettings):
     """The whole configuration."""
+
+    model_config = SettingsConfigDict(extra="forbid", frozen=True, env_prefix="PREANNOT_",
+                                      env_nested_delimiter="__", case_sensitive=False)
 
     node: NodeSection = Field(default_factory=lambda: NodeSection())
     destinations: list[Destination] = Field(default_factory=list)
@@ -320,17 +329,41 @@ class NodeConfig(_Section):
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:12]
 
 
-def _set_path(tree: dict[str, Any], path: list[str], raw: str) -> None:
-    node = tree
-    for part in path[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"environment override {'__'.join(path)} addresses a non-table key")
-    try:
-        value: Any = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    node[path[-1]] = value
+class _Environment(EnvSettingsSource):
+    """pydantic-settings' environment source over a given mapping (``os.environ`` by default)."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(NodeConfig)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {k.lower(): v for k, v in self._environ.items()}  # names are case-insensitive (model_config)
+
+
+def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+#: path keys resolved against the configuration file's folder when relative: (section, key)
+_FILE_RELATIVE = (("node", "data_dir"), ("node", "tls_cert"), ("node", "tls_key"), ("node", "tls_ca"),
+                  ("models", "dir"))
+_DEST_FILE_KEYS = ("password_file", "token_file", "tls_ca", "tls_cert", "tls_key")
+
+
+def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
+    """Make the relative paths of a configuration file absolute, against the file's folder."""
+    def fix(table: Any, key: str) -> None:
+        if isinstance(table, dict) and isinstance(table.get(key), str) and not Path(table[key]).is_absolute():
+            table[key] = str((base / table[key]).resolve())
+
+    for section, key in _FILE_RELATIVE:
+        fix(tree.get(section), key)
+    for dest in tree.get("destinations", []) or []:
+        for key in _DEST_FILE_KEYS:
+            fix(dest, key)
 
 
 def _format_errors(exc: ValidationError, source: str) -> str:
@@ -370,19 +403,15 @@ def load_config(path: str | Path | None = None, *, env: dict[str, str] | None = 
             raise ConfigError(f"configuration file {p} does not exist") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"configuration file {p} is not valid TOML: {exc}") from exc
-    environ = os.environ if env is None else env
-    for key, raw in sorted(environ.items()):
-        if key.startswith("PREANNOT_") and "__" in key:
-            parts = [p.lower() for p in key[len("PREANNOT_"):].split("__")]
-            _set_path(tree, parts, raw)
-    if overrides:
-        for section, values in overrides.items():
-            if isinstance(values, dict) and isinstance(tree.get(section), dict):
-                tree[section] = {**tree[section], **values}
-            else:
-                tree[section] = values
+        _resolve_paths(tree, p.resolve().parent)
     try:
+        from_env = _Environment(os.environ if env is None else env)()
+        tree = _deep_merge(tree, from_env)
+        if overrides:
+            tree = _deep_merge(tree, overrides)
         cfg = NodeConfig.model_validate({**tree, "source": source})
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source)) from exc
+    except ValueError as exc:  # pydantic-settings: an environment value that is not valid JSON for its key
+        raise ConfigError(f"invalid configuration in the environment: {exc}") from exc
     return cfg

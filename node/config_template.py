@@ -1,5 +1,9 @@
 """The commented default configuration printed by ``preannot config init``."""
 
+from pathlib import Path
+
+__all__ = ["TEMPLATE", "render_template"]
+
 TEMPLATE = r'''# preannot node configuration. Every key is optional unless marked required.
 # Any key can be overridden by an environment variable: PREANNOT_<SECTION>__<KEY>, e.g.
 #   PREANNOT_NODE__PORT=11113   PREANNOT_NODE__ALLOWED_CALLERS='["ORTHANC"]'
@@ -40,10 +44,10 @@ send_to = ["pacs"]               # destination names
 # stable_seconds = 10            # overrides node.stable_seconds for this route
 
 [models]
-dir = "models"                   # folder of MONAI bundles (only these ever run)
+dir = "{models_dir}"   # folder of MONAI bundles (only these ever run); relative: to this file's folder
 device = "auto"                  # "auto" (CUDA when present), "cpu" or "cuda"
 amp = true                       # automatic mixed precision on CUDA
-threads = 0                      # torch CPU threads (0: torch's default)
+threads = 0                      # torch CPU threads, set once at start (0: torch's default)
 preload = true                   # load the routed models when a worker starts
 
 [jobs]
@@ -81,3 +85,12 @@ port = 8080
 # tokens = { ops = "at-least-16-characters-secret" }   # bearer tokens by name; required for actions
 auth_reads = false               # true: reads need a token too
 '''
+
+
+def render_template(models_dir: Path | None = None) -> str:
+    """The template with an absolute models folder: the given one, else this installation's
+    ``models/`` (a checkout), else ``/opt/preannot/models``."""
+    if models_dir is None:
+        here = Path(__file__).resolve().parents[1] / "models"
+        models_dir = here if here.is_dir() else Path("/opt/preannot/models")
+    return TEMPLATE.replace("{models_dir}", str(models_dir))

@@ -9,23 +9,35 @@ job with its reason, the CLI into a message and exit code 2)::
     ├── SpoolError               an instance could not be persisted
     │   └── OutOfSpaceError      the disk is full or below the configured reserve (-> 0xA700)
     ├── InvalidInstanceError     a received object cannot be understood (-> 0xC000 range)
-    ├── VolumeError              a series cannot be turned into a 3D volume (mixed sizes, gaps, ...)
+    ├── VolumeError              a series cannot be turned into a 3D volume (mixed sizes, ...): permanent
+    │   └── MissingSlicesError   slices are missing from the stack (a hole in the spacing)
     ├── ModelError               a model bundle is missing, broken or failed while running
     │   └── ModelTimeoutError    inference ran past the job timeout
     ├── OutputError              a DICOM SEG / SR could not be built
     ├── DeliveryError            a destination refused or could not be reached
-    └── JobError                 a job id / state transition is invalid
+    ├── NotFoundError            no job / series / model with that id (HTTP 404)
+    │   └── JobNotFoundError
+    └── ConflictError            the state does not allow the action (HTTP 409)
+        └── JobError             a job state transition is not allowed
+
+Each class carries the HTTP status an API answer uses for it (``http_status``), so the web layer maps
+errors by type, never by reading their text, and whether retrying can help (``permanent``): a job that
+fails with a permanent error is dead at its first attempt.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "ConflictError",
     "DeliveryError",
     "InvalidInstanceError",
     "JobError",
+    "JobNotFoundError",
+    "MissingSlicesError",
     "ModelError",
     "ModelTimeoutError",
+    "NotFoundError",
     "OutOfSpaceError",
     "OutputError",
     "PreannotError",
@@ -37,9 +49,16 @@ __all__ = [
 class PreannotError(Exception):
     """Root of every error raised on purpose by preannot."""
 
+    #: the HTTP status an API answer uses for this kind of error
+    http_status: int = 500
+    #: the same input fails the same way every time: a job failing with it is not retried
+    permanent: bool = False
+
 
 class ConfigError(PreannotError):
     """The configuration is invalid; the message names the key and the bad value."""
+
+    http_status = 400
 
 
 class SpoolError(PreannotError):
@@ -55,7 +74,13 @@ class InvalidInstanceError(PreannotError):
 
 
 class VolumeError(PreannotError):
-    """A series cannot be assembled into a 3D volume."""
+    """A series cannot be assembled into a 3D volume (the input itself is at fault: not retried)."""
+
+    permanent = True
+
+
+class MissingSlicesError(VolumeError):
+    """The stack has a hole: slices of the series are missing."""
 
 
 class ModelError(PreannotError):
@@ -74,5 +99,23 @@ class DeliveryError(PreannotError):
     """A destination refused a result or could not be reached."""
 
 
-class JobError(PreannotError):
-    """An unknown job, or a state transition that is not allowed."""
+class NotFoundError(PreannotError):
+    """No object (job, series, model) with the id given."""
+
+    http_status = 404
+
+
+class ConflictError(PreannotError):
+    """The object's current state does not allow the action asked for."""
+
+    http_status = 409
+
+
+class JobError(ConflictError):
+    """A job state transition that is not allowed."""
+
+
+class JobNotFoundError(JobError, NotFoundError):
+    """No job with that id (a JobError too, for callers that catch every job error)."""
+
+    http_status = 404

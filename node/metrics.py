@@ -31,6 +31,8 @@ class _StateCollector(Collector):
         yield c
         yield CounterMetricFamily("preannot_instances_duplicate", "Re-sent instances acknowledged without rewrite",
                                   value=s["duplicates"])
+        yield CounterMetricFamily("preannot_instance_conflicts", "Known SOP Instance UIDs received with other content",
+                                  value=s.get("conflicts", 0))
         yield CounterMetricFamily("preannot_received_bytes", "Bytes of instances stored", value=s["bytes"])
         yield CounterMetricFamily("preannot_associations", "Associations accepted", value=s["associations"])
         yield CounterMetricFamily("preannot_associations_refused", "Associations refused (unknown calling AE)",

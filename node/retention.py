@@ -15,9 +15,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from node.audit import append_event
 from node.config import NodeConfig
-from node.db import Database
+from node.outputs.result import job_dir
+from node.store.jobs import JobStore
+from node.store.series import SeriesStore
 
 __all__ = ["PurgePlan", "execute_purge", "plan_purge"]
 
@@ -39,50 +40,38 @@ class PurgePlan:
                 f"{len(self.job_dirs)} job output folder(s), {self.bytes / 2**20:.1f} MiB")
 
 
-def plan_purge(db: Database, config: NodeConfig, *, now: float | None = None) -> PurgePlan:
+def plan_purge(series: SeriesStore, jobs: JobStore, config: NodeConfig, *, now: float | None = None) -> PurgePlan:
     """What may be removed now, without removing anything."""
     now = time.time() if now is None else now
     plan = PurgePlan()
-    spool_cut = now - config.retention.spool_days * 86400
-    unmatched_cut = now - config.node.unmatched_retention_days * 86400
-    rows = db.query(
-        "SELECT s.series_uid FROM series s WHERE "
-        "((s.state = 'dispatched' AND s.last_received < ?) OR (s.state = 'unmatched' AND s.last_received < ?)) "
-        f"AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.series_uid = s.series_uid AND j.state IN {_ACTIVE_JOBS}) "
-        "AND NOT EXISTS (SELECT 1 FROM outbox o JOIN jobs j ON o.job_id = j.id "
-        f"WHERE j.series_uid = s.series_uid AND o.state IN {_ACTIVE_OUTBOX})", (spool_cut, unmatched_cut))
-    for r in rows:
-        plan.series.append(r["series_uid"])
-        for i in db.query("SELECT path, size FROM instances WHERE series_uid = ?", (r["series_uid"],)):
-            p = Path(i["path"])
+    settled = series.settled(received_before=now - config.retention.spool_days * 86400,
+                             unmatched_before=now - config.node.unmatched_retention_days * 86400,
+                             unsettled_jobs=_ACTIVE_JOBS, unsettled_outbox=_ACTIVE_OUTBOX)
+    for uid, files in settled:
+        plan.series.append(uid)
+        for p, size in files:
             if p.exists():
                 plan.instance_files.append(p)
-                plan.bytes += int(i["size"])
-    out_cut = now - config.retention.outputs_days * 86400
-    for j in db.query("SELECT id, result FROM jobs j WHERE state IN ('done', 'dead', 'cancelled') "
-                      "AND COALESCE(finished_at, updated_at) < ? AND NOT EXISTS (SELECT 1 FROM outbox o "
-                      f"WHERE o.job_id = j.id AND o.state IN {_ACTIVE_OUTBOX})", (out_cut,)):
-        d = config.data_dir / "outputs" / f"job-{int(j['id']):06d}"
+                plan.bytes += size
+    for job_id in jobs.finished_before(now - config.retention.outputs_days * 86400):
+        d = job_dir(config.data_dir, job_id)
         if d.is_dir():
-            plan.job_dirs[int(j["id"])] = d
+            plan.job_dirs[job_id] = d
             plan.bytes += sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
     return plan
 
 
-def execute_purge(db: Database, config: NodeConfig, *, now: float | None = None, actor: str | None = None) -> PurgePlan:
+def execute_purge(series: SeriesStore, jobs: JobStore, config: NodeConfig, *, now: float | None = None,
+                  actor: str | None = None) -> PurgePlan:
     """Remove what :func:`plan_purge` allows (re-checked inside one transaction per series)."""
     now = time.time() if now is None else now
-    plan = plan_purge(db, config, now=now)
+    plan = plan_purge(series, jobs, config, now=now)
     for uid in plan.series:
-        with db.tx() as c:
-            busy = c.execute(f"SELECT 1 FROM jobs WHERE series_uid = ? AND state IN {_ACTIVE_JOBS}", (uid,)).fetchone()
-            state = c.execute("SELECT state FROM series WHERE series_uid = ?", (uid,)).fetchone()
-            if busy or state is None or state[0] not in ("dispatched", "unmatched"):
-                continue  # something arrived or was queued since the plan
-            files = [Path(r[0]) for r in c.execute("SELECT path FROM instances WHERE series_uid = ?", (uid,))]
-            c.execute("UPDATE series SET state = 'purged', updated_at = ?, note = 'spool purged' "
-                      "WHERE series_uid = ?", (now, uid))
-            append_event(c, "purge.series", {"instances": len(files)}, series_uid=uid, actor=actor, now=now)
+        files = series.mark_purged(uid, actor=actor, now=now,
+                                   busy_sql=f"SELECT 1 FROM jobs WHERE series_uid = ? AND state IN {_ACTIVE_JOBS}",
+                                   busy_params=(uid,))
+        if files is None:
+            continue  # something arrived or was queued since the plan
         for f in files:
             f.unlink(missing_ok=True)
         for d in {f.parent for f in files}:
@@ -90,8 +79,7 @@ def execute_purge(db: Database, config: NodeConfig, *, now: float | None = None,
                 d.rmdir()
     for job_id, d in plan.job_dirs.items():
         shutil.rmtree(d, ignore_errors=True)
-        with db.tx() as c:
-            append_event(c, "purge.outputs", {"folder": d.name}, job_id=job_id, actor=actor, now=now)
+        jobs.record("purge.outputs", {"folder": d.name}, job_id=job_id, actor=actor)
     if plan.series or plan.job_dirs:
         logger.info("retention purge: %s", plan.summary())
     return plan

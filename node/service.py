@@ -11,43 +11,56 @@ import logging
 import os
 import threading
 import time
-from pathlib import Path
+from dataclasses import dataclass
 from typing import IO, Any
 
 from node.config import NodeConfig
-from node.db import Database
-from node.dicom.assembler import Assembler
-from node.dicom.scp import Listener
-from node.dicom.spool import Spool
-from node.dicom.tls import server_context
+from node.delivery.deliverer import Deliverer
 from node.errors import ConfigError, PreannotError
 from node.inference.registry import Registry
-from node.jobs.delivery import Deliverer
-from node.jobs.store import JobStore
-from node.jobs.worker import Worker
+from node.inference.runner import configure_torch
+from node.ingest.scp import Listener
+from node.ingest.spool import Spool
 from node.metrics import NodeMetrics
-from node.outputs.equipment import new_uid
+from node.net.tls import server_context
+from node.outputs.equipment import device_uid
+from node.processing.worker import Worker, WorkerContext
 from node.retention import execute_purge
-from node.routing import validate_route
+from node.schedule.assembler import Assembler
+from node.schedule.routing import validate_route
+from node.store.db import Database
+from node.store.jobs import JobStore
+from node.store.series import SeriesStore
 
-__all__ = ["Node", "open_store"]
+__all__ = ["Node", "Stores", "open_stores"]
 
 logger = logging.getLogger(__name__)
 
 
-def open_store(config: NodeConfig) -> JobStore:
-    """Open the node database of a data folder (for the CLI's read/act commands)."""
-    return JobStore(Database(config.data_dir / "node.db"))
+@dataclass(frozen=True, slots=True)
+class Stores:
+    """The owners of the node's state, over one database."""
+
+    db: Database
+    series: SeriesStore
+    jobs: JobStore
+
+    @classmethod
+    def over(cls, db: Database) -> Stores:
+        return cls(db=db, series=SeriesStore(db), jobs=JobStore(db))
 
 
-def _device_uid(data_dir: Path, root: str | None) -> str:
-    """The node's persistent device UID (made once, kept in the data folder)."""
-    p = data_dir / "device_uid"
-    if p.exists():
-        return p.read_text().strip()
-    uid = new_uid(root)
-    p.write_text(uid + "\n")
-    return uid
+def open_stores(config: NodeConfig) -> Stores:
+    """Open an existing node's database (for the CLI's read and act commands); never creates one.
+
+    Raises:
+        ConfigError: the data folder holds no node database (the config is not the node's).
+    """
+    path = config.data_dir / "node.db"
+    if not path.is_file():
+        raise ConfigError(f"no node database at {path} (configuration: {config.source}); point --config or "
+                          "PREANNOT_CONFIG at the running node's configuration file")
+    return Stores.over(Database(path))
 
 
 class Node:
@@ -69,31 +82,29 @@ class Node:
         self._lock_file.write(str(os.getpid()))
         self._lock_file.flush()
         self.db = Database(data / "node.db")
-        self.store = JobStore(self.db)
-        self.spool = Spool(data / "spool", self.db, reserve_bytes=config.node.free_space_reserve_mb * 2**20,
-                           fsync=config.node.fsync, late_instances=config.node.late_instances)
+        self.stores = Stores.over(self.db)
+        self.store = self.stores.jobs
+        self.series = self.stores.series
+        self.spool = Spool(data / "spool", self.series, reserve_bytes=config.node.free_space_reserve_mb * 2**20,
+                           fsync=config.node.fsync, late_instances=config.node.late_instances,
+                           on_conflict=config.node.on_conflict)
+        configure_torch(config.models)
         self.registry = Registry(config.models.dir)
         missing = {m for r in config.routes for m in r.models} - set(self.registry.models)
         for m in sorted(missing):
             logger.error("routes name model %r, which is not available (%s); its jobs will fail",
                          m, self.registry.broken.get(m, f"not in {config.models.dir}"))
-        self.device_uid = _device_uid(data, config.outputs.uid_root)
+        self.device_uid = device_uid(config.outputs, data)
         self.stop_event = threading.Event()
         self.metrics = NodeMetrics()
-        self.assembler = Assembler(config, self.store)
-        self.listener = Listener(
-            self.spool, ae_title=config.node.ae_title, bind=config.node.bind, port=config.node.port,
-            allowed_callers=config.node.allowed_callers, max_associations=config.node.max_associations,
-            max_pdu=config.node.max_pdu, acse_timeout=config.node.acse_timeout,
-            dimse_timeout=config.node.dimse_timeout, network_timeout=config.node.network_timeout,
-            ssl_context=server_context(config.node.tls_cert, config.node.tls_key, ca=config.node.tls_ca,
-                                       require_client_cert=config.node.tls_require_client_cert)
-            if config.node.tls_cert and config.node.tls_key else None,
-            caller_hosts=config.node.caller_hosts, max_per_caller=config.node.max_associations_per_caller)
-        self.workers = [Worker(f"worker-{n}", config=config, store=self.store, spool=self.spool,
-                               registry=self.registry, device_uid=self.device_uid, stop=self.stop_event,
-                               metrics=self.metrics)
-                        for n in range(config.jobs.workers)]
+        self.assembler = Assembler(config, self.series, self.store)
+        tls = config.node
+        self.listener = Listener(self.spool, config.node, ssl_context=server_context(
+            tls.tls_cert, tls.tls_key, ca=tls.tls_ca, require_client_cert=tls.tls_require_client_cert)
+            if tls.tls_cert and tls.tls_key else None)
+        worker_ctx = WorkerContext(config=config, jobs=self.store, series=self.series, registry=self.registry,
+                                   device_uid=self.device_uid, metrics=self.metrics)
+        self.workers = [Worker(f"worker-{n}", worker_ctx, stop=self.stop_event) for n in range(config.jobs.workers)]
         self.deliverer = Deliverer(config=config, store=self.store, stop=self.stop_event, metrics=self.metrics)
         self.metrics.attach_state(self._metric_state)
         self._assembler_thread = threading.Thread(target=self._assemble_loop, name="assembler", daemon=True)
@@ -104,15 +115,17 @@ class Node:
 
     # --- state for the API, metrics and readiness ---------------------------------------------
 
+    @property
+    def dicom_port(self) -> int:
+        """The DICOM listener's port (the bound one once started)."""
+        return self.listener.port
+
     def status(self) -> dict[str, Any]:
         """Counts of series, jobs and outbox, spool size and disk."""
-        series = {r["state"]: int(r["n"]) for r in self.db.query("SELECT state, COUNT(*) AS n FROM series GROUP BY state")}
-        spool = self.db.one("SELECT COALESCE(SUM(i.size), 0) AS b FROM instances i JOIN series s "
-                            "ON i.series_uid = s.series_uid WHERE s.state != 'purged'")
         free = self.spool.free_bytes()
         st = self.listener.stats
-        return {"series": series, "jobs": self.store.counts(), "outbox": self.store.outbox_counts(),
-                "spool_bytes": int(spool["b"]) if spool else 0, "disk_free_bytes": free,
+        return {"series": self.series.counts(), "jobs": self.store.counts(), "outbox": self.store.outbox_counts(),
+                "spool_bytes": self.series.spool_bytes(), "disk_free_bytes": free,
                 "disk_ok": free >= self.spool.reserve_bytes, "instances_received": st.instances,
                 "associations": st.associations, "associations_refused": st.associations_refused,
                 "failures": dict(st.failures), "uptime_s": round(time.time() - self.started_at, 1)}
@@ -129,7 +142,7 @@ class Node:
                        "max_allocated": torch.cuda.max_memory_allocated()}
         except ImportError:  # pragma: no cover - torch is a dependency
             gpu = None
-        return {"instances": st.instances, "duplicates": st.duplicates, "bytes": st.bytes,
+        return {"instances": st.instances, "duplicates": st.duplicates, "conflicts": st.conflicts, "bytes": st.bytes,
                 "associations": st.associations, "refused": st.associations_refused, "failures": dict(st.failures),
                 "jobs": s["jobs"], "outbox": s["outbox"], "series": s["series"], "spool_bytes": s["spool_bytes"],
                 "disk_free": s["disk_free_bytes"], "gpu": gpu}
@@ -143,24 +156,14 @@ class Node:
         except Exception:
             writable = False
         needed = {m for r in self.config.routes for m in r.models}
-        return {"dicom_listener": self.listener._server is not None, "store_writable": writable,
+        return {"dicom_listener": self.listener.listening, "store_writable": writable,
                 "models_loaded": needed <= set(self.registry.models),
                 "disk_reserve_ok": self.spool.free_bytes() >= self.spool.reserve_bytes}
 
-    def reprocess(self, series_uid: str, *, actor: str | None = None) -> int | None:
-        """Queue a series through its routes again as a new version. None if it has no spooled instances."""
-        from node.audit import append_event
-
-        now = time.time()
-        with self.db.tx() as c:
-            row = c.execute("SELECT version, state FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
-            if row is None or row["state"] == "purged":
-                return None
-            version = int(row["version"]) + 1
-            # back to 'receiving' with its old last_received: the assembler dispatches it at its next tick
-            c.execute("UPDATE series SET state = 'receiving', version = ?, updated_at = ? WHERE series_uid = ?",
-                      (version, now, series_uid))
-            append_event(c, "series.reprocess", {"version": version}, series_uid=series_uid, actor=actor, now=now)
+    def reprocess(self, series_uid: str, *, actor: str | None = None) -> int:
+        """Queue a series through its routes again as a new version (NotFoundError when it has no
+        spooled instances)."""
+        version = self.series.reopen_for_reprocess(series_uid, actor=actor)
         return version
 
     def _assemble_loop(self) -> None:
@@ -173,7 +176,7 @@ class Node:
                     self.metrics.series_stable.labels("routed" if d.routes else "unmatched").inc()
                 if time.time() >= self._next_purge:
                     self._next_purge = time.time() + self.config.retention.interval_minutes * 60
-                    execute_purge(self.db, self.config, actor="retention")
+                    execute_purge(self.series, self.store, self.config, actor="retention")
             except PreannotError as exc:
                 logger.error("assembler: %s", exc)
             except Exception:

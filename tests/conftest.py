@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from node.synth.phantom import CaseGeometry, Phantom, make_phantom
-from node.synth.writer import write_series
+from node.devtools.synth.phantom import CaseGeometry, Phantom, make_phantom
+from node.devtools.synth.writer import write_series
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "real_dicom"

@@ -9,9 +9,10 @@ from typer.testing import CliRunner
 
 from node.cli import app
 from node.config import load_config
-from node.dicom.sink import StoreSink
-from node.jobs.store import JobStore
-from node.service import open_store
+from node.devtools.sink import StoreSink
+from node.service import Stores
+from node.store.db import Database
+from node.store.jobs import JobStore
 from tests.conftest import ROOT, free_port, node_toml
 
 runner = CliRunner()
@@ -62,7 +63,11 @@ def test_send_and_echo(small_series: Path, tmp_path: Path) -> None:
 def test_status_jobs_retry_cancel(tmp_path: Path) -> None:
     cfg = tmp_path / "node.toml"
     cfg.write_text(node_toml(tmp_path / "data", free_port()))
-    store: JobStore = open_store(load_config(cfg, env={}))
+    # read-only commands never create a data folder: before the node ran, they say how to point at it
+    r = runner.invoke(app, ["status", "--config", str(cfg)])
+    assert r.exit_code == 2 and "no node database" in r.output and not (tmp_path / "data").exists()
+    (tmp_path / "data").mkdir()
+    store: JobStore = Stores.over(Database(load_config(cfg, env={}).data_dir / "node.db")).jobs
     with store.db.tx() as c:
         jid = store.create(c, series_uid="1.2.3", series_version=1, model="lesion-ct-demo", route="r",
                            send_to=[], max_attempts=1, config_version="v", now=1.0)

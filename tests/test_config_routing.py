@@ -7,18 +7,51 @@ from pathlib import Path
 import pytest
 
 from node.config import Route, load_config
-from node.config_template import TEMPLATE
+from node.config_template import render_template
 from node.errors import ConfigError
-from node.routing import match_route, matching_routes, validate_route
+from node.schedule.routing import match_route, matching_routes, validate_route
 
 
 def test_template_is_valid(tmp_path: Path) -> None:
     p = tmp_path / "node.toml"
-    p.write_text(TEMPLATE)
+    p.write_text(render_template())
     cfg = load_config(p, env={})
     assert cfg.node.ae_title == "PREANNOT"
     assert cfg.routes[0].models == ["lesion-ct-demo"]
     assert cfg.destination("pacs").port == 4242
+
+
+def test_env_values_are_parsed_by_the_key_type() -> None:
+    cfg = load_config(None, env={"PREANNOT_NODE__AE_TITLE": "1234", "PREANNOT_JOBS__WORKERS": "3",
+                                 "PREANNOT_WEB__TOKENS": '{"ris": "0123456789abcdef"}', "PREANNOT_CONFIG": "x.toml"})
+    assert cfg.node.ae_title == "1234" and isinstance(cfg.node.ae_title, str)  # digits stay an AE title
+    assert cfg.jobs.workers == 3
+    assert cfg.web.tokens == {"ris": "0123456789abcdef"}
+    with pytest.raises(ConfigError, match="port"):
+        load_config(None, env={"PREANNOT_NODE__PORT": "eleven"})
+
+
+def test_relative_paths_resolve_against_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf = tmp_path / "etc"
+    conf.mkdir()
+    (conf / "node.toml").write_text('[node]\ndata_dir = "data"\n[models]\ndir = "../bundles"\n')
+    monkeypatch.chdir("/")
+    cfg = load_config(conf / "node.toml", env={})
+    assert cfg.node.data_dir == conf / "data"
+    assert cfg.models.dir == tmp_path / "bundles"
+    assert load_config(None, env={}).models.dir == Path("models")  # no file: as given
+
+
+def test_config_init_output_creates_its_folder(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from node.cli import app
+
+    target = tmp_path / "etc" / "preannot" / "node.toml"
+    r = CliRunner().invoke(app, ["config", "init", "--output", str(target)])
+    assert r.exit_code == 0 and target.is_file()
+    assert load_config(target, env={}).models.dir.is_absolute()
+    assert CliRunner().invoke(app, ["config", "init", "--output", str(target)]).exit_code == 1  # no overwrite
 
 
 def test_defaults_without_file() -> None:
@@ -30,7 +63,7 @@ def test_defaults_without_file() -> None:
 
 def test_env_overrides_file(tmp_path: Path) -> None:
     p = tmp_path / "node.toml"
-    p.write_text(TEMPLATE)
+    p.write_text(render_template())
     cfg = load_config(p, env={"PREANNOT_NODE__PORT": "11999", "PREANNOT_NODE__ALLOWED_CALLERS": '["A", "B"]',
                               "PREANNOT_WEB__TOKENS": '{"ops": "s3cret-s3cret-s3cret"}'})
     assert cfg.node.port == 11999

@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from node.dicom.scu import echo, send_files
-from node.dicom.sink import StoreSink
+from node.devtools.sink import StoreSink
+from node.net.scu import echo, send_files
 from tests.conftest import ROOT, free_port, node_toml, query_db, wait_for
 
 

@@ -13,11 +13,11 @@ import pytest
 from typer.testing import CliRunner
 
 from node.cli import app
-from node.dicom.volume import Volume, load_series
+from node.devtools.synth.phantom import make_phantom
+from node.devtools.synth.writer import write_case
 from node.evaluate import EvalOptions, discover, evaluate, label_metrics, lesion_matches, load_reference
+from node.imaging.volume import Volume, load_series
 from node.inference.registry import Registry
-from node.synth.phantom import make_phantom
-from node.synth.writer import write_case
 from tests.conftest import ROOT, SMALL
 
 

@@ -27,8 +27,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 
-from node.dicom.scu import echo, send_files
-from node.jobs.store import JobState
+from node.net.scu import echo, send_files
+from node.store.jobs import JobState
 from tests.conftest import ROOT, free_port, node_toml, query_db, wait_for
 
 SOAK = os.environ.get("PREANNOT_SOAK") == "1"
@@ -335,7 +335,7 @@ def test_destination_down_for_good_is_dead_lettered(tmp_path: Path, small_series
         wait_for(lambda: node.store.outbox_counts()["dead"] >= 2, 120, what="dead-lettered results")
         dead = node.store.outbox(state="dead")
         assert all(i.attempts == 4 and "destination down or unreachable" in (i.error or "") for i in dead)
-        times = [r["ts"] for r in node.db.query(
+        times = [r["ts"] for r in node.store.db.query(
             "SELECT ts FROM events WHERE kind IN ('delivery.failed', 'delivery.dead') AND detail LIKE ? ORDER BY id",
             (f'%{dead[0].sop_uid}%',))]
         gaps = [b - a for a, b in itertools.pairwise(times)]

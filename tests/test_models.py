@@ -14,8 +14,8 @@ import torch
 from typer.testing import CliRunner
 
 from node.cli import app
-from node.dicom.volume import load_series
 from node.errors import ModelError, ModelTimeoutError
+from node.imaging.volume import load_series
 from node.inference.registry import Registry
 from node.inference.runner import BundleRunner
 
@@ -176,13 +176,19 @@ def test_bundle_scripts_resolve_to_their_own_bundle(demo_model: Any) -> None:
     import sys
     import types
 
-    sys.modules["scripts"] = types.ModuleType("scripts")  # as if another bundle had been loaded first
+    stale = types.ModuleType("scripts")  # as if another bundle's code had been left behind
+    sys.modules["scripts"] = stale
     try:
         runner = BundleRunner(demo_model, device="cpu")
     finally:
         sys.modules.pop("scripts", None)
     assert runner.input_dtype is None  # the bundle's LoadImaged says dtype null: int16 CT goes in as is
     assert str(demo_model.path) not in sys.path
+    # the resampling transform came from this bundle's own scripts/transforms.py, not the stale module
+    bounded = [t for t in runner.preprocessing.transforms if type(t).__name__ == "BoundedSpacingd"]
+    assert len(bounded) == 1
+    source = Path(type(bounded[0]).__call__.__globals__["__file__"])
+    assert source == demo_model.path / "scripts" / "transforms.py"
 
 
 def test_large_volume_is_mapped_and_released(small_series: Path, tmp_path: Path) -> None:

@@ -15,9 +15,9 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-from node.dicom.scu import echo, send_files
-from node.dicom.sink import StoreSink
-from node.jobs.store import JobState
+from node.devtools.sink import StoreSink
+from node.net.scu import echo, send_files
+from node.store.jobs import JobState
 from tests.conftest import free_port, wait_for
 
 
@@ -49,7 +49,7 @@ def test_series_over_several_associations_is_one_job(make_node: Callable[..., An
         assert "SR" in kinds
         study = dcmread(files[0]).StudyInstanceUID
         assert all(dcmread(p).StudyInstanceUID == study for p in sink.files())
-        events = [r["kind"] for r in node.db.query("SELECT kind FROM events ORDER BY id")]
+        events = [r["kind"] for r in node.store.db.query("SELECT kind FROM events ORDER BY id")]
         for kind in ("series.stable", "job.queued", "job.started", "job.done", "delivery.sent"):
             assert kind in events
     finally:
@@ -63,7 +63,7 @@ def test_unknown_calling_ae_is_refused(make_node: Callable[..., Any], small_seri
     assoc = ae.associate("127.0.0.1", node.listener.port, ae_title="PREANNOT")
     assert assoc.is_rejected
     assert node.listener.stats.associations_refused == 1
-    assert node.db.one("SELECT COUNT(*) AS n FROM instances")["n"] == 0
+    assert node.store.db.one("SELECT COUNT(*) AS n FROM instances")["n"] == 0
     assert echo(ae_title="PREANNOT", host="127.0.0.1", port=node.listener.port, calling_ae="TESTSCU")
 
 
@@ -79,7 +79,7 @@ def test_route_miss_is_kept_not_processed(make_node: Callable[..., Any], small_s
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.save_as(out / p.name)
     assert all(o.ok for o in _send(node, sorted(out.glob("*.dcm"))))
-    wait_for(lambda: node.db.one("SELECT state FROM series")["state"] == "unmatched", 20, what="unmatched")
+    wait_for(lambda: node.series.list_series()[0].state == "unmatched", 20, what="unmatched")
     assert node.store.list_jobs() == []
 
 
@@ -140,7 +140,7 @@ def test_dcmtk_storescu_and_storescp_as_outside_peers(make_node: Callable[..., A
         proc = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "PREANNOT", "127.0.0.1",
                                str(node.listener.port), *files], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
-        assert node.db.one("SELECT COUNT(*) AS n FROM instances")["n"] == len(files)
+        assert node.store.db.one("SELECT COUNT(*) AS n FROM instances")["n"] == len(files)
         wait_for(lambda: _done_jobs(node), 120, what="the job")
         job = _done_jobs(node)[0]
         n = len([k for k in job.result["files"] if k != "preview"])
@@ -157,7 +157,7 @@ def test_instances_are_stored_as_received(make_node: Callable[..., Any], small_s
     node = make_node()
     f = sorted(small_series.glob("*.dcm"))[0]
     assert _send(node, [f])[0].ok
-    row = node.db.one("SELECT path FROM instances")
+    row = node.store.db.one("SELECT path FROM instances")
     stored = dcmread(io.BytesIO(Path(row["path"]).read_bytes()))
     original = dcmread(f)
     assert stored.PixelData == original.PixelData

@@ -12,9 +12,8 @@ from typing import Any
 
 import pytest
 
-from node.config import OutputsConfig
 from node.outputs.equipment import Provenance
-from node.pipeline import process_series
+from node.processing.pipeline import ModelContext, process_series
 from tests.conftest import ROOT
 
 TOOL = ROOT.parent / "shared" / "tools" / "ohif-check"
@@ -36,8 +35,8 @@ def _setup() -> None:
 def test_demo_results_displayed_in_ohif(tmp_path: Path, demo_model: Any, demo_runner: Any) -> None:
     _setup()
     files = sorted((ROOT / "sample_dicom").glob("*.dcm"))
-    out = process_series(files, runner=demo_runner, model=demo_model, provenance=Provenance(model=demo_model),
-                         outputs=OutputsConfig(), out_dir=tmp_path / "results")
+    out = process_series(files, ModelContext(demo_model, demo_runner, Provenance(model=demo_model)),
+                         tmp_path / "results")
     assert out.rois, "the demo model found nothing on the demo series"
     shots = tmp_path / "ohif"
     proc = subprocess.run(["bash", str(TOOL / "check.sh"), str(ROOT / "sample_dicom"), out.files["seg"],

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
-from node.config import OutputsConfig
-from node.dicom.volume import Volume, load_series
+from node.imaging.volume import Volume, load_series
 from node.inference.rois import extract_rois
 from node.outputs.equipment import Provenance
+from node.outputs.result import save_dataset
 from node.outputs.seg import build_seg
-from node.pipeline import process_series, save_dataset
+from node.processing.pipeline import ModelContext, process_series
 from tests.dicomgen import make_series
 
 
@@ -82,8 +82,7 @@ def test_seg_sr_content_and_references(tmp_path: Path, small_series: Path, demo_
     labels[8:12, 30:40, 20:28] = 1
     labels[15:17, 50:55, 60:66] = 1
     prov = Provenance(model=demo_model, device_uid="1.2.826.0.1.3680043.10.1473.98")
-    out = process_series(paths, runner=FixedRunner(labels), model=demo_model, provenance=prov,
-                         outputs=OutputsConfig(), out_dir=tmp_path / "out", volume=volume)
+    out = process_series(paths, ModelContext(demo_model, FixedRunner(labels), prov), tmp_path / "out", volume=volume)
     assert out.summary["roi_count"] == 2
     seg_path, sr_path = Path(out.files["seg"]), Path(out.files["sr"])
     assert dciodvfy(seg_path) == []
@@ -143,8 +142,8 @@ def test_no_finding_report(tmp_path: Path, small_series: Path, demo_model: Any,
     paths = sorted(small_series.glob("*.dcm"))
     volume = load_series(paths)
     prov = Provenance(model=demo_model)
-    out = process_series(paths, runner=FixedRunner(np.zeros(volume.shape, np.uint8)), model=demo_model,
-                         provenance=prov, outputs=OutputsConfig(), out_dir=tmp_path / "out", volume=volume)
+    out = process_series(paths, ModelContext(demo_model, FixedRunner(np.zeros(volume.shape, np.uint8)), prov),
+                         tmp_path / "out", volume=volume)
     assert "seg" not in out.files  # an empty SEG is not produced
     sr_path = Path(out.files["sr"])
     assert dciodvfy(sr_path) == []

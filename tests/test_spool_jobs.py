@@ -11,11 +11,13 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from node.config import load_config
-from node.db import Database
-from node.dicom.assembler import Assembler
-from node.dicom.spool import Spool, safe_uid
 from node.errors import InvalidInstanceError, JobError, OutOfSpaceError
-from node.jobs.store import JobState, JobStore, OutboxState, ResultObject
+from node.ingest.spool import Spool, safe_uid
+from node.outputs.result import ResultObject
+from node.schedule.assembler import Assembler
+from node.store.db import Database
+from node.store.jobs import JobState, JobStore, OutboxState
+from node.store.series import SeriesState, SeriesStore
 
 
 def _raw(path: Path, **changes: str) -> bytes:
@@ -43,7 +45,7 @@ def test_safe_uid() -> None:
 
 
 def test_store_index_and_duplicate(tmp_path: Path, db: Database, small_series: Path) -> None:
-    spool = Spool(tmp_path / "spool", db)
+    spool = Spool(tmp_path / "spool", SeriesStore(db))
     f = sorted(small_series.glob("*.dcm"))[0]
     raw = f.read_bytes()
     r = spool.store(raw, calling_ae="TESTSCU", called_ae="PREANNOT")
@@ -54,14 +56,15 @@ def test_store_index_and_duplicate(tmp_path: Path, db: Database, small_series: P
     assert row is not None and row["calling_ae"] == "TESTSCU"
     again = spool.store(raw)
     assert again.duplicate and again.path == r.path
-    assert db.one("SELECT n_instances FROM series")["n_instances"] == 1
-    attrs = json.loads(db.one("SELECT attrs FROM series")["attrs"])
+    (info,) = SeriesStore(db).list_series()
+    assert info.instances == 1
+    attrs = info.attrs
     assert attrs["Modality"] == "CT"
     assert "PatientName" not in attrs and "PatientID" not in attrs
 
 
 def test_invalid_instances_leave_nothing(tmp_path: Path, db: Database, small_series: Path) -> None:
-    spool = Spool(tmp_path / "spool", db)
+    spool = Spool(tmp_path / "spool", SeriesStore(db))
     f = sorted(small_series.glob("*.dcm"))[0]
     with pytest.raises(InvalidInstanceError):
         spool.store(b"not a dicom file at all" * 10)
@@ -78,26 +81,36 @@ def test_invalid_instances_leave_nothing(tmp_path: Path, db: Database, small_ser
 
 
 def test_reserve_refuses_with_out_of_space(tmp_path: Path, db: Database, small_series: Path) -> None:
-    spool = Spool(tmp_path / "spool", db, reserve_bytes=1 << 62)
+    spool = Spool(tmp_path / "spool", SeriesStore(db), reserve_bytes=1 << 62)
     with pytest.raises(OutOfSpaceError, match="reserve"):
         spool.store(sorted(small_series.glob("*.dcm"))[0].read_bytes())
     assert [p for p in (tmp_path / "spool").rglob("*.dcm")] == []
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
-def test_path_characters_in_uids_stay_inside_the_spool(tmp_path: Path, db: Database, small_series: Path) -> None:
-    spool = Spool(tmp_path / "spool", db)
-    raw = _raw(sorted(small_series.glob("*.dcm"))[0], SOPInstanceUID="../../../escape",
-               SeriesInstanceUID="../series", StudyInstanceUID="/abs")
-    r = spool.store(raw)
-    assert (tmp_path / "spool") in r.path.parents
-    assert r.path.name.startswith("x")
+@pytest.mark.parametrize(("attr", "value", "why"), [
+    ("SOPInstanceUID", "../../../escape", "not a UID"),
+    ("SeriesInstanceUID", "../series", "not a UID"),
+    ("StudyInstanceUID", "/abs", "not a UID"),
+    ("SeriesInstanceUID", "1.2." + "3" * 2000, "2004 characters"),
+    ("SOPInstanceUID", "1.02.3", "not a UID"),
+    ("FrameOfReferenceUID", "1.2..3", "not a UID"),
+])
+def test_invalid_uids_are_refused_on_receipt(tmp_path: Path, db: Database, small_series: Path, attr: str,
+                                             value: str, why: str) -> None:
+    spool = Spool(tmp_path / "spool", SeriesStore(db))
+    raw = _raw(sorted(small_series.glob("*.dcm"))[0], **{attr: value})
+    with pytest.raises(InvalidInstanceError, match=f"{attr} .*{why}"):
+        spool.store(raw)
+    # nothing written, nothing indexed: an invalid UID can never reach a path or an output
+    assert [p for p in (tmp_path / "spool").rglob("*") if p.is_file()] == []
+    assert SeriesStore(db).list_series() == []
 
 
 def test_sweep_removes_partial_files(tmp_path: Path, db: Database) -> None:
     (tmp_path / "spool" / ".tmp").mkdir(parents=True)
     (tmp_path / "spool" / ".tmp" / "half.part").write_bytes(b"partial")
-    Spool(tmp_path / "spool", db)
+    Spool(tmp_path / "spool", SeriesStore(db))
     assert list((tmp_path / "spool" / ".tmp").iterdir()) == []
 
 
@@ -112,8 +125,8 @@ def test_assembler_waits_for_stability_then_queues_one_job_per_model(tmp_path: P
                                                                       small_series: Path) -> None:
     cfg = _config(tmp_path)
     store = JobStore(db)
-    spool = Spool(tmp_path / "spool", db)
-    asm = Assembler(cfg, store)  # type: ignore[arg-type]
+    spool = Spool(tmp_path / "spool", SeriesStore(db))
+    asm = Assembler(cfg, SeriesStore(db), store)
     files = sorted(small_series.glob("*.dcm"))
     for n, f in enumerate(files):
         spool.store(f.read_bytes(), now=1000.0 + n * 0.1)
@@ -133,8 +146,8 @@ def test_late_instance_reprocess_and_ignore(tmp_path: Path, small_series: Path) 
         db = Database(tmp_path / mode / "node.db")
         cfg = _config(tmp_path / mode, late_instances=mode)
         store = JobStore(db)
-        spool = Spool(tmp_path / mode / "spool", db, late_instances=mode)
-        asm = Assembler(cfg, store)  # type: ignore[arg-type]
+        spool = Spool(tmp_path / mode / "spool", SeriesStore(db), late_instances=mode)
+        asm = Assembler(cfg, SeriesStore(db), store)
         for f in files[:-1]:
             spool.store(f.read_bytes(), now=1000.0)
         asm.tick(now=1010.0)
@@ -148,11 +161,11 @@ def test_unmatched_series_is_kept_not_processed(tmp_path: Path, db: Database, sm
     cfg = load_config(None, env={}, overrides={"node": {"data_dir": str(tmp_path), "stable_seconds": 1},
                                                "routes": [{"name": "mr", "match": {"Modality": "MR"}, "models": ["m"]}]})
     store = JobStore(db)
-    spool = Spool(tmp_path / "spool", db)
+    spool = Spool(tmp_path / "spool", SeriesStore(db))
     spool.store(sorted(small_series.glob("*.dcm"))[0].read_bytes(), now=10.0)
-    Assembler(cfg, store).tick(now=20.0)
+    Assembler(cfg, SeriesStore(db), store).tick(now=20.0)
     assert store.list_jobs() == []
-    assert db.one("SELECT state FROM series")["state"] == "unmatched"
+    assert SeriesStore(db).list_series()[0].state == SeriesState.UNMATCHED
     assert db.one("SELECT COUNT(*) AS n FROM events WHERE kind = 'series.unmatched'")["n"] == 1
 
 
@@ -229,3 +242,26 @@ def test_recover_requeues_sending_items(db: Database) -> None:
     assert store.due_deliveries()
     assert store.recover() == (0, 1)
     assert store.outbox_counts()["pending"] == 1
+
+
+def test_same_sop_uid_with_other_content_is_a_conflict(tmp_path: Path, small_series: Path) -> None:
+    f = sorted(small_series.glob("*.dcm"))[0]
+    first = f.read_bytes()
+    ds = dcmread(f)
+    arr = ds.pixel_array.copy()
+    arr[:4, :4] += 7
+    ds.PixelData = arr.tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    other = buf.getvalue()
+    for policy in ("keep", "replace"):
+        db = Database(tmp_path / policy / "node.db")
+        series = SeriesStore(db)
+        spool = Spool(tmp_path / policy / "spool", series, on_conflict=policy)
+        r1 = spool.store(first, now=1.0)
+        assert not spool.store(first, now=2.0).conflict  # an identical re-send is not a conflict
+        r2 = spool.store(other, now=3.0)
+        assert r2.conflict and r2.path == r1.path
+        assert r1.path.read_bytes() == (first if policy == "keep" else other)
+        events = [json.loads(r["detail"]) for r in db.query("SELECT detail FROM events WHERE kind = 'instance.conflict'")]
+        assert events == [{"sop_uid": r1.sop_uid, "kept": "first" if policy == "keep" else "new", "calling_ae": ""}]

@@ -8,8 +8,8 @@ import highdicom as hd
 import numpy as np
 from pydicom import dcmread
 
-from node.synth.phantom import CaseGeometry, make_phantom
-from node.synth.writer import write_case
+from node.devtools.synth.phantom import CaseGeometry, make_phantom
+from node.devtools.synth.writer import write_case
 from tests.conftest import SMALL
 
 

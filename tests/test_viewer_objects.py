@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 from pydicom import dcmread
 
-from node.dicom.scu import send_files
-from node.dicom.sink import StoreSink
-from node.jobs.store import JobState
+from node.devtools.sink import StoreSink
+from node.net.scu import send_files
+from node.store.jobs import JobState
 from tests.conftest import wait_for
 
 

@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from node.dicom.volume import load_series
-from node.errors import VolumeError
+from node.errors import MissingSlicesError, VolumeError
+from node.imaging.regrid import regularize
+from node.imaging.spacing import classify_spacing
+from node.imaging.volume import load_series
 from tests.conftest import SHARED
 from tests.dicomgen import make_series
 
@@ -65,8 +67,7 @@ def test_rescale_slope(tmp_path: Path) -> None:
     ({"sizes": [(8, 8), (8, 8), (8, 10)]}, "mixes matrix sizes 8x8 and 8x10"),
     ({"iops": [(1, 0, 0, 0, 1, 0), (1, 0, 0, 0, 1, 0), (1, 0, 0, 0, 0, -1)]}, "mixes orientations"),
     ({"positions": [(0, 0, 0), (0, 0, 3), (0, 0, 3)]}, "has 2 slices at position 3.00 mm"),
-    ({"positions": [(0, 0, 0), (0, 0, 3), (0, 0, 9)]}, "gap of 6.00 mm"),
-    ({"positions": [(0, 0, 0), (0, 2.0, 3), (0, 4.0, 6)]}, "gantry tilt"),
+    ({"positions": [(0, 0, 0), (0, 0, 3), (0, 0, 9)]}, "gap of 6.00 mm .* 1 slice\\(s\\) missing"),
 ])
 def test_refusals(tmp_path: Path, kwargs: dict, message: str) -> None:
     stored = np.zeros((3, 8, 8), dtype=np.uint16)
@@ -74,11 +75,36 @@ def test_refusals(tmp_path: Path, kwargs: dict, message: str) -> None:
         load_series(make_series(tmp_path, stored, **kwargs))
 
 
-def test_uneven_spacing_refused(tmp_path: Path) -> None:
+def test_missing_slices_are_their_own_error(tmp_path: Path) -> None:
     stored = np.zeros((5, 8, 8), dtype=np.uint16)
-    positions = [(0, 0, 0), (0, 0, 3), (0, 0, 6), (0, 0, 9.8), (0, 0, 12.8)]
-    with pytest.raises(VolumeError, match="uneven slice spacing"):
-        load_series(make_series(tmp_path, stored, positions=positions))
+    with pytest.raises(MissingSlicesError, match="2 slice"):
+        load_series(make_series(tmp_path, stored, positions=[(0, 0, 0), (0, 0, 2), (0, 0, 4), (0, 0, 10), (0, 0, 12)]))
+
+
+def test_tilt_and_uneven_spacing_are_read_and_described(tmp_path: Path) -> None:
+    stored = np.zeros((5, 8, 8), dtype=np.uint16)
+    uneven = load_series(make_series(tmp_path / "u", stored,
+                                     positions=[(0, 0, 0), (0, 0, 3), (0, 0, 6), (0, 0, 9.8), (0, 0, 12.8)]))
+    assert uneven.uneven and uneven.irregular and "uneven slice spacing from 3.00 to 3.80 mm" in uneven.geometry_note
+    # voxel -> patient follows each slice's own position
+    assert uneven.voxel_to_patient(np.array([0, 0, 3]))[0][2] == pytest.approx(9.8)
+    assert uneven.voxel_to_patient(np.array([0, 0, 3.5]))[0][2] == pytest.approx(11.3)
+    tilted = load_series(make_series(tmp_path / "t", stored[:3], positions=[(0, 0, 0), (0, 2.0, 3), (0, 4.0, 6)]))
+    assert not tilted.uneven and tilted.tilt_deg == pytest.approx(33.69, abs=0.01)
+    assert "gantry tilt 33.7 degrees" in tilted.geometry_note
+
+
+@pytest.mark.parametrize(("positions", "thickness", "gaps", "uneven"), [
+    ([0, 2, 4, 6, 8], None, 0, False),
+    ([0, 2, 4, 8, 10], None, 1, False),  # 2x step between 2 mm steps: one slice missing
+    ([0, 0.75, 1.5, 3.0], None, 1, False),  # the Siemens excerpt of dicom2nifti
+    ([0, 4, 8, 12, 13.08, 20.08, 27.08], [4, 4, 4, 4, 7, 7, 7], 0, True),  # the GE head CT's protocol change
+    ([0, 2.5, 5, 10, 15], [2.5, 2.5, 2.5, 5, 5], 0, True),  # 2x, but a run of them and a new thickness
+])
+def test_spacing_classification(positions: list[float], thickness: list[float] | None, gaps: int,
+                                uneven: bool) -> None:
+    report = classify_spacing(positions, thickness)
+    assert len(report.gaps) == gaps and report.uneven is uneven
 
 
 def test_non_image_refused(tmp_path: Path) -> None:
@@ -103,9 +129,45 @@ needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data/re
 
 
 @needs_shared
-def test_real_ge_ct_with_gantry_tilt_is_refused_clearly() -> None:
-    with pytest.raises(VolumeError, match=r"tilt|uneven|gap"):
-        load_series(sorted((SHARED / "dcm_qa_ct" / "GE").glob("*.dcm")))
+def test_real_ge_ct_with_gantry_tilt_and_uneven_spacing_is_resampled() -> None:
+    vol = load_series(sorted((SHARED / "dcm_qa_ct" / "GE").glob("*.dcm")))
+    assert vol.uneven and vol.tilt_deg == pytest.approx(18.5, abs=0.2)
+    grid = regularize(vol)
+    assert grid is not None
+    sx, sy, sz = grid.volume.spacing
+    assert sz == pytest.approx(4.0, abs=0.01)  # the median step along the normal (13 x 4 mm, 1.08, 13 x 7 mm)
+    # the grid is orthogonal: its axes are perpendicular unit directions times the spacing
+    a = grid.volume.affine[:3, :3] / np.array([sx, sy, sz])
+    assert np.allclose(a.T @ a, np.eye(3), atol=1e-9)
+    # every original slice is inside the grid, drift included
+    assert grid.offsets.min() >= 0 and (grid.offsets[:, 0] + vol.shape[1] <= grid.volume.shape[1] + 1).all()
+    # a label painted on the grid comes back on the original slices at the same patient position
+    labels = np.zeros(grid.volume.shape, np.uint8)
+    m, jj, ii = grid.volume.shape[0] // 2, 300, 256
+    labels[m - 1:m + 2, jj - 5:jj + 5, ii - 5:ii + 5] = 1
+    back = grid.to_source(labels)
+    assert back.any()
+    k, j, i = np.argwhere(back)[len(np.argwhere(back)) // 2]
+    p_src = vol.voxel_to_patient(np.array([i, j, k]))[0]
+    p_grid = grid.volume.voxel_to_patient(np.array([ii, jj, m]))[0]
+    assert np.linalg.norm(p_src - p_grid) < 12.0  # within the 10-voxel box (plus half a 7 mm slice)
+
+
+@needs_shared
+@pytest.mark.parametrize(("folder", "match"), [("001", "gap of 10.00 mm"), ("002", "gap of 1.50 mm")])
+def test_real_missing_slice_excerpts_are_refused_as_gaps(folder: str, match: str) -> None:
+    files = sorted((SHARED / "dicom2nifti" / "failing" / "sliceincrement" / folder).glob("*.dcm"))
+    with pytest.raises(MissingSlicesError, match=f"{match} .* 1 slice"):
+        load_series(files)
+
+
+@needs_shared
+def test_real_siemens_tilt_excerpt_is_detected_and_resampled() -> None:
+    """dicom2nifti's Siemens excerpt (GantryDetectorTilt not filled in): the tilt shows in the geometry."""
+    vol = load_series(sorted((SHARED / "dicom2nifti" / "failing" / "gantrytilting" / "001").glob("*.dcm")))
+    assert vol.irregular and vol.tilt_deg == pytest.approx(14.0, abs=0.1) and not vol.uneven
+    grid = regularize(vol)
+    assert grid is not None and grid.volume.shape[0] == 4 and not grid.volume.irregular
 
 
 @needs_shared

@@ -9,18 +9,20 @@ import sqlite3
 import subprocess
 import sys
 import time
+from io import BytesIO
 from pathlib import Path
 
 import httpx
 import pytest
+from pydicom import dcmread
 from typer.testing import CliRunner
 
-from node.audit import verify
 from node.cli import app
 from node.config import load_config
-from node.db import Database
-from node.dicom.scu import send_files
+from node.net.scu import send_files
 from node.retention import execute_purge, plan_purge
+from node.store.audit import verify
+from node.store.db import Database
 from tests.conftest import ROOT, free_port, node_toml, wait_for
 
 TOKEN = "test-token-0123456789abcdef"
@@ -86,14 +88,20 @@ def test_api_metrics_actions(served) -> None:  # type: ignore[no-untyped-def]
     assert httpx.post(f"{base}/api/jobs/{job_id}/retry").status_code == 401
     bad = httpx.post(f"{base}/api/jobs/{job_id}/retry", headers={"Authorization": "Bearer wrong-token-xxxxxxxx"})
     assert bad.status_code == 403
-    ok = httpx.post(f"{base}/api/jobs/{job_id}/retry", headers={"Authorization": f"Bearer {TOKEN}"})
-    # queued, and woken workers may already have leased it by the time the response is built
-    assert ok.status_code == 200 and ok.json()["state"] in ("queued", "running", "done")
-    wait_for(lambda: httpx.get(f"{base}/api/jobs/{job_id}").json()["state"] == "done", 120, what="the retried job")
-    events = httpx.get(f"{base}/api/jobs/{job_id}").json()["events"]
-    assert any(e["kind"] == "job.retry" and e["actor"] == "ops" for e in events)
+    # a done job is not retried (it would put a second AI result beside the first): 409, by error type
+    done_retry = httpx.post(f"{base}/api/jobs/{job_id}/retry", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert done_retry.status_code == 409 and "reprocess" in done_retry.json()["detail"]
     conflict = httpx.post(f"{base}/api/jobs/{job_id}/cancel", headers={"Authorization": f"Bearer {TOKEN}"})
     assert conflict.status_code == 409
+    series_uid = detail["series_uid"]
+    assert httpx.post(f"{base}/api/series/1.2.3.4.404/reprocess",
+                      headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 404
+    ok = httpx.post(f"{base}/api/series/{series_uid}/reprocess", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert ok.status_code == 200 and ok.json()["version"] == 2
+    wait_for(lambda: len(httpx.get(f"{base}/api/jobs", params={"state": "done"}).json()) == 2, 120,
+             what="the reprocessed series' job")
+    series = httpx.get(f"{base}/api/series").json()[0]
+    assert series["state"] == "dispatched" and series["version"] == 2
     docs = httpx.get(f"{base}/docs").text
     assert "swagger" in docs.lower() and "cdn.jsdelivr" not in docs
     assert httpx.get(f"{base}/openapi.json").json()["info"]["title"] == "preannot"
@@ -123,7 +131,7 @@ def test_dashboard_in_headless_chromium(served) -> None:  # type: ignore[no-unty
 
 
 def _db_with_events(tmp_path: Path) -> Database:
-    from node.jobs.store import JobStore
+    from node.store.jobs import JobStore
 
     db = Database(tmp_path / "node.db")
     store = JobStore(db)
@@ -159,51 +167,60 @@ def test_audit_chain_verifies_and_detects_tampering(tmp_path: Path) -> None:
 
 
 def test_purge_removes_only_what_is_allowed(tmp_path: Path, small_series: Path) -> None:
-    from node.dicom.spool import Spool
-    from node.jobs.store import JobStore, ResultObject
+    from node.ingest.spool import Spool
+    from node.outputs.result import ResultObject, job_dir
+    from node.store.jobs import JobStore
+    from node.store.series import SeriesStore
 
     cfg = load_config(None, env={}, overrides={"node": {"data_dir": str(tmp_path)},
                                                "retention": {"spool_days": 1, "outputs_days": 1}})
     db = Database(tmp_path / "node.db")
     store = JobStore(db)
-    spool = Spool(tmp_path / "spool", db)
+    series = SeriesStore(db)
+    spool = Spool(tmp_path / "spool", series)
     old = time.time() - 3 * 86400
     files = sorted(small_series.glob("*.dcm"))
     busy_uid = "1.2.3.999"
     for f in files[:3]:
         spool.store(f.read_bytes(), now=old)
-    series_uid = db.one("SELECT series_uid FROM series")["series_uid"]
-    with db.tx() as c:
-        c.execute("UPDATE series SET state = 'dispatched'")
+    busy_ds = dcmread(files[3])  # a second series, whose job is still queued
+    busy_ds.SeriesInstanceUID, busy_ds.SOPInstanceUID = busy_uid, busy_uid + ".1"
+    buf = BytesIO()
+    busy_ds.save_as(buf, enforce_file_format=True)
+    spool.store(buf.getvalue(), now=old)
+    series_uid = str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    with db.tx() as c:  # the test plays the assembler: the series become stable and get their jobs
+        for uid in (series_uid, busy_uid):
+            info = series.claim_stable(c, uid, version=1, last_received=old)
+            assert info is not None
+            series.mark_dispatched(c, info, routes=["r"], jobs=[], now=old)
         done = store.create(c, series_uid=series_uid, series_version=1, model="m", route="r", send_to=["pacs"],
                             max_attempts=1, config_version="v", now=old)
         busy = store.create(c, series_uid=busy_uid, series_version=1, model="m", route="r", send_to=[],
                             max_attempts=1, config_version="v", now=old)
-        c.execute("INSERT INTO series (series_uid, study_uid, attrs, first_received, last_received, state, updated_at) "
-                  "VALUES (?, '1.2', '{}', ?, ?, 'dispatched', ?)", (busy_uid, old, old, old))
     assert done and busy
     store.lease(lease_seconds=60, now=old)  # the first job runs...
-    out_dir = tmp_path / "outputs" / f"job-{done:06d}" / "attempt-1"
+    out_dir = job_dir(tmp_path, done) / "attempt-1"
     out_dir.mkdir(parents=True)
     (out_dir / "sr.dcm").write_bytes(b"x" * 100)
     store.complete(done, result={}, objects=[ResultObject(str(out_dir / "sr.dcm"), "1.2.3.4", "sr")],
                    destinations=["pacs"], now=old)
     # a result still waiting for delivery keeps the series and its outputs
-    assert plan_purge(db, cfg).series == [] and plan_purge(db, cfg).job_dirs == {}
+    assert plan_purge(series, store, cfg).series == [] and plan_purge(series, store, cfg).job_dirs == {}
     item = store.due_deliveries()["pacs"][0]
     store.delivered(item, "0x0000")
-    plan = plan_purge(db, cfg)
+    plan = plan_purge(series, store, cfg)
     assert plan.series == [series_uid] and len(plan.instance_files) == 3 and list(plan.job_dirs) == [done]
     r = CliRunner().invoke(app, ["purge", "--dry-run"], env={"PREANNOT_NODE__DATA_DIR": str(tmp_path),
                                                              "PREANNOT_RETENTION__SPOOL_DAYS": "1",
                                                              "PREANNOT_RETENTION__OUTPUTS_DAYS": "1"})
     assert "would remove 1 series (3 instance files), 1 job output folder(s)" in r.output
     assert all(p.exists() for p in plan.instance_files)  # dry run removed nothing
-    execute_purge(db, cfg, actor="test")
+    execute_purge(series, store, cfg, actor="test")
     assert not any(p.exists() for p in plan.instance_files)
     assert not (tmp_path / "outputs" / f"job-{done:06d}").exists()
-    assert db.one("SELECT state FROM series WHERE series_uid = ?", (series_uid,))["state"] == "purged"
-    # the queued job's series is untouched; the audit trail is kept and intact
-    assert db.one("SELECT state FROM series WHERE series_uid = ?", (busy_uid,))["state"] == "dispatched"
+    assert series.get(series_uid).state == "purged"
+    # the series whose job is queued is untouched; the audit trail is kept and intact
+    assert series.get(busy_uid).state == "dispatched" and all(p.exists() for p in series.files(busy_uid))
     assert db.one("SELECT COUNT(*) AS n FROM events WHERE kind = 'purge.series'")["n"] == 1
     assert verify(db).ok

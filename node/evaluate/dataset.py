@@ -18,8 +18,8 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
-from node.dicom.volume import Volume
 from node.errors import VolumeError
+from node.imaging.volume import Volume
 
 __all__ = ["Case", "Dataset", "discover", "load_reference"]
 

@@ -23,12 +23,27 @@ from monai.metrics import (
 )
 from scipy import ndimage
 
-__all__ = ["LesionMatch", "label_metrics", "lesion_matches"]
+__all__ = ["LesionMatch", "dice_score", "label_metrics", "lesion_matches"]
 
 
 def _onehot(mask: np.ndarray) -> torch.Tensor:
     m = torch.from_numpy(mask.astype(np.float32))[None, None]
     return torch.cat([1 - m, m], dim=1)
+
+
+def _union_box(pred: np.ndarray, ref: np.ndarray) -> tuple[slice, ...]:
+    """The bounding box of both masks, one voxel wider (surface distances stay fast on big volumes)."""
+    return tuple(slice(max(int(np.min(ix)) - 1, 0), int(np.max(ix)) + 2) for ix in np.nonzero(pred | ref))
+
+
+def dice_score(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Dice of two binary masks with MONAI's ``compute_dice``; both empty: 1, one empty: 0."""
+    if not pred.any() and not ref.any():
+        return 1.0
+    if not pred.any() or not ref.any():
+        return 0.0
+    box = _union_box(pred, ref)
+    return float(compute_dice(_onehot(pred[box]), _onehot(ref[box]), include_background=False)[0, 0])
 
 
 def label_metrics(pred: np.ndarray, ref: np.ndarray, spacing_kji: tuple[float, float, float], *,
@@ -41,12 +56,10 @@ def label_metrics(pred: np.ndarray, ref: np.ndarray, spacing_kji: tuple[float, f
         return {**out, "dice": 1.0, "hd95_mm": 0.0, "asd_mm": 0.0, "nsd": 1.0}
     if not pred.any() or not ref.any():
         return {**out, "dice": 0.0, "hd95_mm": math.nan, "asd_mm": math.nan, "nsd": 0.0}
-    # crop to the union's bounding box (+1 voxel) so surface distances stay fast on big volumes
-    both = pred | ref
-    box = tuple(slice(max(int(np.min(ix)) - 1, 0), int(np.max(ix)) + 2) for ix in np.nonzero(both))
+    box = _union_box(pred, ref)
     p, r = _onehot(pred[box]), _onehot(ref[box])
     spacing = list(spacing_kji)
-    out["dice"] = float(compute_dice(p, r, include_background=False)[0, 0])
+    out["dice"] = dice_score(pred, ref)
     out["hd95_mm"] = float(compute_hausdorff_distance(p, r, percentile=95, spacing=spacing)[0, 0])
     out["asd_mm"] = float(compute_average_surface_distance(p, r, symmetric=True, spacing=spacing)[0, 0])
     out["nsd"] = float(compute_surface_dice(p, r, class_thresholds=[tolerance_mm], spacing=spacing)[0, 0])

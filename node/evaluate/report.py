@@ -28,11 +28,9 @@ return (isNaN(nx)||isNaN(ny)?x.localeCompare(y):nx-ny)*(asc?1:-1)});rows.forEach
 
 
 def _png(fig: Any) -> str:
-    import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
-    plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -45,15 +43,13 @@ def _fmt(v: Any, digits: int = 3) -> str:
 def write_report(summary: dict[str, Any], results: dict[str, list[dict[str, Any]]], models: list[ModelInfo],
                  out: Path) -> Path:
     """Write ``out/report.html`` and return its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     first = models[0].card.labels[0].name
     names = [m.name for m in models]
     plots = []
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3.4))
+    fig = Figure(figsize=(14, 3.4))
+    axes = fig.subplots(1, 4)
     for ax, metric, title in zip(axes, ("dice", "nsd", "hd95_mm", "asd_mm"),
                                  ("Dice", "surface Dice", "HD95 (mm)", "ASD (mm)"), strict=True):
         data = [[r["labels"][first][metric] for r in results[n] if not math.isnan(r["labels"][first][metric])]
@@ -63,7 +59,8 @@ def write_report(summary: dict[str, Any], results: dict[str, list[dict[str, Any]
         ax.tick_params(labelsize=8)
     fig.suptitle(f"per-case metrics, label {first}", fontsize=10)
     plots.append(("Metrics per case (box: quartiles, triangle: mean)", _png(fig)))
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
+    fig = Figure(figsize=(5 * len(names), 3.6))
+    axes = fig.subplots(1, len(names), squeeze=False)
     for ax, n in zip(axes[0], names, strict=True):
         ref = np.array([r["labels"][first]["volume_ref_mm3"] for r in results[n]])
         pred = np.array([r["labels"][first]["volume_pred_mm3"] for r in results[n]])
@@ -77,7 +74,8 @@ def write_report(summary: dict[str, Any], results: dict[str, list[dict[str, Any]
         ax.set_xlabel("mean of reference and model volume (mm3)", fontsize=8)
         ax.set_ylabel("model - reference (mm3)", fontsize=8)
     plots.append(("Bland-Altman plot of volumes per case", _png(fig)))
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig = Figure(figsize=(5.5, 4))
+    ax = fig.subplots()
     for n in names:
         det = summary["models"][n]["labels"].get(first, {}).get("detection")
         if det:

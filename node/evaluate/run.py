@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
-from node.dicom.volume import load_series
 from node.errors import PreannotError
 from node.evaluate.dataset import Case, discover, load_reference
 from node.evaluate.metrics import LesionMatch, label_metrics, lesion_matches
+from node.imaging.volume import display_window, load_series
 from node.inference.registry import ModelInfo
-from node.inference.rois import extract_rois
+from node.inference.rois import extract_rois, paint_rois
 from node.inference.runner import Runner
 
 __all__ = ["EvalOptions", "evaluate"]
@@ -48,15 +49,13 @@ def _safe(name: str) -> str:
 
 
 def _overlay(volume: Any, ref: np.ndarray, pred: np.ndarray, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     err = (ref > 0) ^ (pred > 0)
     k = int(np.argmax(err.sum(axis=(1, 2)))) if err.any() else int(np.argmax((ref > 0).sum(axis=(1, 2))))
-    fig, ax = plt.subplots(figsize=(3.2, 3.4))
-    lo, hi = (-1000, 400) if volume.modality == "CT" else np.percentile(volume.pixels[k], [1, 99])
+    fig = Figure(figsize=(3.2, 3.4))
+    ax = fig.subplots()
+    lo, hi = display_window(volume.pixels[k], volume.modality)
     ax.imshow(volume.pixels[k], cmap="gray", vmin=lo, vmax=hi)
     if (ref[k] > 0).any():
         ax.contour(ref[k] > 0, levels=[0.5], colors=["#00d000"], linewidths=1.0)
@@ -66,7 +65,6 @@ def _overlay(volume: Any, ref: np.ndarray, pred: np.ndarray, path: Path, title: 
     ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 def _case(case: Case, model: ModelInfo, runner: Runner, opts: EvalOptions, out: Path) -> dict[str, Any]:
@@ -90,11 +88,7 @@ def _case(case: Case, model: ModelInfo, runner: Runner, opts: EvalOptions, out: 
     raw = runner.predict(volume)
     t3 = time.perf_counter()
     rois = extract_rois(raw, volume, model.card, outlines=False)
-    pred = np.zeros_like(raw)
-    for r in rois:
-        k0, j0, i0 = r.offset
-        assert r.mask is not None
-        pred[k0:k0 + r.mask.shape[0], j0:j0 + r.mask.shape[1], i0:i0 + r.mask.shape[2]][r.mask] = r.label
+    pred = paint_rois(rois, shape=raw.shape)
     t4 = time.perf_counter()
     sx, sy, sz = volume.spacing
     spacing = (sz, sy, sx)
@@ -125,15 +119,24 @@ def _case(case: Case, model: ModelInfo, runner: Runner, opts: EvalOptions, out: 
     return result
 
 
+def _ci(data: tuple[np.ndarray, ...], statistic: Callable[..., Any], n: int,
+        rng: np.random.Generator) -> tuple[float, float]:
+    """Percentile bootstrap 95 % CI of a statistic over cases (``scipy.stats.bootstrap``; several arrays
+    are resampled together, case by case)."""
+    res = stats.bootstrap(data, statistic, n_resamples=n, paired=len(data) > 1, vectorized=True,
+                          method="percentile", confidence_level=0.95, rng=rng)
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
 def _bootstrap(values: Sequence[float], n: int, rng: np.random.Generator) -> tuple[float, float, float]:
     """Mean and its percentile bootstrap 95 % CI (NaNs dropped)."""
     v = np.array([x for x in values if x is not None and not math.isnan(x)], dtype=np.float64)
     if v.size == 0:
         return math.nan, math.nan, math.nan
-    if v.size == 1 or n <= 0:
+    if v.size == 1 or n <= 0 or np.all(v == v[0]):
         return float(v.mean()), float(v.mean()), float(v.mean())
-    means = v[rng.integers(0, v.size, size=(n, v.size))].mean(axis=1)
-    return float(v.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+    lo, hi = _ci((v,), lambda x, axis: x.mean(axis=axis), n, rng)
+    return float(v.mean()), lo, hi
 
 
 def _detection(results: list[dict[str, Any]], label: str, min_volume: float, n: int,
@@ -147,12 +150,10 @@ def _detection(results: list[dict[str, Any]], label: str, min_volume: float, n: 
     det = np.array([c[0] for c in per_case], dtype=float)
     fps = np.array([c[1] for c in per_case], dtype=float)
     sens = float(det.sum() / refs.sum()) if refs.sum() else math.nan
-    idx = rng.integers(0, len(matches), size=(n, len(matches))) if n > 0 and len(matches) > 1 else None
-    if idx is not None and refs.sum():
-        boot = det[idx].sum(axis=1) / np.maximum(refs[idx].sum(axis=1), 1)
-        fpb = fps[idx].mean(axis=1)
-        sens_ci = (float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5)))
-        fp_ci = (float(np.percentile(fpb, 2.5)), float(np.percentile(fpb, 97.5)))
+    if n > 0 and len(matches) > 1 and refs.sum():
+        sens_ci = _ci((det, refs), lambda d, r, axis: d.sum(axis=axis) / np.maximum(r.sum(axis=axis), 1), n, rng)
+        fp_ci = _ci((fps,), lambda x, axis: x.mean(axis=axis), n, rng) if np.ptp(fps) > 0 \
+            else (float(fps.mean()), float(fps.mean()))
     else:
         sens_ci, fp_ci = (sens, sens), (float(fps.mean()), float(fps.mean()))
     froc = []

@@ -57,7 +57,8 @@ class CardModel(BaseModel):
     modality: list[str] = Field(default_factory=list)
     description: str = ""
     intended_use: str = ""
-    family: CodeSpec = CodeSpec(code="123109", scheme="DCM", meaning="Manual Processing")
+    #: the algorithm family recorded in the SEG's Algorithm Identification (CID 7162)
+    family: CodeSpec = CodeSpec(code="123110", scheme="DCM", meaning="Artificial Intelligence")
 
 
 class CardOutputs(BaseModel):

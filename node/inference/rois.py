@@ -8,18 +8,19 @@ uses to draw the finding in viewers.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
-from node.dicom.volume import Volume
+from node.imaging.regrid import Regridded
+from node.imaging.volume import Volume
 from node.inference.contour import mask_outline
 from node.inference.registry import ModelCard
 
-__all__ = ["ROI", "extract_rois"]
+__all__ = ["ROI", "extract_rois", "paint_rois", "relocate_rois"]
 
 
 @dataclass(slots=True)
@@ -71,6 +72,74 @@ def _surface_points(mask: np.ndarray) -> np.ndarray:
     return np.argwhere(mask & ~eroded)
 
 
+def _planar(sub: np.ndarray, off: np.ndarray, sx: float, sy: float, *, outlines: bool = True
+            ) -> tuple[int, float, tuple[tuple[float, float], tuple[float, float]], list[tuple[float, float]]]:
+    """The in-plane measures of one ROI mask ``sub`` (placed at ``off`` = (k, j, i)): key slice (largest
+    area, local index), longest in-plane diameter over all slices (mm), the long axis on the key slice and
+    its outline (column, row pixel coordinates)."""
+    areas = sub.sum(axis=(1, 2))
+    key_local = int(np.argmax(areas))
+    best_inplane = 0.0
+    for kk in range(sub.shape[0]):
+        if areas[kk] == 0:
+            continue
+        sl2 = sub[kk]
+        edge = np.argwhere(sl2 & ~ndimage.binary_erosion(sl2))  # (row, col)
+        d, _, _ = _max_distance(edge[:, ::-1].astype(np.float64) * np.array([sx, sy]))
+        best_inplane = max(best_inplane, d)
+    # long axis on the key slice (what a radiologist measures)
+    key2d = sub[key_local]
+    edge = np.argwhere(key2d & ~ndimage.binary_erosion(key2d))
+    pts = edge[:, ::-1].astype(np.float64)
+    _, a, b = _max_distance(pts * np.array([sx, sy]))
+    key_axis: tuple[tuple[float, float], tuple[float, float]]
+    if len(pts) >= 2:
+        pa, pb = pts[a] + off[[2, 1]], pts[b] + off[[2, 1]]
+        key_axis = ((float(pa[0]), float(pa[1])), (float(pb[0]), float(pb[1])))
+    else:
+        c = (float(off[2] + pts[0][0]), float(off[1] + pts[0][1])) if len(pts) else (0.0, 0.0)
+        key_axis = (c, c)
+    outline = [(x + off[2], y + off[1]) for x, y in mask_outline(key2d)] if outlines else []
+    return key_local, best_inplane, key_axis, outline
+
+
+def relocate_rois(rois: list[ROI], grid: Regridded) -> tuple[list[ROI], list[ROI]]:
+    """ROIs found on a resampled grid, placed on the source slices for the outputs.
+
+    Measurements (volume, diameters, centroid, intensities) stay those made on the orthogonal grid;
+    the key slice, outline, long axis, bounding box and mask become those of the ROI's voxels on the
+    source slices (labels mapped back by nearest neighbour).
+
+    Returns:
+        (ROIs on the source slices, ROIs that cover no source pixel: thinner than the source spacing)
+    """
+    if not rois:
+        return [], []
+    ids = np.zeros(grid.volume.shape, dtype=np.uint16)
+    for r in rois:
+        if r.mask is None:
+            raise ValueError(f"ROI {r.index} carries no mask")
+        k0, j0, i0 = r.offset
+        ids[k0:k0 + r.mask.shape[0], j0:j0 + r.mask.shape[1], i0:i0 + r.mask.shape[2]][r.mask] = r.index
+    on_source = grid.to_source(ids)
+    del ids
+    sx, sy, _ = grid.source.spacing
+    placed, lost = [], []
+    boxes = ndimage.find_objects(on_source)
+    for r in rois:
+        box = boxes[r.index - 1] if r.index - 1 < len(boxes) else None
+        if box is None:
+            lost.append(r)
+            continue
+        sub = on_source[box] == r.index
+        off = np.array([s.start for s in box])
+        key_local, _, key_axis, outline = _planar(sub, off, sx, sy, outlines=bool(r.key_outline_ij))
+        placed.append(replace(r, key_slice=int(off[0] + key_local), key_outline_ij=outline, key_axis_ij=key_axis,
+                              bbox=tuple((int(s.start), int(s.stop - 1)) for s in box),  # type: ignore[arg-type]
+                              mask=sub, offset=(int(off[0]), int(off[1]), int(off[2]))))
+    return placed, lost
+
+
 def extract_rois(labels: np.ndarray, volume: Volume, card: ModelCard, *, outlines: bool = True) -> list[ROI]:
     """Connected components (26-connectivity) of every label the card marks as a finding.
 
@@ -120,31 +189,7 @@ def extract_rois(labels: np.ndarray, volume: Volume, card: ModelCard, *, outline
             centroid = volume.voxel_to_patient(pts_ijk.mean(axis=0))[0]
             surf_ijk = (_surface_points(sub) + off)[:, ::-1].astype(np.float64)
             d3, _, _ = _max_distance(volume.voxel_to_patient(surf_ijk))
-            areas = sub.sum(axis=(1, 2))
-            key_local = int(np.argmax(areas))
-            best_inplane, key_axis = 0.0, ((0.0, 0.0), (0.0, 0.0))
-            for kk in range(sub.shape[0]):
-                if areas[kk] == 0:
-                    continue
-                sl2 = sub[kk]
-                edge = np.argwhere(sl2 & ~ndimage.binary_erosion(sl2))  # (row, col)
-                pts = edge[:, ::-1].astype(np.float64) * np.array([sx, sy])
-                d, _, _ = _max_distance(pts)
-                best_inplane = max(best_inplane, d)
-            # long axis on the key slice (what a radiologist measures)
-            key2d = sub[key_local]
-            edge = np.argwhere(key2d & ~ndimage.binary_erosion(key2d))
-            pts = edge[:, ::-1].astype(np.float64)
-            _, a, b = _max_distance(pts * np.array([sx, sy]))
-            if len(pts) >= 2:
-                pa, pb = pts[a] + off[[2, 1]], pts[b] + off[[2, 1]]
-                key_axis = ((float(pa[0]), float(pa[1])), (float(pb[0]), float(pb[1])))
-            else:
-                c = (float(off[2] + pts[0][0]), float(off[1] + pts[0][1])) if len(pts) else (0.0, 0.0)
-                key_axis = (c, c)
-            outline = []
-            if outlines:
-                outline = [(x + off[2], y + off[1]) for x, y in mask_outline(key2d)]
+            key_local, best_inplane, key_axis, outline = _planar(sub, off, sx, sy, outlines=outlines)
             values = volume.pixels[sl][sub]
             rois.append(ROI(
                 index=0, label=spec.value, label_name=spec.name, voxels=count, volume_mm3=round(vol, 2),
@@ -158,3 +203,25 @@ def extract_rois(labels: np.ndarray, volume: Volume, card: ModelCard, *, outline
     for n, r in enumerate(rois, start=1):
         r.index = n
     return rois
+
+
+def paint_rois(rois: list[ROI], *, out: np.ndarray | None = None,
+               shape: tuple[int, int, int] | None = None) -> np.ndarray:
+    """A label map holding exactly the given ROIs (each painted with its label value).
+
+    ``out`` is cleared and painted in place (no second full-size array); otherwise a new uint8 array of
+    ``shape`` is made.
+    """
+    if out is None:
+        if shape is None:
+            raise ValueError("paint_rois needs out or shape")
+        out = np.zeros(shape, dtype=np.uint8)
+    else:
+        out.fill(0)
+    for r in rois:
+        if r.mask is None:
+            raise ValueError(f"ROI {r.index} carries no mask to paint")
+        k0, j0, i0 = r.offset
+        region = out[k0:k0 + r.mask.shape[0], j0:j0 + r.mask.shape[1], i0:i0 + r.mask.shape[2]]
+        region[r.mask] = r.label
+    return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -24,11 +25,12 @@ import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 
-from node.dicom.volume import Volume
+from node.config import ModelsConfig
 from node.errors import ModelError, ModelTimeoutError
+from node.imaging.volume import Volume
 from node.inference.registry import ModelInfo
 
-__all__ = ["BundleRunner", "Runner", "select_device"]
+__all__ = ["BundleRunner", "Runner", "configure_torch", "select_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,14 @@ def select_device(preference: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def configure_torch(models: ModelsConfig) -> None:
+    """Apply ``[models].threads`` (intra-op CPU threads; 0 keeps torch's default). Called once, at start,
+    before any worker exists."""
+    if models.threads > 0 and torch.get_num_threads() != models.threads:
+        torch.set_num_threads(models.threads)
+        logger.info("torch uses %d CPU thread(s) ([models].threads)", models.threads)
+
+
 def _root_cause(exc: BaseException) -> BaseException:
     """The innermost exception (MONAI wraps transform errors in RuntimeError)."""
     seen = set()
@@ -62,22 +72,34 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+#: held while a bundle's own code is imported: ``sys.path`` and ``sys.modules`` are process-wide
+_BUNDLE_CODE_LOCK = threading.Lock()
+
+
+def _drop_scripts_modules() -> None:
+    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+        del sys.modules[name]
+
+
 @contextmanager
-def _bundle_on_path(root: Path) -> Iterator[None]:
+def _bundle_code(root: Path) -> Iterator[None]:
     """The bundle root on ``sys.path`` while its configuration is parsed, as ``monai.bundle run`` does,
     so that ``$import scripts...`` and ``_target_: scripts.x.Y`` resolve to *this* bundle's code.
 
-    Model Zoo bundles all call their package ``scripts``: a copy imported for another bundle is
-    dropped from ``sys.modules`` first (objects already built from it keep working).
+    Model Zoo bundles all call their package ``scripts``. Loading is serialised by a process-wide lock
+    (workers preload in parallel), and no ``scripts`` module outlives the parse: it is imported fresh for
+    each bundle and dropped from ``sys.modules`` afterwards. Objects built from it keep their own module
+    (their globals), so two bundles whose ``scripts`` differ never see each other's code.
     """
-    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[name]
-    sys.path.insert(0, str(root))
-    try:
-        yield
-    finally:
-        with suppress(ValueError):  # the bundle may have removed it itself
-            sys.path.remove(str(root))
+    with _BUNDLE_CODE_LOCK:
+        _drop_scripts_modules()
+        sys.path.insert(0, str(root))
+        try:
+            yield
+        finally:
+            _drop_scripts_modules()
+            with suppress(ValueError):  # the bundle may have removed it itself
+                sys.path.remove(str(root))
 
 
 def _target(item: Any) -> str:
@@ -105,7 +127,7 @@ class BundleRunner:
         self.on_progress = on_progress
         t0 = time.perf_counter()
         try:
-            with _bundle_on_path(model.path):
+            with _bundle_code(model.path):
                 self._parse(model)
         except ModelError:
             raise

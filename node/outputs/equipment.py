@@ -12,17 +12,19 @@ Each SEG and SR carries:
 from __future__ import annotations
 
 import datetime as _dt
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import highdicom as hd
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from node import __version__
+from node.config import OutputsConfig
 from node.inference.registry import ModelInfo
 
-__all__ = ["PROCESSING_ALGORITHM", "Provenance", "new_uid"]
+__all__ = ["PROCESSING_ALGORITHM", "Provenance", "device_uid", "new_uid"]
 
 #: Purpose of Reference for the contributing equipment, as defined by the IHE AIR supplement.
 PROCESSING_ALGORITHM = hd.sr.CodedConcept("Newcode1", "99IHE", "Processing Algorithm")
@@ -35,9 +37,29 @@ def new_uid(root: str | None) -> str:
     return generate_uid(prefix=root) if root else str(hd.UID())
 
 
+def device_uid(outputs: OutputsConfig, data_dir: Path | None, *, create: bool = True) -> str:
+    """The node's Device UID, recorded in every output's Contributing Equipment.
+
+    Made once and kept in ``<data_dir>/device_uid`` by the running node (``create``). Without a data
+    folder (``preannot run`` on a machine that is not a node) it is derived from the configured
+    ``device_serial_number`` and UID root, so the same installation always gives the same UID.
+    """
+    p = data_dir / "device_uid" if data_dir is not None else None
+    if p is not None and p.is_file():
+        return p.read_text().strip()
+    if p is None or not create:
+        return generate_uid(prefix=outputs.uid_root or "2.25.", entropy_srcs=["preannot-device",
+                                                                             outputs.device_serial_number])
+    uid = new_uid(outputs.uid_root)
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(uid + "\n")
+    return uid
+
+
 @dataclass(frozen=True)
 class Provenance:
-    """Who made a result: the model and the node."""
+    """Who made a result: the model and the node. Build it with :meth:`for_node`."""
 
     model: ModelInfo
     manufacturer: str = "preannot"
@@ -46,10 +68,28 @@ class Provenance:
     institution_name: str | None = None
     uid_root: str | None = None
 
+    @classmethod
+    def for_node(cls, model: ModelInfo, outputs: OutputsConfig, *, device_uid: str) -> Provenance:
+        """The provenance of results made by this node (``serve`` and ``run`` alike)."""
+        return cls(model=model, manufacturer=outputs.manufacturer, device_uid=device_uid,
+                   device_serial_number=outputs.device_serial_number, institution_name=outputs.institution_name,
+                   uid_root=outputs.uid_root)
+
     def algorithm(self) -> hd.AlgorithmIdentificationSequence:
+        fam = self.model.card.model.family
         return hd.AlgorithmIdentificationSequence(
-            name=self.model.name, family=codes.DCM.ArtificialIntelligence, version=self.model.version,
-            source="preannot", parameters={"weights_sha256": self.model.sha256})
+            name=self.model.name, family=hd.sr.CodedConcept(fam.code, fam.scheme, fam.meaning),
+            version=self.model.version, source="preannot", parameters={"weights_sha256": self.model.sha256})
+
+    def contribution_description(self) -> str:
+        """The unverified note, then what the model card says the model is and is for."""
+        card = self.model.card.model
+        parts = [UNVERIFIED_NOTE + "."]
+        if card.description:
+            parts.append(card.description.strip())
+        if card.intended_use:
+            parts.append(f"Intended use: {card.intended_use.strip()}")
+        return " ".join(parts)[:1024]
 
     def sr_algorithm(self) -> hd.sr.AlgorithmIdentification:
         return hd.sr.AlgorithmIdentification(name=self.model.name, version=self.model.version,
@@ -76,7 +116,7 @@ class Provenance:
         purpose.CodeMeaning = PROCESSING_ALGORITHM.meaning
         item.PurposeOfReferenceCodeSequence = [purpose]
         item.ContributionDateTime = _dt.datetime.now().strftime("%Y%m%d%H%M%S")
-        item.ContributionDescription = UNVERIFIED_NOTE
+        item.ContributionDescription = self.contribution_description()
         return item
 
     def stamp(self, ds: Dataset) -> None:

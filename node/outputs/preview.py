@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from node.dicom.volume import Volume
+from node.imaging.volume import Volume, display_window
 from node.inference.rois import ROI
 
 __all__ = ["write_preview"]
@@ -16,21 +16,19 @@ __all__ = ["write_preview"]
 def write_preview(volume: Volume, labels: np.ndarray, rois: list[ROI], path: Path, *, title: str = "",
                   max_panels: int = 6) -> Path:
     """Write the preview PNG and return its path. Without ROIs, shows the middle slice with "no ROI found"."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     shown = rois[:max_panels]
     slices = [r.key_slice for r in shown] or [volume.shape[0] // 2]
     n = len(slices)
     cols = min(n, 3)
     rows = (n + cols - 1) // cols
-    fig, grid = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.4 * rows + 0.4), squeeze=False)
+    fig = Figure(figsize=(4.2 * cols, 4.4 * rows + 0.4))
+    grid = fig.subplots(rows, cols, squeeze=False)
     axes = [list(grid.ravel())]
     for extra in axes[0][n:]:
         extra.axis("off")
-    window = (-1000, 400) if volume.modality == "CT" else tuple(np.percentile(volume.pixels, [1, 99]))
+    window = display_window(volume.pixels, volume.modality)
     sx, sy, _ = volume.spacing
     panels: list[ROI | None] = list(shown) or [None]
     for ax, k, roi in zip(axes[0], slices, panels, strict=False):
@@ -53,6 +51,5 @@ def write_preview(volume: Volume, labels: np.ndarray, rois: list[ROI], path: Pat
     # written aside and renamed: the dashboard and the API may serve it while it is being drawn
     tmp = path.with_name(f".{path.name}.part")
     fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
     os.replace(tmp, path)
     return path

@@ -11,8 +11,8 @@ import logging
 import highdicom as hd
 import numpy as np
 
-from node.dicom.volume import Volume
 from node.errors import OutputError
+from node.imaging.volume import Volume
 from node.inference.registry import CodeSpec, ModelCard
 from node.outputs.equipment import Provenance, new_uid
 

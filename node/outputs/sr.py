@@ -21,8 +21,8 @@ import highdicom as hd
 import numpy as np
 from pydicom.sr.codedict import codes
 
-from node.dicom.volume import Volume
 from node.errors import OutputError
+from node.imaging.volume import Volume
 from node.inference.registry import ModelCard
 from node.inference.rois import ROI
 from node.outputs.equipment import Provenance, new_uid

@@ -24,8 +24,8 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage
 from scipy import ndimage
 
-from node.dicom.volume import Volume
 from node.errors import OutputError
+from node.imaging.volume import Volume, display_window
 from node.inference.contour import mask_outline
 from node.inference.registry import ModelCard
 from node.inference.rois import ROI
@@ -111,7 +111,7 @@ def _render(volume: Volume, labels: np.ndarray, k: int, rois: Sequence[ROI]) -> 
     from matplotlib.patches import Rectangle
 
     rows, cols = volume.pixels.shape[1:]
-    lo, hi = (-1000.0, 400.0) if volume.modality == "CT" else tuple(np.percentile(volume.pixels[k], [1, 99]))
+    lo, hi = display_window(volume.pixels[k], volume.modality)
     fig = Figure(figsize=(cols / 100, rows / 100), dpi=100)
     canvas = FigureCanvasAgg(fig)
     ax = fig.add_axes((0, 0, 1, 1))

@@ -9,24 +9,24 @@ calls); bind to localhost (the default) or put a TLS reverse proxy in front.
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
 from node import __version__
-from node.errors import JobError
-from node.jobs.store import Job, JobState
+from node.errors import PreannotError
+from node.store.audit import events
+from node.store.jobs import Job, JobState
+from node.store.series import SeriesState
 from node.web.dashboard import render_dashboard
-
-if TYPE_CHECKING:
-    from node.service import Node
+from node.web.view import NodeView
 
 __all__ = ["create_app"]
 
@@ -50,12 +50,19 @@ def _job_dict(job: Job, *, detail: bool = False) -> dict[str, Any]:
     return d
 
 
-def create_app(node: Node) -> FastAPI:
+def create_app(node: NodeView) -> FastAPI:
     """The FastAPI application bound to a running node."""
     cfg = node.config.web
     # FastAPIOffline serves the Swagger UI at /docs from the package, not from a CDN
     app: FastAPI = FastAPIOffline(title="preannot", version=__version__,
                   description="Imaging pre-annotation DICOM node: status, metrics, jobs and actions.")
+
+    app.mount("/static", StaticFiles(packages=[("node.web", "static")]), name="static")
+
+    @app.exception_handler(PreannotError)
+    def _preannot_error(_request: Request, exc: PreannotError) -> JSONResponse:
+        """Each error type carries its HTTP status (404 unknown, 409 not allowed in this state, ...)."""
+        return JSONResponse({"detail": str(exc)}, status_code=exc.http_status)
 
     def _token_name(request: Request) -> str | None:
         header = request.headers.get("authorization", "")
@@ -105,46 +112,35 @@ def create_app(node: Node) -> FastAPI:
 
     @app.get("/api/series", tags=["series"], dependencies=reads)
     def series(state: str | None = None, limit: Annotated[int, Query(le=1000)] = 100) -> list[dict[str, Any]]:
-        sql, params = "SELECT * FROM series", list[object]()
-        if state:
-            sql += " WHERE state = ?"
-            params.append(state)
-        rows = node.db.query(sql + " ORDER BY last_received DESC LIMIT ?", (*params, limit))
-        return [{"series_uid": r["series_uid"], "study_uid": r["study_uid"], "modality": r["modality"],
-                 "state": r["state"], "version": r["version"], "instances": r["n_instances"],
-                 "calling_ae": r["calling_ae"], "first_received": r["first_received"],
-                 "last_received": r["last_received"], "routes": json.loads(r["routes"] or "[]"), "note": r["note"]}
-                for r in rows]
+        """Series, most recently received first; ``note`` says why one was skipped, held or failed."""
+        try:
+            found = node.series.list_series(state=state or None, limit=limit)
+        except ValueError as exc:
+            raise HTTPException(422, f"unknown state {state!r}; states: {[s.value for s in SeriesState]}") from exc
+        return [s.to_dict() for s in found]
 
     @app.get("/api/jobs", tags=["jobs"], dependencies=reads)
     def jobs(state: str | None = None, model: str | None = None, since: float | None = None,
              until: float | None = None, limit: Annotated[int, Query(le=1000)] = 100) -> list[dict[str, Any]]:
         """Jobs, newest first; filter by state, model and creation time (epoch seconds)."""
         try:
-            found = node.store.list_jobs(state=state, model=model, limit=limit if since is None and until is None
-                                         else 100000)
+            found = node.store.list_jobs(state=state, model=model, since=since, until=until, limit=limit)
         except ValueError as exc:
             raise HTTPException(422, f"unknown state {state!r}; states: {[s.value for s in JobState]}") from exc
-        found = [j for j in found if (since is None or j.created_at >= since) and (until is None or j.created_at <= until)]
-        return [_job_dict(j) for j in found[:limit]]
+        return [_job_dict(j) for j in found]
 
     def _get(job_id: int) -> Job:
-        try:
-            return node.store.get(job_id)
-        except JobError as exc:
-            raise HTTPException(404, str(exc)) from exc
+        return node.store.get(job_id)  # JobNotFoundError -> 404 by the handler above
 
     @app.get("/api/jobs/{job_id}", tags=["jobs"], dependencies=reads)
     def job(job_id: int) -> dict[str, Any]:
         """One job: stage timings, inputs, outputs, deliveries, errors and its audit events."""
         j = _get(job_id)
         d = _job_dict(j, detail=True)
-        count = node.db.one("SELECT COUNT(*) AS n FROM instances WHERE series_uid = ?", (j.series_uid,))
-        d["inputs"] = {"instances": int(count["n"]) if count else 0}
+        d["inputs"] = {"instances": node.series.instance_count(j.series_uid)}
         d["deliveries"] = [{"destination": o.destination, "sop_uid": o.sop_uid, "state": o.state.value,
                             "attempts": o.attempts, "error": o.error} for o in node.store.outbox(job_id=job_id)]
-        d["events"] = [{"ts": r["ts"], "kind": r["kind"], "actor": r["actor"], "detail": json.loads(r["detail"])}
-                       for r in node.db.query("SELECT * FROM events WHERE job_id = ? ORDER BY id", (job_id,))]
+        d["events"] = [{k: e[k] for k in ("ts", "kind", "actor", "detail")} for e in events(node.db, job_id=job_id)]
         return d
 
     @app.get("/api/jobs/{job_id}/preview.png", tags=["jobs"], dependencies=reads)
@@ -165,17 +161,14 @@ def create_app(node: Node) -> FastAPI:
                  "state": o.state.value, "attempts": o.attempts, "error": o.error} for o in items]
 
     def _transition(action: Callable[..., None], job_id: int, actor: str) -> dict[str, Any]:
-        """Apply a job state change; 404 for an unknown job, 409 for a state that does not allow it."""
-        try:
-            action(job_id, actor=actor)
-        except JobError as exc:
-            raise HTTPException(409 if "no job" not in str(exc) else 404, str(exc)) from exc
+        """Apply a job state change (its errors answer 404 or 409 through the handler above)."""
+        action(job_id, actor=actor)
         logger.info("job %d: %s by %s", job_id, action.__name__, actor)
         return _job_dict(node.store.get(job_id))
 
     @app.post("/api/jobs/{job_id}/retry", tags=["actions"])
     def retry(job_id: int, actor: str = Depends(require_token)) -> dict[str, Any]:
-        """Queue a failed, dead, cancelled or done job again."""
+        """Queue a failed, dead or cancelled job again (a done job: 409; reprocess its series instead)."""
         return _transition(node.store.retry, job_id, actor)
 
     @app.post("/api/jobs/{job_id}/cancel", tags=["actions"])
@@ -187,16 +180,13 @@ def create_app(node: Node) -> FastAPI:
     def resend(job_id: int, actor: str = Depends(require_token)) -> dict[str, Any]:
         """Queue the job's result objects for delivery again."""
         _get(job_id)
-        n = node.store.resend(job_id, actor=actor)
-        node.deliverer.wake.set()
+        n = node.store.resend(job_id, actor=actor)  # wakes the deliverer
         return {"job_id": job_id, "requeued_objects": n}
 
     @app.post("/api/series/{series_uid}/reprocess", tags=["actions"])
     def reprocess(series_uid: str, actor: str = Depends(require_token)) -> dict[str, Any]:
         """Run the series through its routes again (a new series version, new jobs)."""
-        version = node.reprocess(series_uid, actor=actor)
-        if version is None:
-            raise HTTPException(404, f"no series {series_uid} with spooled instances")
+        version = node.reprocess(series_uid, actor=actor)  # NotFoundError -> 404
         return {"series_uid": series_uid, "version": version}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False, dependencies=reads)

@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from node.dicom.volume import FrameRef, Volume
+from node.devtools.synth.phantom import CaseGeometry, make_phantom
+from node.evaluate.metrics import dice_score
+from node.imaging.volume import FrameRef, Volume
 from node.inference.registry import Registry
-from node.inference.rois import extract_rois
+from node.inference.rois import extract_rois, paint_rois
 from node.inference.runner import BundleRunner
-from node.synth.phantom import CaseGeometry, make_phantom
 
 BUNDLE = Path(__file__).resolve().parents[1]
 
@@ -60,14 +61,8 @@ def main() -> None:
         labels = runner.predict(vol)
         infer_s = time.time() - t
         rois = extract_rois(labels, vol, model.card, outlines=False)
-        pred = np.zeros(labels.shape, bool)
-        for r in rois:
-            k0, j0, i0 = r.offset
-            pred[k0:k0 + r.mask.shape[0], j0:j0 + r.mask.shape[1], i0:i0 + r.mask.shape[2]] |= r.mask
-        gt = ph.mask
-        inter = float((pred & gt).sum())
-        denom = float(pred.sum() + gt.sum())
-        dice = 1.0 if denom == 0 else 2 * inter / denom
+        pred = paint_rois(rois, shape=labels.shape) > 0
+        dice = dice_score(pred, ph.mask)
         dices.append(dice)
         case_fp = 0
         for r in rois:

@@ -2,7 +2,7 @@
 
     python models/lesion-ct-demo/scripts/train.py --out models/lesion-ct-demo/models/model.pt
 
-The cases come from ``node.synth`` (seeds first_seed..first_seed+N-1, default 100000); the held-out
+The cases come from ``node.devtools.synth`` (seeds first_seed..first_seed+N-1, default 100000); the held-out
 evaluation uses seeds from 200000 on, which training never sees. The network definition is read from configs/inference.json so the
 trained weights always match what the node loads.
 """
@@ -21,7 +21,7 @@ from monai.bundle import ConfigParser
 from monai.losses import DiceCELoss
 from monai.utils import set_determinism
 
-from node.synth.phantom import CaseGeometry, make_phantom
+from node.devtools.synth.phantom import CaseGeometry, make_phantom
 
 BUNDLE = Path(__file__).resolve().parents[1]
 A_MIN, A_MAX = -1000.0, 400.0  # must match ScaleIntensityRanged in configs/inference.json

@@ -22,9 +22,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from node.db import Database
+from node.store.db import Database, Filter
 
-__all__ = ["VerifyResult", "append_event", "export", "verify"]
+__all__ = ["VerifyResult", "append_event", "events", "export", "verify"]
 
 GENESIS = "0" * 64
 
@@ -50,17 +50,20 @@ def append_event(c: Any, kind: str, detail: dict[str, Any], *, series_uid: str |
 
 def export(db: Database, *, since: float | None = None, until: float | None = None) -> Iterator[dict[str, Any]]:
     """Records between two times (epoch seconds), oldest first, as dicts (JSON-lines ready)."""
-    sql, params = "SELECT * FROM events WHERE 1=1", list[object]()
-    if since is not None:
-        sql += " AND ts >= ?"
-        params.append(since)
-    if until is not None:
-        sql += " AND ts <= ?"
-        params.append(until)
-    for r in db.query(sql + " ORDER BY id", tuple(params)):
+    f = Filter().ge("ts", since).le("ts", until)
+    for r in db.query(f"SELECT * FROM events{f.sql()} ORDER BY id", tuple(f.params)):
         yield {"id": r["id"], "ts": r["ts"], "time": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(r["ts"])),
                "kind": r["kind"], "actor": r["actor"], "series_uid": r["series_uid"], "job_id": r["job_id"],
                "detail": json.loads(r["detail"]), "prev_hash": r["prev_hash"], "hash": r["hash"]}
+
+
+def events(db: Database, *, job_id: int | None = None, series_uid: str | None = None,
+           kind: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+    """Records of one job and/or series (or of one kind), oldest first, detail decoded."""
+    f = Filter().eq("job_id", job_id).eq("series_uid", series_uid).eq("kind", kind)
+    rows = db.query(f"SELECT * FROM events{f.sql()} ORDER BY id LIMIT ?", (*f.params, limit))
+    return [{"ts": r["ts"], "kind": r["kind"], "actor": r["actor"], "series_uid": r["series_uid"],
+             "job_id": r["job_id"], "detail": json.loads(r["detail"])} for r in rows]
 
 
 @dataclass(frozen=True, slots=True)

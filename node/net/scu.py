@@ -115,7 +115,7 @@ class DicomSender:
         assert d.ae_title and d.host and d.port  # validated by the configuration
         ctx = None
         if d.tls:
-            from node.dicom.tls import client_context
+            from node.net.tls import client_context
 
             ctx = client_context(ca=d.tls_ca, cert=d.tls_cert, key=d.tls_key, verify=d.verify_tls)
         return send_files(paths, ae_title=d.ae_title, host=d.host, port=d.port, calling_ae=self.calling_ae,

@@ -26,12 +26,28 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from node.errors import VolumeError
+from node.errors import MissingSlicesError, VolumeError
+from node.imaging.spacing import classify_spacing
 
-__all__ = ["FrameRef", "Volume", "load_series", "read_headers"]
+__all__ = ["CT_WINDOW", "TILT_TOLERANCE_DEG", "FrameRef", "Volume", "display_window", "load_series", "read_headers"]
 
 logger = logging.getLogger(__name__)
 
+
+#: largest angle (degrees) between the slice stack and the slice normal still taken as an orthogonal stack
+TILT_TOLERANCE_DEG = 0.5
+
+#: the soft-tissue/lung display window (HU) used for every CT picture the node draws
+CT_WINDOW = (-1000.0, 400.0)
+
+
+def display_window(pixels: np.ndarray, modality: str) -> tuple[float, float]:
+    """The (low, high) display window of a picture: :data:`CT_WINDOW` for CT, else the 1st-99th
+    percentiles of ``pixels`` (pass one slice or the whole volume)."""
+    if modality == "CT":
+        return CT_WINDOW
+    lo, hi = np.percentile(pixels, [1, 99])
+    return float(lo), float(hi)
 
 @dataclass(frozen=True, slots=True)
 class FrameRef:
@@ -62,6 +78,20 @@ class Volume:
     timings: dict[str, float] = field(default_factory=dict)
     #: the scratch mapping holding :attr:`pixels` when the volume was decoded into one (large series)
     mapping: mmap.mmap | None = field(default=None, repr=False)
+    #: ImagePositionPatient of each slice k (LPS mm), as read
+    positions: np.ndarray | None = field(default=None, repr=False)
+    #: angle (degrees) between the slice stack and the slice normal: gantry tilt
+    tilt_deg: float = 0.0
+    #: the steps between slices differ (designed uneven spacing; missing slices are refused instead)
+    uneven: bool = False
+    #: what makes the volume irregular, in words ("" for a regular stack)
+    geometry_note: str = ""
+
+    @property
+    def irregular(self) -> bool:
+        """True when the slices are not a regular orthogonal stack (tilted or unevenly spaced): a model
+        must see it resampled (``node.imaging.regrid``)."""
+        return self.uneven or self.tilt_deg > TILT_TOLERANCE_DEG
 
     def release_memory(self) -> None:
         """Give the pages of a file-backed volume back to the page cache (they leave this process's RSS).
@@ -82,9 +112,16 @@ class Volume:
         return tuple(self.pixels.shape)  # type: ignore[return-value]
 
     def voxel_to_patient(self, ijk: np.ndarray) -> np.ndarray:
-        """(N, 3) voxel indices (i, j, k) -> (N, 3) patient coordinates (mm)."""
+        """(N, 3) voxel indices (i, j, k) -> (N, 3) patient coordinates (mm).
+
+        For an unevenly spaced stack, k follows the slices' own positions (linear between two slices).
+        """
         ijk = np.atleast_2d(np.asarray(ijk, dtype=np.float64))
-        return ijk @ self.affine[:3, :3].T + self.affine[:3, 3]
+        if not self.uneven or self.positions is None:
+            return ijk @ self.affine[:3, :3].T + self.affine[:3, 3]
+        ks = np.arange(len(self.positions), dtype=np.float64)
+        origin = np.stack([np.interp(ijk[:, 2], ks, self.positions[:, a]) for a in range(3)], axis=1)
+        return origin + ijk[:, :2] @ self.affine[:3, :2].T
 
     def ras_affine(self) -> np.ndarray:
         """Voxel (i, j, k) -> RAS mm, the convention of NIfTI and of MONAI's readers."""
@@ -118,6 +155,7 @@ class _Slice:
     slope: float
     intercept: float
     for_uid: str
+    thickness: float | None = None
 
 
 def _floats(v: Any, n: int, what: str, where: str) -> np.ndarray:
@@ -130,14 +168,32 @@ def _floats(v: Any, n: int, what: str, where: str) -> np.ndarray:
     return arr
 
 
+#: Type 2 attributes of the patient and study modules that every result object copies from its source
+#: images; some scanners leave them out (a GE head CT without PatientBirthDate, say)
+_COPIED_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
 def read_headers(paths: Sequence[Path]) -> list[Dataset]:
-    """Read the headers (no pixel data) of the files; raises VolumeError for an unreadable file."""
+    """Read the headers (no pixel data) of the files; raises VolumeError for an unreadable file.
+
+    Type 2 patient and study attributes missing from a header are added empty (in memory only), as the
+    SEG and SR that copy them require them present, empty or not.
+    """
     out: list[Dataset] = []
     for p in paths:
         try:
-            out.append(dcmread(p, stop_before_pixels=True))
+            ds = dcmread(p, stop_before_pixels=True)
         except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
             raise VolumeError(f"cannot read {Path(p).name}: {exc}") from exc
+        for kw in _COPIED_TYPE2:
+            if kw not in ds:
+                setattr(ds, kw, "")
+        if str(ds.get("PatientIdentityRemoved", "")).upper() == "YES" and not ds.get("DeidentificationMethod") \
+                and "DeidentificationMethodCodeSequence" not in ds:
+            # Type 1C once identity is removed; copied into every output, which would then be invalid
+            ds.DeidentificationMethod = "not stated in the source images"
+        out.append(ds)
     return out
 
 
@@ -197,11 +253,27 @@ def _slices_of(ds: Dataset, index: int, where: str) -> list[_Slice]:
         spacing=tuple(_floats(spacing, 2, "PixelSpacing", where)),  # type: ignore[arg-type]
         rows=rows, cols=cols,
         slope=float(ds.get("RescaleSlope", 1.0) or 1.0), intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
-        for_uid=for_uid)]
+        for_uid=for_uid, thickness=_thickness(ds))]
 
 
-def _check_and_sort(slices: list[_Slice], series: str, *, gap_tolerance: float,
-                    tilt_tolerance_deg: float) -> tuple[list[_Slice], np.ndarray]:
+def _thickness(ds: Dataset) -> float | None:
+    try:
+        v = ds.get("SliceThickness")
+        return float(v) if v not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Stack:
+    slices: list[_Slice]
+    step: np.ndarray
+    tilt_deg: float
+    uneven: bool
+    note: str
+
+
+def _check_and_sort(slices: list[_Slice], series: str, *, tilt_tolerance_deg: float) -> _Stack:
     first = slices[0]
     for s in slices[1:]:
         if (s.rows, s.cols) != (first.rows, first.cols):
@@ -221,8 +293,7 @@ def _check_and_sort(slices: list[_Slice], series: str, *, gap_tolerance: float,
     slices = [slices[i] for i in order]
     pos = pos[order]
     if len(slices) == 1:
-        thickness = 1.0
-        return slices, normal * thickness
+        return _Stack(slices, normal * (first.thickness or 1.0), 0.0, False, "")
     steps = np.diff(pos)
     dup = np.where(steps < 1e-2)[0]
     if dup.size:
@@ -230,24 +301,21 @@ def _check_and_sort(slices: list[_Slice], series: str, *, gap_tolerance: float,
         count = int(np.sum(np.abs(pos - pos[i]) < 1e-2))
         raise VolumeError(f"series {series} has {count} slices at position {pos[i]:.2f} mm along the normal; "
                           "expected one (several phases or echoes in one series?)")
-    usual = float(steps.min())
-    gaps = np.where(steps > gap_tolerance * usual)[0]
-    if gaps.size:
-        i = int(gaps[0])
-        raise VolumeError(f"series {series} has a gap of {steps[i]:.2f} mm between slices at {pos[i]:.2f} and "
-                          f"{pos[i + 1]:.2f} mm; the usual spacing is {usual:.2f} mm (missing slices?)")
-    if float(steps.max() - steps.min()) > max(0.1 * usual, 0.05):
-        raise VolumeError(f"series {series} has uneven slice spacing from {steps.min():.2f} to {steps.max():.2f} mm; "
-                          "expected a regular spacing")
+    report = classify_spacing(pos, [s.thickness for s in slices])
+    if report.gaps:
+        raise MissingSlicesError(f"series {series} has {report.describe_gap()} (incomplete transfer?)")
+    notes = []
+    if report.uneven:
+        notes.append(report.describe_uneven())
+    # tilt: how far the slice origins drift in the slice plane per mm along the normal
+    inplane = np.array([s.ipp - slices[0].ipp - (p - pos[0]) * normal for s, p in zip(slices, pos, strict=True)])
+    drift = float(np.linalg.norm(inplane[-1]))
+    angle = float(np.degrees(np.arctan2(drift, abs(pos[-1] - pos[0]))))
+    tilted = angle > tilt_tolerance_deg
+    if tilted:
+        notes.append(f"gantry tilt {angle:.1f} degrees")
     span = slices[-1].ipp - slices[0].ipp
-    along = float(span @ normal)
-    offaxis = float(np.linalg.norm(span - along * normal))
-    angle = float(np.degrees(np.arctan2(offaxis, abs(along))))
-    if angle > tilt_tolerance_deg:
-        raise VolumeError(f"series {series} is tilted: slice positions run {angle:.1f} degrees off the slice normal "
-                          "(gantry tilt); resampling is not implemented")
-    step_vec = span / (len(slices) - 1)
-    return slices, step_vec
+    return _Stack(slices, span / (len(slices) - 1), angle if tilted else 0.0, report.uneven, ", ".join(notes))
 
 
 _NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
@@ -313,14 +381,16 @@ def _scratch_array(folder: Path, shape: tuple[int, ...], dtype: np.dtype) -> tup
     return np.frombuffer(mapping, dtype=dtype).reshape(shape), mapping
 
 
-def load_series(paths: Sequence[Path], *, gap_tolerance: float = 1.5, tilt_tolerance_deg: float = 0.5,
+def load_series(paths: Sequence[Path], *, tilt_tolerance_deg: float = TILT_TOLERANCE_DEG,
                 scratch_dir: Path | None = None, map_above_bytes: int = 256 * 2**20) -> Volume:
     """Read a series into a :class:`Volume`.
 
+    A tilted or unevenly spaced stack is read as it is, with :attr:`Volume.geometry_note` saying so (the
+    pipeline resamples it for the model); a stack with missing slices is refused.
+
     Args:
         paths: the files of one series (any order).
-        gap_tolerance: a step over this multiple of the median spacing counts as missing slices.
-        tilt_tolerance_deg: largest angle between the slice stack and the slice normal accepted.
+        tilt_tolerance_deg: largest angle between the slice stack and the slice normal taken as no tilt.
         scratch_dir: where a volume larger than ``map_above_bytes`` is decoded into an unlinked
             scratch file mapped into memory, so :meth:`Volume.release_memory` can hand its pages
             back while the model runs (None: always in ordinary memory).
@@ -337,11 +407,19 @@ def load_series(paths: Sequence[Path], *, gap_tolerance: float = 1.5, tilt_toler
         raise VolumeError("the series has no instances")
     t0 = time.perf_counter()
     headers = read_headers(paths)
-    series = str(headers[0].get("SeriesInstanceUID", "?"))
+    by_series: dict[str, int] = {}
+    for ds in headers:
+        uid = str(ds.get("SeriesInstanceUID", "?"))
+        by_series[uid] = by_series.get(uid, 0) + 1
+    if len(by_series) > 1:
+        listed = ", ".join(f"{uid} ({n} instance(s))" for uid, n in by_series.items())
+        raise VolumeError(f"the files hold {len(by_series)} series: {listed}; expected one")
+    series = next(iter(by_series))
     slices: list[_Slice] = []
     for n, ds in enumerate(headers):
         slices.extend(_slices_of(ds, n, f"series {series}, instance {ds.get('SOPInstanceUID', Path(paths[n]).name)}"))
-    slices, step = _check_and_sort(slices, series, gap_tolerance=gap_tolerance, tilt_tolerance_deg=tilt_tolerance_deg)
+    stack = _check_and_sort(slices, series, tilt_tolerance_deg=tilt_tolerance_deg)
+    slices, step = stack.slices, stack.step
     t1 = time.perf_counter()
     # second pass: each file is read again for its pixels, one at a time, straight into its sorted slot;
     # keeping every dataset from the first pass would double the peak memory (the page cache makes the
@@ -388,4 +466,6 @@ def load_series(paths: Sequence[Path], *, gap_tolerance: float = 1.5, tilt_toler
         pixels=pixels, affine=affine, sources=[headers[i] for i in used],
         frames=[FrameRef(remap[s.source], s.frame) for s in slices],
         modality=str(headers[0].get("Modality", "")), series_uid=series,
-        timings={"read_headers": t1 - t0, "decode": t2 - t1}, mapping=mapping)
+        timings={"read_headers": t1 - t0, "decode": t2 - t1}, mapping=mapping,
+        positions=np.array([s.ipp for s in slices]), tilt_deg=stack.tilt_deg, uneven=stack.uneven,
+        geometry_note=stack.note)

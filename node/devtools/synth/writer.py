@@ -20,7 +20,7 @@ from pydicom.uid import (
 )
 
 from node import __version__
-from node.synth.phantom import Phantom
+from node.devtools.synth.phantom import Phantom
 
 __all__ = ["SYNTH_UID_ROOT", "write_case", "write_ground_truth_seg", "write_series"]
 
@@ -66,7 +66,7 @@ def write_series(phantom: Phantom, out_dir: Path, *, seed: int, patient_name: st
         ds.AccessionNumber = f"ACC{seed:06d}"
         ds.Modality = "CT"
         ds.Manufacturer = "preannot synthetic phantom"
-        ds.ManufacturerModelName = "node.synth"
+        ds.ManufacturerModelName = "node.devtools.synth"
         ds.SoftwareVersions = __version__
         ds.InstitutionName = "Synthetic Hospital"
         ds.ReferringPhysicianName = ""
@@ -148,7 +148,7 @@ def write_ground_truth_seg(phantom: Phantom, source_paths: list[Path], out_path:
         sop_instance_uid=_uid(seed, "gt-instance"),
         instance_number=1,
         manufacturer="preannot synthetic phantom",
-        manufacturer_model_name="node.synth ground truth",
+        manufacturer_model_name="node.devtools.synth ground truth",
         software_versions=__version__,
         device_serial_number="synthetic",
         series_description="Ground truth lesions (synthetic)",

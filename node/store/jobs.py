@@ -22,15 +22,16 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
-from node.audit import append_event
-from node.db import Database
-from node.errors import JobError
+from node.errors import JobError, JobNotFoundError
+from node.store.audit import append_event
+from node.store.db import Database, Filter
 
-__all__ = ["Job", "JobState", "JobStore", "OutboxItem", "OutboxState", "ResultObject"]
+__all__ = ["Deliverable", "Job", "JobState", "JobStore", "OutboxItem", "OutboxState"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,13 +82,15 @@ class Job:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class ResultObject:
-    """A result file of a job to be delivered."""
+class Deliverable(Protocol):
+    """A result file to deliver (``node.outputs.ResultObject`` is the one the pipeline makes)."""
 
-    path: str
-    sop_uid: str
-    sop_class: str
+    @property
+    def path(self) -> str: ...
+    @property
+    def sop_uid(self) -> str: ...
+    @property
+    def sop_class(self) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,16 +123,11 @@ class JobStore:
 
     # --- events (audit trail) -------------------------------------------------------------------
 
-    @staticmethod
-    def _event(c: Any, kind: str, detail: dict[str, Any], *, series_uid: str | None = None,
-               job_id: int | None = None, actor: str | None = None, now: float | None = None) -> None:
-        append_event(c, kind, detail, series_uid=series_uid, job_id=job_id, actor=actor, now=now)
-
     def record(self, kind: str, detail: dict[str, Any], *, series_uid: str | None = None,
                job_id: int | None = None, actor: str | None = None) -> None:
         """Append an audit event."""
         with self.db.tx() as c:
-            self._event(c, kind, detail, series_uid=series_uid, job_id=job_id, actor=actor)
+            append_event(c, kind, detail, series_uid=series_uid, job_id=job_id, actor=actor)
 
     # --- jobs -----------------------------------------------------------------------------------
 
@@ -145,7 +143,7 @@ class JobStore:
         if cur.rowcount == 0:
             return None
         job_id = int(cur.lastrowid)
-        self._event(c, "job.queued", {"model": model, "route": route, "series_version": series_version,
+        append_event(c, "job.queued", {"model": model, "route": route, "series_version": series_version,
                                       "config_version": config_version},
                     series_uid=series_uid, job_id=job_id, now=now)
         return job_id
@@ -154,25 +152,28 @@ class JobStore:
         """The job; raises JobError when there is none."""
         row = self.db.one("SELECT * FROM jobs WHERE id = ?", (job_id,))
         if row is None:
-            raise JobError(f"no job with id {job_id}")
+            raise JobNotFoundError(f"no job with id {job_id}")
         return Job.from_row(row)
 
     def list_jobs(self, *, state: JobState | str | None = None, model: str | None = None,
-             series_uid: str | None = None, limit: int = 100) -> list[Job]:
-        """Jobs, newest first, optionally filtered."""
-        sql, params = "SELECT * FROM jobs WHERE 1=1", list[object]()
-        if state is not None:
-            sql += " AND state = ?"
-            params.append(str(JobState(state)))
-        if model is not None:
-            sql += " AND model = ?"
-            params.append(model)
-        if series_uid is not None:
-            sql += " AND series_uid = ?"
-            params.append(series_uid)
-        sql += " ORDER BY id DESC LIMIT ?"
-        params.append(limit)
-        return [Job.from_row(r) for r in self.db.query(sql, tuple(params))]
+                  series_uid: str | None = None, since: float | None = None, until: float | None = None,
+                  limit: int = 100) -> list[Job]:
+        """Jobs, newest first, optionally filtered (``since``/``until``: creation time, epoch seconds).
+
+        Raises:
+            ValueError: ``state`` is not a job state.
+        """
+        f = (Filter().eq("state", None if state is None else JobState(state).value).eq("model", model)
+             .eq("series_uid", series_uid).ge("created_at", since).le("created_at", until))
+        return [Job.from_row(r) for r in self.db.query(f"SELECT * FROM jobs{f.sql()} ORDER BY id DESC LIMIT ?",
+                                                       (*f.params, limit))]
+
+    def finished_before(self, cutoff: float) -> list[int]:
+        """Ids of jobs finished (done, dead, cancelled) before ``cutoff`` whose deliveries are all settled."""
+        rows = self.db.query("SELECT id FROM jobs j WHERE state IN ('done', 'dead', 'cancelled') "
+                             "AND COALESCE(finished_at, updated_at) < ? AND NOT EXISTS (SELECT 1 FROM outbox o "
+                             "WHERE o.job_id = j.id AND o.state IN ('pending', 'sending'))", (cutoff,))
+        return [int(r["id"]) for r in rows]
 
     def counts(self) -> dict[str, int]:
         """Number of jobs per state."""
@@ -193,11 +194,11 @@ class JobStore:
             c.execute("UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_until = ?, started_at = ?, "
                       "updated_at = ? WHERE id = ?", (now + lease_seconds, now, now, row["id"]))
             job = Job.from_row(c.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
-            self._event(c, "job.started", {"attempt": job.attempts, "model": job.model},
+            append_event(c, "job.started", {"attempt": job.attempts, "model": job.model},
                         series_uid=job.series_uid, job_id=job.id, now=now)
         return job
 
-    def complete(self, job_id: int, *, result: dict[str, Any], objects: list[ResultObject],
+    def complete(self, job_id: int, *, result: dict[str, Any], objects: Sequence[Deliverable],
                  destinations: list[str], now: float | None = None) -> None:
         """Mark a running job done and queue each result object for each destination (one transaction)."""
         now = time.time() if now is None else now
@@ -213,7 +214,7 @@ class JobStore:
                         "INSERT OR IGNORE INTO outbox (job_id, destination, path, sop_uid, sop_class, state, "
                         "attempts, next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?)",
                         (job_id, dest, obj.path, obj.sop_uid, obj.sop_class, now, now))
-            self._event(c, "job.done", {"objects": [o.sop_uid for o in objects], "destinations": destinations,
+            append_event(c, "job.done", {"objects": [o.sop_uid for o in objects], "destinations": destinations,
                                         "summary": result.get("summary", {}), "model": result.get("model", {})},
                         series_uid=row["series_uid"], job_id=job_id, now=now)
         if destinations and objects:
@@ -226,30 +227,35 @@ class JobStore:
         with self.db.tx() as c:
             row = c.execute("SELECT attempts, max_attempts, series_uid FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
-                raise JobError(f"no job with id {job_id}")
+                raise JobNotFoundError(f"no job with id {job_id}")
             dead = int(row["attempts"]) >= int(row["max_attempts"])
             state = JobState.DEAD if dead else JobState.FAILED
             delay = _backoff(int(row["attempts"]), backoff_seconds, backoff_max_seconds)
             c.execute("UPDATE jobs SET state = ?, error = ?, updated_at = ?, lease_until = NULL, next_run_at = ?, "
                       "finished_at = ? WHERE id = ?",
                       (state.value, reason[:4000], now, now + delay, now if dead else None, job_id))
-            self._event(c, f"job.{state.value}", {"reason": reason[:4000], "attempt": int(row["attempts"]),
+            append_event(c, f"job.{state.value}", {"reason": reason[:4000], "attempt": int(row["attempts"]),
                                                  "retry_in_s": None if dead else delay},
                         series_uid=row["series_uid"], job_id=job_id, now=now)
         return state
 
     def retry(self, job_id: int, *, actor: str | None = None, now: float | None = None) -> None:
-        """Queue a failed, dead, cancelled or done job again (attempts reset)."""
+        """Queue a failed, dead or cancelled job again (attempts reset).
+
+        A done job is refused: its results were sent, and running it again would put a second AI result
+        beside the first (reprocessing the series is the explicit way to replace them).
+        """
         now = time.time() if now is None else now
         with self.db.tx() as c:
             row = c.execute("SELECT state, series_uid FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
-                raise JobError(f"no job with id {job_id}")
-            if row["state"] in (JobState.RUNNING, JobState.QUEUED):
-                raise JobError(f"job {job_id} is {row['state']}; only failed, dead, cancelled or done jobs retry")
+                raise JobNotFoundError(f"no job with id {job_id}")
+            if row["state"] not in (JobState.FAILED, JobState.DEAD, JobState.CANCELLED):
+                hint = "; reprocess the series to replace its results" if row["state"] == JobState.DONE else ""
+                raise JobError(f"job {job_id} is {row['state']}; only failed, dead or cancelled jobs retry{hint}")
             c.execute("UPDATE jobs SET state = 'queued', attempts = 0, next_run_at = ?, updated_at = ?, error = NULL "
                       "WHERE id = ?", (now, now, job_id))
-            self._event(c, "job.retry", {"previous_state": row["state"]}, series_uid=row["series_uid"],
+            append_event(c, "job.retry", {"previous_state": row["state"]}, series_uid=row["series_uid"],
                         job_id=job_id, actor=actor, now=now)
         self.jobs_waiting.set()
 
@@ -259,12 +265,12 @@ class JobStore:
         with self.db.tx() as c:
             row = c.execute("SELECT state, series_uid FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
-                raise JobError(f"no job with id {job_id}")
+                raise JobNotFoundError(f"no job with id {job_id}")
             if row["state"] not in (JobState.QUEUED, JobState.FAILED):
                 raise JobError(f"job {job_id} is {row['state']}; only queued or failed jobs can be cancelled")
             c.execute("UPDATE jobs SET state = 'cancelled', updated_at = ?, finished_at = ? WHERE id = ?",
                       (now, now, job_id))
-            self._event(c, "job.cancelled", {}, series_uid=row["series_uid"], job_id=job_id, actor=actor, now=now)
+            append_event(c, "job.cancelled", {}, series_uid=row["series_uid"], job_id=job_id, actor=actor, now=now)
 
     def recover(self, now: float | None = None) -> tuple[int, int]:
         """At start: requeue jobs left running and outbox items left sending by a killed process.
@@ -279,7 +285,7 @@ class JobStore:
             items = c.execute("UPDATE outbox SET state = 'pending', next_attempt_at = ? WHERE state = 'sending'",
                               (now,)).rowcount
             if jobs or items:
-                self._event(c, "node.recovered", {"jobs_requeued": jobs, "outbox_requeued": items}, now=now)
+                append_event(c, "node.recovered", {"jobs_requeued": jobs, "outbox_requeued": items}, now=now)
         if jobs or items:
             logger.warning("recovered after an unclean stop: %d job(s) and %d delivery item(s) requeued", jobs, items)
         return jobs, items
@@ -307,7 +313,7 @@ class JobStore:
         with self.db.tx() as c:
             c.execute("UPDATE outbox SET state = 'sent', sent_at = ?, last_status = ?, error = NULL WHERE id = ?",
                       (now, status, item.id))
-            self._event(c, "delivery.sent", {"destination": item.destination, "sop_uid": item.sop_uid,
+            append_event(c, "delivery.sent", {"destination": item.destination, "sop_uid": item.sop_uid,
                                              "status": status, "attempt": item.attempts},
                         job_id=item.job_id, now=now)
 
@@ -321,7 +327,7 @@ class JobStore:
         with self.db.tx() as c:
             c.execute("UPDATE outbox SET state = ?, error = ?, last_status = ?, next_attempt_at = ? WHERE id = ?",
                       (state.value, reason[:2000], status, now + delay, item.id))
-            self._event(c, "delivery.dead" if dead else "delivery.failed",
+            append_event(c, "delivery.dead" if dead else "delivery.failed",
                         {"destination": item.destination, "sop_uid": item.sop_uid, "reason": reason[:2000],
                          "attempt": item.attempts, "retry_in_s": None if dead else delay},
                         job_id=item.job_id, now=now)
@@ -333,7 +339,7 @@ class JobStore:
         with self.db.tx() as c:
             n = c.execute("UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?, error = NULL "
                           "WHERE job_id = ?", (now, job_id)).rowcount
-            self._event(c, "delivery.resend", {"objects": n}, job_id=job_id, actor=actor, now=now)
+            append_event(c, "delivery.resend", {"objects": n}, job_id=job_id, actor=actor, now=now)
         if n:
             self.outbox_waiting.set()
         return int(n)
@@ -341,15 +347,8 @@ class JobStore:
     def outbox(self, *, job_id: int | None = None, state: OutboxState | str | None = None,
                limit: int = 500) -> list[OutboxItem]:
         """Outbox items, newest first."""
-        sql, params = "SELECT * FROM outbox WHERE 1=1", list[object]()
-        if job_id is not None:
-            sql += " AND job_id = ?"
-            params.append(job_id)
-        if state is not None:
-            sql += " AND state = ?"
-            params.append(str(OutboxState(state)))
-        sql += " ORDER BY id DESC LIMIT ?"
-        params.append(limit)
+        f = Filter().eq("job_id", job_id).eq("state", None if state is None else OutboxState(state).value)
+        sql, params = f"SELECT * FROM outbox{f.sql()} ORDER BY id DESC LIMIT ?", [*f.params, limit]
         return [OutboxItem(id=r["id"], job_id=r["job_id"], destination=r["destination"], path=r["path"],
                            sop_uid=r["sop_uid"], sop_class=r["sop_class"], state=OutboxState(r["state"]),
                            attempts=int(r["attempts"]), error=r["error"])

@@ -11,7 +11,7 @@ from typing import Any
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from node.dicom.spool import safe_uid
+from node.ingest.uids import safe_uid
 
 __all__ = ["StoreSink"]
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,19 +18,20 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from node.config import OutputsConfig
-from node.dicom.volume import Volume, load_series
 from node.errors import ModelTimeoutError, OutputError
+from node.imaging.regrid import regularize
+from node.imaging.volume import Volume, load_series
 from node.inference.registry import ModelInfo
-from node.inference.rois import ROI, extract_rois
+from node.inference.rois import ROI, extract_rois, paint_rois, relocate_rois
 from node.inference.runner import Runner
-from node.jobs.store import ResultObject
 from node.outputs.equipment import Provenance
 from node.outputs.preview import write_preview
+from node.outputs.result import ResultObject, save_dataset, write_private
 from node.outputs.seg import build_seg
 from node.outputs.sr import build_sr
 from node.outputs.viewer_objects import build_capture, build_gsps, build_kos, build_rtstruct
 
-__all__ = ["JobOutput", "process_series", "save_dataset"]
+__all__ = ["JobOutput", "ModelContext", "PipelineOptions", "process_series"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,26 +63,35 @@ class JobOutput:
                 "files": self.files, "rois": [r.to_dict() for r in self.rois]}
 
 
-def save_dataset(ds: Dataset, path: Path, *, fsync: bool = True) -> Path:
-    """Write a dataset atomically (temp file, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".part")
-    ds.save_as(tmp, enforce_file_format=True)
-    if fsync:
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    os.replace(tmp, path)
-    return path
+@dataclass(frozen=True, slots=True)
+class ModelContext:
+    """What runs on the series and who signs the results: the model, its loaded runner, the provenance."""
+
+    model: ModelInfo
+    runner: Runner
+    provenance: Provenance
 
 
-def process_series(files: list[Path], *, runner: Runner, model: ModelInfo, provenance: Provenance,
-                   outputs: OutputsConfig, out_dir: Path, timeout_seconds: float | None = None,
-                   volume: Volume | None = None, fsync: bool = True, extra_outputs: Sequence[str] = (),
-                   on_stage: Callable[[str], None] | None = None, defer_preview: bool = False) -> JobOutput:
+@dataclass(frozen=True, slots=True)
+class PipelineOptions:
+    """How one run of the pipeline behaves."""
+
+    outputs: OutputsConfig = field(default_factory=OutputsConfig)
+    #: viewer objects beyond SEG + SR for this route: "gsps", "sc", "kos", "rtstruct"
+    extra_outputs: Sequence[str] = ()
+    timeout_seconds: float | None = None
+    fsync: bool = True
+    #: leave the preview PNG to :meth:`JobOutput.finish`, after the results are queued
+    defer_preview: bool = False
+
+
+def process_series(files: list[Path], ctx: ModelContext, out_dir: Path, *,
+                   options: PipelineOptions | None = None, volume: Volume | None = None,
+                   on_stage: Callable[[str], None] | None = None) -> JobOutput:
     """Run the whole processing of one series with one model, writing the results into ``out_dir``.
+
+    ``volume`` skips reading the files (when the caller already holds it); ``on_stage`` is called with
+    each stage's name as it starts.
 
     Returns:
         The result objects (for the outbox), ROIs, per-stage timings and a summary.
@@ -92,6 +101,9 @@ def process_series(files: list[Path], *, runner: Runner, model: ModelInfo, prove
         ModelError / ModelTimeoutError: the model failed or ran past ``timeout_seconds``.
         OutputError: a result object could not be built.
     """
+    opts = options or PipelineOptions()
+    model, runner, provenance, outputs = ctx.model, ctx.runner, ctx.provenance, opts.outputs
+    timeout_seconds, fsync, extra_outputs = opts.timeout_seconds, opts.fsync, opts.extra_outputs
     t_start = time.perf_counter()
     deadline = time.monotonic() + timeout_seconds if timeout_seconds else None
     timings: dict[str, float] = {}
@@ -106,24 +118,37 @@ def process_series(files: list[Path], *, runner: Runner, model: ModelInfo, prove
     if volume is None:
         volume = load_series(files, scratch_dir=out_dir)  # a large volume goes to a mapped scratch file
     timings.update({"read": volume.timings.get("read_headers", 0.0), "decode": volume.timings.get("decode", 0.0)})
+    grid = None
+    if volume.irregular:  # tilted or unevenly spaced: the model sees an orthogonal resampling
+        stage("resample")
+        t = time.perf_counter()
+        grid = regularize(volume)
+        timings["resample"] = time.perf_counter() - t
+        logger.info("series %s: %s; resampled to an orthogonal grid %s for the model", volume.series_uid,
+                    volume.geometry_note, grid.volume.shape if grid else "?")
+    model_volume = grid.volume if grid is not None else volume
     stage("inference")
     t = time.perf_counter()
-    labels = runner.predict(volume, deadline=deadline)
+    labels = runner.predict(model_volume, deadline=deadline)
     timings["inference"] = time.perf_counter() - t
 
     stage("rois")
     t = time.perf_counter()
-    rois = extract_rois(labels, volume, model.card)
-    kept = labels  # the runner's label map is ours: cleared and repainted with the kept ROIs (no second copy)
-    kept.fill(0)
-    for r in rois:
-        k0, j0, i0 = r.offset
-        assert r.mask is not None
-        region = kept[k0:k0 + r.mask.shape[0], j0:j0 + r.mask.shape[1], i0:i0 + r.mask.shape[2]]
-        region[r.mask] = r.label
+    rois = extract_rois(labels, model_volume, model.card)  # measured on the (orthogonal) grid, in mm
+    lost: list[ROI] = []
+    if grid is None:
+        # the runner's label map is ours: cleared and repainted with the kept ROIs (no second copy)
+        kept = paint_rois(rois, out=labels)
+    else:
+        del labels
+        rois, lost = relocate_rois(rois, grid)  # placed on the original slices for SEG, SR and viewers
+        for r in lost:
+            logger.warning("series %s: ROI %d (%.0f mm3) falls between the original slices; not reported",
+                           volume.series_uid, r.index, r.volume_mm3)
+        kept = paint_rois(rois, shape=volume.shape)
     timings["rois"] = time.perf_counter() - t
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     objects: list[ResultObject] = []
     files_out: dict[str, str] = {}
     seg = None
@@ -133,7 +158,7 @@ def process_series(files: list[Path], *, runner: Runner, model: ModelInfo, prove
         seg = build_seg(volume, kept, model.card, provenance, series_number=outputs.seg_series_number,
                         label_values=sorted({r.label for r in rois}))
         p = save_dataset(seg, out_dir / "seg.dcm", fsync=fsync)
-        objects.append(ResultObject(str(p), str(seg.SOPInstanceUID), str(seg.SOPClassUID)))
+        objects.append(ResultObject.of(seg, p))
         files_out["seg"] = str(p)
         timings["seg"] = time.perf_counter() - t
     if model.card.outputs.sr:
@@ -141,7 +166,7 @@ def process_series(files: list[Path], *, runner: Runner, model: ModelInfo, prove
         t = time.perf_counter()
         sr = build_sr(volume, rois, model.card, provenance, seg=seg, series_number=outputs.sr_series_number)
         p = save_dataset(sr, out_dir / "sr.dcm", fsync=fsync)
-        objects.append(ResultObject(str(p), str(sr.SOPInstanceUID), str(sr.SOPClassUID)))
+        objects.append(ResultObject.of(sr, p))
         files_out["sr"] = str(p)
         timings["sr"] = time.perf_counter() - t
     if rois and extra_outputs:
@@ -161,7 +186,7 @@ def process_series(files: list[Path], *, runner: Runner, model: ModelInfo, prove
                                                      series_number=outputs.rtstruct_series_number)))
         for name, ds in extra:
             p = save_dataset(ds, out_dir / f"{name}.dcm", fsync=fsync)
-            objects.append(ResultObject(str(p), str(ds.SOPInstanceUID), str(ds.SOPClassUID)))
+            objects.append(ResultObject.of(ds, p))
             files_out[name] = str(p)
         timings["extra_outputs"] = time.perf_counter() - t
     if not objects:
@@ -176,7 +201,7 @@ def process_series(files: list[Path], *, runner: Runner, model: ModelInfo, prove
             write_preview(volume, kept, rois, preview_path, title=f"{model.name} {model.version}")
             timings["preview"] = time.perf_counter() - t
 
-        if defer_preview:  # off the critical path: the caller queues the results first, then calls finish()
+        if opts.defer_preview:  # off the critical path: the caller queues the results first, then calls finish()
             deferred = preview
         else:
             preview()
@@ -189,9 +214,11 @@ def process_series(files: list[Path], *, runner: Runner, model: ModelInfo, prove
                   "diameter_mm": r.diameter_inplane_mm, "centroid_mm": list(r.centroid_mm)} for r in rois],
         "model": model.identification(),
     }
+    if grid is not None:
+        summary["resampled"] = {**grid.describe(), "rois_between_slices": len(lost)}
     result = JobOutput(objects=objects, rois=rois, timings=timings, summary=summary, files=files_out,
                        deferred=deferred)
-    (out_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
+    write_private(out_dir / "result.json", json.dumps(result.to_dict(), indent=2))
     logger.info("series %s: %d ROI(s), %s in %.1f s (inference %.1f s)", volume.series_uid, len(rois),
                 "+".join(k for k in ("seg", "sr") if k in files_out), timings["total"], timings["inference"])
     return result

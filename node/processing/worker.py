@@ -10,20 +10,35 @@ import logging
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 
 from node.config import NodeConfig
-from node.dicom.spool import Spool
 from node.errors import PreannotError
 from node.inference.registry import Registry
 from node.inference.runner import BundleRunner, Runner
-from node.jobs.store import Job, JobStore
 from node.metrics import NodeMetrics
 from node.outputs.equipment import Provenance
-from node.pipeline import process_series
+from node.outputs.result import attempt_dir
+from node.processing.pipeline import ModelContext, PipelineOptions, process_series
+from node.store.jobs import Job, JobStore
+from node.store.series import SeriesStore
 
-__all__ = ["Worker"]
+__all__ = ["Worker", "WorkerContext"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerContext:
+    """The node's parts a worker uses (shared by all workers)."""
+
+    config: NodeConfig
+    jobs: JobStore
+    series: SeriesStore
+    registry: Registry
+    #: the node's Device UID, recorded in every output
+    device_uid: str
+    metrics: NodeMetrics | None = None
 
 
 class Worker(threading.Thread):
@@ -31,23 +46,20 @@ class Worker(threading.Thread):
 
     Args:
         name: thread name (for logs).
-        config, store, spool, registry: the node's parts.
-        device_uid: the node's device UID (recorded in outputs).
+        ctx: the node's parts.
         stop: set to stop after the current job.
+        poll_seconds: how long to wait for work when the queue is empty (workers are also woken).
     """
 
-    def __init__(self, name: str, *, config: NodeConfig, store: JobStore, spool: Spool, registry: Registry,
-                 device_uid: str, stop: threading.Event, poll_seconds: float = 0.5,
-                 metrics: NodeMetrics | None = None) -> None:
+    def __init__(self, name: str, ctx: WorkerContext, *, stop: threading.Event, poll_seconds: float = 0.5) -> None:
         super().__init__(name=name, daemon=True)
-        self.config = config
-        self.store = store
-        self.spool = spool
-        self.registry = registry
-        self.device_uid = device_uid
+        self.ctx = ctx
+        self.config = ctx.config
+        self.store = ctx.jobs
+        self.registry = ctx.registry
+        self.metrics = ctx.metrics
         self.stop_event = stop
         self.poll_seconds = poll_seconds
-        self.metrics = metrics
         self.runners: dict[str, Runner] = {}
         self.current: Job | None = None
         self.stage: str = ""
@@ -92,19 +104,15 @@ class Worker(threading.Thread):
         try:
             model = self.registry.get(job.model)
             runner = self.runner_for(job.model)
-            files = self.spool.series_files(job.series_uid)
-            out_dir = self.config.data_dir / "outputs" / f"job-{job.id:06d}" / f"attempt-{job.attempts}"
-            provenance = Provenance(model=model, manufacturer=self.config.outputs.manufacturer,
-                                    device_uid=self.device_uid,
-                                    device_serial_number=self.config.outputs.device_serial_number,
-                                    institution_name=self.config.outputs.institution_name,
-                                    uid_root=self.config.outputs.uid_root)
+            files = self.ctx.series.files(job.series_uid)
+            out_dir = attempt_dir(self.config.data_dir, job.id, job.attempts)
+            provenance = Provenance.for_node(model, self.config.outputs, device_uid=self.ctx.device_uid)
             route = next((r for r in self.config.routes if r.name == job.route), None)
-            output = process_series(files, runner=runner, model=model, provenance=provenance,
-                                    extra_outputs=route.extra_outputs if route else (),
-                                    outputs=self.config.outputs, out_dir=out_dir,
-                                    timeout_seconds=self.config.jobs.timeout_seconds, fsync=self.config.node.fsync,
-                                    on_stage=self._set_stage, defer_preview=True)
+            options = PipelineOptions(outputs=self.config.outputs, extra_outputs=route.extra_outputs if route else (),
+                                      timeout_seconds=self.config.jobs.timeout_seconds, fsync=self.config.node.fsync,
+                                      defer_preview=True)
+            output = process_series(files, ModelContext(model, runner, provenance), out_dir, options=options,
+                                    on_stage=self._set_stage)
             result = output.to_dict()
             result["model"] = model.identification()
             result["output_dir"] = str(out_dir)

@@ -13,11 +13,11 @@ import threading
 from collections.abc import Callable
 
 from node.config import Destination, NodeConfig
-from node.dicom.scu import Sender
-from node.dicom.web_senders import make_sender
+from node.delivery.senders import make_sender
 from node.errors import ConfigError
-from node.jobs.store import JobStore, OutboxState
 from node.metrics import NodeMetrics
+from node.net.scu import Sender
+from node.store.jobs import JobStore, OutboxState
 
 __all__ = ["Deliverer"]
 

@@ -22,20 +22,25 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+import pynetdicom
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from node.dicom.spool import Spool
+from node.config import NodeSection
 from node.errors import InvalidInstanceError, OutOfSpaceError, PreannotError
+from node.ingest.spool import Spool
 
-__all__ = ["STATUS", "Listener", "ListenerStats"]
+__all__ = ["STATUS", "Listener", "ListenerStats", "configure_pynetdicom"]
 
 logger = logging.getLogger(__name__)
 
-# identifiers (patient name, ID) must not reach the logs
-_config.LOG_REQUEST_IDENTIFIERS = False
-_config.LOG_RESPONSE_IDENTIFIERS = False
+
+def configure_pynetdicom() -> None:
+    """pynetdicom's process-wide settings, applied once at start (before any association exists):
+    identifiers (patient name, ID) in C-FIND/C-MOVE requests and responses never reach the logs."""
+    pynetdicom._config.LOG_REQUEST_IDENTIFIERS = False
+    pynetdicom._config.LOG_RESPONSE_IDENTIFIERS = False
 
 STATUS = {
     "success": 0x0000,
@@ -53,6 +58,7 @@ class ListenerStats:
     associations_refused: int = 0
     instances: int = 0
     duplicates: int = 0
+    conflicts: int = 0
     failures: dict[str, int] = field(default_factory=dict)
     bytes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -67,37 +73,32 @@ class Listener:
 
     Args:
         spool: where instances go.
-        ae_title: our AE title.
-        port / bind: where to listen (port 0 picks a free port; see :attr:`port` after start).
-        allowed_callers: calling AE titles accepted; ``["*"]`` or empty-with-allow_any accepts all.
-        max_associations, max_pdu, timeouts: pynetdicom settings.
+        settings: the ``[node]`` section: AE title, bind address and port (0 picks a free port; see
+            :attr:`port` after start), allowed callers (``"*"`` accepts any), their hosts and per-caller
+            limit, association limits, PDU size and timeouts.
         ssl_context: a server-side TLS context, or None for plain TCP.
-        caller_hosts: calling AE -> allowed networks; max_per_caller: concurrent associations per calling AE.
     """
 
-    def __init__(self, spool: Spool, *, ae_title: str = "PREANNOT", bind: str = "0.0.0.0", port: int = 11112,
-                 allowed_callers: list[str] | None = None, max_associations: int = 10, max_pdu: int = 262144,
-                 acse_timeout: float = 30.0, dimse_timeout: float = 60.0, network_timeout: float = 60.0,
-                 ssl_context: ssl.SSLContext | None = None, caller_hosts: dict[str, list[str]] | None = None,
-                 max_per_caller: int = 0) -> None:
+    def __init__(self, spool: Spool, settings: NodeSection, *, ssl_context: ssl.SSLContext | None = None) -> None:
         self.spool = spool
-        self.ae_title = ae_title
-        self.bind = bind
-        self._port = port
-        self.allowed = list(allowed_callers or [])
+        self.settings = settings
+        self.ae_title = settings.ae_title
+        self.bind = settings.bind
+        self._port = settings.port
+        self.allowed = list(settings.allowed_callers)
         self.stats = ListenerStats()
         self.caller_hosts = {ae.strip(): [ipaddress.ip_network(n, strict=False) for n in nets]
-                             for ae, nets in (caller_hosts or {}).items()}
-        self.max_per_caller = max_per_caller
+                             for ae, nets in settings.caller_hosts.items()}
+        self.max_per_caller = settings.max_associations_per_caller
         self._active: dict[str, int] = {}
         self._refused_assocs: set[int] = set()
         self._server: ThreadedAssociationServer | None = None
-        ae = AE(ae_title=ae_title)
-        ae.maximum_associations = max_associations
-        ae.maximum_pdu_size = max_pdu
-        ae.acse_timeout = acse_timeout
-        ae.dimse_timeout = dimse_timeout
-        ae.network_timeout = network_timeout
+        ae = AE(ae_title=settings.ae_title)
+        ae.maximum_associations = settings.max_associations
+        ae.maximum_pdu_size = settings.max_pdu
+        ae.acse_timeout = settings.acse_timeout
+        ae.dimse_timeout = settings.dimse_timeout
+        ae.network_timeout = settings.network_timeout
         if "*" not in self.allowed:
             # pynetdicom rejects unlisted callers itself (A-ASSOCIATE-RJ, reason: calling AE not recognised)
             ae.require_calling_aet = self.allowed or ["\x00never"]
@@ -114,8 +115,19 @@ class Listener:
             return int(self._server.server_address[1])
         return self._port
 
+    def active_associations(self, calling_ae: str) -> int:
+        """Associations of a calling AE open now (those counted against its per-caller limit)."""
+        with self.stats.lock:
+            return self._active.get(calling_ae, 0)
+
+    @property
+    def listening(self) -> bool:
+        """True while the server accepts connections."""
+        return self._server is not None
+
     def start(self) -> None:
         """Start listening in background threads."""
+        configure_pynetdicom()
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -175,10 +187,14 @@ class Listener:
                     event.assoc.acceptor.ae_title)
 
     def _on_rejected(self, event: Any) -> None:
+        calling = str(event.assoc.requestor.ae_title).strip()
         with self.stats.lock:
             self.stats.associations_refused += 1
-        logger.warning("association refused: calling AE %r from %s is not in allowed_callers",
-                       event.assoc.requestor.ae_title, event.assoc.requestor.address)
+        if "*" in self.allowed or calling in self.allowed:
+            why = f"the node already has its maximum of {self.settings.max_associations} associations open"
+        else:
+            why = "it is not in allowed_callers"
+        logger.warning("association refused: calling AE %r from %s: %s", calling, event.assoc.requestor.address, why)
 
     def _closed(self, event: Any) -> None:
         calling = str(event.assoc.requestor.ae_title).strip()
@@ -231,6 +247,8 @@ class Listener:
             self.stats.bytes += len(raw)
             if result.duplicate:
                 self.stats.duplicates += 1
+            if result.conflict:
+                self.stats.conflicts += 1
         logger.debug("stored %s (series %s)%s", result.sop_uid, result.series_uid,
                      " [duplicate]" if result.duplicate else "")
         return STATUS["success"]

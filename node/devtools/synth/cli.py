@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from node.synth.phantom import CaseGeometry, make_phantom
-from node.synth.writer import write_case, write_series
+from node.devtools.synth.phantom import CaseGeometry, make_phantom
+from node.devtools.synth.writer import write_case, write_series
 
 app = typer.Typer(help="Generate synthetic chest CT series with known lesions (ground truth as DICOM SEG).",
                   no_args_is_help=True)

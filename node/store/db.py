@@ -16,11 +16,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Database"]
+__all__ = ["Database", "Filter"]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+#: columns added after a release: (table, column, declaration), applied to older databases at open
+_ADDED_COLUMNS = (
+    ("instances", "content_hash", "TEXT NOT NULL DEFAULT ''"),
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -52,7 +57,8 @@ CREATE TABLE IF NOT EXISTS instances (
     calling_ae TEXT,
     called_ae TEXT,
     received_at REAL NOT NULL,
-    series_version INTEGER NOT NULL DEFAULT 1
+    series_version INTEGER NOT NULL DEFAULT 1,
+    content_hash TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
 CREATE TABLE IF NOT EXISTS jobs (
@@ -109,16 +115,54 @@ CREATE INDEX IF NOT EXISTS events_ts ON events(ts);
 """
 
 
+class Filter:
+    """A WHERE clause built from optional conditions: a condition whose value is None is left out.
+
+    >>> f = Filter().eq("state", "done").ge("created_at", None)
+    >>> f.sql(), f.params
+    (' WHERE state = ?', ['done'])
+    """
+
+    def __init__(self) -> None:
+        self._clauses: list[str] = []
+        self.params: list[Any] = []
+
+    def _add(self, column: str, op: str, value: Any) -> Filter:
+        if value is not None:
+            self._clauses.append(f"{column} {op} ?")
+            self.params.append(value)
+        return self
+
+    def eq(self, column: str, value: Any) -> Filter:
+        return self._add(column, "=", value)
+
+    def ge(self, column: str, value: Any) -> Filter:
+        return self._add(column, ">=", value)
+
+    def le(self, column: str, value: Any) -> Filter:
+        return self._add(column, "<=", value)
+
+    def sql(self) -> str:
+        """`` WHERE a = ? AND ...`` or an empty string."""
+        return " WHERE " + " AND ".join(self._clauses) if self._clauses else ""
+
+
 class Database:
     """A SQLite database shared by the node's threads.
 
-    Use :meth:`tx` for a write transaction and :meth:`query` / :meth:`one` for reads.
+    Use :meth:`tx` for a write transaction and :meth:`query` / :meth:`one` for reads. ``readonly``
+    opens an existing database of another process for reading only (benchmarks, tests).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        if readonly:  # another process's node database, read while it runs (WAL allows it); never written
+            self._conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False,
+                                         isolation_level=None, timeout=30.0)
+            self._conn.row_factory = sqlite3.Row
+            return
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30.0)
         self._conn.row_factory = sqlite3.Row
         self._conn.execute("PRAGMA journal_mode=WAL")
@@ -126,7 +170,10 @@ class Database:
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.executescript(_SCHEMA)
         with self.tx() as c:
-            c.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            for table, column, decl in _ADDED_COLUMNS:
+                if column not in {r["name"] for r in c.execute(f"PRAGMA table_info({table})")}:
+                    c.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+            c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         try:
             path.chmod(0o600)
         except OSError:  # pragma: no cover - e.g. a read-only mount; the data_dir mode still protects it

@@ -63,7 +63,7 @@ enabled = false
 
 
 def _wait_echo(port: int, timeout: float, proc: subprocess.Popen) -> None:
-    from node.dicom.scu import echo
+    from node.net.scu import echo
 
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -95,11 +95,10 @@ def describe(sr_path: Path) -> list[dict]:
 def overlay(sample: Path, seg_path: Path, png: Path) -> int:
     """Draw the received SEG over its source slices (mapped by referenced SOP Instance UID)."""
     import highdicom as hd
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from pydicom import dcmread
+
+    from node.imaging.volume import display_window
 
     seg = hd.seg.segread(seg_path)
     sources = {str(ds.SOPInstanceUID): (p, ds) for p in sorted(sample.glob("*.dcm"))
@@ -121,18 +120,19 @@ def overlay(sample: Path, seg_path: Path, png: Path) -> int:
         if len(shown) == 4:
             break
     n = max(len(shown), 1)
-    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 4.8), squeeze=False)
+    fig = Figure(figsize=(4.5 * n, 4.8))
+    axes = fig.subplots(1, n, squeeze=False)
     for ax, (z, key, mask) in zip(axes[0], shown, strict=False):
         ds = dcmread(sources[key][0])
         hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-        ax.imshow(hu, cmap="gray", vmin=-1000, vmax=400)
+        lo, hi = display_window(hu, "CT")
+        ax.imshow(hu, cmap="gray", vmin=lo, vmax=hi)
         ax.contour(mask, levels=[0.5], colors=["#ff3030"], linewidths=1.2)
         ax.set_title(f"instance {ds.InstanceNumber} (z = {z:.1f} mm)\nreceived SEG overlaid", fontsize=9)
         ax.axis("off")
     fig.suptitle("preannot demo: AI pre-annotation (NOT VERIFIED) read back from the received DICOM SEG", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.9))
     fig.savefig(png, dpi=80)
-    plt.close(fig)
     return len(hits)
 
 
@@ -144,8 +144,8 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=600.0)
     args = ap.parse_args()
 
-    from node.dicom.scu import iter_dicom_files, send_files
-    from node.dicom.sink import StoreSink
+    from node.devtools.sink import StoreSink
+    from node.net.scu import iter_dicom_files, send_files
 
     out: Path = args.out.resolve()
     if out.exists():

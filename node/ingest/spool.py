@@ -9,10 +9,8 @@ swept at start) or a complete file; an indexed instance always has its complete 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -24,34 +22,19 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from node.audit import append_event
-from node.db import Database
 from node.errors import InvalidInstanceError, OutOfSpaceError, SpoolError
+from node.ingest.uids import check_uid, safe_uid
+from node.store.series import InstanceRecord, SeriesStore
 
 __all__ = ["ROUTING_EXCLUDED", "IngestResult", "Spool", "routing_attributes", "safe_uid"]
 
 logger = logging.getLogger(__name__)
-
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 #: Attributes never copied into the routing index (identifying or bulky).
 ROUTING_EXCLUDED = frozenset({
     "PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "OtherPatientNames",
     "PatientAddress", "PatientTelephoneNumbers", "PatientMotherBirthName", "PixelData",
 })
-
-
-def safe_uid(uid: str) -> str:
-    """A file-system-safe name for a UID.
-
-    A well-formed UID (digits and dots, at most 64 characters) is used as is; anything else (path
-    characters, spaces, overlong values) is replaced by ``x`` + the SHA-256 of the value, so it can
-    never escape the spool folder or collide with a real UID.
-    """
-    value = uid.strip().rstrip("\x00")
-    if _UID_RE.match(value) and len(value) <= 64 and value not in (".", ".."):
-        return value
-    return "x" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:40]
 
 
 def routing_attributes(ds: Dataset) -> dict[str, Any]:
@@ -115,6 +98,9 @@ class IngestResult:
     path: Path
     duplicate: bool
     late: bool
+    #: the SOP Instance UID was known with other content (see ``node.on_conflict``)
+    conflict: bool = False
+    replaced: bool = False
 
 
 def _fsync_dir(path: Path) -> None:
@@ -130,19 +116,23 @@ class Spool:
 
     Args:
         root: the spool folder (``<data_dir>/spool``).
-        db: the node database.
+        series: the series store, which indexes what is written.
         reserve_bytes: refuse (OutOfSpaceError) when less than this would remain free after the write.
         fsync: fsync files and folders before answering (turn off only for throw-away test nodes).
         late_instances: "reprocess" or "ignore": what a new instance of an already processed series does.
+        on_conflict: "keep" (the first copy stays; the conflict is logged and audited) or "replace" (the
+            new copy replaces it and the series is processed again) when a known SOP Instance UID
+            arrives with other content.
     """
 
-    def __init__(self, root: Path, db: Database, *, reserve_bytes: int = 0, fsync: bool = True,
-                 late_instances: str = "reprocess") -> None:
+    def __init__(self, root: Path, series: SeriesStore, *, reserve_bytes: int = 0, fsync: bool = True,
+                 late_instances: str = "reprocess", on_conflict: str = "keep") -> None:
         self.root = root
-        self.db = db
+        self.series = series
         self.reserve_bytes = reserve_bytes
         self.fsync = fsync
         self.late_instances = late_instances
+        self.on_conflict = on_conflict
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._tmp = root / ".tmp"
         self._tmp.mkdir(exist_ok=True, mode=0o700)
@@ -181,26 +171,37 @@ class Spool:
             raise InvalidInstanceError(f"cannot parse the dataset: {exc}") from exc
         _check_pixel_data(ds)
         try:
-            sop_uid = str(ds.SOPInstanceUID)
-            series_uid = str(ds.SeriesInstanceUID)
-            study_uid = str(ds.StudyInstanceUID)
-            sop_class = str(ds.SOPClassUID)
-        except AttributeError as exc:
-            raise InvalidInstanceError(f"missing a required UID: {exc}") from exc
-        except Exception as exc:
-            raise InvalidInstanceError(f"unreadable UID element: {exc}") from exc
-        if not (sop_uid and series_uid and study_uid and sop_class):
-            raise InvalidInstanceError("SOPInstanceUID, SeriesInstanceUID, StudyInstanceUID and SOPClassUID "
-                                       "must not be empty")
+            sop_uid = check_uid(ds, "SOPInstanceUID")
+            series_uid = check_uid(ds, "SeriesInstanceUID")
+            study_uid = check_uid(ds, "StudyInstanceUID")
+            sop_class = check_uid(ds, "SOPClassUID")
+            if "FrameOfReferenceUID" in ds:
+                check_uid(ds, "FrameOfReferenceUID")
+        except InvalidInstanceError as exc:
+            if str(exc).startswith("SOPInstanceUID"):
+                raise
+            raise InvalidInstanceError(f"{exc} (SOP Instance UID {str(ds.get('SOPInstanceUID', '?'))[:80]!r})") \
+                from exc
         if expected_sop_uid is not None and expected_sop_uid != sop_uid:
             raise InvalidInstanceError(f"the request names SOP Instance UID {expected_sop_uid} but the dataset "
                                        f"holds {sop_uid}")
         ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
 
-        existing = self.db.one("SELECT path FROM instances WHERE sop_uid = ?", (sop_uid,))
+        digest = hashlib.sha256(raw).hexdigest()
+        existing = self.series.instance(sop_uid)
+        replacing = False
         if existing is not None and Path(existing["path"]).exists():
-            logger.debug("instance %s already spooled; re-send acknowledged without rewriting", sop_uid)
-            return IngestResult(sop_uid, series_uid, Path(existing["path"]), duplicate=True, late=False)
+            if not existing["content_hash"] or existing["content_hash"] == digest:
+                logger.debug("instance %s already spooled; re-send acknowledged without rewriting", sop_uid)
+                return IngestResult(sop_uid, series_uid, Path(existing["path"]), duplicate=True, late=False)
+            if self.on_conflict != "replace":
+                self.series.record_conflict(sop_uid, series_uid=str(existing["series_uid"]), kept="first",
+                                            calling_ae=calling_ae)
+                logger.warning("instance %s (series %s) received again with different content from %s: "
+                               "the first copy is kept (node.on_conflict = keep)", sop_uid, series_uid, calling_ae)
+                return IngestResult(sop_uid, series_uid, Path(existing["path"]), duplicate=True, late=False,
+                                    conflict=True)
+            replacing = True
 
         if self.free_bytes() - len(raw) < self.reserve_bytes:
             raise OutOfSpaceError(f"spool {self.root}: {self.free_bytes() // 2**20} MiB free, "
@@ -229,53 +230,22 @@ class Spool:
                 raise OutOfSpaceError(f"disk full while writing {target.name}") from exc
             raise SpoolError(f"could not write {target}: {exc}") from exc
 
-        late = self._index(ds, target, len(raw), sop_uid=sop_uid, series_uid=series_uid, study_uid=study_uid,
-                           sop_class=sop_class, ts=ts, calling_ae=calling_ae, called_ae=called_ae, now=now)
-        return IngestResult(sop_uid, series_uid, target, duplicate=False, late=late)
-
-    def _index(self, ds: Dataset, path: Path, size: int, *, sop_uid: str, series_uid: str, study_uid: str,
-               sop_class: str, ts: str, calling_ae: str, called_ae: str, now: float) -> bool:
-        late = False
-        with self.db.tx() as c:
-            row = c.execute("SELECT state, version FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
-            if row is None:
-                attrs = json.dumps(routing_attributes(ds))
-                c.execute(
-                    "INSERT INTO series (series_uid, study_uid, modality, attrs, calling_ae, called_ae, "
-                    "first_received, last_received, n_instances, state, version, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 'receiving', 1, ?)",
-                    (series_uid, study_uid, str(ds.get("Modality", "")), attrs, calling_ae, called_ae,
-                     now, now, now))
-                version = 1
-                append_event(c, "series.received", {"study_uid": study_uid, "calling_ae": calling_ae,
-                                                    "called_ae": called_ae, "modality": str(ds.get("Modality", "")),
-                                                    "sop_class": sop_class}, series_uid=series_uid, now=now)
-            else:
-                version = int(row["version"])
-                if row["state"] in ("dispatched", "unmatched", "purged"):
-                    late = True
-                    if self.late_instances == "reprocess" and row["state"] == "dispatched":
-                        version += 1
-                        c.execute("UPDATE series SET state = 'receiving', version = ?, updated_at = ? "
-                                  "WHERE series_uid = ?", (version, now, series_uid))
-                    elif row["state"] == "unmatched":
-                        c.execute("UPDATE series SET state = 'receiving', updated_at = ? WHERE series_uid = ?",
-                                  (now, series_uid))
-            c.execute(
-                "INSERT OR REPLACE INTO instances (sop_uid, series_uid, study_uid, sop_class, transfer_syntax, "
-                "path, size, calling_ae, called_ae, received_at, series_version) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (sop_uid, series_uid, study_uid, sop_class, ts, str(path), size, calling_ae, called_ae,
-                 now, version))
-            c.execute("UPDATE series SET last_received = ?, n_instances = n_instances + 1, updated_at = ? "
-                      "WHERE series_uid = ?", (now, now, series_uid))
-        if late:
+        if replacing:
+            self.series.record_conflict(sop_uid, series_uid=series_uid, kept="new", calling_ae=calling_ae)
+            logger.warning("instance %s (series %s) received again with different content from %s: the new copy "
+                           "replaces it (node.on_conflict = replace)", sop_uid, series_uid, calling_ae)
+        rec = InstanceRecord(sop_uid=sop_uid, series_uid=series_uid, study_uid=study_uid, sop_class=sop_class,
+                             transfer_syntax=ts, path=target, size=len(raw), calling_ae=calling_ae,
+                             called_ae=called_ae, modality=str(ds.get("Modality", "")),
+                             routing_attrs=routing_attributes(ds), content_hash=digest)
+        indexed = self.series.index_instance(rec, late_policy="reprocess" if replacing else self.late_instances,
+                                             now=now)
+        if indexed.late:
             logger.info("late instance %s for already processed series %s (late_instances=%s)",
                         sop_uid, series_uid, self.late_instances)
-        return late
+        return IngestResult(sop_uid, series_uid, target, duplicate=False, late=indexed.late,
+                            conflict=replacing, replaced=replacing)
 
     def series_files(self, series_uid: str) -> list[Path]:
         """The spooled files of a series, in arrival order."""
-        rows = self.db.query("SELECT path FROM instances WHERE series_uid = ? ORDER BY received_at, sop_uid",
-                             (series_uid,))
-        return [Path(r["path"]) for r in rows]
+        return self.series.files(series_uid)

@@ -11,19 +11,17 @@ from __future__ import annotations
 import logging
 import tempfile
 from dataclasses import dataclass
-from email.parser import BytesParser
-from email.policy import HTTP
 from pathlib import Path
 
-import httpx
+import requests
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove  # type: ignore[attr-defined]
 
 from node.config import Destination, NodeConfig
-from node.dicom.scu import send_files
-from node.dicom.web_senders import http_auth
 from node.errors import DeliveryError
+from node.net.dicomweb import dicomweb_client
+from node.net.scu import send_files
 
 __all__ = ["FetchResult", "fetch_study"]
 
@@ -61,6 +59,9 @@ def _cmove(src: Destination, study_uid: str, move_to: str, calling_ae: str) -> F
             warning = int(status.get("NumberOfWarningSuboperations", warning) or warning)
     finally:
         assoc.release()
+    if last not in (0x0000, 0xB000) and completed == failed == 0:
+        raise DeliveryError(f"{src.describe()}: C-MOVE of study {study_uid} ended with status 0x{(last or 0):04X} "
+                            f"and no instance was sent: the PACS holds no such study, or does not know AE {move_to}")
     if last not in (0x0000, 0xB000):
         raise DeliveryError(f"{src.describe()}: C-MOVE of study {study_uid} to {move_to} ended with status "
                             f"0x{(last or 0):04X} ({completed} sent, {failed} failed); does the PACS know AE {move_to}?")
@@ -68,27 +69,26 @@ def _cmove(src: Destination, study_uid: str, move_to: str, calling_ae: str) -> F
 
 
 def _wado(src: Destination, study_uid: str, node_host: str, node_port: int, node_ae: str, calling_ae: str) -> FetchResult:
-    auth, headers = http_auth(src)
-    url = f"{str(src.url).rstrip('/')}/studies/{study_uid}"
-    with httpx.Client(auth=auth, headers=headers, timeout=max(src.timeout, 120.0), verify=src.verify_tls) as client:
-        r = client.get(url, headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
-    if r.status_code != 200:
-        raise DeliveryError(f"WADO-RS {url}: HTTP {r.status_code} {r.reason_phrase}")
-    msg = BytesParser(policy=HTTP).parsebytes(
-        b"Content-Type: " + r.headers["content-type"].encode() + b"\r\n\r\n" + r.content)
+    client = dicomweb_client(src, timeout=max(src.timeout, 120.0))
+    how = f"WADO-RS from {src.url}, C-STORE to {node_ae}"
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
-        for n, part in enumerate(msg.iter_parts()):
-            payload = part.get_payload(decode=True)
-            if isinstance(payload, bytes) and payload:
+        try:
+            for n, ds in enumerate(client.iter_study(study_uid)):
                 p = Path(tmp) / f"{n:05d}.dcm"
-                p.write_bytes(payload)
+                ds.save_as(p, enforce_file_format=True)
                 paths.append(str(p))
+        except requests.HTTPError as exc:
+            if exc.response is not None and exc.response.status_code == 404:
+                return FetchResult(0, 0, 0, how)  # the source does not know the study
+            raise DeliveryError(f"WADO-RS {src.url}/studies/{study_uid}: {exc}") from exc
+        except requests.RequestException as exc:
+            raise DeliveryError(f"WADO-RS {src.url}/studies/{study_uid}: {type(exc).__name__}: {exc}") from exc
         if not paths:
-            raise DeliveryError(f"WADO-RS {url}: the study has no instance")
+            return FetchResult(0, 0, 0, how)
         outcomes = send_files(paths, ae_title=node_ae, host=node_host, port=node_port, calling_ae=calling_ae)
     ok = sum(o.ok for o in outcomes)
-    return FetchResult(ok, len(outcomes) - ok, 0, f"WADO-RS from {src.url}, C-STORE to {node_ae}")
+    return FetchResult(ok, len(outcomes) - ok, 0, how)
 
 
 def fetch_study(config: NodeConfig, source: str, study_uid: str, *, node_host: str = "127.0.0.1") -> FetchResult:
