@@ -19,23 +19,18 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from node import __version__
-from node.config import NodeConfig, load_config
+from node.cli_admin import register as register_admin
+from node.cli_common import ConfigOpt, die, load_or_exit, stores_or_exit
 from node.errors import PreannotError
 
 if TYPE_CHECKING:
-    from node.service import Stores
+    pass
 
 app = typer.Typer(help="preannot: imaging pre-annotation DICOM node.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
-config_app = typer.Typer(help="Check or create the configuration.", no_args_is_help=True)
-app.add_typer(config_app, name="config")
-audit_app = typer.Typer(help="Export and verify the audit trail.", no_args_is_help=True)
-app.add_typer(audit_app, name="audit")
 
 logger = logging.getLogger("node.cli")
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", envvar="PREANNOT_CONFIG",
-                                                help="TOML configuration file")]
 
 
 def _setup_logging(level: str) -> None:
@@ -45,29 +40,6 @@ def _setup_logging(level: str) -> None:
     if level.upper() != "DEBUG":
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         logging.getLogger("highdicom").setLevel(logging.WARNING)
-
-
-def _load(config: Path | None) -> NodeConfig:
-    try:
-        return load_config(config)
-    except PreannotError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
-
-
-def _die(exc: Exception, code: int = 1) -> typer.Exit:
-    typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(code)
-
-
-def _stores(config: Path | None) -> Stores:
-    """The node's state owners, for read and act commands: never creates a data folder."""
-    from node.service import open_stores
-
-    try:
-        return open_stores(_load(config))
-    except PreannotError as exc:
-        raise _die(exc, 2) from exc
 
 
 def _version(value: bool) -> None:
@@ -88,12 +60,12 @@ def serve(config: ConfigOpt = None) -> None:
     """Run the node: DICOM listener, series assembly, workers, delivery (and the HTTP API when enabled)."""
     from node.service import Node
 
-    cfg = _load(config)
+    cfg = load_or_exit(config)
     try:
         node = Node(cfg)
         node.start()
     except PreannotError as exc:
-        raise _die(exc, 2) from exc
+        raise die(exc, 2) from exc
     done = threading.Event()
 
     def _stop(signum: int, _frame: Any) -> None:
@@ -111,48 +83,82 @@ def serve(config: ConfigOpt = None) -> None:
 
 @app.command()
 def run(
-    input_dir: Annotated[Path, typer.Argument(help="Folder holding one image series")],
+    input_dir: Annotated[Path, typer.Argument(help="A series folder, or a scanner/CD folder (DICOMDIR is skipped)")],
     output_dir: Annotated[Path, typer.Argument(help="Where SEG, SR, preview and result.json go")],
     model: Annotated[str, typer.Option("--model", "-m", help="Model (folder name under the models folder)")],
     config: ConfigOpt = None,
+    series: Annotated[str | None, typer.Option("--series", help="Process this Series Instance UID only")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: from config)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON")] = False,
 ) -> None:
-    """Process one series offline (no network): the whole pipeline, with a per-stage summary."""
+    """Process the series of a folder offline (no network): the whole pipeline, with a per-stage summary.
+
+    The series found are listed; scouts, secondary captures, non-images and series with too few images
+    are skipped with the reason, as a node route would. Several eligible series each get a sub-folder.
+    """
+    from node.config import Route
     from node.inference.registry import Registry
     from node.inference.runner import BundleRunner, configure_torch
-    from node.net.scu import iter_dicom_files
+    from node.ingest.uids import safe_uid
     from node.outputs.equipment import Provenance, device_uid
+    from node.processing.offline import discover_series
     from node.processing.pipeline import ModelContext, PipelineOptions, process_series
 
-    cfg = _load(config)
-    files = iter_dicom_files(input_dir)
-    if not files:
-        raise _die(PreannotError(f"no DICOM files under {input_dir}"), 2)
+    cfg = load_or_exit(config)
+    found, left_out = discover_series(input_dir, Route(name="run", models=[model]))
+    for line in left_out:
+        typer.echo(f"  left out {line}", err=True)
+    if not found:
+        raise die(PreannotError(f"no DICOM series under {input_dir}"), 2)
+    typer.echo(f"{len(found)} series under {input_dir}:", err=True)
+    for f in found:
+        typer.echo(f"  {f.describe()}" + (f"  -> skipped: {f.skipped}" if f.skipped else ""), err=True)
+    if series is not None:
+        chosen = [f for f in found if f.series_uid == series]
+        if not chosen:
+            raise die(PreannotError(f"no series {series} under {input_dir}"), 2)
+    else:
+        chosen = [f for f in found if f.skipped is None]
+        if not chosen:
+            raise die(PreannotError("no series can be processed (see the reasons above); name one with --series "
+                                     "to force it"), 2)
     configure_torch(cfg.models)
+    results = []
     try:
         info = Registry(cfg.models.dir).get(model)
         t = time.perf_counter()
         runner = BundleRunner(info, device=device or cfg.models.device, amp=cfg.models.amp)
         load_s = time.perf_counter() - t
-        stages: list[str] = []
-
-        def on_stage(name: str) -> None:
-            stages.append(name)
-            typer.echo(f"  [{len(stages)}] {name} ...", err=True)
-
-        typer.echo(f"processing {len(files)} file(s) from {input_dir} with {info.name} {info.version}", err=True)
         provenance = Provenance.for_node(info, cfg.outputs,
                                          device_uid=device_uid(cfg.outputs, cfg.data_dir, create=False))
-        out = process_series(files, ModelContext(info, runner, provenance), output_dir,
-                             options=PipelineOptions(outputs=cfg.outputs, timeout_seconds=cfg.jobs.timeout_seconds),
-                             on_stage=on_stage)
+        for f in chosen:
+            stages: list[str] = []
+
+            def on_stage(name: str, _stages: list[str] = stages) -> None:
+                _stages.append(name)
+                typer.echo(f"  [{len(_stages)}] {name} ...", err=True)
+
+            out_dir = output_dir if len(chosen) == 1 else output_dir / safe_uid(f.series_uid)
+            typer.echo(f"processing series {f.series_uid} ({len(f.files)} file(s)) with {info.name} {info.version}",
+                       err=True)
+            results.append(process_series(f.files, ModelContext(info, runner, provenance), out_dir,
+                                          options=PipelineOptions(outputs=cfg.outputs,
+                                                                  timeout_seconds=cfg.jobs.timeout_seconds),
+                                          on_stage=on_stage))
     except PreannotError as exc:
-        raise _die(exc, 1) from exc
+        raise die(exc, 1) from exc
     if as_json:
-        typer.echo(json.dumps({**out.to_dict(), "model_load_s": round(load_s, 3)}, indent=2))
+        docs = [{**out.to_dict(), "model_load_s": round(load_s, 3)} for out in results]
+        typer.echo(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2))
         return
+    for out in results:
+        _print_result(out, load_s)
+
+
+def _print_result(out: Any, load_s: float) -> None:
     typer.echo(f"\n{out.summary['roi_count']} region(s) of interest in series {out.summary['series_uid']}")
+    if "resampled" in out.summary:
+        typer.echo(f"  ({out.summary['resampled']['reason']}: the model saw an orthogonal resampling)")
     for r in out.rois:
         c = ", ".join(f"{v:.1f}" for v in r.centroid_mm)
         typer.echo(f"  ROI {r.index}: {r.label_name}, {r.volume_mm3:.0f} mm3, long axis {r.diameter_inplane_mm:.1f} mm, "
@@ -189,7 +195,7 @@ def send(
     ae, host, port = _parse_peer(to)
     files = [str(p) for p in iter_dicom_files(path)]
     if not files:
-        raise _die(PreannotError(f"no DICOM files under {path}"), 2)
+        raise die(PreannotError(f"no DICOM files under {path}"), 2)
     ctx = client_context(ca=tls_ca, cert=tls_cert, key=tls_key) if tls else None
     ok = failed = 0
     with typer.progressbar(length=len(files), label=f"sending to {ae}@{host}:{port}", file=sys.stderr) as bar:
@@ -215,16 +221,16 @@ def fetch(study: Annotated[str, typer.Option("--study", help="Study Instance UID
     """Ask a PACS for a past study (C-MOVE to this node, or WADO-RS) so the running node processes it."""
     from node.net.fetch import fetch_study
 
-    cfg = _load(config)
+    cfg = load_or_exit(config)
     try:
         result = fetch_study(cfg, source, study)
     except PreannotError as exc:
-        raise _die(exc, 1) from exc
+        raise die(exc, 1) from exc
     typer.echo(f"{result.how}: {result.completed} instance(s) sent, {result.failed} failed, {result.warning} warning(s)")
     if result.failed:
         raise typer.Exit(1)
     if result.completed == 0:
-        raise _die(PreannotError(f"{source} sent no instance of study {study} (unknown to it, or not "
+        raise die(PreannotError(f"{source} sent no instance of study {study} (unknown to it, or not "
                                  "retrievable by this node)"), 1)
 
 
@@ -238,14 +244,14 @@ def echo(peer: Annotated[str, typer.Argument(help="AE@host:port")],
     if _echo(ae_title=ae, host=host, port=port, calling_ae=calling_ae):
         typer.echo(f"{ae}@{host}:{port} answered C-ECHO")
     else:
-        raise _die(PreannotError(f"{ae}@{host}:{port} did not answer C-ECHO"), 1)
+        raise die(PreannotError(f"{ae}@{host}:{port} did not answer C-ECHO"), 1)
 
 
 @app.command()
 def status(config: ConfigOpt = None,
            as_json: Annotated[bool, typer.Option("--json", help="JSON output")] = False) -> None:
     """Jobs, series and outbox counts, and the latest jobs."""
-    stores = _stores(config)
+    stores = stores_or_exit(config)
     store = stores.jobs
     series = {k: v for k, v in stores.series.counts().items() if v}
     data: dict[str, Any] = {"series": series, "jobs": store.counts(), "outbox": store.outbox_counts(),
@@ -268,11 +274,11 @@ def jobs(config: ConfigOpt = None,
          model: Annotated[str | None, typer.Option(help="Only this model")] = None,
          limit: Annotated[int, typer.Option(help="At most this many")] = 50) -> None:
     """List jobs, newest first."""
-    store = _stores(config).jobs
+    store = stores_or_exit(config).jobs
     try:
         rows = store.list_jobs(state=state, model=model, limit=limit)
     except ValueError as exc:
-        raise _die(PreannotError(f"unknown state {state!r}"), 2) from exc
+        raise die(PreannotError(f"unknown state {state!r}"), 2) from exc
     for j in rows:
         rois = (j.result or {}).get("summary", {}).get("roi_count", "")
         typer.echo(f"{j.id:>6} {j.state.value:<9} {j.model:<20} attempts {j.attempts}/{j.max_attempts} "
@@ -281,11 +287,11 @@ def jobs(config: ConfigOpt = None,
 
 def _job_action(config: Path | None, action: str, job_id: int) -> Any:
     """Apply a JobStore action as the operator "cli"; a refused action exits 1 with the reason."""
-    store = _stores(config).jobs
+    store = stores_or_exit(config).jobs
     try:
         return getattr(store, action)(job_id, actor="cli")
     except PreannotError as exc:
-        raise _die(exc, 1) from exc
+        raise die(exc, 1) from exc
 
 
 @app.command()
@@ -309,177 +315,7 @@ def resend(job_id: Annotated[int, typer.Argument(help="Job id")], config: Config
     typer.echo(f"{n} object(s) of job {job_id} queued for delivery again")
 
 
-@app.command()
-def models(config: ConfigOpt = None) -> None:
-    """List the models in the models folder with version and weights SHA-256; broken bundles with the reason."""
-    from node.inference.registry import Registry
-
-    cfg = _load(config)
-    reg = Registry(cfg.models.dir)
-    for name, m in reg.models.items():
-        labels = ", ".join(f"{lab.value}={lab.name}" for lab in m.card.labels)
-        typer.echo(f"{name}  version {m.version}  sha256 {m.sha256}  labels: {labels}  ({m.weights.name})")
-    for name, reason in reg.broken.items():
-        typer.echo(f"{name}  BROKEN: {reason}")
-    if not reg.models:
-        typer.echo(f"no usable model in {cfg.models.dir}", err=True)
-        raise typer.Exit(1)
-
-
-@config_app.command("check")
-def config_check(config: ConfigOpt = None) -> None:
-    """Validate the configuration, the routes and the models they name."""
-    from node.errors import ConfigError
-    from node.inference.registry import Registry
-    from node.schedule.routing import validate_route
-
-    cfg = _load(config)
-    try:
-        for r in cfg.routes:
-            validate_route(r)
-    except ConfigError as exc:
-        raise _die(exc, 2) from exc
-    reg = Registry(cfg.models.dir)
-    problems = [f"routes[{r.name}] names model {m!r}: " + reg.broken.get(m, f"not found in {cfg.models.dir}")
-                for r in cfg.routes for m in r.models if m not in reg.models]
-    for p in problems:
-        typer.echo(f"error: {p}", err=True)
-    if problems:
-        raise typer.Exit(2)
-    typer.echo(f"configuration {cfg.source} is valid (version {cfg.version()}): {len(cfg.routes)} route(s), "
-               f"{len(cfg.destinations)} destination(s), models {sorted(reg.models)}")
-
-
-@config_app.command("init")
-def config_init(output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the file here "
-                                                            "(its folder is created) instead of printing it")] = None,
-                force: Annotated[bool, typer.Option(help="Overwrite an existing --output file")] = False) -> None:
-    """Print (or write) a commented default configuration."""
-    from node.config_template import render_template
-
-    text = render_template()
-    if output is None:
-        typer.echo(text)
-        return
-    if output.exists() and not force:
-        raise _die(PreannotError(f"{output} exists; use --force to overwrite it"), 1)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(text + "\n")
-    typer.echo(f"configuration written to {output}; edit it, then: preannot config check --config {output}")
-
-
-@app.command()
-def evaluate(
-    dataset: Annotated[Path, typer.Argument(help="Folder of image series with reference SEG (or NIfTI) beside them")],
-    out: Annotated[Path, typer.Option("--out", help="Report folder (report.html, metrics.csv, summary.json)")],
-    model: Annotated[list[str], typer.Option("--model", "-m", help="Model to evaluate; repeat to compare")],
-    config: ConfigOpt = None,
-    tolerance_mm: Annotated[float, typer.Option(help="Surface Dice tolerance (mm)")] = 2.0,
-    detection: Annotated[str, typer.Option(help="Lesion matching: overlap or centroid")] = "overlap",
-    centroid_mm: Annotated[float, typer.Option(help="Centroid rule distance (mm)")] = 5.0,
-    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs")] = 2000,
-) -> None:
-    """Evaluate models on labelled data: overlap, surface distances, detection, FROC, volumes, speed."""
-    from node.evaluate.run import EvalOptions
-    from node.evaluate.run import evaluate as run_evaluation
-    from node.inference.registry import Registry
-
-    cfg = _load(config)
-    if detection not in ("overlap", "centroid"):
-        raise _die(PreannotError(f"--detection must be overlap or centroid (found {detection!r})"), 2)
-    try:
-        reg = Registry(cfg.models.dir)
-        infos = [reg.get(m) for m in model]
-        summary = run_evaluation(dataset, infos, out, options=EvalOptions(
-            tolerance_mm=tolerance_mm, detection=detection, centroid_mm=centroid_mm, bootstrap=bootstrap),
-            progress=lambda msg: typer.echo(msg, err=True))
-    except PreannotError as exc:
-        raise _die(exc, 1) from exc
-    for name, m in summary["models"].items():
-        for lab, entry in m["labels"].items():
-            d = entry["voxel"]["dice"]
-            line = f"{name} / {lab}: Dice {d['mean']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]"
-            det = entry.get("detection")
-            if det:
-                line += (f", sensitivity {det['sensitivity']:.3f} ({det['detected']}/{det['lesions']}), "
-                         f"FP/scan {det['fp_per_scan']:.2f}")
-            typer.echo(line)
-    for c in summary["comparisons"]:
-        typer.echo(f"{c['b']} - {c['a']} ({c['label']}, {c['metric']}): {c['mean_difference_b_minus_a']:+.3f} "
-                   f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}], Wilcoxon p = {c['wilcoxon_p']:.4f}")
-    if summary["problems"]:
-        typer.echo(f"{len(summary['problems'])} problem(s) in the dataset, listed in the report", err=True)
-    typer.echo(f"report: {out / 'report.html'}")
-
-
-def _when(value: str | None) -> float | None:
-    """ISO date/time (2026-11-22, 2026-11-22T08:00) or epoch seconds -> epoch seconds."""
-    import datetime as dt
-
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    try:
-        return dt.datetime.fromisoformat(value).timestamp()
-    except ValueError as exc:
-        raise typer.BadParameter(f"{value!r}: expected an ISO date/time such as 2026-11-22T08:00") from exc
-
-
-@audit_app.command("export")
-def audit_export(config: ConfigOpt = None,
-                 since: Annotated[str | None, typer.Option(help="From (ISO date/time or epoch s)")] = None,
-                 until: Annotated[str | None, typer.Option(help="Until (ISO date/time or epoch s)")] = None,
-                 out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout")] = None) -> None:
-    """Export audit records as JSON lines, oldest first."""
-    from node.store.audit import export
-
-    db = _stores(config).db
-    lines = (json.dumps(r, sort_keys=True) for r in export(db, since=_when(since), until=_when(until)))
-    if out is None:
-        for line in lines:
-            typer.echo(line)
-    else:
-        n = 0
-        with out.open("w") as f:
-            for line in lines:
-                f.write(line + "\n")
-                n += 1
-        typer.echo(f"{n} record(s) written to {out}", err=True)
-
-
-@audit_app.command("verify")
-def audit_verify(config: ConfigOpt = None) -> None:
-    """Check the hash chain of the audit trail; exit 1 at the first modified, missing or reordered record."""
-    from node.store.audit import verify
-
-    result = verify(_stores(config).db)
-    if result.ok:
-        typer.echo(f"audit trail intact: {result.records} record(s), hash chain verified")
-        return
-    typer.echo(f"audit trail BROKEN at record {result.first_bad_id}: {result.reason}", err=True)
-    raise typer.Exit(1)
-
-
-@app.command()
-def purge(config: ConfigOpt = None,
-          dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what would be removed")] = False) -> None:
-    """Remove spooled instances and result files past their retention (never while a job needs them)."""
-    from node.retention import execute_purge, plan_purge
-    cfg = _load(config)
-    stores = _stores(config)
-    if dry_run:
-        plan = plan_purge(stores.series, stores.jobs, cfg)
-        typer.echo(f"would remove {plan.summary()}")
-        for uid in plan.series:
-            typer.echo(f"  series {uid}")
-        for job_id, d in plan.job_dirs.items():
-            typer.echo(f"  job {job_id} outputs {d}")
-        return
-    plan = execute_purge(stores.series, stores.jobs, cfg, actor="cli")
-    typer.echo(f"removed {plan.summary()}")
+register_admin(app)
 
 
 def _synth() -> None:

@@ -68,6 +68,8 @@ class NodeSection(_Section):
     late_instances: Literal["reprocess", "ignore"] = "reprocess"
     #: a known SOP Instance UID received with other content: keep the first copy, or replace it
     on_conflict: Literal["keep", "replace"] = "keep"
+    #: how long a series with evidence of missing instances is held before it fails without a result
+    incomplete_hold_minutes: float = Field(60.0, gt=0)
     free_space_reserve_mb: int = Field(1024, ge=0)
     unmatched_retention_days: float = Field(7.0, ge=0)
     fsync: bool = True
@@ -184,6 +186,10 @@ class Destination(_Section):
 MatchValue = str | int | float | list[str | int | float]
 
 
+CompletenessCheck = Literal["refused", "instance_number", "spacing"]
+COMPLETENESS_CHECKS: tuple[CompletenessCheck, ...] = ("refused", "instance_number", "spacing")
+
+
 class Route(_Section):
     """``[[routes]]``: which series go to which models and destinations."""
 
@@ -195,6 +201,16 @@ class Route(_Section):
     send_to: list[str] = Field(default_factory=list)
     stable_seconds: float | None = Field(None, ge=0)
     extra_outputs: list[Literal["gsps", "sc", "kos", "rtstruct"]] = Field(default_factory=list)
+    # eligibility: series the route matches but its models cannot use are skipped with the reason
+    min_slices: int = Field(5, ge=1)
+    skip_localizers: bool = True
+    skip_secondary_captures: bool = True
+    skip_color: bool = True
+    # completeness: evidence that instances are missing holds the series (see [node].incomplete_hold_minutes)
+    completeness_checks: list[CompletenessCheck] = Field(
+        default_factory=lambda: list(COMPLETENESS_CHECKS))
+    #: a dicom destination asked by C-FIND how many instances the series has (NumberOfSeriesRelatedInstances)
+    expected_count_from: str | None = None
 
 
 class ModelsConfig(_Section):
@@ -309,6 +325,11 @@ class NodeConfig(BaseSettings):
             for d in r.send_to:
                 if d not in names:
                     raise ValueError(f"routes[{r.name}].send_to names {d!r}, but the destinations are {names}")
+            if r.expected_count_from is not None:
+                src = next((d for d in self.destinations if d.name == r.expected_count_from), None)
+                if src is None or src.kind != "dicom":
+                    raise ValueError(f"routes[{r.name}].expected_count_from names {r.expected_count_from!r}; it "
+                                     "must be a destination of kind dicom (asked by C-FIND)")
         return self
 
     @property

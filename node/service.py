@@ -169,11 +169,11 @@ class Node:
     def _assemble_loop(self) -> None:
         while not self.stop_event.is_set():
             try:
-                dispatched = self.assembler.tick()
-                if any(d.routes for d in dispatched):
+                decided = self.assembler.tick()
+                if any(d.jobs for d in decided):
                     self.store.jobs_waiting.set()  # the jobs are committed: wake the workers now
-                for d in dispatched:
-                    self.metrics.series_stable.labels("routed" if d.routes else "unmatched").inc()
+                for d in decided:
+                    self.metrics.series_stable.labels("routed" if d.outcome == "dispatched" else d.outcome).inc()
                 if time.time() >= self._next_purge:
                     self._next_purge = time.time() + self.config.retention.interval_minutes * 60
                     execute_purge(self.series, self.store, self.config, actor="retention")

@@ -37,10 +37,47 @@ def test_run_offline(small_series: Path, tmp_path: Path) -> None:
 
 def test_run_errors(tmp_path: Path, small_series: Path) -> None:
     r = runner.invoke(app, ["run", "--model", "lesion-ct-demo", str(tmp_path), str(tmp_path / "o")])
-    assert r.exit_code == 2 and "no DICOM files" in r.output
+    assert r.exit_code == 2 and "no DICOM series" in r.output
     r = runner.invoke(app, ["run", "--model", "nope", str(small_series), str(tmp_path / "o")],
                       env={"PREANNOT_MODELS__DIR": str(ROOT / "models")})
     assert r.exit_code == 1 and "no model 'nope'" in r.output
+
+
+def test_run_on_a_scanner_folder(small_series: Path, tmp_path: Path) -> None:
+    """A folder as a CD holds it: DICOMDIR, a scout beside the axial series, a text file."""
+    import shutil
+
+    from pydicom import dcmread
+    from pydicom.fileset import FileSet
+    from pydicom.uid import generate_uid
+
+    cd = tmp_path / "cd"
+    shutil.copytree(small_series, cd / "DIR")
+    first = sorted((cd / "DIR").glob("*.dcm"))[0]
+    scout = dcmread(first)
+    scout.SeriesInstanceUID, scout.SOPInstanceUID = generate_uid(), generate_uid()
+    scout.file_meta.MediaStorageSOPInstanceUID = scout.SOPInstanceUID
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    scout.save_as(cd / "DIR" / "SCOUT.dcm", enforce_file_format=True)
+    fs = FileSet()
+    fs.add(first)
+    fs.write(tmp_path / "fs")
+    shutil.copy(tmp_path / "fs" / "DICOMDIR", cd / "DICOMDIR")
+    (cd / "README.TXT").write_text("not DICOM")
+    env = {"PREANNOT_MODELS__DIR": str(ROOT / "models")}
+    r = runner.invoke(app, ["run", "-m", "lesion-ct-demo", str(cd), str(tmp_path / "out"), "--device", "cpu"], env=env)
+    assert r.exit_code == 0, r.output
+    assert "DICOMDIR" in r.output and "2 series under" in r.output and "skipped: a localizer" in r.output
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["summary"]["slices"] == 24  # the axial series, not the scout
+    # a skipped series can still be named explicitly (the operator decides)
+    r = runner.invoke(app, ["run", "-m", "lesion-ct-demo", str(cd), str(tmp_path / "o2"), "--series",
+                            str(scout.SeriesInstanceUID), "--device", "cpu"], env=env)
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "o2" / "result.json").read_text())["summary"]["slices"] == 1
+    r = runner.invoke(app, ["run", "-m", "lesion-ct-demo", str(cd), str(tmp_path / "o3"), "--series", "1.2.3"],
+                      env=env)
+    assert r.exit_code == 2 and "no series 1.2.3" in r.output
 
 
 def test_send_and_echo(small_series: Path, tmp_path: Path) -> None:

@@ -181,6 +181,8 @@ class Listener:
                 self._refused_assocs.add(id(event.assoc))
         if reason is not None:
             logger.warning("association %s from %s aborted: %s", event.assoc.name, self._peer(event), reason)
+            if "associations open" in reason:  # the per-caller limit (not a host-binding refusal: no evidence)
+                self.spool.record_association_refusal(calling, "per-caller association limit")
             event.assoc.abort()
             return
         logger.info("association %s accepted from %s (called %s)", event.assoc.name, self._peer(event),
@@ -192,6 +194,7 @@ class Listener:
             self.stats.associations_refused += 1
         if "*" in self.allowed or calling in self.allowed:
             why = f"the node already has its maximum of {self.settings.max_associations} associations open"
+            self.spool.record_association_refusal(calling, "association limit")
         else:
             why = "it is not in allowed_callers"
         logger.warning("association refused: calling AE %r from %s: %s", calling, event.assoc.requestor.address, why)

@@ -23,7 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from node.errors import InvalidInstanceError, OutOfSpaceError, SpoolError
-from node.ingest.uids import check_uid, safe_uid
+from node.ingest.uids import check_uid, is_valid_uid, safe_uid
 from node.store.series import InstanceRecord, SeriesStore
 
 __all__ = ["ROUTING_EXCLUDED", "IngestResult", "Spool", "routing_attributes", "safe_uid"]
@@ -87,6 +87,25 @@ def _check_pixel_data(ds: Dataset) -> None:
         if found < expected:
             raise InvalidInstanceError(f"pixel data is {found} bytes; Rows x Columns x frames x samples x bits "
                                        f"({rows} x {cols} x {frames} x {samples} x {bits}) needs {expected}")
+
+
+def _placement(ds: Dataset) -> dict[str, Any]:
+    """InstanceNumber, position along the slice normal and frame count: what the assembler needs to tell
+    a complete series from one with holes, without decoding anything."""
+    out: dict[str, Any] = {"instance_number": None, "position": None, "frames": 1}
+    try:
+        if ds.get("InstanceNumber") not in (None, ""):
+            out["instance_number"] = int(ds.InstanceNumber)
+        out["frames"] = max(int(ds.get("NumberOfFrames", 1) or 1), 1)
+        ipp, iop = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
+        if ipp is not None and iop is not None and len(ipp) == 3 and len(iop) == 6:
+            row, col = [float(v) for v in iop[:3]], [float(v) for v in iop[3:]]
+            normal = (row[1] * col[2] - row[2] * col[1], row[2] * col[0] - row[0] * col[2],
+                      row[0] * col[1] - row[1] * col[0])
+            out["position"] = sum(float(p) * n for p, n in zip(ipp, normal, strict=True))
+    except (TypeError, ValueError):
+        pass  # a malformed value only weakens the completeness checks; the volume reader reports it
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +188,11 @@ class Spool:
             ds = dcmread(BytesIO(raw))  # the whole dataset: a truncated or corrupt one is refused here
         except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, OverflowError) as exc:
             raise InvalidInstanceError(f"cannot parse the dataset: {exc}") from exc
-        _check_pixel_data(ds)
+        try:
+            _check_pixel_data(ds)
+        except InvalidInstanceError as exc:
+            self._refused_unreadable(ds, str(exc), calling_ae=calling_ae, now=now)
+            raise
         try:
             sop_uid = check_uid(ds, "SOPInstanceUID")
             series_uid = check_uid(ds, "SeriesInstanceUID")
@@ -204,6 +227,8 @@ class Spool:
             replacing = True
 
         if self.free_bytes() - len(raw) < self.reserve_bytes:
+            self.series.record_refusal(reason="out of resources", series_uid=series_uid, sop_uid=sop_uid,
+                                       calling_ae=calling_ae, now=now)
             raise OutOfSpaceError(f"spool {self.root}: {self.free_bytes() // 2**20} MiB free, "
                                   f"reserve is {self.reserve_bytes // 2**20} MiB")
         target_dir = self.root / safe_uid(study_uid) / safe_uid(series_uid)
@@ -226,6 +251,8 @@ class Spool:
                 _fsync_dir(target_dir)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
+            self.series.record_refusal(reason="out of resources" if exc.errno == 28 else "write failed",
+                                       series_uid=series_uid, sop_uid=sop_uid, calling_ae=calling_ae, now=now)
             if exc.errno == 28:  # ENOSPC
                 raise OutOfSpaceError(f"disk full while writing {target.name}") from exc
             raise SpoolError(f"could not write {target}: {exc}") from exc
@@ -237,7 +264,8 @@ class Spool:
         rec = InstanceRecord(sop_uid=sop_uid, series_uid=series_uid, study_uid=study_uid, sop_class=sop_class,
                              transfer_syntax=ts, path=target, size=len(raw), calling_ae=calling_ae,
                              called_ae=called_ae, modality=str(ds.get("Modality", "")),
-                             routing_attrs=routing_attributes(ds), content_hash=digest)
+                             routing_attrs=routing_attributes(ds), content_hash=digest,
+                             **_placement(ds))
         indexed = self.series.index_instance(rec, late_policy="reprocess" if replacing else self.late_instances,
                                              now=now)
         if indexed.late:
@@ -245,6 +273,21 @@ class Spool:
                         sop_uid, series_uid, self.late_instances)
         return IngestResult(sop_uid, series_uid, target, duplicate=False, late=indexed.late,
                             conflict=replacing, replaced=replacing)
+
+    def _refused_unreadable(self, ds: Dataset, why: str, *, calling_ae: str, now: float) -> None:
+        """An instance of a known series whose content cannot be understood: its series is incomplete."""
+        try:
+            series_uid, sop_uid = str(ds.get("SeriesInstanceUID", "")), str(ds.get("SOPInstanceUID", ""))
+        except Exception:  # the UIDs themselves are unreadable: nothing to attach the refusal to
+            return
+        if is_valid_uid(series_uid) and is_valid_uid(sop_uid):
+            self.series.record_refusal(reason="cannot understand", series_uid=series_uid, sop_uid=sop_uid,
+                                       calling_ae=calling_ae, now=now)
+
+    def record_association_refusal(self, calling_ae: str, reason: str) -> None:
+        """A whole association of ``calling_ae`` was refused: what it carried may belong to a series being
+        received (see the assembler's completeness checks)."""
+        self.series.record_refusal(reason=reason, calling_ae=calling_ae)
 
     def series_files(self, series_uid: str) -> list[Path]:
         """The spooled files of a series, in arrival order."""

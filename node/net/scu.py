@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pynetdicom import AE, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.config import Destination
 
-__all__ = ["DicomSender", "SendOutcome", "Sender", "echo", "send_files"]
+__all__ = ["DicomSender", "SendOutcome", "Sender", "count_series_instances", "echo", "send_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -150,3 +151,39 @@ def iter_dicom_files(root: Path) -> list[Path]:
         if len(head) == 132 and head[128:132] == b"DICM":
             out.append(p)
     return out
+
+
+def count_series_instances(*, ae_title: str, host: str, port: int, calling_ae: str, study_uid: str,
+                           series_uid: str, timeout: float = 10.0) -> int | None:
+    """NumberOfSeriesRelatedInstances of a series, asked by C-FIND (Study Root, SERIES level); None when
+    the peer cannot be asked or does not say."""
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
+
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    try:
+        assoc = ae.associate(host, port, ae_title=ae_title)
+    except (OSError, ValueError) as exc:
+        logger.warning("C-FIND to %s@%s:%d failed: %s", ae_title, host, port, exc)
+        return None
+    if not assoc.is_established:
+        logger.warning("C-FIND to %s@%s:%d: no association", ae_title, host, port)
+        return None
+    query = Dataset()
+    query.QueryRetrieveLevel = "SERIES"
+    query.StudyInstanceUID = study_uid
+    query.SeriesInstanceUID = series_uid
+    query.NumberOfSeriesRelatedInstances = ""
+    found: int | None = None
+    try:
+        for status, ident in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+            if status is not None and int(status.Status) in (0xFF00, 0xFF01) and ident is not None:
+                value = ident.get("NumberOfSeriesRelatedInstances")
+                if value not in (None, ""):
+                    found = int(value)
+    except (ValueError, TypeError) as exc:
+        logger.warning("C-FIND to %s@%s:%d: unreadable answer: %s", ae_title, host, port, exc)
+    finally:
+        assoc.release()
+    return found

@@ -123,7 +123,7 @@ class Worker(threading.Thread):
                         len(output.rois), len(output.objects), job.send_to or "no destination")
             output.finish()  # the preview, once the results are on their way
         except PreannotError as exc:
-            self._fail(job, f"{type(exc).__name__}: {exc}")
+            self._fail(job, f"{type(exc).__name__}: {exc}", permanent=exc.permanent)
         except MemoryError as exc:
             self._fail(job, f"out of memory: {exc}")
         except Exception as exc:
@@ -136,10 +136,11 @@ class Worker(threading.Thread):
     def _set_stage(self, stage: str) -> None:
         self.stage = stage
 
-    def _fail(self, job: Job, reason: str) -> None:
+    def _fail(self, job: Job, reason: str, *, permanent: bool = False) -> None:
         state = self.store.fail(job.id, reason, backoff_seconds=self.config.jobs.backoff_seconds,
-                                backoff_max_seconds=self.config.jobs.backoff_max_seconds)
+                                backoff_max_seconds=self.config.jobs.backoff_max_seconds, permanent=permanent)
         if self.metrics is not None:
             self.metrics.observe_job(job.model, state.value)
-        logger.warning("job %d %s (attempt %d/%d): %s", job.id, state.value, job.attempts, job.max_attempts, reason)
+        logger.warning("job %d %s (attempt %d/%d%s): %s", job.id, state.value, job.attempts, job.max_attempts,
+                       ", permanent: not retried" if permanent else "", reason)
 

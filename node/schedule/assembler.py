@@ -1,26 +1,42 @@
 """Series assembly: decide when a series is complete ("stable") and queue its jobs.
 
 A series is stable once no instance arrived for ``stable_seconds`` (the node default, or the largest
-``stable_seconds`` of the routes it matches), whatever the number of associations it came in. It is
-then matched against the routes: one job per (series, series version, model) is queued, or, when no
-route matches, the series is marked ``unmatched`` (kept for the retention period, never processed).
+``stable_seconds`` of the routes it matches), whatever the number of associations it came in. Then:
+
+1. routes: none matches -> ``unmatched`` (kept for the retention period, never processed);
+2. eligibility (``schedule/eligibility.py``): no matching route can use it (a scout, a secondary
+   capture, a PDF, too few images) -> ``skipped`` with the reason, never processed, no result sent;
+3. completeness: evidence that instances are missing (refused instances, an association of its sender
+   refused while it arrived, holes in InstanceNumber or in the slice positions, fewer instances than the
+   PACS reports by C-FIND) -> ``incomplete``, re-evaluated when instances arrive (they reopen it) and
+   every ``_RECHECK_SECONDS``; once nothing arrived for ``[node].incomplete_hold_minutes`` -> ``failed``
+   with the reason, without a result;
+4. otherwise one job per (series, series version, model) of each eligible route -> ``dispatched``.
+
 The series' transition and its jobs commit in one transaction.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass
 
 from node.config import NodeConfig, Route
+from node.imaging.spacing import classify_spacing
+from node.net.scu import count_series_instances
+from node.schedule.eligibility import ineligibility
 from node.schedule.routing import matching_routes
 from node.store.jobs import JobStore
-from node.store.series import SeriesInfo, SeriesStore
+from node.store.series import SeriesInfo, SeriesState, SeriesStore
 
 __all__ = ["Assembler", "Dispatch"]
 
 logger = logging.getLogger(__name__)
+
+#: how often a series held incomplete is looked at again when nothing arrives (a C-FIND at most this often)
+_RECHECK_SECONDS = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +47,9 @@ class Dispatch:
     version: int
     routes: list[str]
     jobs: list[int]
+    #: what happened: dispatched, unmatched, skipped, incomplete or failed
+    outcome: str = "dispatched"
+    reason: str = ""
 
 
 class Assembler:
@@ -43,35 +62,105 @@ class Assembler:
         route_waits = [r.stable_seconds for r in config.routes if r.stable_seconds is not None]
         self._min_wait = min([config.node.stable_seconds, *route_waits])
         self._config_version = config.version()
+        self._next_check: dict[str, float] = {}  # series held incomplete -> when to look again
 
     def tick(self, now: float | None = None) -> list[Dispatch]:
-        """Dispatch every series that became stable. Returns what was dispatched."""
+        """Decide for every series that became stable (or is held and due). Returns what was decided."""
         now = time.time() if now is None else now
         out = []
         for info in self.series.waiting(last_received_before=now - self._min_wait):
+            if info.state == SeriesState.INCOMPLETE and now < self._next_check.get(info.series_uid, 0.0):
+                continue
             routes = matching_routes(self.config.routes, info.attrs, called_ae=info.called_ae,
                                      calling_ae=info.calling_ae)
             waits = [r.stable_seconds if r.stable_seconds is not None else self.config.node.stable_seconds
                      for r in routes] or [self.config.node.stable_seconds]
             if now - info.last_received < max(waits):
                 continue
-            d = self._dispatch(info, routes, now)
+            d = self._decide(info, routes, now)
             if d is not None:
                 out.append(d)
+                if d.outcome != "incomplete":
+                    self._next_check.pop(info.series_uid, None)
         return out
 
-    def _dispatch(self, seen: SeriesInfo, routes: list[Route], now: float) -> Dispatch | None:
+    def _incompleteness(self, info: SeriesInfo, routes: list[Route]) -> str | None:
+        """Why the series looks incomplete, or None (the checks of the eligible routes together)."""
+        checks = {c for r in routes for c in r.completeness_checks}
+        uid = info.series_uid
+        if "refused" in checks:
+            refused = self.series.unresolved_refusals(uid)
+            if refused:
+                what = ", ".join(f"{n} ({reason})" for reason, n in refused.items())
+                return f"instances of it were refused and have not arrived since: {what}"
+            reason = self.series.association_refusal_during(info, window=self.config.node.stable_seconds)
+            if reason is not None:
+                return f"an association of {info.calling_ae} was refused ({reason}) while it was arriving"
+        if "instance_number" in checks:
+            nums = self.series.instance_numbers(uid)
+            holes = [(a, b) for a, b in itertools.pairwise(nums) if b - a > 1]
+            if holes:
+                missing = sum(b - a - 1 for a, b in holes)
+                return (f"InstanceNumber runs from {nums[0]} to {nums[-1]} with {missing} missing "
+                        f"(first hole: {holes[0][0] + 1}-{holes[0][1] - 1})")
+        if "spacing" in checks:
+            report = classify_spacing(self.series.slice_positions(uid))
+            if report.gaps:
+                return f"the slice positions have {report.describe_gap()}"
+        for r in routes:
+            if r.expected_count_from is None:
+                continue
+            dest = self.config.destination(r.expected_count_from)
+            assert dest.ae_title and dest.host and dest.port  # validated with the configuration
+            expected = count_series_instances(ae_title=dest.ae_title, host=dest.host, port=dest.port,
+                                              calling_ae=dest.calling_ae_title or self.config.node.ae_title,
+                                              study_uid=info.study_uid, series_uid=uid, timeout=dest.timeout)
+            have = self.series.instance_count(uid)
+            if expected is not None and expected > have:
+                return f"{dest.name} reports {expected} instances by C-FIND; {have} received"
+        return None
+
+    def _decide(self, seen: SeriesInfo, routes: list[Route], now: float) -> Dispatch | None:
+        if not routes:
+            return self._commit(seen, now, outcome="unmatched")
+        frames = self.series.frame_count(seen.series_uid)
+        reasons = {r.name: ineligibility(r, seen.attrs, frames=frames) for r in routes}
+        eligible = [r for r in routes if reasons[r.name] is None]
+        if not eligible:
+            why = "; ".join(dict.fromkeys(str(v) for v in reasons.values()))
+            return self._commit(seen, now, outcome="skipped", reason=why, routes=routes)
+        evidence = self._incompleteness(seen, eligible)
+        if evidence is not None:
+            hold = self.config.node.incomplete_hold_minutes * 60
+            if now - seen.last_received >= hold:
+                return self._commit(seen, now, outcome="failed", reason=(
+                    f"incomplete: {evidence}; nothing arrived for {hold / 60:.0f} min (incomplete_hold_minutes)"))
+            self._next_check[seen.series_uid] = now + _RECHECK_SECONDS
+            if seen.state == SeriesState.INCOMPLETE and seen.note == evidence:
+                return None  # still held for the same reason
+            return self._commit(seen, now, outcome="incomplete", reason=evidence)
+        skipped = {name: why for name, why in reasons.items() if why is not None}
+        return self._commit(seen, now, outcome="dispatched", routes=eligible, skipped_routes=skipped)
+
+    def _commit(self, seen: SeriesInfo, now: float, *, outcome: str, reason: str = "",
+                routes: list[Route] | None = None, skipped_routes: dict[str, str] | None = None) -> Dispatch | None:
         job_ids: list[int] = []
-        names = [r.name for r in routes]
+        names = [r.name for r in routes or []]
         with self.series.db.tx() as c:
             info = self.series.claim_stable(c, seen.series_uid, version=seen.version,
                                             last_received=seen.last_received)
             if info is None:
                 return None  # changed since we looked: a new instance arrived
-            if not routes:
+            if outcome == "unmatched":
                 self.series.mark_unmatched(c, info, now=now)
+            elif outcome == "skipped":
+                self.series.mark_skipped(c, info, reason=reason, routes=names, now=now)
+            elif outcome == "incomplete":
+                self.series.mark_incomplete(c, info, reason=reason, now=now)
+            elif outcome == "failed":
+                self.series.mark_failed(c, info, reason=reason, now=now)
             else:
-                for route in routes:
+                for route in routes or []:
                     for model in route.models:
                         jid = self.jobs.create(c, series_uid=info.series_uid, series_version=info.version,
                                                model=model, route=route.name, send_to=list(route.send_to),
@@ -79,11 +168,17 @@ class Assembler:
                                                config_version=self._config_version, now=now)
                         if jid is not None:
                             job_ids.append(jid)
-                self.series.mark_dispatched(c, info, routes=names, jobs=job_ids, now=now)
-        if routes:
+                self.series.mark_dispatched(c, info, routes=names, jobs=job_ids, now=now,
+                                            skipped_routes=skipped_routes or {})
+        if outcome == "dispatched":
             logger.info("series %s stable (%d instances, version %d): routes %s -> jobs %s", info.series_uid,
                         info.instances, info.version, names, job_ids)
-        else:
+        elif outcome == "unmatched":
             logger.info("series %s stable (%d instances, modality %s): no route matched; kept, not processed",
                         info.series_uid, info.instances, info.modality)
-        return Dispatch(info.series_uid, info.version, names, job_ids)
+        elif outcome == "incomplete":
+            logger.warning("series %s held incomplete (%d instances): %s", info.series_uid, info.instances, reason)
+        else:
+            log = logger.warning if outcome == "failed" else logger.info
+            log("series %s %s (%d instances): %s", info.series_uid, outcome, info.instances, reason)
+        return Dispatch(info.series_uid, info.version, names, job_ids, outcome=outcome, reason=reason)

@@ -1,6 +1,7 @@
 """The node's SQLite database (WAL): one file, one connection per process, serialised by a lock.
 
-Tables: ``instances`` and ``series`` (the index of what was received), ``jobs`` (one per series, model
+Tables: ``instances``, ``series`` and ``refusals`` (the index of what was received, and of what was
+refused), ``jobs`` (one per series, model
 and series version), ``outbox`` (one row per result object and destination) and ``events`` (the audit
 trail). Every write is a short transaction; ``synchronous=FULL`` so that a committed row survives a
 power loss, not just a crash of the process.
@@ -20,11 +21,14 @@ __all__ = ["Database", "Filter"]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: columns added after a release: (table, column, declaration), applied to older databases at open
 _ADDED_COLUMNS = (
     ("instances", "content_hash", "TEXT NOT NULL DEFAULT ''"),
+    ("instances", "instance_number", "INTEGER"),
+    ("instances", "position", "REAL"),
+    ("instances", "frames", "INTEGER NOT NULL DEFAULT 1"),
 )
 
 _SCHEMA = """
@@ -58,9 +62,21 @@ CREATE TABLE IF NOT EXISTS instances (
     called_ae TEXT,
     received_at REAL NOT NULL,
     series_version INTEGER NOT NULL DEFAULT 1,
-    content_hash TEXT NOT NULL DEFAULT ''
+    content_hash TEXT NOT NULL DEFAULT '',
+    instance_number INTEGER,
+    position REAL,
+    frames INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
+CREATE TABLE IF NOT EXISTS refusals (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    series_uid TEXT,
+    sop_uid TEXT,
+    calling_ae TEXT,
+    reason TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS refusals_series ON refusals(series_uid);
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     series_uid TEXT NOT NULL,

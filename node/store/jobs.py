@@ -221,21 +221,22 @@ class JobStore:
             self.outbox_waiting.set()
 
     def fail(self, job_id: int, reason: str, *, backoff_seconds: float, backoff_max_seconds: float,
-             now: float | None = None) -> JobState:
-        """Record a failed attempt: failed (retried after a backoff) or dead when attempts are exhausted."""
+             permanent: bool = False, now: float | None = None) -> JobState:
+        """Record a failed attempt: failed (retried after a backoff) or dead when attempts are exhausted,
+        or at once when the error is ``permanent`` (the same input would fail the same way)."""
         now = time.time() if now is None else now
         with self.db.tx() as c:
             row = c.execute("SELECT attempts, max_attempts, series_uid FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise JobNotFoundError(f"no job with id {job_id}")
-            dead = int(row["attempts"]) >= int(row["max_attempts"])
+            dead = permanent or int(row["attempts"]) >= int(row["max_attempts"])
             state = JobState.DEAD if dead else JobState.FAILED
             delay = _backoff(int(row["attempts"]), backoff_seconds, backoff_max_seconds)
             c.execute("UPDATE jobs SET state = ?, error = ?, updated_at = ?, lease_until = NULL, next_run_at = ?, "
                       "finished_at = ? WHERE id = ?",
                       (state.value, reason[:4000], now, now + delay, now if dead else None, job_id))
             append_event(c, f"job.{state.value}", {"reason": reason[:4000], "attempt": int(row["attempts"]),
-                                                 "retry_in_s": None if dead else delay},
+                                                 "retry_in_s": None if dead else delay, "permanent": permanent},
                         series_uid=row["series_uid"], job_id=job_id, now=now)
         return state
 

@@ -115,6 +115,10 @@ class InstanceRecord:
     modality: str
     routing_attrs: dict[str, Any]
     content_hash: str = ""
+    instance_number: int | None = None
+    #: ImagePositionPatient along the instance's own slice normal (mm), for single-frame images
+    position: float | None = None
+    frames: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,10 +201,11 @@ class SeriesStore:
                     late = True
             c.execute(
                 "INSERT OR REPLACE INTO instances (sop_uid, series_uid, study_uid, sop_class, transfer_syntax, "
-                "path, size, calling_ae, called_ae, received_at, series_version, content_hash) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "path, size, calling_ae, called_ae, received_at, series_version, content_hash, instance_number, "
+                "position, frames) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (rec.sop_uid, rec.series_uid, rec.study_uid, rec.sop_class, rec.transfer_syntax, str(rec.path),
-                 rec.size, rec.calling_ae, rec.called_ae, now, version, rec.content_hash))
+                 rec.size, rec.calling_ae, rec.called_ae, now, version, rec.content_hash, rec.instance_number,
+                 rec.position, rec.frames))
             c.execute("UPDATE series SET last_received = ?, n_instances = n_instances + 1, updated_at = ? "
                       "WHERE series_uid = ?", (now, now, rec.series_uid))
         return Indexed(late=late, version=version, reopened_from=reopened)
@@ -211,6 +216,45 @@ class SeriesStore:
         with self.db.tx() as c:
             append_event(c, "instance.conflict", {"sop_uid": sop_uid, "kept": kept, "calling_ae": calling_ae},
                          series_uid=series_uid, now=now)
+
+    def record_refusal(self, *, reason: str, series_uid: str | None = None, sop_uid: str | None = None,
+                       calling_ae: str = "", now: float | None = None) -> None:
+        """Remember an instance (or, without ``series_uid``, a whole association of ``calling_ae``) that was
+        refused: evidence that a series may be incomplete until what was refused arrives."""
+        now = time.time() if now is None else now
+        with self.db.tx() as c:
+            c.execute("INSERT INTO refusals (series_uid, sop_uid, calling_ae, reason, at) VALUES (?, ?, ?, ?, ?)",
+                      (series_uid, sop_uid, calling_ae, reason, now))
+
+    def unresolved_refusals(self, series_uid: str) -> dict[str, int]:
+        """Refused instances of the series that have not arrived since, counted by reason."""
+        rows = self.db.query("SELECT reason, COUNT(*) AS n FROM refusals r WHERE series_uid = ? AND NOT EXISTS "
+                             "(SELECT 1 FROM instances i WHERE i.sop_uid = r.sop_uid) GROUP BY reason", (series_uid,))
+        return {r["reason"]: int(r["n"]) for r in rows}
+
+    def association_refusal_during(self, info: SeriesInfo, *, window: float) -> str | None:
+        """The reason an association of the series' sender was refused while the series was arriving (from
+        its first instance to ``window`` seconds after its last, with none of it received since), or None."""
+        row = self.db.one("SELECT reason FROM refusals WHERE series_uid IS NULL AND calling_ae = ? "
+                          "AND at >= ? AND at >= ? AND at <= ? ORDER BY at DESC LIMIT 1",
+                          (info.calling_ae, info.first_received, info.last_received, info.last_received + window))
+        return None if row is None else str(row["reason"])
+
+    def instance_numbers(self, series_uid: str) -> list[int]:
+        """The distinct InstanceNumbers of the series, in order."""
+        return [int(r[0]) for r in self.db.query(
+            "SELECT DISTINCT instance_number FROM instances WHERE series_uid = ? AND instance_number IS NOT NULL "
+            "ORDER BY 1", (series_uid,))]
+
+    def slice_positions(self, series_uid: str) -> list[float]:
+        """The distinct slice positions (along each image's normal, mm) of the series, in order."""
+        return sorted({round(float(r[0]), 3) for r in self.db.query(
+            "SELECT position FROM instances WHERE series_uid = ? AND position IS NOT NULL", (series_uid,))})
+
+    def frame_count(self, series_uid: str) -> int:
+        """Images in the series (frames of multi-frame instances counted one by one)."""
+        row = self.db.one("SELECT COALESCE(SUM(frames), 0) AS n FROM instances WHERE series_uid = ?", (series_uid,))
+        return int(row["n"]) if row else 0
 
     def claim_stable(self, c: sqlite3.Connection, series_uid: str, *, version: int,
                      last_received: float) -> SeriesInfo | None:
@@ -226,12 +270,15 @@ class SeriesStore:
         return info
 
     def mark_dispatched(self, c: sqlite3.Connection, info: SeriesInfo, *, routes: list[str], jobs: list[int],
-                        now: float) -> None:
-        """Stable and routed: its jobs were created in the same transaction."""
-        self._move(c, info.series_uid, SeriesState.DISPATCHED, event="series.stable",
-                   detail={"instances": info.instances, "version": info.version, "routes": routes, "jobs": jobs,
-                           "calling_ae": info.calling_ae, "study_uid": info.study_uid},
-                   now=now, routes=routes)
+                        now: float, skipped_routes: dict[str, str] | None = None) -> None:
+        """Stable and routed: its jobs were created in the same transaction (``skipped_routes``: routes
+        that matched but cannot use it, with why)."""
+        detail: dict[str, Any] = {"instances": info.instances, "version": info.version, "routes": routes,
+                                  "jobs": jobs, "calling_ae": info.calling_ae, "study_uid": info.study_uid}
+        if skipped_routes:
+            detail["skipped_routes"] = skipped_routes
+        self._move(c, info.series_uid, SeriesState.DISPATCHED, event="series.stable", detail=detail, now=now,
+                   routes=routes, note="; ".join(f"{k}: {v}" for k, v in (skipped_routes or {}).items()) or None)
 
     def mark_unmatched(self, c: sqlite3.Connection, info: SeriesInfo, *, now: float) -> None:
         """Stable, and no route matched: kept for the retention period, never processed."""
@@ -251,6 +298,8 @@ class SeriesStore:
             if info.note != reason:
                 c.execute("UPDATE series SET note = ?, updated_at = ? WHERE series_uid = ?",
                           (reason, now, info.series_uid))
+                append_event(c, "series.incomplete", {"instances": info.instances, "reason": reason},
+                             series_uid=info.series_uid, now=now)
             return
         self._move(c, info.series_uid, SeriesState.INCOMPLETE, event="series.incomplete",
                    detail={"instances": info.instances, "reason": reason}, now=now, note=reason)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import highdicom as hd
@@ -38,24 +38,88 @@ def _uid(seed: int, *parts: object) -> str:
     return generate_uid(prefix=SYNTH_UID_ROOT, entropy_srcs=[str(seed), *map(str, parts)])
 
 
+@dataclass(frozen=True)
+class TiltedStack:
+    """A phantom sampled on gantry-tilted planes, as a tilted acquisition would give it."""
+
+    hu: np.ndarray  # [k, j, i]
+    labels: np.ndarray  # lesion labels on the same planes (nearest neighbour)
+    positions: list[tuple[float, float, float]]  # ImagePositionPatient per slice
+    orientation: tuple[float, float, float, float, float, float]  # ImageOrientationPatient
+
+
+def tilted_stack(phantom: Phantom, tilt_deg: float, *, noise_hu: float = 0.0, seed: int = 0) -> TiltedStack:
+    """Sample the phantom on planes tilted by ``tilt_deg`` about the patient's left-right axis.
+
+    Rows run along x; columns along (0, cos t, -sin t); the table moves along z, so successive slice
+    origins step along z by ``spacing_z / cos t`` (``spacing_z`` along the slice normal): the stack is
+    sheared, exactly as a tilted gantry makes it. Only planes that cross the body inside the phantom's
+    z-range are kept (a real tilted plane never ends in the middle of the patient). HU: trilinear;
+    labels: nearest; outside the phantom: air. Sample a phantom made with ``noise_hu=0`` and give the
+    noise here (``noise_hu``): interpolating a noisy phantom would blur its noise, which a scanner's
+    tilted slices do not have.
+    """
+    from scipy import ndimage
+
+    geom = phantom.geometry
+    t = np.radians(tilt_deg)
+    row = np.array([1.0, 0.0, 0.0])
+    col = np.array([0.0, np.cos(t), -np.sin(t)])
+    x0, y0, z0 = geom.origin
+    z1 = z0 + (geom.slices - 1) * geom.spacing_z
+    body_rows = np.where((phantom.hu > -500).any(axis=(0, 2)))[0]
+    y_lo, y_hi = y0 + body_rows.min() * geom.spacing_xy, y0 + body_rows.max() * geom.spacing_xy
+    # a plane through (y, z) = (0, zc) is at z = zc - y tan t: keep zc where the body part stays inside
+    reach = max(abs(y_lo), abs(y_hi)) * abs(np.tan(t))
+    step = geom.spacing_z / np.cos(t)
+    n = int(np.floor((z1 - z0 - 2 * reach) / step)) + 1
+    if n < 2:
+        raise ValueError(f"a {tilt_deg} degree tilt leaves no plane inside this phantom")
+    zc_first = (z0 + z1) / 2.0 - (n - 1) * step / 2.0
+    half_height = (geom.size - 1) * geom.spacing_xy / 2.0
+    rng = np.random.default_rng(seed)
+    jj, ii = np.meshgrid(np.arange(geom.size), np.arange(geom.size), indexing="ij")
+    hu = np.empty((n, geom.size, geom.size), dtype=np.float32)
+    labels = np.empty((n, geom.size, geom.size), dtype=phantom.labels.dtype)
+    positions = []
+    for k in range(n):
+        ipp = np.array([x0, 0.0, zc_first + k * step]) - half_height * col
+        p = ipp[:, None, None] + ii[None] * geom.spacing_xy * row[:, None, None] \
+            + jj[None] * geom.spacing_xy * col[:, None, None]
+        coords = np.stack([(p[2] - z0) / geom.spacing_z, (p[1] - y0) / geom.spacing_xy,
+                           (p[0] - x0) / geom.spacing_xy])
+        hu[k] = ndimage.map_coordinates(phantom.hu, coords, order=1, mode="constant", cval=-1000.0)
+        if noise_hu:
+            hu[k] += rng.normal(0.0, noise_hu, hu[k].shape).astype(np.float32) * (hu[k] > -990.0)
+        labels[k] = ndimage.map_coordinates(phantom.labels, coords, order=0, mode="constant", cval=0)
+        positions.append((float(ipp[0]), float(ipp[1]), float(ipp[2])))
+    return TiltedStack(hu=hu, labels=labels, positions=positions,
+                       orientation=(1.0, 0.0, 0.0, 0.0, float(col[1]), float(col[2])))
+
+
 def write_series(phantom: Phantom, out_dir: Path, *, seed: int, patient_name: str = "SYNTHETIC^CHEST",
-                 patient_id: str | None = None, compress: bool = False) -> list[Path]:
+                 patient_id: str | None = None, compress: bool = False, tilt_deg: float = 0.0,
+                 noise_hu: float = 0.0) -> list[Path]:
     """Write the phantom's HU volume as single-frame CT instances, one file per slice.
+
+    ``tilt_deg`` writes it as a gantry-tilted acquisition (:func:`tilted_stack`, which adds ``noise_hu``
+    after sampling: pass a phantom made without noise), with GantryDetectorTilt.
 
     Returns:
         The written paths, in slice order.
     """
     geom = phantom.geometry
     out_dir.mkdir(parents=True, exist_ok=True)
+    tilted = tilted_stack(phantom, tilt_deg, noise_hu=noise_hu, seed=seed) if tilt_deg else None
     study_uid = _uid(seed, "study")
     series_uid = _uid(seed, "series")
     for_uid = _uid(seed, "for")
     when = _dt.datetime(2026, 1, 1, 9, 0, 0) + _dt.timedelta(days=seed % 300, minutes=seed % 600)
     pid = patient_id or f"SYN{seed:06d}"
-    stored = np.clip(np.rint(phantom.hu + 1024.0), 0, 4095).astype(np.uint16)
+    stored = np.clip(np.rint((tilted.hu if tilted else phantom.hu) + 1024.0), 0, 4095).astype(np.uint16)
     x0, y0, z0 = geom.origin
     paths: list[Path] = []
-    for k in range(geom.slices):
+    for k in range(stored.shape[0]):
         ds = Dataset()
         ds.SOPClassUID = CTImageStorage
         ds.SOPInstanceUID = _uid(seed, "instance", k)
@@ -89,9 +153,15 @@ def write_series(phantom: Phantom, out_dir: Path, *, seed: int, patient_name: st
         ds.InstanceNumber = k + 1
         ds.FrameOfReferenceUID = for_uid
         ds.PositionReferenceIndicator = ""
-        ds.ImagePositionPatient = [f"{x0:.5f}", f"{y0:.5f}", f"{z0 + k * geom.spacing_z:.5f}"]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.SliceLocation = f"{z0 + k * geom.spacing_z:.5f}"
+        if tilted is None:
+            ds.ImagePositionPatient = [f"{x0:.5f}", f"{y0:.5f}", f"{z0 + k * geom.spacing_z:.5f}"]
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+            ds.SliceLocation = f"{z0 + k * geom.spacing_z:.5f}"
+        else:
+            ds.ImagePositionPatient = [f"{v:.5f}" for v in tilted.positions[k]]
+            ds.ImageOrientationPatient = [f"{v:.8f}" for v in tilted.orientation]
+            ds.SliceLocation = f"{tilted.positions[k][2]:.5f}"
+            ds.GantryDetectorTilt = f"{tilt_deg:g}"
         ds.PixelSpacing = [f"{geom.spacing_xy:.6g}", f"{geom.spacing_xy:.6g}"]
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"

@@ -1,0 +1,199 @@
+"""The ``preannot`` commands for administrators and physicists: models, config, evaluate, audit, purge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from node.cli_common import ConfigOpt, die, load_or_exit, stores_or_exit
+from node.errors import PreannotError
+
+__all__ = ["register"]
+
+config_app = typer.Typer(help="Check or create the configuration.", no_args_is_help=True)
+audit_app = typer.Typer(help="Export and verify the audit trail.", no_args_is_help=True)
+app = typer.Typer()
+
+
+def register(main: typer.Typer) -> None:
+    """Add these commands to the main ``preannot`` application."""
+    main.add_typer(config_app, name="config")
+    main.add_typer(audit_app, name="audit")
+    for command in app.registered_commands:
+        main.registered_commands.append(command)
+
+
+@app.command()
+def models(config: ConfigOpt = None) -> None:
+    """List the models in the models folder with version and weights SHA-256; broken bundles with the reason."""
+    from node.inference.registry import Registry
+
+    cfg = load_or_exit(config)
+    reg = Registry(cfg.models.dir)
+    for name, m in reg.models.items():
+        labels = ", ".join(f"{lab.value}={lab.name}" for lab in m.card.labels)
+        typer.echo(f"{name}  version {m.version}  sha256 {m.sha256}  labels: {labels}  ({m.weights.name})")
+    for name, reason in reg.broken.items():
+        typer.echo(f"{name}  BROKEN: {reason}")
+    if not reg.models:
+        typer.echo(f"no usable model in {cfg.models.dir}", err=True)
+        raise typer.Exit(1)
+
+
+@config_app.command("check")
+def config_check(config: ConfigOpt = None) -> None:
+    """Validate the configuration, the routes and the models they name."""
+    from node.errors import ConfigError
+    from node.inference.registry import Registry
+    from node.schedule.routing import validate_route
+
+    cfg = load_or_exit(config)
+    try:
+        for r in cfg.routes:
+            validate_route(r)
+    except ConfigError as exc:
+        raise die(exc, 2) from exc
+    reg = Registry(cfg.models.dir)
+    problems = [f"routes[{r.name}] names model {m!r}: " + reg.broken.get(m, f"not found in {cfg.models.dir}")
+                for r in cfg.routes for m in r.models if m not in reg.models]
+    for p in problems:
+        typer.echo(f"error: {p}", err=True)
+    if problems:
+        raise typer.Exit(2)
+    typer.echo(f"configuration {cfg.source} is valid (version {cfg.version()}): {len(cfg.routes)} route(s), "
+               f"{len(cfg.destinations)} destination(s), models {sorted(reg.models)}")
+
+
+@config_app.command("init")
+def config_init(output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the file here "
+                                                            "(its folder is created) instead of printing it")] = None,
+                force: Annotated[bool, typer.Option(help="Overwrite an existing --output file")] = False) -> None:
+    """Print (or write) a commented default configuration."""
+    from node.config_template import render_template
+
+    text = render_template()
+    if output is None:
+        typer.echo(text)
+        return
+    if output.exists() and not force:
+        raise die(PreannotError(f"{output} exists; use --force to overwrite it"), 1)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text + "\n")
+    typer.echo(f"configuration written to {output}; edit it, then: preannot config check --config {output}")
+
+
+@app.command()
+def evaluate(
+    dataset: Annotated[Path, typer.Argument(help="Folder of image series with reference SEG (or NIfTI) beside them")],
+    out: Annotated[Path, typer.Option("--out", help="Report folder (report.html, metrics.csv, summary.json)")],
+    model: Annotated[list[str], typer.Option("--model", "-m", help="Model to evaluate; repeat to compare")],
+    config: ConfigOpt = None,
+    tolerance_mm: Annotated[float, typer.Option(help="Surface Dice tolerance (mm)")] = 2.0,
+    detection: Annotated[str, typer.Option(help="Lesion matching: overlap or centroid")] = "overlap",
+    centroid_mm: Annotated[float, typer.Option(help="Centroid rule distance (mm)")] = 5.0,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs")] = 2000,
+) -> None:
+    """Evaluate models on labelled data: overlap, surface distances, detection, FROC, volumes, speed."""
+    from node.evaluate.run import EvalOptions
+    from node.evaluate.run import evaluate as run_evaluation
+    from node.inference.registry import Registry
+
+    cfg = load_or_exit(config)
+    if detection not in ("overlap", "centroid"):
+        raise die(PreannotError(f"--detection must be overlap or centroid (found {detection!r})"), 2)
+    try:
+        reg = Registry(cfg.models.dir)
+        infos = [reg.get(m) for m in model]
+        summary = run_evaluation(dataset, infos, out, options=EvalOptions(
+            tolerance_mm=tolerance_mm, detection=detection, centroid_mm=centroid_mm, bootstrap=bootstrap),
+            progress=lambda msg: typer.echo(msg, err=True))
+    except PreannotError as exc:
+        raise die(exc, 1) from exc
+    for name, m in summary["models"].items():
+        for lab, entry in m["labels"].items():
+            d = entry["voxel"]["dice"]
+            line = f"{name} / {lab}: Dice {d['mean']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]"
+            det = entry.get("detection")
+            if det:
+                line += (f", sensitivity {det['sensitivity']:.3f} ({det['detected']}/{det['lesions']}), "
+                         f"FP/scan {det['fp_per_scan']:.2f}")
+            typer.echo(line)
+    for c in summary["comparisons"]:
+        typer.echo(f"{c['b']} - {c['a']} ({c['label']}, {c['metric']}): {c['mean_difference_b_minus_a']:+.3f} "
+                   f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}], Wilcoxon p = {c['wilcoxon_p']:.4f}")
+    if summary["problems"]:
+        typer.echo(f"{len(summary['problems'])} problem(s) in the dataset, listed in the report", err=True)
+    typer.echo(f"report: {out / 'report.html'}")
+
+
+def _when(value: str | None) -> float | None:
+    """ISO date/time (2026-11-22, 2026-11-22T08:00) or epoch seconds -> epoch seconds."""
+    import datetime as dt
+
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        return dt.datetime.fromisoformat(value).timestamp()
+    except ValueError as exc:
+        raise typer.BadParameter(f"{value!r}: expected an ISO date/time such as 2026-11-22T08:00") from exc
+
+
+@audit_app.command("export")
+def audit_export(config: ConfigOpt = None,
+                 since: Annotated[str | None, typer.Option(help="From (ISO date/time or epoch s)")] = None,
+                 until: Annotated[str | None, typer.Option(help="Until (ISO date/time or epoch s)")] = None,
+                 out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout")] = None) -> None:
+    """Export audit records as JSON lines, oldest first."""
+    from node.store.audit import export
+
+    db = stores_or_exit(config).db
+    lines = (json.dumps(r, sort_keys=True) for r in export(db, since=_when(since), until=_when(until)))
+    if out is None:
+        for line in lines:
+            typer.echo(line)
+    else:
+        n = 0
+        with out.open("w") as f:
+            for line in lines:
+                f.write(line + "\n")
+                n += 1
+        typer.echo(f"{n} record(s) written to {out}", err=True)
+
+
+@audit_app.command("verify")
+def audit_verify(config: ConfigOpt = None) -> None:
+    """Check the hash chain of the audit trail; exit 1 at the first modified, missing or reordered record."""
+    from node.store.audit import verify
+
+    result = verify(stores_or_exit(config).db)
+    if result.ok:
+        typer.echo(f"audit trail intact: {result.records} record(s), hash chain verified")
+        return
+    typer.echo(f"audit trail BROKEN at record {result.first_bad_id}: {result.reason}", err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def purge(config: ConfigOpt = None,
+          dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what would be removed")] = False) -> None:
+    """Remove spooled instances and result files past their retention (never while a job needs them)."""
+    from node.retention import execute_purge, plan_purge
+    cfg = load_or_exit(config)
+    stores = stores_or_exit(config)
+    if dry_run:
+        plan = plan_purge(stores.series, stores.jobs, cfg)
+        typer.echo(f"would remove {plan.summary()}")
+        for uid in plan.series:
+            typer.echo(f"  series {uid}")
+        for job_id, d in plan.job_dirs.items():
+            typer.echo(f"  job {job_id} outputs {d}")
+        return
+    plan = execute_purge(stores.series, stores.jobs, cfg, actor="cli")
+    typer.echo(f"removed {plan.summary()}")

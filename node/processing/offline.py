@@ -1,0 +1,66 @@
+"""``preannot run`` on a folder as a scanner or a CD writes it: find the series in it, say which can be
+processed and why the others cannot, with the same eligibility rules as the node's routes."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from node.config import Route
+from node.ingest.spool import routing_attributes
+from node.net.scu import iter_dicom_files
+from node.schedule.eligibility import ineligibility
+
+__all__ = ["FoundSeries", "discover_series"]
+
+logger = logging.getLogger(__name__)
+
+#: Media Storage Directory (DICOMDIR): an index of the files, not an instance of any series
+_DICOMDIR = "1.2.840.10008.1.3.10"
+
+
+@dataclass
+class FoundSeries:
+    """One series found in a folder."""
+
+    series_uid: str
+    files: list[Path] = field(default_factory=list)
+    frames: int = 0
+    attrs: dict[str, object] = field(default_factory=dict)
+    #: why the route's models cannot use it (None: eligible)
+    skipped: str | None = None
+
+    def describe(self) -> str:
+        what = f"{self.attrs.get('Modality', '?')} {self.attrs.get('SeriesDescription', '')}".strip()
+        return f"{self.series_uid}: {what}, {len(self.files)} file(s), {self.frames} image(s)"
+
+
+def discover_series(root: Path, route: Route) -> tuple[list[FoundSeries], list[str]]:
+    """The series under ``root`` (a file or a folder, searched recursively), each judged eligible or
+    not for ``route``; and the files that were left out (DICOMDIR, unreadable), with why."""
+    found: dict[str, FoundSeries] = {}
+    left_out: list[str] = []
+    for path in iter_dicom_files(root):
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            left_out.append(f"{path}: unreadable ({exc})")
+            continue
+        sop_class = str(getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", "") or ds.get("SOPClassUID", ""))
+        if sop_class == _DICOMDIR or "DirectoryRecordSequence" in ds:
+            left_out.append(f"{path}: a DICOMDIR (index of the files), not an image")
+            continue
+        uid = str(ds.get("SeriesInstanceUID", ""))
+        if not uid:
+            left_out.append(f"{path}: no SeriesInstanceUID")
+            continue
+        entry = found.setdefault(uid, FoundSeries(series_uid=uid, attrs=routing_attributes(ds)))
+        entry.files.append(path)
+        entry.frames += max(int(ds.get("NumberOfFrames", 1) or 1), 1)
+    for entry in found.values():
+        entry.skipped = ineligibility(route, entry.attrs, frames=entry.frames)
+    return sorted(found.values(), key=lambda s: -s.frames), left_out
