@@ -25,6 +25,8 @@ late_instances = "reprocess"     # new instances of a processed series: "reproce
 free_space_reserve_mb = 1024     # answer 0xA700 (out of resources) rather than fill the disk below this
 unmatched_retention_days = 7     # series matching no route are kept this long
 fsync = true                     # fsync every instance before answering Success (keep true in production)
+incomplete_hold_minutes = 60     # a series with missing instances waits this long for them, then fails
+on_conflict = "keep"             # same SOP Instance UID, other content: "keep" the first or "replace" it
 
 [[destinations]]                 # where results go (repeat the table for several)
 name = "pacs"                    # required: referenced by routes.send_to
@@ -38,6 +40,8 @@ port = 4242                      # required
 name = "chest-ct"                # required, unique
 match = { Modality = "CT", BodyPartExamined = ["CHEST", "THORAX"], SliceThickness = "<=2.5" }
 # called_ae = ["PREANNOT"]       # only series sent to these AE titles of ours
+# min_slices = 5                 # fewer images: skipped (scouts, secondary captures, colour, non-images too)
+# expected_count_from = "pacs"   # ask the PACS by C-FIND how many instances the series has
 # calling_ae = ["ORTHANC"]       # only series sent by these AE titles
 models = ["lesion-ct-demo"]      # required: model folders under [models].dir
 send_to = ["pacs"]               # destination names

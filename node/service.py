@@ -71,7 +71,11 @@ class Node:
         for r in config.routes:
             validate_route(r)
         data = config.data_dir
+        # everything the node writes is its own: files 0600, folders 0700, whatever the umask it was
+        # started with (set once, here, before any thread; restored by stop())
+        self._umask = os.umask(0o077)
         data.mkdir(parents=True, exist_ok=True, mode=0o700)
+        data.chmod(0o700)
         self._lock_file: IO[str] | None = open(data / "node.lock", "a+")  # noqa: SIM115 - held for the node's life
         try:
             fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -234,4 +238,5 @@ class Node:
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
+        os.umask(self._umask)
         logger.info("node stopped")

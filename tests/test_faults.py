@@ -227,7 +227,7 @@ def _inconsistent_series(src: Path, out: Path) -> dict[str, list[Path]]:
 @pytest.mark.filterwarnings("ignore")
 def test_bad_input_corpus(make_node: Callable[..., Any], small_series: Path, tmp_path: Path) -> None:
     node = make_node(stable=0.5)
-    # an image route that also catches the non-image series: its job must fail with a reason
+    # an image route that also catches the non-image series: it must be skipped with a reason
     node.config.routes[0].match.clear()  # type: ignore[attr-defined]
     rng = random.Random(99)
     corpus = _corpus(sorted(small_series.glob("*.dcm"))[0], rng)
@@ -242,7 +242,7 @@ def test_bad_input_corpus(make_node: Callable[..., Any], small_series: Path, tmp
     assert by_kind["missing-pixel-data"].get("success", 0) + by_kind["missing-pixel-data"].get("refused", 0) == 5
     assert by_kind["odd-character-set"].get("success") == 10  # odd names are data, not errors
     assert by_kind["huge-private-tag"].get("success") == 5
-    # inconsistent and non-image series: accepted, then their jobs fail with a message saying why
+    # inconsistent and non-image series: accepted, then their jobs fail (or they are skipped) saying why
     bad_series = _inconsistent_series(small_series, tmp_path / "series")
     for files in bad_series.values():
         assert all(o.ok for o in send_files([str(p) for p in files], ae_title="PREANNOT", host="127.0.0.1",
@@ -256,13 +256,18 @@ def test_bad_input_corpus(make_node: Callable[..., Any], small_series: Path, tmp
     messages = {}
     for kind, files in bad_series.items():
         uid = str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+        if kind == "non-image-sr":  # never a job: skipped before any, with the reason
+            wait_for(lambda u=uid: node.series.get(u).state == "skipped", 60, what="the SR series skipped")
+            messages[kind] = node.series.get(uid).note
+            continue
         job = wait_for(lambda u=uid: [j for j in node.store.list_jobs(series_uid=u) if j.error], 120,
                        what=f"the {kind} job to fail")[0]
+        assert job.state == JobState.DEAD and job.attempts == 1  # bad input: not retried
         messages[kind] = job.error
     assert "mixes matrix sizes" in messages["mixed-sizes"]
     assert "mixes orientations" in messages["mixed-orientations"]
     assert "slices at position" in messages["duplicate-positions"]
-    assert "not an image" in messages["non-image-sr"] or "no image" in messages["non-image-sr"]
+    assert "not an image: a structured report" in messages["non-image-sr"]
     assert echo(ae_title="PREANNOT", host="127.0.0.1", port=node.listener.port, calling_ae="TESTSCU")
     spool = node.config.data_dir / "spool"
     assert all(spool in p.resolve().parents for p in spool.rglob("*"))  # nothing escaped the spool

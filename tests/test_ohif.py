@@ -38,11 +38,16 @@ def test_demo_results_displayed_in_ohif(tmp_path: Path, demo_model: Any, demo_ru
     out = process_series(files, ModelContext(demo_model, demo_runner, Provenance(model=demo_model)),
                          tmp_path / "results")
     assert out.rois, "the demo model found nothing on the demo series"
-    shots = tmp_path / "ohif"
-    proc = subprocess.run(["bash", str(TOOL / "check.sh"), str(ROOT / "sample_dicom"), out.files["seg"],
-                           out.files["sr"], str(shots)], capture_output=True, text=True, timeout=600)
-    summary = json.loads((shots / "summary.json").read_text()) if (shots / "summary.json").exists() else {}
-    verdict = summary.get("verdict", {})
+    # the viewer's rendering is timed by a headless browser on a loaded 2-core machine: a check that
+    # saw the SR not drawn yet is run once more (the screenshots of both runs are kept)
+    for attempt in (1, 2):
+        shots = tmp_path / f"ohif-{attempt}"
+        proc = subprocess.run(["bash", str(TOOL / "check.sh"), str(ROOT / "sample_dicom"), out.files["seg"],
+                               out.files["sr"], str(shots)], capture_output=True, text=True, timeout=600)
+        summary = json.loads((shots / "summary.json").read_text()) if (shots / "summary.json").exists() else {}
+        verdict = summary.get("verdict", {})
+        if proc.returncode != 2:  # passed, or the harness itself failed: no second try
+            break
     assert proc.returncode == 0, f"OHIF check failed: {verdict}\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}"
     assert verdict["seg_overlay"] and verdict["sr_displayed"] and not verdict["viewer_crashed"]
     assert (shots / "d_sr_viewport.png").is_file()

@@ -161,3 +161,39 @@ def test_fetch_past_study_for_reprocessing(kind: str, tmp_path: Path, small_seri
             node.stop()
     finally:
         orthanc.stop()
+
+
+def test_series_count_from_the_pacs_holds_an_incomplete_series(tmp_path: Path, small_series: Path) -> None:
+    """Route option expected_count_from: the node asks Orthanc by C-FIND how many instances the series has."""
+    from node.config import load_config
+    from node.net.scu import send_files
+    from node.service import Node
+    from tests.conftest import free_port, node_toml
+
+    port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", preannot_port=port, route=False)
+    try:
+        files = sorted(small_series.glob("*.dcm"))
+        client = orthanc.client()
+        for p in files:
+            client.upload(p.read_bytes())  # the PACS holds all 24
+        text = node_toml(tmp_path / "data", port, stable=0.5) + _destination("dicom", orthanc)
+        text = text.replace("extra_outputs = []", 'extra_outputs = []\nexpected_count_from = "pacs"')
+        (tmp_path / "node.toml").write_text(text)
+        node = Node(load_config(tmp_path / "node.toml"))
+        node.start()
+        try:
+            uid = str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+            send = lambda fs: send_files([str(p) for p in fs], ae_title="PREANNOT", host="127.0.0.1",  # noqa: E731
+                                         port=port, calling_ae="TESTSCU")
+            assert all(o.ok for o in send(files[:20]))  # no hole in numbers or positions: only the PACS knows
+            wait_for(lambda: node.series.get(uid).state == "incomplete", 30, what="held incomplete")
+            assert node.series.get(uid).note == "pacs reports 24 instances by C-FIND; 20 received"
+            assert node.store.list_jobs() == []
+            assert all(o.ok for o in send(files[20:]))
+            wait_for(lambda: node.store.list_jobs(state="done"), 120, what="the job once complete")
+            assert node.series.get(uid).state == "dispatched"
+        finally:
+            node.stop()
+    finally:
+        orthanc.stop()

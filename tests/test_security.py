@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -120,15 +121,22 @@ def test_associations_per_caller_are_limited(make_node: Callable[..., Any]) -> N
 def test_permissions_and_no_identifiers_in_logs(make_node: Callable[..., Any], small_series: Path,
                                                caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    node = make_node(stable=0.5)
-    files = sorted(small_series.glob("*.dcm"))
-    assert all(o.ok for o in _send(node, files))
-    wait_for(lambda: node.store.list_jobs(state=JobState.DONE), 120, what="the job")
-    data = node.config.data_dir
-    assert oct(data.stat().st_mode & 0o777) == oct(0o700)
-    assert oct((data / "node.db").stat().st_mode & 0o777) == oct(0o600)
-    spooled = [p for p in (data / "spool").rglob("*.dcm")]
-    assert spooled and all((p.stat().st_mode & 0o777) == 0o600 for p in spooled)
+    previous = os.umask(0o022)  # a permissive umask, as a shell or a service manager may give
+    try:
+        node = make_node(stable=0.5)
+        files = sorted(small_series.glob("*.dcm"))
+        assert all(o.ok for o in _send(node, files))
+        wait_for(lambda: node.store.list_jobs(state=JobState.DONE), 120, what="the job")
+        data = node.config.data_dir
+        preview = Path((node.store.list_jobs()[0].result or {})["files"]["preview"])
+        wait_for(preview.exists, 30, what="the preview")
+    finally:
+        os.umask(previous)
+    everything = [data, *data.rglob("*")]
+    assert any(p.name == "node.db-wal" for p in everything) and preview in everything
+    wrong = {str(p.relative_to(data)): oct(p.stat().st_mode & 0o777) for p in everything
+             if (p.stat().st_mode & 0o777) != (0o700 if p.is_dir() else 0o600)}
+    assert wrong == {}
     wait_for(lambda: "job 1 done" in caplog.text, 30, what="the job's log line")  # the run was logged...
     text = caplog.text
     for identifier in ("TESTPATIENT", "ALICE", "PID-424242", "19600101"):  # ...without identifiers

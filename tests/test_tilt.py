@@ -22,6 +22,7 @@ from node.inference.registry import Registry
 from node.inference.runner import BundleRunner
 from node.outputs.equipment import Provenance
 from node.processing.pipeline import ModelContext, process_series
+from tests.conftest import SHARED
 from tests.test_bundle_isolation import _bundle as _bundle_layout
 
 TILT = 20.0
@@ -141,3 +142,23 @@ def test_tilted_chest_with_the_demo_model(twins: dict[str, Any], demo_model: Any
     # the demo model (trained on unresampled phantoms) loses some Dice to the interpolation itself: measured
     # 0.78 -> 0.63 at 20 degrees on this case (docs/models.md); the geometry alone is held to 0.8 above
     assert dice_tilted >= 0.7 * dice_straight, (dice_tilted, dice_straight)
+
+
+@pytest.mark.skipif(not (SHARED / "dcm_qa_ct" / "GE").is_dir(), reason="../shared/data/real_dicom is absent")
+def test_real_ge_tilted_uneven_head_ct_is_processed(tmp_path: Path, demo_model: Any, demo_runner: Any,
+                                                    dciodvfy: Any) -> None:
+    """dcm_qa_ct/GE: 18.5 degree tilt, 4 mm then 7 mm slices with a 1.08 mm step between: processed."""
+    files = sorted((SHARED / "dcm_qa_ct" / "GE").glob("*.dcm"))
+    out = process_series(files, ModelContext(demo_model, demo_runner, Provenance(model=demo_model)), tmp_path)
+    assert out.summary["resampled"]["reason"] == "uneven slice spacing from 1.08 to 7.00 mm, gantry tilt 18.5 degrees"
+    assert out.summary["slices"] == 28
+    for name in ("seg", "sr"):
+        if name in out.files:
+            assert dciodvfy(Path(out.files[name])) == []
+    assert "sr" in out.files
+    sources = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
+    if "seg" in out.files:
+        seg = dcmread(out.files["seg"])
+        refs = {f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+                for f in seg.PerFrameFunctionalGroupsSequence}
+        assert refs <= sources

@@ -24,9 +24,10 @@ from scipy import stats
 from node.errors import PreannotError
 from node.evaluate.dataset import Case, discover, load_reference
 from node.evaluate.metrics import LesionMatch, label_metrics, lesion_matches
+from node.imaging.regrid import regularize
 from node.imaging.volume import display_window, load_series
 from node.inference.registry import ModelInfo
-from node.inference.rois import extract_rois, paint_rois
+from node.inference.rois import extract_rois, paint_rois, relocate_rois
 from node.inference.runner import Runner
 
 __all__ = ["EvalOptions", "evaluate"]
@@ -85,10 +86,17 @@ def _case(case: Case, model: ModelInfo, runner: Runner, opts: EvalOptions, out: 
         label_map[lab.type.meaning.lower()] = lab.value
     ref = load_reference(case, volume, label_map=label_map)
     t2 = time.perf_counter()
-    raw = runner.predict(volume)
-    t3 = time.perf_counter()
-    rois = extract_rois(raw, volume, model.card, outlines=False)
-    pred = paint_rois(rois, shape=raw.shape)
+    grid = regularize(volume)  # a tilted or unevenly spaced series: as the node processes it
+    if grid is None:
+        raw = runner.predict(volume)
+        t3 = time.perf_counter()
+        rois = extract_rois(raw, volume, model.card, outlines=False)
+    else:
+        raw_grid = runner.predict(grid.volume)
+        t3 = time.perf_counter()
+        raw = grid.to_source(raw_grid)
+        rois, _ = relocate_rois(extract_rois(raw_grid, grid.volume, model.card, outlines=False), grid)
+    pred = paint_rois(rois, shape=volume.shape)
     t4 = time.perf_counter()
     sx, sy, sz = volume.spacing
     spacing = (sz, sy, sx)

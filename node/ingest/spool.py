@@ -92,7 +92,7 @@ def _check_pixel_data(ds: Dataset) -> None:
 def _placement(ds: Dataset) -> dict[str, Any]:
     """InstanceNumber, position along the slice normal and frame count: what the assembler needs to tell
     a complete series from one with holes, without decoding anything."""
-    out: dict[str, Any] = {"instance_number": None, "position": None, "frames": 1}
+    out: dict[str, Any] = {"instance_number": None, "position": None, "orientation": None, "frames": 1}
     try:
         if ds.get("InstanceNumber") not in (None, ""):
             out["instance_number"] = int(ds.InstanceNumber)
@@ -103,6 +103,7 @@ def _placement(ds: Dataset) -> dict[str, Any]:
             normal = (row[1] * col[2] - row[2] * col[1], row[2] * col[0] - row[0] * col[2],
                       row[0] * col[1] - row[1] * col[0])
             out["position"] = sum(float(p) * n for p, n in zip(ipp, normal, strict=True))
+            out["orientation"] = ",".join(f"{v:.3f}" for v in (*row, *col))
     except (TypeError, ValueError):
         pass  # a malformed value only weakens the completeness checks; the volume reader reports it
     return out

@@ -29,6 +29,7 @@ _ADDED_COLUMNS = (
     ("instances", "instance_number", "INTEGER"),
     ("instances", "position", "REAL"),
     ("instances", "frames", "INTEGER NOT NULL DEFAULT 1"),
+    ("instances", "orientation", "TEXT"),
 )
 
 _SCHEMA = """
@@ -65,6 +66,7 @@ CREATE TABLE IF NOT EXISTS instances (
     content_hash TEXT NOT NULL DEFAULT '',
     instance_number INTEGER,
     position REAL,
+    orientation TEXT,
     frames INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);

@@ -118,6 +118,8 @@ class InstanceRecord:
     instance_number: int | None = None
     #: ImagePositionPatient along the instance's own slice normal (mm), for single-frame images
     position: float | None = None
+    #: ImageOrientationPatient, rounded, as text: positions compare only within one orientation
+    orientation: str | None = None
     frames: int = 1
 
 
@@ -202,10 +204,10 @@ class SeriesStore:
             c.execute(
                 "INSERT OR REPLACE INTO instances (sop_uid, series_uid, study_uid, sop_class, transfer_syntax, "
                 "path, size, calling_ae, called_ae, received_at, series_version, content_hash, instance_number, "
-                "position, frames) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "position, orientation, frames) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (rec.sop_uid, rec.series_uid, rec.study_uid, rec.sop_class, rec.transfer_syntax, str(rec.path),
                  rec.size, rec.calling_ae, rec.called_ae, now, version, rec.content_hash, rec.instance_number,
-                 rec.position, rec.frames))
+                 rec.position, rec.orientation, rec.frames))
             c.execute("UPDATE series SET last_received = ?, n_instances = n_instances + 1, updated_at = ? "
                       "WHERE series_uid = ?", (now, now, rec.series_uid))
         return Indexed(late=late, version=version, reopened_from=reopened)
@@ -247,9 +249,14 @@ class SeriesStore:
             "ORDER BY 1", (series_uid,))]
 
     def slice_positions(self, series_uid: str) -> list[float]:
-        """The distinct slice positions (along each image's normal, mm) of the series, in order."""
-        return sorted({round(float(r[0]), 3) for r in self.db.query(
-            "SELECT position FROM instances WHERE series_uid = ? AND position IS NOT NULL", (series_uid,))})
+        """The slice positions (along the images' normal, mm) of the series' instances, in order (a position
+        twice when two instances share it); empty when its images do not share one orientation (positions
+        along different normals do not compare)."""
+        rows = self.db.query("SELECT position, orientation FROM instances WHERE series_uid = ? "
+                             "AND position IS NOT NULL", (series_uid,))
+        if len({r["orientation"] for r in rows}) > 1:
+            return []
+        return sorted(round(float(r["position"]), 3) for r in rows)
 
     def frame_count(self, series_uid: str) -> int:
         """Images in the series (frames of multi-frame instances counted one by one)."""
