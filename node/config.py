@@ -75,6 +75,11 @@ class NodeSection(_Section):
     fsync: bool = True
     caller_hosts: dict[str, list[str]] = Field(default_factory=dict)
     max_associations_per_caller: int = Field(4, ge=0)
+    #: connections that have not completed A-ASSOCIATE yet (their AE title is unknown): in all, per
+    #: source address, and how long one may take; addresses in caller_hosts are never held back
+    max_pending_connections: int = Field(32, ge=1)
+    max_pending_per_host: int = Field(4, ge=1)
+    association_request_timeout: float = Field(10.0, gt=0)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None

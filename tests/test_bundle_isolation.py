@@ -117,7 +117,7 @@ def test_two_workers_two_bundles_each_job_uses_its_own_scripts(tmp_path: Path, s
     port = free_port()
     cfg = load_config(None, env={}, overrides={
         "node": {"ae_title": "PREANNOT", "bind": "127.0.0.1", "port": port, "data_dir": str(tmp_path / "data"),
-                 "allowed_callers": ["TESTSCU"], "stable_seconds": 0.5, "free_space_reserve_mb": 0},
+                 "allowed_callers": ["TESTSCU"], "stable_seconds": 3.0, "free_space_reserve_mb": 0},
         "routes": [{"name": "both", "match": {"Modality": "CT"}, "models": ["bundle-a", "bundle-b"]}],
         "models": {"dir": str(models), "device": "cpu", "preload": True},
         "jobs": {"workers": 2, "backoff_seconds": 0.2}, "web": {"enabled": False}})
@@ -139,6 +139,7 @@ def test_two_workers_two_bundles_each_job_uses_its_own_scripts(tmp_path: Path, s
         jobs = node.store.list_jobs()
         assert [j.state for j in jobs] == [JobState.DONE] * 8, [(j.id, j.state, j.error) for j in jobs]
         for j in jobs:
+            assert (j.result or {})["summary"]["slices"] == 24  # each series whole (not cut by a slow disk)
             rois: list[dict[str, Any]] = (j.result or {})["summary"]["rois"]
             expected = "bundle-a-mark" if j.model == "bundle-a" else "bundle-b-mark"
             assert [r["label"] for r in rois] == [expected], (j.id, j.model, rois)

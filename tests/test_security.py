@@ -6,12 +6,15 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import socket
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -141,3 +144,44 @@ def test_permissions_and_no_identifiers_in_logs(make_node: Callable[..., Any], s
     text = caplog.text
     for identifier in ("TESTPATIENT", "ALICE", "PID-424242", "19600101"):  # ...without identifiers
         assert identifier not in text
+
+
+def _half_open(port: int, source: str) -> socket.socket | None:
+    """A connection that sends the first 8 bytes of an A-ASSOCIATE-RQ and then nothing."""
+    s = socket.socket()
+    s.settimeout(3)
+    try:
+        s.bind((source, 0))
+        s.connect(("127.0.0.1", port))
+        s.sendall(bytes([0x01, 0x00, 0x00, 0x00, 0x00, 0x44, 0x00, 0x01]))
+    except OSError:
+        s.close()
+        return None
+    return s
+
+
+def test_half_open_connections_cannot_lock_out_the_pacs(make_node: Callable[..., Any], small_series: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PREANNOT_NODE__ASSOCIATION_REQUEST_TIMEOUT", "3")
+    node = make_node(stable=60)  # nothing is processed during the test: only the intake is measured
+    port = node.listener.port
+    sources = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]  # an attacker with three addresses on the network
+    held = [s for n in range(20) if (s := _half_open(port, sources[n % 3])) is not None]
+    try:
+        wait_for(lambda: node.listener.guard.pending() + node.listener.guard.refused_total >= 20, 5,
+                 what="the 20 connections seen")
+        # at most max_pending_per_host (4) from each address wait; the others were closed at once
+        assert node.listener.guard.pending() <= 12 and node.listener.guard.refused_total >= 8
+        t0 = time.monotonic()
+        files = sorted(small_series.glob("*.dcm"))
+        outcomes = _send(node, files)  # the PACS, from 127.0.0.1, while the half-open connections are held
+        elapsed = time.monotonic() - t0
+        assert all(o.ok for o in outcomes) and elapsed < 2.0, elapsed
+        # the pending ones are closed once their association request is overdue; nothing was stored by them
+        wait_for(lambda: node.listener.guard.pending() == 0, 10, what="the half-open connections closed")
+        assert node.listener.guard.timed_out_total >= 1
+        assert node.series.instance_count(str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)) == 24
+        assert node.listener.stats.associations == 1
+    finally:
+        for s in held:
+            s.close()

@@ -1,19 +1,24 @@
-"""The self-contained HTML report: plots embedded as PNG, a sortable per-case table, worst cases."""
+"""The self-contained HTML report: plots embedded as PNG, a sortable per-case table, worst cases.
+
+The page is a Jinja2 template (``evaluate/templates/report.html``, autoescaped); this module computes
+the figures and the table cells."""
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from jinja2 import Environment, PackageLoader, select_autoescape
 
 from node.inference.registry import ModelInfo
 
 __all__ = ["write_report"]
+
+_ENV = Environment(loader=PackageLoader("node.evaluate", "templates"), autoescape=select_autoescape(["html"]))
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:24px;color:#1d2530;max-width:1200px}
 h1{font-size:22px}h2{font-size:17px;margin-top:28px}table{border-collapse:collapse;font-size:12px}
@@ -35,9 +40,10 @@ def _png(fig: Any) -> str:
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
+    """A number for the report (text: the template escapes it)."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
-    return f"{v:.{digits}f}" if isinstance(v, float) else html.escape(str(v))
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
 def write_report(summary: dict[str, Any], results: dict[str, list[dict[str, Any]]], models: list[ModelInfo],
@@ -95,9 +101,8 @@ def write_report(summary: dict[str, Any], results: dict[str, list[dict[str, Any]
         for lab, entry in m["labels"].items():
             v = entry["voxel"]
             det = entry.get("detection", {})
-            cells = [html.escape(n), html.escape(lab)] + [
-                f"{_fmt(v[k]['mean'])} [{_fmt(v[k]['ci95'][0])}, {_fmt(v[k]['ci95'][1])}]"
-                for k in ("dice", "nsd", "hd95_mm", "asd_mm", "abs_volume_diff_mm3")]
+            cells = [n, lab] + [f"{_fmt(v[k]['mean'])} [{_fmt(v[k]['ci95'][0])}, {_fmt(v[k]['ci95'][1])}]"
+                                for k in ("dice", "nsd", "hd95_mm", "asd_mm", "abs_volume_diff_mm3")]
             if det:
                 cells.append(f"{_fmt(det['sensitivity'])} [{_fmt(det['sensitivity_ci'][0])}, "
                              f"{_fmt(det['sensitivity_ci'][1])}] ({det['detected']}/{det['lesions']})")
@@ -107,55 +112,26 @@ def write_report(summary: dict[str, Any], results: dict[str, list[dict[str, Any]
                 cells += ["–", "–"]
             cells.append(f"{_fmt(m['mean_timings_s']['inference'], 2)} s")
             cells.append(f"{_fmt(m['peak_rss_mb'], 0)} MB")
-            agg_rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    comp_rows = "".join(
-        f"<tr><td>{html.escape(c['label'])}</td><td>{c['metric']}</td><td>{html.escape(c['b'])} - {html.escape(c['a'])}"
-        f"</td><td>{c['cases']}</td><td>{_fmt(c['mean_difference_b_minus_a'])} [{_fmt(c['ci95'][0])}, "
-        f"{_fmt(c['ci95'][1])}]</td><td>{_fmt(c['wilcoxon_p'], 4)}</td></tr>" for c in summary["comparisons"])
+            agg_rows.append(cells)
+    comp_rows = [[c["label"], c["metric"], f"{c['b']} - {c['a']}", c["cases"],
+                  f"{_fmt(c['mean_difference_b_minus_a'])} [{_fmt(c['ci95'][0])}, {_fmt(c['ci95'][1])}]",
+                  _fmt(c["wilcoxon_p"], 4)] for c in summary["comparisons"]]
     case_rows = []
     for n in names:
         for r in results[n]:
             m = r["labels"][first]
             les = r["lesions"].get(first, {})
-            case_rows.append(
-                f"<tr><td>{html.escape(r['case'])}</td><td>{html.escape(n)}</td><td>{_fmt(m['dice'])}</td>"
-                f"<td>{_fmt(m['nsd'])}</td><td>{_fmt(m['hd95_mm'], 2)}</td><td>{_fmt(m['asd_mm'], 2)}</td>"
-                f"<td>{_fmt(m['volume_ref_mm3'], 0)}</td><td>{_fmt(m['volume_pred_mm3'], 0)}</td>"
-                f"<td>{les.get('ref_lesions', '–')}</td><td>{les.get('detected', '–')}</td>"
-                f"<td>{les.get('false_positives', '–')}</td><td>{_fmt(r['timings_s']['inference'], 2)}</td></tr>")
+            case_rows.append([r["case"], n, _fmt(m["dice"]), _fmt(m["nsd"]), _fmt(m["hd95_mm"], 2),
+                              _fmt(m["asd_mm"], 2), _fmt(m["volume_ref_mm3"], 0), _fmt(m["volume_pred_mm3"], 0),
+                              les.get("ref_lesions", "–"), les.get("detected", "–"), les.get("false_positives", "–"),
+                              _fmt(r["timings_s"]["inference"], 2)])
     worst = sorted((r for n in names for r in results[n]), key=lambda r: r["labels"][first]["dice"])[:6]
-    worst_figs = []
-    for r in worst:
-        p = out / "cases" / r["overlay"]
-        if p.exists():
-            b64 = base64.b64encode(p.read_bytes()).decode()
-            worst_figs.append(f"<figure><img src='data:image/png;base64,{b64}' alt='{html.escape(r['case'])}'>"
-                              f"<figcaption class='small'>{html.escape(r['case'])} / {html.escape(r['model'])}: "
-                              f"Dice {_fmt(r['labels'][first]['dice'])}</figcaption></figure>")
-    problems = "".join(f"<li>{html.escape(p)}</li>" for p in summary["problems"]) or "<li>none</li>"
-    model_list = "".join(f"<li>{html.escape(m.name)} {html.escape(m.version)}, weights SHA-256 "
-                         f"<code>{m.sha256}</code></li>" for m in models)
-    doc = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>preannot evaluation</title>
-<style>{_CSS}</style></head><body>
-<h1>preannot evaluation report</h1>
-<p class="small">dataset {html.escape(summary['dataset'])} &middot; {summary['cases']} case(s) &middot; surface tolerance
-{summary['options']['tolerance_mm']} mm &middot; lesion detection by {summary['options']['detection']} &middot;
-{summary['options']['bootstrap']} bootstrap resamples (95 % CI in brackets)</p>
-<ul>{model_list}</ul>
-<h2>Summary</h2>
-<table><thead><tr><th>model</th><th>label</th><th>Dice</th><th>surface Dice</th><th>HD95 mm</th><th>ASD mm</th>
-<th>|volume diff| mm3</th><th>lesion sensitivity</th><th>FP / scan</th><th>inference</th><th>peak RAM</th></tr></thead>
-<tbody>{"".join(agg_rows)}</tbody></table>
-{"<h2>Paired comparison</h2><table><thead><tr><th>label</th><th>metric</th><th>difference</th><th>cases</th>"
- "<th>mean [95% CI]</th><th>Wilcoxon p</th></tr></thead><tbody>" + comp_rows + "</tbody></table>" if comp_rows else ""}
-{"".join(f"<h2>{html.escape(t)}</h2><img src='{src}' alt='{html.escape(t)}'>" for t, src in plots)}
-<h2>Worst cases</h2>{"".join(worst_figs) or "<p>none</p>"}
-<h2>Per case (click a column to sort)</h2>
-<table class="sortable"><thead><tr><th>case</th><th>model</th><th>Dice</th><th>sDice</th><th>HD95</th><th>ASD</th>
-<th>ref mm3</th><th>model mm3</th><th>lesions</th><th>detected</th><th>FP</th><th>inference s</th></tr></thead>
-<tbody>{"".join(case_rows)}</tbody></table>
-<h2>Problems in the dataset</h2><ul class="warn">{problems}</ul>
-<script>{_SORT_JS}</script></body></html>"""
+    worst_figs = [{"src": "data:image/png;base64," + base64.b64encode((out / "cases" / r["overlay"]).read_bytes()).decode(),
+                   "caption": f"{r['case']} / {r['model']}: Dice {_fmt(r['labels'][first]['dice'])}", "case": r["case"]}
+                  for r in worst if (out / "cases" / r["overlay"]).exists()]
+    doc = _ENV.get_template("report.html").render(
+        css=_CSS, sort_js=_SORT_JS, summary=summary, models=models, agg_rows=agg_rows, comp_rows=comp_rows,
+        plots=plots, worst=worst_figs, case_rows=case_rows, problems=summary["problems"])
     path = out / "report.html"
     path.write_text(doc)
     return path

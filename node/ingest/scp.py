@@ -19,8 +19,9 @@ import ipaddress
 import logging
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import pynetdicom
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
@@ -29,6 +30,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import NodeSection
 from node.errors import InvalidInstanceError, OutOfSpaceError, PreannotError
+from node.ingest.guard import ConnectionGuard, GuardedServer
 from node.ingest.spool import Spool
 
 __all__ = ["STATUS", "Listener", "ListenerStats", "configure_pynetdicom"]
@@ -90,11 +92,18 @@ class Listener:
         self.caller_hosts = {ae.strip(): [ipaddress.ip_network(n, strict=False) for n in nets]
                              for ae, nets in settings.caller_hosts.items()}
         self.max_per_caller = settings.max_associations_per_caller
+        self.guard = ConnectionGuard(
+            max_pending=settings.max_pending_connections, max_per_host=settings.max_pending_per_host,
+            timeout=settings.association_request_timeout,
+            reserved=[n for nets in self.caller_hosts.values() for n in nets])
         self._active: dict[str, int] = {}
         self._refused_assocs: set[int] = set()
         self._server: ThreadedAssociationServer | None = None
         ae = AE(ae_title=settings.ae_title)
-        ae.maximum_associations = settings.max_associations
+        # pynetdicom counts connections still waiting for their association request against this
+        # maximum: they get their own bounded share (the guard), and accepted associations are held to
+        # max_associations in _on_accepted, so pending connections never take the PACS's capacity
+        ae.maximum_associations = settings.max_associations + settings.max_pending_connections
         ae.maximum_pdu_size = settings.max_pdu
         ae.acse_timeout = settings.acse_timeout
         ae.dimse_timeout = settings.dimse_timeout
@@ -136,8 +145,14 @@ class Listener:
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
         ]
-        self._server = self.ae.start_server((self.bind, self._port), block=False, evt_handlers=handlers,
-                                            ssl_context=self._ssl)
+        handlers += [(evt.EVT_CONN_CLOSE, self._on_conn_close)]
+        server = cast(GuardedServer, self.ae.make_server((self.bind, self._port), evt_handlers=handlers,
+                                                         ssl_context=self._ssl, server_class=GuardedServer))
+        server.guard = self.guard
+        self._server = server
+        threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True).start()
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="dicom-guard", daemon=True)
+        self._sweeper.start()
         logger.info("DICOM listener %s on %s:%d (callers: %s, TLS: %s)", self.ae_title, self.bind, self.port,
                     "any" if "*" in self.allowed else ",".join(self.allowed) or "none",
                     "on" if self._ssl else "off")
@@ -145,8 +160,16 @@ class Listener:
     def stop(self) -> None:
         """Stop listening and close open associations."""
         if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+            server, self._server = self._server, None
+            server.shutdown()
+
+    def _sweep_loop(self) -> None:
+        while self._server is not None:
+            self.guard.sweep()
+            time.sleep(0.5)
+
+    def _on_conn_close(self, event: Any) -> None:
+        self.guard.settle(tuple(event.address))
 
     # --- handlers -------------------------------------------------------------------------------
 
@@ -156,7 +179,9 @@ class Listener:
         return f"{a.requestor.ae_title}@{a.requestor.address}:{a.requestor.port}"
 
     def _policy_refusal(self, calling: str, address: str) -> str | None:
-        """Why an accepted association must be dropped (host binding, per-caller limit), or None."""
+        """Why an accepted association must be dropped (host binding, node or per-caller limit), or None."""
+        if sum(self._active.values()) >= self.settings.max_associations:
+            return f"the node already has its maximum of {self.settings.max_associations} associations open"
         nets = self.caller_hosts.get(calling)
         if nets is not None:
             try:
@@ -170,6 +195,7 @@ class Listener:
         return None
 
     def _on_accepted(self, event: Any) -> None:
+        self.guard.settle((event.assoc.requestor.address, event.assoc.requestor.port))
         calling = str(event.assoc.requestor.ae_title).strip()
         with self.stats.lock:
             reason = self._policy_refusal(calling, str(event.assoc.requestor.address))
@@ -181,14 +207,15 @@ class Listener:
                 self._refused_assocs.add(id(event.assoc))
         if reason is not None:
             logger.warning("association %s from %s aborted: %s", event.assoc.name, self._peer(event), reason)
-            if "associations open" in reason:  # the per-caller limit (not a host-binding refusal: no evidence)
-                self.spool.record_association_refusal(calling, "per-caller association limit")
+            if "associations open" in reason:  # a limit (not a host-binding refusal, which is no evidence)
+                self.spool.record_association_refusal(calling, reason)
             event.assoc.abort()
             return
         logger.info("association %s accepted from %s (called %s)", event.assoc.name, self._peer(event),
                     event.assoc.acceptor.ae_title)
 
     def _on_rejected(self, event: Any) -> None:
+        self.guard.settle((event.assoc.requestor.address, event.assoc.requestor.port))
         calling = str(event.assoc.requestor.ae_title).strip()
         with self.stats.lock:
             self.stats.associations_refused += 1
