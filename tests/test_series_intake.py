@@ -188,3 +188,32 @@ def test_bad_uid_is_refused_on_receipt(make_node: Callable[..., Any], small_seri
     assert outcome.status == "0xC000"
     assert node.series.list_series() == []
     assert node.listener.stats.failures == {"cannot_understand": 1}
+
+
+def test_refused_association_during_a_series_holds_it(make_node: Callable[..., Any], sink: Any,
+                                                      small_series: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The PACS's second association is refused over the node's limit while a series arrives: the
+    series waits for what that association carried instead of being processed in part."""
+    from pynetdicom import AE, build_context
+
+    monkeypatch.setenv("PREANNOT_NODE__MAX_ASSOCIATIONS", "1")
+    node = make_node(sink_port=sink.port, stable=0.5)
+    files = _as_new_series(sorted(small_series.glob("*.dcm")), tmp_path / "s")
+    uid = str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    ae = AE(ae_title="TESTSCU")
+    ae.requested_contexts = [build_context(str(dcmread(files[0], stop_before_pixels=True).SOPClassUID))]
+    first = ae.associate("127.0.0.1", node.listener.port, ae_title="PREANNOT")
+    assert first.is_established
+    for f in files[:10]:
+        assert first.send_c_store(dcmread(f)).Status == 0
+    second = ae.associate("127.0.0.1", node.listener.port, ae_title="PREANNOT")  # over the limit
+    wait_for(lambda: not second.is_established, 5, what="the second association refused")
+    first.release()
+    wait_for(lambda: node.series.get(uid).state == SeriesState.INCOMPLETE, 30, what="held incomplete")
+    assert "association of TESTSCU was refused" in (node.series.get(uid).note or "")
+    assert node.store.list_jobs() == []
+    assert all(o.ok for o in _send(node, files[10:]))  # the PACS retries what the refused one carried
+    wait_for(lambda: node.store.outbox_counts()["sent"] == 2, 180, what="one SEG + SR")
+    (job,) = node.store.list_jobs()
+    assert (job.result or {})["summary"]["slices"] == 24

@@ -102,6 +102,9 @@ class ConnectionGuard:
             late = [(a, s) for a, (s, t) in self._pending.items() if now - t > self.timeout]
             for a, _s in late:
                 del self._pending[a]
+            for host in [h for h, t in self._last_log.items() if now - t > 3600.0]:  # forget quiet hosts
+                del self._last_log[host]
+                self._refused.pop(host, None)
         for _address, sock in late:
             with contextlib.suppress(OSError):  # already gone
                 sock.shutdown(socket.SHUT_RDWR)
