@@ -289,7 +289,3 @@ class Spool:
         """A whole association of ``calling_ae`` was refused: what it carried may belong to a series being
         received (see the assembler's completeness checks)."""
         self.series.record_refusal(reason=reason, calling_ae=calling_ae)
-
-    def series_files(self, series_uid: str) -> list[Path]:
-        """The spooled files of a series, in arrival order."""
-        return self.series.files(series_uid)

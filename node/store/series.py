@@ -129,7 +129,6 @@ class Indexed:
 
     late: bool
     version: int
-    reopened_from: SeriesState | None
 
 
 class SeriesStore:
@@ -168,8 +167,7 @@ class SeriesStore:
         ``ignore`` (it is indexed, the series stays as it is).
         """
         now = time.time() if now is None else now
-        late: bool = False
-        reopened: SeriesState | None = None
+        late = False
         with self.db.tx() as c:
             row = c.execute("SELECT state, version FROM series WHERE series_uid = ?", (rec.series_uid,)).fetchone()
             if row is None:
@@ -189,13 +187,11 @@ class SeriesStore:
                     late = True
                     if late_policy == "reprocess":
                         version += 1
-                        reopened = state
                         self._move(c, rec.series_uid, SeriesState.RECEIVING, event="series.reopened",
                                    detail={"reason": "late instance", "sop_uid": rec.sop_uid, "version": version},
                                    now=now, version=version)
                 elif state in _REOPENED_BY_INSTANCE:
                     late = state == SeriesState.UNMATCHED
-                    reopened = state
                     self._move(c, rec.series_uid, SeriesState.RECEIVING, event="series.reopened",
                                detail={"reason": "new instance", "sop_uid": rec.sop_uid, "version": version},
                                now=now)
@@ -210,7 +206,7 @@ class SeriesStore:
                  rec.position, rec.orientation, rec.frames))
             c.execute("UPDATE series SET last_received = ?, n_instances = n_instances + 1, updated_at = ? "
                       "WHERE series_uid = ?", (now, now, rec.series_uid))
-        return Indexed(late=late, version=version, reopened_from=reopened)
+        return Indexed(late=late, version=version)
 
     def record_conflict(self, sop_uid: str, *, series_uid: str, kept: str, calling_ae: str,
                         now: float | None = None) -> None:
