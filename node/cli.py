@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -78,7 +79,13 @@ def serve(config: ConfigOpt = None) -> None:
                f"data in {cfg.data_dir}", err=True)
     while not done.wait(1.0):
         pass
-    node.stop()
+    if not node.stop():
+        # a job was still inside the model (native threads): it is requeued; end here rather than let the
+        # interpreter tear those threads down (which aborts with a C++ message and a non-zero status)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @app.command()

@@ -237,6 +237,9 @@ class JobsConfig(_Section):
     timeout_seconds: float = Field(1800.0, gt=0)
     backoff_seconds: float = Field(10.0, ge=0)
     backoff_max_seconds: float = Field(600.0, ge=0)
+    #: on SIGTERM, how long running jobs may take to finish; then they are put back in the queue (no
+    #: attempt counted) and run again at the next start
+    stop_timeout_seconds: float = Field(30.0, ge=0)
 
 
 class DeliveryConfig(_Section):

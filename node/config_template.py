@@ -61,6 +61,7 @@ lease_seconds = 900              # a running job not finished by then is taken a
 timeout_seconds = 1800           # a job running longer fails with a timeout
 backoff_seconds = 10             # first retry delay (doubles each attempt)
 backoff_max_seconds = 600
+stop_timeout_seconds = 30        # on SIGTERM: a running job may finish this long, then is requeued
 
 [delivery]
 max_attempts = 8                 # attempts per object and destination before it is dead-lettered

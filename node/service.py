@@ -222,8 +222,15 @@ class Node:
             raise ConfigError(f"the HTTP service could not listen on {cfg.bind}:{cfg.port}")
         logger.info("HTTP service on http://%s:%d (dashboard /, API /docs, metrics /metrics)", cfg.bind, cfg.port)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop accepting, let the current jobs finish (up to ``timeout``), and stop."""
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop accepting, let running jobs finish for up to ``timeout`` seconds (default
+        ``[jobs].stop_timeout_seconds``), put back in the queue those that did not, and stop.
+
+        Returns:
+            True when every thread ended; False when a job was still running (it is requeued, no attempt
+            counted; the caller should end the process without waiting for it).
+        """
+        timeout = self.config.jobs.stop_timeout_seconds if timeout is None else timeout
         self.listener.stop()
         if self.web is not None:
             self.web.should_exit = True
@@ -231,12 +238,21 @@ class Node:
         self.deliverer.wake.set()
         self.store.jobs_waiting.set()
         deadline = time.time() + timeout
-        for t in [self._assembler_thread, *self.workers, self.deliverer]:
+        for t in [self._assembler_thread, self.deliverer, *self.workers]:
             if t.is_alive():
                 t.join(max(deadline - time.time(), 0.1))
-        self.store.record("node.stopped", {})
+        requeued = []
+        for w in self.workers:
+            job = w.current
+            if w.is_alive() and job is not None and self.store.requeue(job.id, reason="node stopping"):
+                requeued.append(job.id)
+                logger.warning("job %d did not finish within %.0f s of the stop: requeued, it runs again at the "
+                               "next start (no attempt counted)", job.id, timeout)
+        self.store.record("node.stopped", {"requeued_jobs": requeued})
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
         os.umask(self._umask)
-        logger.info("node stopped")
+        clean = not any(t.is_alive() for t in [self._assembler_thread, self.deliverer, *self.workers])
+        logger.info("node stopped%s", "" if clean else " (a job was still running: requeued)")
+        return clean

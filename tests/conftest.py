@@ -131,6 +131,7 @@ device = "cpu"
 
 [jobs]
 backoff_seconds = 0.5
+stop_timeout_seconds = 10
 
 [delivery]
 backoff_seconds = {delivery_backoff}

@@ -74,3 +74,44 @@ def test_kill9_during_inference_and_while_delivering(tmp_path: Path) -> None:
             proc.wait(30)
     text = log.read_text()
     assert "SYNTHETIC^DEMO" not in text and "PREANNOT-DEMO" not in text  # no patient name/ID in the logs
+
+
+def test_sigterm_mid_job_exits_cleanly_and_the_job_runs_once(tmp_path: Path) -> None:
+    port, sink_port = free_port(), free_port()
+    data = tmp_path / "data"
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(node_toml(data, port, sink_port=sink_port, stable=0.5, delivery_backoff=0.3)
+                   .replace("stop_timeout_seconds = 10", "stop_timeout_seconds = 0"))  # requeue at once
+    log = tmp_path / "node.log"
+    db = data / "node.db"
+    files = [str(p) for p in sorted((ROOT / "sample_dicom").glob("*.dcm"))]
+    sink = StoreSink(tmp_path / "pacs", ae_title="SINK", port=sink_port)
+    proc = _serve(cfg, log)
+    try:
+        wait_for(lambda: echo(ae_title="PREANNOT", host="127.0.0.1", port=port, calling_ae="TESTSCU", timeout=2),
+                 60, what="the node to listen")
+        assert all(o.ok for o in send_files(files, ae_title="PREANNOT", host="127.0.0.1", port=port,
+                                            calling_ae="TESTSCU"))
+        wait_for(lambda: _q(db, "SELECT 1 FROM jobs WHERE state = 'running'"), 60, interval=0.05,
+                 what="the job to run")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        text = log.read_text()
+        assert "terminate called" not in text and "Traceback" not in text
+        state = _q(db, "SELECT state, attempts FROM jobs")
+        # stopped mid-job: requeued without counting the attempt (or, if it just finished, done)
+        assert state in ([("queued", 0)], [("done", 1)]), state
+        if state == [("queued", 0)]:
+            assert "requeued, it runs again at the next start" in text
+        proc = _serve(cfg, log)
+        wait_for(lambda: len(sink.received) == 2, 180, what="one SEG and one SR at the PACS")
+        wait_for(lambda: _q(db, "SELECT COUNT(*) FROM outbox WHERE state = 'sent'") == [(2,)], 30,
+                 what="both recorded as sent")
+        assert set(sink.received.values()) == {1} and _q(db, "SELECT COUNT(*) FROM jobs") == [(1,)]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        sink.stop()

@@ -260,6 +260,19 @@ class JobStore:
                         job_id=job_id, actor=actor, now=now)
         self.jobs_waiting.set()
 
+    def requeue(self, job_id: int, *, reason: str, now: float | None = None) -> bool:
+        """Put a running job back in the queue without counting its attempt (the node is stopping before it
+        finished). Returns False when it is no longer running (it finished meanwhile)."""
+        now = time.time() if now is None else now
+        with self.db.tx() as c:
+            row = c.execute("SELECT series_uid FROM jobs WHERE id = ? AND state = 'running'", (job_id,)).fetchone()
+            if row is None:
+                return False
+            c.execute("UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0), lease_until = NULL, "
+                      "next_run_at = ?, updated_at = ? WHERE id = ?", (now, now, job_id))
+            append_event(c, "job.requeued", {"reason": reason}, series_uid=row["series_uid"], job_id=job_id, now=now)
+        return True
+
     def cancel(self, job_id: int, *, actor: str | None = None, now: float | None = None) -> None:
         """Cancel a queued or failed job."""
         now = time.time() if now is None else now
