@@ -265,7 +265,7 @@ class Spool:
         rec = InstanceRecord(sop_uid=sop_uid, series_uid=series_uid, study_uid=study_uid, sop_class=sop_class,
                              transfer_syntax=ts, path=target, size=len(raw), calling_ae=calling_ae,
                              called_ae=called_ae, modality=str(ds.get("Modality", "")),
-                             routing_attrs=routing_attributes(ds), content_hash=digest,
+                             routing_attrs=lambda: routing_attributes(ds), content_hash=digest,
                              **_placement(ds))
         indexed = self.series.index_instance(rec, late_policy="reprocess" if replacing else self.late_instances,
                                              now=now)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -113,7 +113,8 @@ class InstanceRecord:
     calling_ae: str
     called_ae: str
     modality: str
-    routing_attrs: dict[str, Any]
+    #: the series' routing attributes, computed only when this instance opens a new series
+    routing_attrs: Callable[[], dict[str, Any]]
     content_hash: str = ""
     instance_number: int | None = None
     #: ImagePositionPatient along the instance's own slice normal (mm), for single-frame images
@@ -175,7 +176,7 @@ class SeriesStore:
                     "INSERT INTO series (series_uid, study_uid, modality, attrs, calling_ae, called_ae, "
                     "first_received, last_received, n_instances, state, version, updated_at) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 'receiving', 1, ?)",
-                    (rec.series_uid, rec.study_uid, rec.modality, json.dumps(rec.routing_attrs), rec.calling_ae,
+                    (rec.series_uid, rec.study_uid, rec.modality, json.dumps(rec.routing_attrs()), rec.calling_ae,
                      rec.called_ae, now, now, now))
                 version = 1
                 append_event(c, "series.received", {"study_uid": rec.study_uid, "calling_ae": rec.calling_ae,
