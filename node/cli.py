@@ -263,7 +263,8 @@ def status(config: ConfigOpt = None,
     series = {k: v for k, v in stores.series.counts().items() if v}
     data: dict[str, Any] = {"series": series, "jobs": store.counts(), "outbox": store.outbox_counts(),
             "latest_jobs": [{"id": j.id, "state": j.state.value, "model": j.model, "series_uid": j.series_uid,
-                             "attempts": j.attempts, "error": j.error} for j in store.list_jobs(limit=10)]}
+                             "attempts": j.attempts, "error": j.error, "superseded_by": j.superseded_by}
+                            for j in store.list_jobs(limit=10)]}
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
@@ -272,7 +273,8 @@ def status(config: ConfigOpt = None,
     typer.echo("outbox: " + ", ".join(f"{k} {v}" for k, v in data["outbox"].items()))
     for j in data["latest_jobs"]:
         err = f"  ({j['error']})" if j["error"] else ""
-        typer.echo(f"  job {j['id']:>5} {j['state']:<9} {j['model']:<20} {j['series_uid']}{err}")
+        sup = f"  superseded by job {j['superseded_by']}" if j["superseded_by"] else ""
+        typer.echo(f"  job {j['id']:>5} {j['state']:<9} {j['model']:<20} {j['series_uid']}{sup}{err}")
 
 
 @app.command()
@@ -289,7 +291,8 @@ def jobs(config: ConfigOpt = None,
     for j in rows:
         rois = (j.result or {}).get("summary", {}).get("roi_count", "")
         typer.echo(f"{j.id:>6} {j.state.value:<9} {j.model:<20} attempts {j.attempts}/{j.max_attempts} "
-                   f"rois {rois!s:<3} {j.series_uid}" + (f"  error: {j.error}" if j.error else ""))
+                   f"rois {rois!s:<3} {j.series_uid}" + (f"  error: {j.error}" if j.error else "")
+                   + (f"  superseded by job {j.superseded_by}" if j.superseded_by else ""))
 
 
 def _job_action(config: Path | None, action: str, job_id: int) -> Any:
@@ -320,6 +323,19 @@ def resend(job_id: Annotated[int, typer.Argument(help="Job id")], config: Config
     """Queue a job's result objects for delivery again."""
     n = _job_action(config, "resend", job_id)
     typer.echo(f"{n} object(s) of job {job_id} queued for delivery again")
+
+
+@app.command()
+def reprocess(series_uid: Annotated[str, typer.Argument(help="Series Instance UID")], config: ConfigOpt = None) -> None:
+    """Run a series through its routes again as a new version; its earlier results are superseded
+    (withdrawn by an IOCM rejection note where they were delivered)."""
+    stores = stores_or_exit(config)
+    try:
+        version = stores.series.reopen_for_reprocess(series_uid, actor="cli")
+    except PreannotError as exc:
+        raise die(exc, 1) from exc
+    typer.echo(f"series {series_uid} queued again as version {version}; the running node picks it up, and the "
+               "earlier results are withdrawn once the new ones are delivered")
 
 
 register_admin(app)

@@ -139,6 +139,8 @@ class Destination(_Section):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     timeout: float = Field(30.0, gt=0)
+    #: send an IOCM rejection note (KOS) withdrawing superseded results delivered here
+    withdraw_superseded: bool = True
 
     @model_validator(mode="after")
     def _kind_fields(self) -> Destination:
@@ -261,6 +263,10 @@ class OutputsConfig(_Section):
     sc_series_number: int = Field(9904, ge=1)
     kos_series_number: int = Field(9905, ge=1)
     rtstruct_series_number: int = Field(9906, ge=1)
+    #: series number of the IOCM rejection note that withdraws superseded results
+    rejection_series_number: int = Field(9907, ge=1)
+    #: its document title: "quality" (113001 Rejected for Quality Reasons) or "patient-safety" (113037)
+    rejection_reason: Literal["quality", "patient-safety"] = "quality"
     manufacturer: str = "preannot"
     institution_name: str | None = None
     device_serial_number: str = "preannot-node"

@@ -35,6 +35,7 @@ host = "127.0.0.1"               # required
 port = 4242                      # required
 # calling_ae_title = "PREANNOT"  # our AE title towards this destination (default: node.ae_title)
 # timeout = 30
+# withdraw_superseded = true     # reprocessed series: send an IOCM rejection note (KOS) for the earlier results
 
 [[routes]]                       # which series go to which models (repeat for several)
 name = "chest-ct"                # required, unique
@@ -73,6 +74,8 @@ poll_seconds = 1
 # uid_root = "1.2.826.0.1.3680043.10.1473."   # UID root for new objects (default: highdicom's)
 seg_series_number = 9901
 sr_series_number = 9902
+# rejection_series_number = 9907 # the IOCM rejection note withdrawing superseded results
+# rejection_reason = "quality"   # its title: "quality" (113001) or "patient-safety" (113037)
 manufacturer = "preannot"
 # institution_name = "My Hospital"
 device_serial_number = "preannot-node"

@@ -197,3 +197,68 @@ def test_series_count_from_the_pacs_holds_an_incomplete_series(tmp_path: Path, s
             node.stop()
     finally:
         orthanc.stop()
+
+
+def test_reprocess_supersedes_with_a_rejection_note(tmp_path: Path, small_series: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     dciodvfy: Callable[[Path], list[str]]) -> None:
+    """`reprocess` of a done series: one new SEG + SR, then an IOCM rejection note (KOS, 113001) citing the old
+    ones, all in the same study of the PACS; the old job is shown superseded and cannot be resent."""
+    import io
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", preannot_port=port)
+    monkeypatch.setenv("TEST_ORTHANC_PASSWORD", orthanc.password)
+    try:
+        node, _ = _start_node(tmp_path, port, "dicom", orthanc, '["ORTHANC"]')
+        try:
+            client = orthanc.client()
+            for p in sorted(small_series.glob("*.dcm")):
+                client.upload(p.read_bytes())
+            ct = dcmread(next(small_series.glob("*.dcm")), stop_before_pixels=True)
+            study_id = wait_for(lambda: (f := client.lookup(str(ct.StudyInstanceUID))) and
+                                (f[0] if isinstance(f, list) else f), 30, what="the study in Orthanc")
+            wait_for(lambda: node.store.outbox_counts()["sent"] == 2, 180, what="first SEG + SR delivered")
+            first = node.store.list_jobs()[0]
+            old_uids = {i.sop_uid for i in node.store.outbox(job_id=first.id)}
+
+            assert node.reprocess(str(ct.SeriesInstanceUID), actor="test") == 2
+            wait_for(lambda: node.store.outbox_counts()["sent"] == 5, 180,
+                     what="new SEG + SR and the rejection note delivered")
+            jobs = {j.series_version: j for j in node.store.list_jobs()}
+            assert jobs[1].superseded_by == jobs[2].id and jobs[2].superseded_by is None
+            items = node.store.outbox(job_id=jobs[2].id)
+            assert sorted(i.role for i in items) == ["rejection", "result", "result"]
+            note_item = next(i for i in items if i.role == "rejection")
+            # the note was sent after the objects replacing the withdrawn ones
+            sent_at = {r["sop_uid"]: r["sent_at"] for r in node.store.db.query(
+                "SELECT sop_uid, sent_at FROM outbox WHERE job_id = ?", (jobs[2].id,))}
+            assert sent_at[note_item.sop_uid] >= max(v for k, v in sent_at.items() if k != note_item.sop_uid)
+            assert dciodvfy(Path(note_item.path)) == []
+
+            series = _study_series(client, study_id)
+            assert len(series["KO"]) == 1 and len(series["KO"][0]["Instances"]) == 1
+            ko = dcmread(io.BytesIO(client.get_binary(f"/instances/{series['KO'][0]['Instances'][0]}/file")))
+            assert ko.StudyInstanceUID == ct.StudyInstanceUID
+            assert ko.ConceptNameCodeSequence[0].CodeValue == "113001"  # Rejected for Quality Reasons
+            cited = {i.ReferencedSOPInstanceUID for s in ko.CurrentRequestedProcedureEvidenceSequence
+                     for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence}
+            assert cited == old_uids
+            # one current SEG and SR: the new ones are in the PACS beside the withdrawn ones (Orthanc keeps
+            # rejected instances; an IOCM-aware PACS hides them)
+            new_uids = {i.sop_uid for i in items if i.role == "result"}
+            stored = {client.get_json(f"/instances/{i}")["MainDicomTags"]["SOPInstanceUID"]
+                      for s in series["SEG"] + series["SR"] for i in s["Instances"]}
+            assert new_uids <= stored and len(stored - old_uids - new_uids) == 0
+            # a superseded job cannot be resent nor retried
+            with pytest.raises(Exception, match="superseded"):
+                node.store.resend(jobs[1].id)
+            kinds = [r["kind"] for r in node.store.db.query("SELECT kind FROM events WHERE job_id = ?",
+                                                            (jobs[1].id,))]
+            assert "job.superseded" in kinds
+        finally:
+            node.stop()
+    finally:
+        orthanc.stop()

@@ -229,7 +229,7 @@ def test_complete_queues_outbox_once(db: Database) -> None:
     b2 = store.due_deliveries(now=109.0)["pacs"][0]
     assert store.delivery_failed(b2, "still down", max_attempts=2, backoff_seconds=5, backoff_max_seconds=5,
                                  now=110.0) == OutboxState.DEAD
-    assert store.outbox_counts() == {"pending": 0, "sending": 0, "sent": 1, "dead": 1}
+    assert store.outbox_counts() == {"pending": 0, "sending": 0, "sent": 1, "dead": 1, "superseded": 0}
     assert store.resend(jid) == 2
     assert store.outbox_counts()["pending"] == 2
 
@@ -265,3 +265,60 @@ def test_same_sop_uid_with_other_content_is_a_conflict(tmp_path: Path, small_ser
         assert r1.path.read_bytes() == (first if policy == "keep" else other)
         events = [json.loads(r["detail"]) for r in db.query("SELECT detail FROM events WHERE kind = 'instance.conflict'")]
         assert events == [{"sop_uid": r1.sop_uid, "kept": "first" if policy == "keep" else "new", "calling_ae": ""}]
+
+
+def _version_job(store: JobStore, db: Database, version: int, now: float) -> int:
+    with db.tx() as c:
+        jid = store.create(c, series_uid="1.2.3", series_version=version, model="m", route="r",
+                           send_to=["pacs", "web"], max_attempts=2, config_version="v", now=now)
+    assert jid is not None
+    return jid
+
+
+def test_new_version_supersedes_earlier_results(db: Database) -> None:
+    """A reprocessed series: the earlier job's delivered objects are withdrawn by a rejection note sent after the
+    new objects; its undelivered ones are never sent; a stale job finishing last is superseded at once."""
+    from node.store.jobs import Supersession
+
+    store = JobStore(db)
+    old = _version_job(store, db, 1, 100.0)
+    assert store.lease(lease_seconds=60, now=100.0).id == old  # type: ignore[union-attr]
+    old_objs = [ResultObject("/o/seg.dcm", "1.9.1", "1.2.840.10008.5.1.4.1.1.66.4", "1.9.10"),
+                ResultObject("/o/sr.dcm", "1.9.2", "1.2.840.10008.5.1.4.1.1.88.34", "1.9.20")]
+    store.complete(old, result={}, objects=old_objs, destinations=["pacs", "web"], now=101.0)
+    due = store.due_deliveries(now=102.0)
+    for it in due["pacs"]:
+        store.delivered(it, "0x0000", now=103.0)  # delivered to the PACS; the web destination fails
+    for it in due["web"]:
+        store.delivery_failed(it, "down", max_attempts=5, backoff_seconds=10, backoff_max_seconds=10, now=103.0)
+
+    stale = _version_job(store, db, 2, 110.0)
+    new = _version_job(store, db, 3, 111.0)
+    store.lease(lease_seconds=60, now=112.0)
+    job = store.lease(lease_seconds=60, now=112.0)
+    assert job is not None and job.id == new
+    earlier = store.earlier_results(job)
+    assert {(e.job_id, e.destination, e.state) for e in earlier} == {
+        (old, "pacs", OutboxState.SENT), (old, "web", OutboxState.PENDING)}
+    note = ResultObject("/n/kos.dcm", "1.9.9", "1.2.840.10008.5.1.4.1.1.88.59", "1.9.90")
+    new_objs = [ResultObject("/n/seg.dcm", "1.9.3", "1.2.840.10008.5.1.4.1.1.66.4", "1.9.30")]
+    store.complete(new, result={}, objects=new_objs, destinations=["pacs", "web"],
+                   supersedes=Supersession((old,), note, frozenset({"pacs", "web"})), now=113.0)
+    assert store.get(old).superseded_by == new
+    assert {(i.destination, i.state) for i in store.outbox(job_id=old)} == {
+        ("pacs", OutboxState.SENT), ("web", OutboxState.SUPERSEDED)}
+    # the note goes only where the old objects were delivered, and only once the new SEG is settled there
+    due = store.due_deliveries(now=114.0)
+    assert [i.sop_uid for i in due["pacs"]] == ["1.9.3"] and [i.sop_uid for i in due["web"]] == ["1.9.3"]
+    store.delivered(due["pacs"][0], "0x0000", now=115.0)
+    due = store.due_deliveries(now=116.0)
+    assert [(i.sop_uid, i.role) for i in due["pacs"]] == [("1.9.9", "rejection")] and "web" not in due
+    with pytest.raises(JobError, match="superseded"):
+        store.resend(old)
+    # version 2 was still running: it completes last, its results are superseded at once and never queued
+    store.complete(stale, result={}, objects=[ResultObject("/s/seg.dcm", "1.9.5", "x", "y")],
+                   destinations=["pacs"], now=120.0)
+    assert store.get(stale).superseded_by == new and store.outbox(job_id=stale) == []
+    assert store.earlier_results(store.get(new)) == []
+    kinds = [r["kind"] for r in db.query("SELECT kind FROM events WHERE kind = 'job.superseded'")]
+    assert len(kinds) == 2

@@ -102,6 +102,21 @@ def test_api_metrics_actions(served) -> None:  # type: ignore[no-untyped-def]
              what="the reprocessed series' job")
     series = httpx.get(f"{base}/api/series").json()[0]
     assert series["state"] == "dispatched" and series["version"] == 2
+    done = sorted(httpx.get(f"{base}/api/jobs", params={"state": "done"}).json(), key=lambda j: j["id"])
+    assert done[0]["superseded_by"] == done[1]["id"] and done[1]["superseded_by"] is None
+    # the same from the command line, on the running node's database
+    from typer.testing import CliRunner
+
+    from node.cli import app as cli_app
+
+    r = CliRunner().invoke(cli_app, ["reprocess", "1.2.3.4.404", "--config", str(cfg)])
+    assert r.exit_code == 1 and "1.2.3.4.404" in r.output, r.output
+    r = CliRunner().invoke(cli_app, ["reprocess", series_uid, "--config", str(cfg)])
+    assert r.exit_code == 0 and "version 3" in r.output, r.output
+    wait_for(lambda: len(httpx.get(f"{base}/api/jobs", params={"state": "done"}).json()) == 3, 120,
+             what="the job of the series reprocessed from the CLI")
+    r = CliRunner().invoke(cli_app, ["jobs", "--config", str(cfg)])
+    assert f"superseded by job {done[1]['id'] + 1}" in r.output, r.output
     docs = httpx.get(f"{base}/docs").text
     assert "swagger" in docs.lower() and "cdn.jsdelivr" not in docs
     assert httpx.get(f"{base}/openapi.json").json()["info"]["title"] == "preannot"

@@ -22,10 +22,11 @@ class ResultObject:
     path: str
     sop_uid: str
     sop_class: str
+    series_uid: str = ""
 
     @classmethod
     def of(cls, ds: Dataset, path: Path) -> ResultObject:
-        return cls(str(path), str(ds.SOPInstanceUID), str(ds.SOPClassUID))
+        return cls(str(path), str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.get("SeriesInstanceUID", "")))
 
 
 def job_dir(data_dir: Path, job_id: int) -> Path:

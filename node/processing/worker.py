@@ -12,15 +12,20 @@ import time
 import traceback
 from dataclasses import dataclass
 
+from pathlib import Path
+
+from pydicom import dcmread
+
 from node.config import NodeConfig
 from node.errors import PreannotError
 from node.inference.registry import Registry
 from node.inference.runner import BundleRunner, Runner
 from node.metrics import NodeMetrics
 from node.outputs.equipment import Provenance
-from node.outputs.result import attempt_dir
+from node.outputs.rejection import Withdrawn, build_rejection_note
+from node.outputs.result import ResultObject, attempt_dir, save_dataset
 from node.processing.pipeline import ModelContext, PipelineOptions, process_series
-from node.store.jobs import Job, JobStore
+from node.store.jobs import Job, JobStore, OutboxState, Supersession
 from node.store.series import SeriesStore
 
 __all__ = ["Worker", "WorkerContext"]
@@ -116,7 +121,9 @@ class Worker(threading.Thread):
             result = output.to_dict()
             result["model"] = model.identification()
             result["output_dir"] = str(out_dir)
-            self.store.complete(job.id, result=result, objects=output.objects, destinations=job.send_to)
+            supersedes = self._supersession(job, files, provenance, out_dir)
+            self.store.complete(job.id, result=result, objects=output.objects, destinations=job.send_to,
+                                supersedes=supersedes)
             if self.metrics is not None:
                 self.metrics.observe_job(job.model, "done", output.timings)
             logger.info("job %d done in %.1f s: %d ROI(s), %d object(s) queued for %s", job.id, time.time() - t0,
@@ -132,6 +139,33 @@ class Worker(threading.Thread):
         finally:
             self.current = None
             self.stage = ""
+
+    def _supersession(self, job: Job, files: list[Path], provenance: Provenance, out_dir: Path) -> Supersession | None:
+        """What this job replaces: earlier results of the same series and model, and the rejection note
+        withdrawing those that were delivered (a note that cannot be built is logged; the new results
+        still go out)."""
+        job_ids = tuple(self.store.earlier_jobs(job))
+        if not job_ids:
+            return None
+        earlier = self.store.earlier_results(job)
+        delivered = [e for e in earlier if e.state in (OutboxState.SENT, OutboxState.SENDING)]
+        rejection = None
+        if delivered:
+            try:
+                note = build_rejection_note(
+                    [Withdrawn(e.sop_uid, e.sop_class, e.series_uid, e.path) for e in delivered],
+                    dcmread(files[0], stop_before_pixels=True), provenance,
+                    series_number=self.config.outputs.rejection_series_number,
+                    reason=self.config.outputs.rejection_reason,
+                    replaced_by=f"job {job.id}, series version {job.series_version}")
+                path = save_dataset(note, out_dir / "rejection-kos.dcm", fsync=self.config.node.fsync)
+                rejection = ResultObject.of(note, path)
+            except (PreannotError, OSError) as exc:
+                logger.warning("job %d: earlier results of series %s not withdrawn: %s", job.id, job.series_uid, exc)
+        withdraw_at = frozenset(d.name for d in self.config.destinations if d.withdraw_superseded)
+        logger.info("job %d supersedes job(s) %s of series %s%s", job.id, ", ".join(str(i) for i in job_ids),
+                    job.series_uid, f"; rejection note {rejection.sop_uid}" if rejection else "")
+        return Supersession(job_ids, rejection, withdraw_at)
 
     def _set_stage(self, stage: str) -> None:
         self.stage = stage

@@ -21,7 +21,7 @@ __all__ = ["Database", "Filter"]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: columns added after a release: (table, column, declaration), applied to older databases at open
 _ADDED_COLUMNS = (
@@ -30,6 +30,9 @@ _ADDED_COLUMNS = (
     ("instances", "position", "REAL"),
     ("instances", "frames", "INTEGER NOT NULL DEFAULT 1"),
     ("instances", "orientation", "TEXT"),
+    ("jobs", "superseded_by", "INTEGER"),
+    ("outbox", "series_uid", "TEXT NOT NULL DEFAULT ''"),
+    ("outbox", "role", "TEXT NOT NULL DEFAULT 'result'"),
 )
 
 _SCHEMA = """
@@ -98,6 +101,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     result TEXT,
     config_version TEXT,
+    superseded_by INTEGER,
     UNIQUE (series_uid, series_version, model)
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, next_run_at);
@@ -108,6 +112,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     path TEXT NOT NULL,
     sop_uid TEXT NOT NULL,
     sop_class TEXT NOT NULL,
+    series_uid TEXT NOT NULL DEFAULT '',
+    role TEXT NOT NULL DEFAULT 'result',
     state TEXT NOT NULL DEFAULT 'pending',
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL,

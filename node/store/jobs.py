@@ -14,6 +14,12 @@ At start the node also requeues every job left ``running`` by a killed process (
 Completing a job and queuing its result objects in the outbox is one transaction, so a result is
 either fully queued for delivery or the job runs again; outbox rows are unique per (destination,
 SOP Instance UID) so a result object can only be queued once per destination.
+
+A new version of a series (reprocessing, late instances) supersedes the earlier results of the same
+model: when its job completes, the earlier done job is marked ``superseded_by`` it, its objects not
+yet delivered are never sent (outbox ``superseded``), and where they were delivered an IOCM rejection
+note (a KOS, outbox role ``rejection``) is queued, sent only once the new objects for that destination
+are settled, so the radiologist is never left without the current result.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from node.errors import JobError, JobNotFoundError
 from node.store.audit import append_event
 from node.store.db import Database, Filter
 
-__all__ = ["Deliverable", "Job", "JobState", "JobStore", "OutboxItem", "OutboxState"]
+__all__ = ["Deliverable", "EarlierObject", "Job", "JobState", "JobStore", "OutboxItem", "OutboxState", "Supersession"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +56,8 @@ class OutboxState(StrEnum):
     SENDING = "sending"
     SENT = "sent"
     DEAD = "dead"
+    #: a newer result of the same series and model replaced it before it was delivered
+    SUPERSEDED = "superseded"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +77,8 @@ class Job:
     finished_at: float | None
     error: str | None
     result: dict[str, Any] | None
+    #: the job whose results replaced this job's (a later version of the series, same model)
+    superseded_by: int | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> Job:
@@ -79,6 +89,7 @@ class Job:
             created_at=row["created_at"], updated_at=row["updated_at"], started_at=row["started_at"],
             finished_at=row["finished_at"], error=row["error"],
             result=json.loads(row["result"]) if row["result"] else None,
+            superseded_by=row["superseded_by"],
         )
 
 
@@ -91,6 +102,37 @@ class Deliverable(Protocol):
     def sop_uid(self) -> str: ...
     @property
     def sop_class(self) -> str: ...
+    @property
+    def series_uid(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class EarlierObject:
+    """A result object of an earlier, not yet superseded job of the same series and model, at one destination."""
+
+    job_id: int
+    destination: str
+    path: str
+    sop_uid: str
+    sop_class: str
+    series_uid: str
+    state: OutboxState
+
+
+@dataclass(frozen=True, slots=True)
+class Supersession:
+    """What a completing job replaces.
+
+    Attributes:
+        job_ids: the earlier done jobs whose results it replaces.
+        rejection: the IOCM rejection note citing their objects (None: nothing to withdraw).
+        withdraw_at: destinations that accept rejection notes; where the earlier objects were delivered
+            and the destination is not listed, the note is not sent (recorded in the audit trail).
+    """
+
+    job_ids: tuple[int, ...]
+    rejection: Deliverable | None
+    withdraw_at: frozenset[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +146,8 @@ class OutboxItem:
     state: OutboxState
     attempts: int
     error: str | None
+    #: "result" (a SEG, SR... of the job) or "rejection" (the IOCM note withdrawing earlier results)
+    role: str = "result"
 
 
 def _backoff(attempts: int, base: float, cap: float) -> float:
@@ -198,27 +242,97 @@ class JobStore:
                         series_uid=job.series_uid, job_id=job.id, now=now)
         return job
 
+    def earlier_jobs(self, job: Job) -> list[int]:
+        """Done jobs of earlier versions of ``job``'s series by the same model not superseded yet."""
+        return [int(r["id"]) for r in self.db.query(
+            "SELECT id FROM jobs WHERE series_uid = ? AND model = ? AND series_version < ? AND state = 'done' "
+            "AND superseded_by IS NULL ORDER BY id", (job.series_uid, job.model, job.series_version))]
+
+    def earlier_results(self, job: Job) -> list[EarlierObject]:
+        """The delivered or queued result objects of earlier versions of ``job``'s series by the same model
+        that no job has superseded yet (what ``job`` replaces when it completes)."""
+        rows = self.db.query(
+            "SELECT o.*, o.job_id AS earlier FROM jobs j JOIN outbox o ON o.job_id = j.id "
+            "WHERE j.series_uid = ? AND j.model = ? AND j.series_version < ? AND j.state = 'done' "
+            "AND j.superseded_by IS NULL AND o.role = 'result' ORDER BY o.id",
+            (job.series_uid, job.model, job.series_version))
+        return [EarlierObject(job_id=int(r["earlier"]), destination=r["destination"], path=r["path"],
+                              sop_uid=r["sop_uid"], sop_class=r["sop_class"], series_uid=r["series_uid"],
+                              state=OutboxState(r["state"])) for r in rows]
+
     def complete(self, job_id: int, *, result: dict[str, Any], objects: Sequence[Deliverable],
-                 destinations: list[str], now: float | None = None) -> None:
-        """Mark a running job done and queue each result object for each destination (one transaction)."""
+                 destinations: list[str], supersedes: Supersession | None = None,
+                 now: float | None = None) -> None:
+        """Mark a running job done and queue each result object for each destination (one transaction).
+
+        ``supersedes``: the earlier results this job replaces (see the module doc). A job that completes
+        after a newer version of its series already completed is itself superseded at once: its objects
+        are kept on disk but never queued.
+        """
         now = time.time() if now is None else now
         with self.db.tx() as c:
-            row = c.execute("SELECT state, series_uid FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = c.execute("SELECT state, series_uid, series_version, model FROM jobs WHERE id = ?",
+                            (job_id,)).fetchone()
             if row is None or row["state"] != JobState.RUNNING:
                 raise JobError(f"job {job_id} is {row['state'] if row else 'missing'}; expected running")
+            newer = c.execute("SELECT id FROM jobs WHERE series_uid = ? AND model = ? AND series_version > ? "
+                              "AND state = 'done' ORDER BY series_version DESC LIMIT 1",
+                              (row["series_uid"], row["model"], row["series_version"])).fetchone()
             c.execute("UPDATE jobs SET state = 'done', finished_at = ?, updated_at = ?, lease_until = NULL, "
-                      "error = NULL, result = ? WHERE id = ?", (now, now, json.dumps(result), job_id))
-            for dest in destinations:
+                      "error = NULL, result = ?, superseded_by = ? WHERE id = ?",
+                      (now, now, json.dumps(result), newer["id"] if newer else None, job_id))
+            queued_to = [] if newer else destinations
+            for dest in queued_to:
                 for obj in objects:
-                    c.execute(
-                        "INSERT OR IGNORE INTO outbox (job_id, destination, path, sop_uid, sop_class, state, "
-                        "attempts, next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?)",
-                        (job_id, dest, obj.path, obj.sop_uid, obj.sop_class, now, now))
-            append_event(c, "job.done", {"objects": [o.sop_uid for o in objects], "destinations": destinations,
+                    self._enqueue(c, job_id, dest, obj, role="result", now=now)
+            append_event(c, "job.done", {"objects": [o.sop_uid for o in objects], "destinations": queued_to,
                                         "summary": result.get("summary", {}), "model": result.get("model", {})},
                         series_uid=row["series_uid"], job_id=job_id, now=now)
-        if destinations and objects:
+            if newer:
+                append_event(c, "job.superseded", {"by": int(newer["id"]), "reason": "a newer version of the "
+                                                  "series completed first; results not sent"},
+                            series_uid=row["series_uid"], job_id=job_id, now=now)
+            elif supersedes is not None:
+                self._supersede(c, job_id, row["series_uid"], supersedes, now=now)
+                # earlier versions still waiting to run would only produce results already replaced
+                for r in c.execute("SELECT id FROM jobs WHERE series_uid = ? AND model = ? AND series_version < ? "
+                                   "AND state IN ('queued', 'failed')",
+                                   (row["series_uid"], row["model"], row["series_version"])).fetchall():
+                    c.execute("UPDATE jobs SET state = 'cancelled', superseded_by = ?, updated_at = ?, "
+                              "finished_at = ? WHERE id = ?", (job_id, now, now, r["id"]))
+                    append_event(c, "job.cancelled", {"reason": f"superseded by job {job_id}"},
+                                series_uid=row["series_uid"], job_id=int(r["id"]), now=now)
+        if queued_to and objects:
             self.outbox_waiting.set()
+
+    @staticmethod
+    def _enqueue(c: Any, job_id: int, dest: str, obj: Deliverable, *, role: str, now: float) -> None:
+        c.execute("INSERT OR IGNORE INTO outbox (job_id, destination, path, sop_uid, sop_class, series_uid, role, "
+                  "state, attempts, next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?)",
+                  (job_id, dest, obj.path, obj.sop_uid, obj.sop_class, getattr(obj, "series_uid", "") or "", role,
+                   now, now))
+
+    def _supersede(self, c: Any, job_id: int, series_uid: str, sup: Supersession, *, now: float) -> None:
+        """Inside complete(): mark the earlier jobs superseded, stop their undelivered objects, queue the
+        rejection note where they were delivered."""
+        for earlier in sup.job_ids:
+            marked = c.execute("UPDATE jobs SET superseded_by = ?, updated_at = ? WHERE id = ? AND state = 'done' "
+                               "AND superseded_by IS NULL", (job_id, now, earlier)).rowcount
+            if not marked:
+                continue
+            stopped = c.execute("UPDATE outbox SET state = 'superseded' WHERE job_id = ? AND role = 'result' "
+                                "AND state IN ('pending', 'dead')", (earlier,)).rowcount
+            delivered = sorted({r["destination"] for r in c.execute(
+                "SELECT destination FROM outbox WHERE job_id = ? AND role = 'result' AND state IN ('sent', 'sending')",
+                (earlier,))})
+            withdraw = [d for d in delivered if d in sup.withdraw_at and sup.rejection is not None]
+            for dest in withdraw:
+                self._enqueue(c, job_id, dest, sup.rejection, role="rejection", now=now)  # type: ignore[arg-type]
+            append_event(c, "job.superseded", {
+                "by": job_id, "not_sent": stopped, "delivered_to": delivered, "withdrawn_at": withdraw,
+                "rejection_note": sup.rejection.sop_uid if withdraw and sup.rejection else None,
+                "not_withdrawn": [d for d in delivered if d not in withdraw]},
+                series_uid=series_uid, job_id=earlier, now=now)
 
     def fail(self, job_id: int, reason: str, *, backoff_seconds: float, backoff_max_seconds: float,
              permanent: bool = False, now: float | None = None) -> JobState:
@@ -311,14 +425,17 @@ class JobStore:
         now = time.time() if now is None else now
         out: dict[str, list[OutboxItem]] = {}
         with self.db.tx() as c:
-            rows = c.execute("SELECT * FROM outbox WHERE state = 'pending' AND next_attempt_at <= ? "
-                             "ORDER BY id LIMIT ?", (now, limit)).fetchall()
+            # a rejection note waits until the objects that replace the withdrawn ones are settled there
+            rows = c.execute("SELECT * FROM outbox o WHERE state = 'pending' AND next_attempt_at <= ? "
+                             "AND NOT (role = 'rejection' AND EXISTS (SELECT 1 FROM outbox s WHERE s.job_id = o.job_id "
+                             "AND s.destination = o.destination AND s.role = 'result' "
+                             "AND s.state IN ('pending', 'sending'))) ORDER BY id LIMIT ?", (now, limit)).fetchall()
             for r in rows:
                 c.execute("UPDATE outbox SET state = 'sending', attempts = attempts + 1 WHERE id = ?", (r["id"],))
                 out.setdefault(r["destination"], []).append(OutboxItem(
                     id=r["id"], job_id=r["job_id"], destination=r["destination"], path=r["path"],
                     sop_uid=r["sop_uid"], sop_class=r["sop_class"], state=OutboxState.SENDING,
-                    attempts=int(r["attempts"]) + 1, error=r["error"]))
+                    attempts=int(r["attempts"]) + 1, error=r["error"], role=r["role"]))
         return out
 
     def delivered(self, item: OutboxItem, status: str, *, now: float | None = None) -> None:
@@ -348,11 +465,22 @@ class JobStore:
         return state
 
     def resend(self, job_id: int, *, actor: str | None = None, now: float | None = None) -> int:
-        """Queue a job's result objects for delivery again (e.g. after the PACS lost them)."""
+        """Queue a job's result objects for delivery again (e.g. after the PACS lost them).
+
+        Raises:
+            JobNotFoundError: no such job.
+            JobError: its results were superseded by a newer job (resending would bring back withdrawn objects).
+        """
         now = time.time() if now is None else now
         with self.db.tx() as c:
+            row = c.execute("SELECT superseded_by FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFoundError(f"no job with id {job_id}")
+            if row["superseded_by"] is not None:
+                raise JobError(f"job {job_id} was superseded by job {row['superseded_by']}; its results were "
+                               "withdrawn and are not sent again")
             n = c.execute("UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?, error = NULL "
-                          "WHERE job_id = ?", (now, job_id)).rowcount
+                          "WHERE job_id = ? AND state != 'superseded'", (now, job_id)).rowcount
             append_event(c, "delivery.resend", {"objects": n}, job_id=job_id, actor=actor, now=now)
         if n:
             self.outbox_waiting.set()
@@ -365,7 +493,7 @@ class JobStore:
         sql, params = f"SELECT * FROM outbox{f.sql()} ORDER BY id DESC LIMIT ?", [*f.params, limit]
         return [OutboxItem(id=r["id"], job_id=r["job_id"], destination=r["destination"], path=r["path"],
                            sop_uid=r["sop_uid"], sop_class=r["sop_class"], state=OutboxState(r["state"]),
-                           attempts=int(r["attempts"]), error=r["error"])
+                           attempts=int(r["attempts"]), error=r["error"], role=r["role"])
                 for r in self.db.query(sql, tuple(params))]
 
     def outbox_counts(self) -> dict[str, int]:
