@@ -107,6 +107,45 @@ def test_below_disk_reserve_answers_out_of_resources(make_node: Callable[..., An
     assert all(o.ok for o in _send(node, sorted(small_series.glob("*.dcm"))[:2]))
 
 
+def test_disk_full_logs_one_line_per_association_and_no_traceback(make_node: Callable[..., Any], small_series: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A full disk refuses a whole series: the log names the reason once and sums it up when the association
+    ends, with no traceback; the database itself full (SQLite "disk is full") is refused the same way and leaves
+    no unindexed file behind."""
+    import logging
+    import sqlite3
+
+    node = make_node(extra="")
+    files = sorted(small_series.glob("*.dcm"))
+    node.spool.reserve_bytes = 1 << 62
+    with caplog.at_level(logging.INFO, logger="node"):
+        assert {o.status for o in _send(node, files)} == {"0xA700"}
+        wait_for(lambda: any("24 instance(s) refused" in r.getMessage() for r in caplog.records), 10,
+                 what="the association's summary line")
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING and "refused" in r.getMessage()]
+    assert len(loud) == 2, [r.getMessage() for r in loud]  # the first refusal, then the summary
+    assert "24 x out_of_resources" in loud[1].getMessage() and "MiB free" in loud[1].getMessage()
+    assert not any(r.exc_info for r in caplog.records)
+
+    node.spool.reserve_bytes = 0
+    caplog.clear()
+
+    def full(*args: Any, **kwargs: Any) -> Any:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    real = node.series.index_instance
+    node.series.index_instance = full
+    try:
+        with caplog.at_level(logging.INFO, logger="node"):
+            assert {o.status for o in _send(node, files[:3])} == {"0xA700"}
+    finally:
+        node.series.index_instance = real
+    assert not any(r.exc_info for r in caplog.records)
+    assert any("database full" in r.getMessage() for r in caplog.records)
+    assert not list((node.config.data_dir / "spool").rglob("*.dcm"))  # nothing half-stored
+    assert all(o.ok for o in _send(node, files[:3]))  # and the node goes on
+
+
 def test_destination_down_then_up(make_node: Callable[..., Any], small_series: Path, tmp_path: Path) -> None:
     port = free_port()
     node = make_node(sink_port=port, stable=0.5)

@@ -98,6 +98,9 @@ class Listener:
             reserved=[n for nets in self.caller_hosts.values() for n in nets])
         self._active: dict[str, int] = {}
         self._refused_assocs: set[int] = set()
+        #: per open association: refused instances by status, and the first reason of each (summarised
+        #: in one line when the association ends)
+        self._refusals: dict[int, dict[str, list[Any]]] = {}
         self._server: ThreadedAssociationServer | None = None
         ae = AE(ae_title=settings.ae_title)
         # pynetdicom counts connections still waiting for their association request against this
@@ -233,6 +236,30 @@ class Listener:
                 self._refused_assocs.discard(id(event.assoc))
             elif self._active.get(calling, 0) > 0:
                 self._active[calling] -= 1
+            refusals = self._refusals.pop(id(event.assoc), None)
+        if refusals and sum(n for n, _ in refusals.values()) > 1:
+            parts = [f"{n} x {status} ({first})" for status, (n, first) in refusals.items()]
+            logger.warning("association %s from %s: %d instance(s) refused: %s", event.assoc.name, self._peer(event),
+                           sum(n for n, _ in refusals.values()), "; ".join(parts))
+
+    def _refuse(self, assoc: Any, status: str, reason: str, *, level: int = logging.WARNING) -> int:
+        """Answer a C-STORE with a failure status; the first refusal of each kind in an association is
+        logged at once, the others only in the summary line when the association ends."""
+        self.stats.count_failure(status)
+        with self.stats.lock:
+            per_assoc = self._refusals.setdefault(id(assoc), {})
+            first = status not in per_assoc
+            if first:
+                per_assoc[status] = [1, reason]
+            else:
+                per_assoc[status][0] += 1
+        code = STATUS[status]
+        if first:
+            logger.log(level, "association %s: instance refused -> 0x%04X %s: %s (further refusals of this "
+                       "association are summarised when it ends)", assoc.name, code, status, reason)
+        else:
+            logger.debug("association %s: instance refused -> 0x%04X: %s", assoc.name, code, reason)
+        return code
 
     def _on_released(self, event: Any) -> None:
         self._closed(event)
@@ -254,24 +281,20 @@ class Listener:
         try:
             raw = event.encoded_dataset(include_meta=True)
         except Exception as exc:
-            self.stats.count_failure("cannot_understand")
-            logger.warning("association %s: C-STORE with unreadable data (%s) -> 0xC000", assoc.name, exc)
-            return STATUS["cannot_understand"]
+            return self._refuse(assoc, "cannot_understand", f"unreadable data ({exc})")
         try:
             result = self.spool.store(raw, calling_ae=calling, called_ae=called,
                                       expected_sop_uid=str(event.request.AffectedSOPInstanceUID or "") or None)
         except OutOfSpaceError as exc:
-            self.stats.count_failure("out_of_resources")
-            logger.error("association %s: %s -> 0xA700", assoc.name, exc)
-            return STATUS["out_of_resources"]
+            return self._refuse(assoc, "out_of_resources", str(exc), level=logging.ERROR)
         except InvalidInstanceError as exc:
-            self.stats.count_failure("cannot_understand")
-            logger.warning("association %s: instance refused: %s -> 0xC000", assoc.name, exc)
-            return STATUS["cannot_understand"]
+            return self._refuse(assoc, "cannot_understand", str(exc))
         except PreannotError as exc:
-            self.stats.count_failure("processing_failure")
-            logger.error("association %s: could not store instance: %s -> 0x0110", assoc.name, exc)
-            return STATUS["processing_failure"]
+            return self._refuse(assoc, "processing_failure", f"could not store instance: {exc}", level=logging.ERROR)
+        except Exception as exc:  # an unexpected fault must not reach pynetdicom (it logs a traceback, and goes on)
+            logger.debug("C-STORE failure", exc_info=True)
+            return self._refuse(assoc, "processing_failure", f"unexpected {type(exc).__name__}: {exc}",
+                                level=logging.ERROR)
         with self.stats.lock:
             self.stats.instances += 1
             self.stats.bytes += len(raw)

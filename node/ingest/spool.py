@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sqlite3
 import time
 from dataclasses import dataclass
 from io import BytesIO
@@ -228,7 +229,7 @@ class Spool:
             replacing = True
 
         if self.free_bytes() - len(raw) < self.reserve_bytes:
-            self.series.record_refusal(reason="out of resources", series_uid=series_uid, sop_uid=sop_uid,
+            self._note_refusal(reason="out of resources", series_uid=series_uid, sop_uid=sop_uid,
                                        calling_ae=calling_ae, now=now)
             raise OutOfSpaceError(f"spool {self.root}: {self.free_bytes() // 2**20} MiB free, "
                                   f"reserve is {self.reserve_bytes // 2**20} MiB")
@@ -252,7 +253,7 @@ class Spool:
                 _fsync_dir(target_dir)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            self.series.record_refusal(reason="out of resources" if exc.errno == 28 else "write failed",
+            self._note_refusal(reason="out of resources" if exc.errno == 28 else "write failed",
                                        series_uid=series_uid, sop_uid=sop_uid, calling_ae=calling_ae, now=now)
             if exc.errno == 28:  # ENOSPC
                 raise OutOfSpaceError(f"disk full while writing {target.name}") from exc
@@ -267,8 +268,15 @@ class Spool:
                              called_ae=called_ae, modality=str(ds.get("Modality", "")),
                              routing_attrs=lambda: routing_attributes(ds), content_hash=digest,
                              **_placement(ds))
-        indexed = self.series.index_instance(rec, late_policy="reprocess" if replacing else self.late_instances,
-                                             now=now)
+        try:
+            indexed = self.series.index_instance(rec, late_policy="reprocess" if replacing else self.late_instances,
+                                                 now=now)
+        except sqlite3.Error as exc:  # the file is written but not indexed: remove it, answer a failure
+            if not replacing:
+                target.unlink(missing_ok=True)
+            if "full" in str(exc).lower():
+                raise OutOfSpaceError(f"database full while indexing {target.name} ({exc})") from exc
+            raise SpoolError(f"could not index {target.name}: {exc}") from exc
         if indexed.late:
             logger.info("late instance %s for already processed series %s (late_instances=%s)",
                         sop_uid, series_uid, self.late_instances)
@@ -282,10 +290,17 @@ class Spool:
         except Exception:  # the UIDs themselves are unreadable: nothing to attach the refusal to
             return
         if is_valid_uid(series_uid) and is_valid_uid(sop_uid):
-            self.series.record_refusal(reason="cannot understand", series_uid=series_uid, sop_uid=sop_uid,
+            self._note_refusal(reason="cannot understand", series_uid=series_uid, sop_uid=sop_uid,
                                        calling_ae=calling_ae, now=now)
+
+    def _note_refusal(self, **kwargs: Any) -> None:
+        """Record a refusal in the database if it can (on a full disk it cannot: the refusal still stands)."""
+        try:
+            self.series.record_refusal(**kwargs)
+        except sqlite3.Error as exc:
+            logger.debug("refusal not recorded: %s", exc)
 
     def record_association_refusal(self, calling_ae: str, reason: str) -> None:
         """A whole association of ``calling_ae`` was refused: what it carried may belong to a series being
         received (see the assembler's completeness checks)."""
-        self.series.record_refusal(reason=reason, calling_ae=calling_ae)
+        self._note_refusal(reason=reason, calling_ae=calling_ae)
