@@ -66,7 +66,7 @@ bench: $(STAMP) apt-deps
 	$(BIN)/python -m benchmarks.run
 
 soak: $(STAMP) apt-deps
-	PREANNOT_SOAK=1 PREANNOT_FAULT_REPORT=$(CURDIR)/soak-report.jsonl $(BIN)/python -m pytest -m "soak or not (slow or gpu)" tests/test_faults.py tests/test_crash.py $(PYTEST_ARGS)
+	PREANNOT_SOAK=1 PREANNOT_FAULT_REPORT=$(CURDIR)/soak-report.jsonl $(BIN)/python -m pytest -m "soak or not (slow or gpu)" tests/test_faults.py tests/test_crash.py tests/test_pdu_fuzz.py $(PYTEST_ARGS)
 	@echo "figures: soak-report.jsonl"
 
 clean:

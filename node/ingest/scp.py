@@ -21,16 +21,18 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, cast
 
 import pynetdicom
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import NodeSection
 from node.errors import InvalidInstanceError, OutOfSpaceError, PreannotError
-from node.ingest.guard import ConnectionGuard, GuardedServer
+from node.ingest.guard import ConnectionGuard, GuardedServer, SharedContexts
 from node.ingest.spool import Spool
 
 __all__ = ["STATUS", "Listener", "ListenerStats", "configure_pynetdicom"]
@@ -43,6 +45,31 @@ def configure_pynetdicom() -> None:
     identifiers (patient name, ID) in C-FIND/C-MOVE requests and responses never reach the logs."""
     pynetdicom._config.LOG_REQUEST_IDENTIFIERS = False
     pynetdicom._config.LOG_RESPONSE_IDENTIFIERS = False
+    if not getattr(threading.excepthook, "_preannot", False):
+        threading.excepthook = _protocol_error_hook(threading.excepthook)
+
+
+#: exceptions that ended a pynetdicom protocol-machine thread (a peer's PDU sequence it cannot handle)
+PROTOCOL_ERRORS: dict[str, int] = {}
+
+
+def _protocol_error_hook(previous: Callable[[threading.ExceptHookArgs], Any]) -> Callable[[threading.ExceptHookArgs], Any]:
+    """A malformed PDU sequence can end pynetdicom's DUL thread with an exception (for example
+    ``InvalidEventError: Invalid event 'Evt8' for the current state 'Sta13'``): an expected condition
+    with a hostile or broken peer, logged as one line instead of a traceback (the listener then ends the
+    association, see ``Listener._reap_unrequested``). Any other thread's exception goes to ``previous``."""
+    def hook(args: threading.ExceptHookArgs) -> Any:
+        if isinstance(args.thread, DULServiceProvider) and args.exc_type is not None:
+            name = args.exc_type.__name__
+            PROTOCOL_ERRORS[name] = PROTOCOL_ERRORS.get(name, 0) + 1
+            assoc = getattr(args.thread, "assoc", None)
+            peer = getattr(getattr(assoc, "requestor", None), "address", "?")
+            logger.warning("association protocol error with %s, connection dropped: %s: %s", peer, name,
+                           args.exc_value)
+            return None
+        return previous(args)
+    hook._preannot = True  # type: ignore[attr-defined]
+    return hook
 
 STATUS = {
     "success": 0x0000,
@@ -101,6 +128,8 @@ class Listener:
         #: per open association: refused instances by status, and the first reason of each (summarised
         #: in one line when the association ends)
         self._refusals: dict[int, dict[str, list[Any]]] = {}
+        #: acceptor threads that have not received their association request yet, with their address
+        self._opening: dict[int, tuple[Any, tuple[str, int]]] = {}
         self._server: ThreadedAssociationServer | None = None
         ae = AE(ae_title=settings.ae_title)
         # pynetdicom counts connections still waiting for their association request against this
@@ -148,10 +177,11 @@ class Listener:
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
         ]
-        handlers += [(evt.EVT_CONN_CLOSE, self._on_conn_close)]
+        handlers += [(evt.EVT_CONN_OPEN, self._on_conn_open), (evt.EVT_CONN_CLOSE, self._on_conn_close)]
         server = cast(GuardedServer, self.ae.make_server((self.bind, self._port), evt_handlers=handlers,
                                                          ssl_context=self._ssl, server_class=GuardedServer))
         server.guard = self.guard
+        server.contexts = SharedContexts(server.contexts)
         self._server = server
         threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True).start()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="dicom-guard", daemon=True)
@@ -169,10 +199,53 @@ class Listener:
     def _sweep_loop(self) -> None:
         while self._server is not None:
             self.guard.sweep()
-            time.sleep(0.5)
+            self._reap_unrequested()
+            time.sleep(0.2)
+
+    # A connection whose peer vanished (or whose protocol machine failed on a malformed PDU) before its
+    # A-ASSOCIATE-RQ arrived leaves pynetdicom's association thread waiting for that request for the
+    # whole acse_timeout, and pynetdicom counts it against the AE's maximum: forty such connections
+    # refused the PACS for 30 s (found by tests/test_pdu_fuzz.py). Such a thread stays pending in the
+    # guard (bounded per host and in all) until it has ended, and it is woken as soon as its connection
+    # is gone, so it ends at once.
+
+    def _on_conn_open(self, event: Any) -> None:
+        with self.stats.lock:
+            self._opening[id(event.assoc)] = (event.assoc, tuple(event.address))
 
     def _on_conn_close(self, event: Any) -> None:
-        self.guard.settle(tuple(event.address))
+        assoc = event.assoc
+        if assoc.requestor.primitive is None:  # closed before its association request: wake its thread
+            self._wake(assoc)
+        else:
+            self.guard.settle(tuple(event.address))
+
+    @staticmethod
+    def _wake(assoc: Any) -> None:
+        """End an acceptor thread still waiting for its A-ASSOCIATE-RQ (pynetdicom reads an empty
+        primitive as its ACSE timeout: it kills the association and closes the socket)."""
+        if not getattr(assoc, "_preannot_woken", False):
+            assoc._preannot_woken = True
+            assoc.dul.to_user_queue.put(None)
+
+    def _reap_unrequested(self) -> None:
+        with self.stats.lock:
+            tracked = list(self._opening.items())
+        for key, (assoc, address) in tracked:
+            if assoc.ident is None:  # not started yet
+                continue
+            if not assoc.is_alive() or assoc.requestor.primitive is not None:
+                with self.stats.lock:
+                    self._opening.pop(key, None)
+                if not assoc.is_alive():
+                    self.guard.settle(address)
+                continue
+            dul = assoc.dul
+            if dul.ident is None:  # its protocol machine has not started yet
+                continue
+            sock = getattr(dul, "socket", None)
+            if not dul.is_alive() or sock is None or getattr(sock, "socket", None) is None:
+                self._wake(assoc)
 
     # --- handlers -------------------------------------------------------------------------------
 
