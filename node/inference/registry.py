@@ -4,6 +4,7 @@ A model folder holds a MONAI bundle in the Model Zoo layout::
 
     <name>/configs/metadata.json     name, version, ...
     <name>/configs/inference.json    network_def, preprocessing, inferer, postprocessing
+                                     (or inference.yaml / inference.yml, as several Zoo bundles ship)
     <name>/models/model.ts | model.pt
     <name>/model_card.toml           the node's card: labels and their codes, ROI rules, outputs
 
@@ -19,6 +20,7 @@ import logging
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -67,6 +69,16 @@ class CardOutputs(BaseModel):
     sr: bool = True
 
 
+class CardBundle(BaseModel):
+    """``[bundle]``: how the node runs the bundle without editing its files."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    #: bundle config values replaced at load, by config id as ``monai.bundle run --key value`` takes them
+    #: (``"inferer#roi_size" = [64, 64, 64]``, ``"inferer#sw_batch_size" = 1``); each id must exist in the
+    #: bundle's inference config (checked when the model loads)
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
 class ModelCard(BaseModel):
     """The node's model card (``model_card.toml``)."""
 
@@ -74,6 +86,7 @@ class ModelCard(BaseModel):
     model: CardModel = Field(default_factory=CardModel)
     labels: list[LabelSpec] = Field(min_length=1)
     outputs: CardOutputs = Field(default_factory=CardOutputs)
+    bundle: CardBundle = Field(default_factory=CardBundle)
 
     def label(self, value: int) -> LabelSpec | None:
         return next((lab for lab in self.labels if lab.value == value), None)
@@ -93,11 +106,21 @@ class ModelInfo:
 
     @property
     def inference_config(self) -> Path:
-        return self.path / "configs" / "inference.json"
+        """The bundle's inference config: ``inference.json``, or ``inference.yaml`` / ``.yml``."""
+        return find_inference_config(self.path) or self.path / "configs" / "inference.json"
 
     def identification(self) -> dict[str, str]:
         """Name, version and weights SHA-256, as recorded in every output and audit record."""
         return {"name": self.name, "version": self.version, "weights_sha256": self.sha256}
+
+
+#: inference config names, in the order they are looked for
+INFERENCE_CONFIGS = ("inference.json", "inference.yaml", "inference.yml")
+
+
+def find_inference_config(folder: Path) -> Path | None:
+    """The bundle's inference config file, or None."""
+    return next((folder / "configs" / n for n in INFERENCE_CONFIGS if (folder / "configs" / n).is_file()), None)
 
 
 def _sha256(path: Path) -> str:
@@ -121,8 +144,8 @@ def load_model(folder: Path) -> ModelInfo:
         metadata = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
         raise ModelError(f"{folder.name}: configs/metadata.json is not valid JSON: {exc}") from exc
-    if not (folder / "configs" / "inference.json").is_file():
-        raise ModelError(f"{folder.name}: no configs/inference.json")
+    if find_inference_config(folder) is None:
+        raise ModelError(f"{folder.name}: no configs/inference.json or configs/inference.yaml")
     weights = next((folder / "models" / n for n in ("model.ts", "model.pt") if (folder / "models" / n).is_file()), None)
     if weights is None:
         raise ModelError(f"{folder.name}: no models/model.ts or models/model.pt")

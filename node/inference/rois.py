@@ -44,6 +44,8 @@ class ROI:
     key_axis_ij: tuple[tuple[float, float], tuple[float, float]] = ((0.0, 0.0), (0.0, 0.0))
     mask: np.ndarray | None = field(default=None, repr=False)
     offset: tuple[int, int, int] = (0, 0, 0)
+    #: "finding" (one connected component of a finding label) or "anatomy" (all of an anatomy label)
+    kind: str = "finding"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -141,18 +143,18 @@ def relocate_rois(rois: list[ROI], grid: Regridded) -> tuple[list[ROI], list[ROI
 
 
 def extract_rois(labels: np.ndarray, volume: Volume, card: ModelCard, *, outlines: bool = True) -> list[ROI]:
-    """Connected components (26-connectivity) of every label the card marks as a finding.
+    """The regions of interest of a label map.
 
-    Components below the label's ``min_volume_mm3`` are dropped. ROIs are numbered from 1 in order of
-    decreasing volume.
+    A label the card marks as a finding gives one ROI per connected component (26-connectivity);
+    components below the label's ``min_volume_mm3`` are dropped. A label marked ``finding = false``
+    (anatomy: an organ, a vessel) gives one ROI holding all of it, so that the SEG draws it and the SR
+    reports its volume. Findings are numbered from 1 in order of decreasing volume, then anatomy.
     """
     sx, sy, sz = volume.spacing
     voxel_mm3 = sx * sy * sz
     rois: list[ROI] = []
     structure = np.ones((3, 3, 3), dtype=bool)
     for spec in card.labels:
-        if not spec.finding:
-            continue
         # bounding box of the label, found 64 slices at a time (no full-size boolean copy)
         zs = np.zeros(labels.shape[0], dtype=bool)
         ys, xs = np.zeros(labels.shape[1], dtype=bool), np.zeros(labels.shape[2], dtype=bool)
@@ -167,6 +169,11 @@ def extract_rois(labels: np.ndarray, volume: Volume, card: ModelCard, *, outline
         crop = tuple(slice(int(np.argmax(a)), len(a) - int(np.argmax(a[::-1]))) for a in (zs, ys, xs))
         base = np.array([c.start for c in crop])
         hit = labels[crop] == spec.value
+        if not spec.finding:
+            roi = _measure(hit, crop, spec, volume, voxel_mm3, outlines=outlines, kind="anatomy")
+            if roi is not None:
+                rois.append(roi)
+            continue
         try:  # 16-bit component labels (half the memory of int32) unless there are more than 65535 of them
             comp = np.empty(hit.shape, dtype=np.uint16)
             ndimage.label(hit, structure=structure, output=comp)
@@ -178,31 +185,39 @@ def extract_rois(labels: np.ndarray, volume: Volume, card: ModelCard, *, outline
             if local is None:
                 continue
             sl = tuple(slice(s.start + b, s.stop + b) for s, b in zip(local, base, strict=True))
-            sub = comp[local] == idx
-            count = int(sub.sum())
-            vol = count * voxel_mm3
-            if vol < spec.min_volume_mm3:
-                continue
-            off = np.array([s.start for s in sl])
-            pts_kji = np.argwhere(sub) + off
-            pts_ijk = pts_kji[:, ::-1].astype(np.float64)
-            centroid = volume.voxel_to_patient(pts_ijk.mean(axis=0))[0]
-            surf_ijk = (_surface_points(sub) + off)[:, ::-1].astype(np.float64)
-            d3, _, _ = _max_distance(volume.voxel_to_patient(surf_ijk))
-            key_local, best_inplane, key_axis, outline = _planar(sub, off, sx, sy, outlines=outlines)
-            values = volume.pixels[sl][sub]
-            rois.append(ROI(
-                index=0, label=spec.value, label_name=spec.name, voxels=count, volume_mm3=round(vol, 2),
-                diameter_3d_mm=round(max(d3, min(sx, sy)), 2), diameter_inplane_mm=round(max(best_inplane, min(sx, sy)), 2),
-                centroid_mm=(round(float(centroid[0]), 2), round(float(centroid[1]), 2), round(float(centroid[2]), 2)),
-                bbox=tuple((int(s.start), int(s.stop - 1)) for s in sl),  # type: ignore[arg-type]
-                mean=round(float(values.mean()), 1), min=round(float(values.min()), 1),
-                max=round(float(values.max()), 1), key_slice=int(off[0] + key_local),
-                key_outline_ij=outline, key_axis_ij=key_axis, mask=sub, offset=(int(off[0]), int(off[1]), int(off[2]))))
-    rois.sort(key=lambda r: -r.volume_mm3)
+            roi = _measure(comp[local] == idx, sl, spec, volume, voxel_mm3, outlines=outlines, kind="finding")
+            if roi is not None:
+                rois.append(roi)
+    rois.sort(key=lambda r: (r.kind != "finding", -r.volume_mm3))
     for n, r in enumerate(rois, start=1):
         r.index = n
     return rois
+
+
+def _measure(sub: np.ndarray, sl: tuple[slice, ...], spec: Any, volume: Volume, voxel_mm3: float, *,
+             outlines: bool, kind: str) -> ROI | None:
+    """One ROI from its mask ``sub`` placed at ``sl`` (None when below the label's minimum volume)."""
+    sx, sy, _ = volume.spacing
+    count = int(sub.sum())
+    vol = count * voxel_mm3
+    if vol < spec.min_volume_mm3 or count == 0:
+        return None
+    off = np.array([s.start for s in sl])
+    pts_kji = np.argwhere(sub) + off
+    centroid = volume.voxel_to_patient(pts_kji[:, ::-1].astype(np.float64).mean(axis=0))[0]
+    surf_ijk = (_surface_points(sub) + off)[:, ::-1].astype(np.float64)
+    d3, _, _ = _max_distance(volume.voxel_to_patient(surf_ijk))
+    key_local, best_inplane, key_axis, outline = _planar(sub, off, sx, sy, outlines=outlines)
+    values = volume.pixels[sl][sub]
+    return ROI(
+        index=0, label=spec.value, label_name=spec.name, voxels=count, volume_mm3=round(vol, 2),
+        diameter_3d_mm=round(max(d3, min(sx, sy)), 2), diameter_inplane_mm=round(max(best_inplane, min(sx, sy)), 2),
+        centroid_mm=(round(float(centroid[0]), 2), round(float(centroid[1]), 2), round(float(centroid[2]), 2)),
+        bbox=tuple((int(s.start), int(s.stop - 1)) for s in sl),  # type: ignore[arg-type]
+        mean=round(float(values.mean()), 1), min=round(float(values.min()), 1),
+        max=round(float(values.max()), 1), key_slice=int(off[0] + key_local),
+        key_outline_ij=outline, key_axis_ij=key_axis, mask=sub, offset=(int(off[0]), int(off[1]), int(off[2])),
+        kind=kind)
 
 
 def paint_rois(rois: list[ROI], *, out: np.ndarray | None = None,

@@ -143,6 +143,13 @@ class BundleRunner:
         parser.read_meta(str(model.path / "configs" / "metadata.json"))
         parser["bundle_root"] = str(model.path)
         parser["device"] = f"$torch.device('{self.device}')"
+        for key, value in model.card.bundle.overrides.items():  # the card's [bundle] overrides
+            try:
+                parser[key]
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ModelError(f"model {model.name}: model_card.toml [bundle] overrides {key!r}, which is not in "
+                                 f"{model.inference_config.name}") from exc
+            parser[key] = value
         pre = parser["preprocessing"]
         transforms = list(pre["transforms"]) if isinstance(pre, dict) else []
         self._has_loader = bool(transforms) and _target(transforms[0]) in _LOADERS

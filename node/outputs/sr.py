@@ -74,8 +74,10 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
             if found is None:
                 raise OutputError(f"label {roi.label} is not described in the model card")
             spec = found
+            anatomy = roi.kind == "anatomy"  # a whole organ: its volume, not a finding's measures
             tracking = hd.sr.TrackingIdentifier(uid=new_uid(provenance.uid_root),
-                                                identifier=f"{spec.name} {roi.index} (AI)"[:64])
+                                                identifier=(f"{spec.name} (AI)" if anatomy
+                                                            else f"{spec.name} {roi.index} (AI)")[:64])
             finding = coded(spec.type)
             category = coded(spec.category)
             sites = [hd.sr.FindingSite(anatomic_location=coded(spec.finding_site))] if spec.finding_site else None
@@ -93,7 +95,20 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
                 groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                     tracking_identifier=tracking, referenced_segment=ref_seg, finding_type=finding,
                     finding_category=category, algorithm_id=algo, finding_sites=sites,
-                    measurements=[volume_m, diam3d]))
+                    measurements=[volume_m] if anatomy else [volume_m, diam3d]))
+                if anatomy:
+                    continue
+            elif anatomy:  # no SEG to point at: the volume at the organ's centre
+                for_uid = str(volume.sources[0].get("FrameOfReferenceUID", ""))
+                if for_uid:
+                    groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                        tracking_identifier=tracking,
+                        referenced_region=hd.sr.ImageRegion3D(
+                            graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+                            graphic_data=np.array([roi.centroid_mm], dtype=np.float64), frame_of_reference_uid=for_uid),
+                        geometric_purpose=CENTER, finding_type=finding, finding_category=category,
+                        algorithm_id=algo, measurements=[volume_m]))
+                continue
             src = _source_image(volume, roi.key_slice)
             sx, sy, _ = volume.spacing
             outline = np.array(roi.key_outline_ij, dtype=np.float64) + 0.5  # SCOORD: pixel centre at +0.5
