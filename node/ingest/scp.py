@@ -20,8 +20,8 @@ import logging
 import ssl
 import threading
 import time
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import pynetdicom

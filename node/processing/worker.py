@@ -11,7 +11,6 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-
 from pathlib import Path
 
 from pydicom import dcmread
