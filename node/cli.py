@@ -105,7 +105,7 @@ def run(
     """
     from node.config import Route
     from node.inference.registry import Registry
-    from node.inference.runner import BundleRunner, configure_torch
+    from node.inference.runner import configure_torch, load_runner
     from node.ingest.uids import safe_uid
     from node.outputs.equipment import Provenance, device_uid
     from node.processing.offline import discover_series
@@ -134,7 +134,7 @@ def run(
     try:
         info = Registry(cfg.models.dir).get(model)
         t = time.perf_counter()
-        runner = BundleRunner(info, device=device or cfg.models.device, amp=cfg.models.amp)
+        runner = load_runner(info, device=device or cfg.models.device, amp=cfg.models.amp)
         load_s = time.perf_counter() - t
         provenance = Provenance.for_node(info, cfg.outputs,
                                          device_uid=device_uid(cfg.outputs, cfg.data_dir, create=False))

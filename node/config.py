@@ -208,6 +208,10 @@ class Route(_Section):
     send_to: list[str] = Field(default_factory=list)
     stable_seconds: float | None = Field(None, ge=0)
     extra_outputs: list[Literal["gsps", "sc", "kos", "rtstruct"]] = Field(default_factory=list)
+    #: findings whose confidence (a detector's score) is below this are not reported
+    min_confidence: float | None = Field(None, ge=0, le=1)
+    #: at most this many findings per label, the most confident (or largest) first; the SR states the cap
+    max_findings: int | None = Field(None, ge=1)
     # eligibility: series the route matches but its models cannot use are skipped with the reason
     min_slices: int = Field(5, ge=1)
     skip_localizers: bool = True

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT
@@ -110,3 +112,121 @@ def test_card_override_of_a_missing_key_is_refused_at_load(tmp_path: Path) -> No
     folder = install("spleen_ct_segmentation", tmp_path / "models", card)
     with pytest.raises(ModelError, match="no_such_key"):
         BundleRunner(load_model(folder), device="cpu")
+
+
+DETECTION_CARD = """
+[model]
+modality = ["CT"]
+description = "MONAI Model Zoo lung_nodule_ct_detection, random weights (test)."
+
+[[labels]]
+value = 1
+name = "Nodule"
+category = { code = "49755003", scheme = "SCT", meaning = "Morphologically abnormal structure" }
+type = { code = "27925004", scheme = "SCT", meaning = "Nodule" }
+finding_site = { code = "39607008", scheme = "SCT", meaning = "Lung" }
+
+[bundle]
+# clinical DICOM is "raw" data for this bundle: its own Spacingd runs. For CPU time in tests only: the test
+# series' own 3 x 3 x 2.5 mm instead of 0.703 x 0.703 x 1.25 mm, small patches, at most 6 boxes
+[bundle.overrides]
+whether_raw_luna16 = true
+infer_patch_size = [64, 64, 32]
+"preprocessing#transforms#4#pixdim" = [3.0, 3.0, 2.5]
+"detector_ops#1" = "$@detector.set_box_selector_parameters(score_thresh=0.02, topk_candidates_per_level=50, nms_thresh=0.22, detections_per_img=6)"
+"""
+
+
+def install_detector(models_dir: Path, card: str = DETECTION_CARD) -> Path:
+    """lung_nodule_ct_detection with seeded random weights; the classification bias tilted so that it finds boxes."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    dst = models_dir / "lung_nodule_ct_detection"
+    shutil.copytree(ZOO / "lung_nodule_ct_detection", dst)
+    parser = ConfigParser()
+    parser.read_config(str(dst / "configs" / "inference.json"))
+    parser["device"] = "cpu"
+    torch.manual_seed(0)
+    state = parser.get_parsed_content("network_def").state_dict()
+    cls_bias = [k for k in state if "classification_head" in k and k.endswith("bias")][-1]
+    state[cls_bias] = torch.full_like(state[cls_bias], 1.0)
+    (dst / "models").mkdir(exist_ok=True)
+    torch.save(state, dst / "models" / "model.pt")
+    (dst / "model_card.toml").write_text(card)
+    return dst
+
+
+def test_detection_bundle_as_published_gives_boxes_in_the_sr(tmp_path: Path, small_series: Path,
+                                                             dciodvfy: Callable[[Path], list[str]]) -> None:
+    """The Zoo's RetinaNet nodule detector through `preannot run`: one TID 1500 group per box with its rectangle on
+    the key slice, its size and its score; no SEG (the card does not ask for box masks)."""
+    pytest.importorskip("torchvision")
+    from pydicom import dcmread
+    from typer.testing import CliRunner
+
+    from node.cli import app
+    from node.inference.registry import load_model
+
+    models = tmp_path / "models"
+    folder = install_detector(models)
+    assert load_model(folder).kind == "detection"
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["run", "--model", "lung_nodule_ct_detection", str(small_series), str(out),
+                                 "--config", str(_config(tmp_path, models)), "--json"])
+    assert r.exit_code == 0, r.output
+    rois = json.loads((out / "result.json").read_text())["rois"]
+    assert 1 <= len(rois) <= 6 and {x["kind"] for x in rois} == {"box"}
+    scores = [x["confidence"] for x in rois]
+    assert scores == sorted(scores, reverse=True) and all(0.02 <= s <= 1 for s in scores)
+    assert not (out / "seg.dcm").exists()
+    sr_path = out / "sr.dcm"
+    assert dciodvfy(sr_path) == []
+    sr = dcmread(sr_path)
+    # every box: a closed 5-point rectangle on a source image, with its score
+    regions, confidences = [], []
+
+    def walk(items: Any) -> None:
+        for it in items:
+            if getattr(it, "GraphicType", "") == "POLYLINE" and len(it.GraphicData) == 10:
+                regions.append(it)
+            name = it.get("ConceptNameCodeSequence")
+            if name and name[0].CodeValue == "CONF":
+                confidences.append(float(it.MeasuredValueSequence[0].NumericValue))
+            if "ContentSequence" in it:
+                walk(it.ContentSequence)
+
+    walk(sr.ContentSequence)
+    assert len(regions) == len(rois) and sorted(confidences, reverse=True) == pytest.approx(scores, abs=1e-3)
+    ct = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in small_series.glob("*.dcm")}
+    for reg in regions:
+        pts = np.array(reg.GraphicData, dtype=float).reshape(-1, 2)
+        assert np.allclose(pts[0], pts[-1])  # closed
+        assert reg.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID in ct
+
+
+def test_route_confidence_floor_and_cap_are_applied_and_stated(tmp_path: Path, small_series: Path) -> None:
+    """min_confidence and max_findings: fewer boxes reported, and the SR says how many were left out."""
+    pytest.importorskip("torchvision")
+    from pydicom import dcmread
+
+    from node.config import OutputsConfig
+    from node.inference.registry import load_model
+    from node.inference.runner import load_runner
+    from node.outputs.equipment import Provenance
+    from node.processing.pipeline import ModelContext, PipelineOptions, process_series
+
+    model = load_model(install_detector(tmp_path / "models"))
+    runner = load_runner(model, device="cpu")
+    ctx = ModelContext(model, runner, Provenance.for_node(model, OutputsConfig(), device_uid="1.2.3"))
+    files = sorted(small_series.glob("*.dcm"))
+    full = process_series(files, ctx, tmp_path / "all", options=PipelineOptions(fsync=False))
+    scores = sorted((r.confidence or 0.0 for r in full.rois), reverse=True)
+    assert len(scores) >= 3
+    floor = (scores[0] + scores[-1]) / 2
+    capped = process_series(files, ctx, tmp_path / "capped",
+                            options=PipelineOptions(fsync=False, min_confidence=floor, max_findings=1))
+    assert len(capped.rois) == 1 and capped.rois[0].confidence == pytest.approx(scores[0])
+    left = capped.summary["not_reported"]
+    assert sum(left.values()) == len(scores) - 1 and left["below_min_confidence"] >= 1
+    assert f"{len(scores) - 1} finding(s) not reported: below the route" in str(dcmread(tmp_path / "capped" / "sr.dcm"))

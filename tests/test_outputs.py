@@ -174,3 +174,22 @@ def test_rois_measurements(tmp_path: Path, demo_model: Any) -> None:
     x0, y0, z0 = -100.0, -100.0, -50.0
     assert r.centroid_mm == pytest.approx((x0 + 20, y0 + 20, z0 + 5), abs=0.01)
     assert len(r.key_outline_ij) > 8
+
+
+def test_select_findings_floor_then_cap_per_label_keeps_anatomy() -> None:
+    from node.inference.rois import ROI
+    from node.processing.pipeline import select_findings
+
+    def roi(label: int, conf: float | None, vol: float, kind: str = "finding") -> ROI:
+        return ROI(index=0, label=label, label_name=str(label), voxels=1, volume_mm3=vol, diameter_3d_mm=1,
+                   diameter_inplane_mm=1, centroid_mm=(0, 0, 0), bbox=((0, 0), (0, 0), (0, 0)), mean=0, min=0, max=0,
+                   key_slice=0, kind=kind, confidence=conf)
+
+    rois = [roi(1, 0.9, 10), roi(1, 0.8, 50), roi(1, 0.7, 30), roi(1, 0.1, 99), roi(2, None, 5), roi(2, None, 7),
+            roi(3, None, 1000, kind="anatomy")]
+    kept, dropped = select_findings(rois, 0.5, 2)
+    assert [(r.label, r.confidence, r.volume_mm3) for r in kept] == [
+        (1, 0.9, 10), (1, 0.8, 50), (2, None, 5), (2, None, 7), (3, None, 1000)]
+    assert [r.index for r in kept] == [1, 2, 3, 4, 5]
+    assert dropped == {"below_min_confidence": 1, "over_max_findings": 1}
+    assert select_findings(rois[:2], None, None)[1] == {}

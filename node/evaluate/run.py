@@ -212,9 +212,9 @@ def evaluate(root: Path, models: Sequence[ModelInfo], out: Path, *, runners: dic
             try:
                 if model.name not in runners:
                     if runner_factory is None:
-                        from node.inference.runner import BundleRunner
+                        from node.inference.runner import load_runner
 
-                        runners[model.name] = BundleRunner(model)
+                        runners[model.name] = load_runner(model)
                     else:
                         runners[model.name] = runner_factory(model)
                 r = _case(case, model, runners[model.name], opts, out)

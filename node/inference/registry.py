@@ -67,6 +67,8 @@ class CardOutputs(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     seg: bool = True
     sr: bool = True
+    #: detection models: also a SEG with each box as a filled region (off by default: boxes are drawn by the SR)
+    box_masks: bool = False
 
 
 class CardBundle(BaseModel):
@@ -103,6 +105,8 @@ class ModelInfo:
     sha256: str
     card: ModelCard
     metadata: dict = field(default_factory=dict, repr=False)
+    #: "segmentation" (a label map) or "detection" (boxes, labels and scores: the config has a ``detector``)
+    kind: str = "segmentation"
 
     @property
     def inference_config(self) -> Path:
@@ -158,7 +162,24 @@ def load_model(folder: Path) -> ModelInfo:
         raise ModelError(f"{folder.name}: invalid model_card.toml: {exc}") from exc
     return ModelInfo(name=folder.name,
                      version=str(metadata.get("version", "0")), path=folder.resolve(), weights=weights,
-                     sha256=_sha256(weights), card=card, metadata=metadata)
+                     sha256=_sha256(weights), card=card, metadata=metadata, kind=_kind(folder))
+
+
+def _kind(folder: Path) -> str:
+    """A bundle whose inference config defines a ``detector`` is a detection model."""
+    cfg = find_inference_config(folder)
+    if cfg is None:
+        return "segmentation"
+    try:
+        if cfg.suffix == ".json":
+            keys = json.loads(cfg.read_text())
+        else:
+            import yaml
+
+            keys = yaml.safe_load(cfg.read_text())
+    except Exception as exc:  # any parse error is the bundle's, reported with its file
+        raise ModelError(f"{folder.name}: {cfg.name} cannot be read: {exc}") from exc
+    return "detection" if isinstance(keys, dict) and "detector" in keys else "segmentation"
 
 
 def scan_models(root: Path) -> tuple[dict[str, ModelInfo], dict[str, str]]:

@@ -44,8 +44,13 @@ class ROI:
     key_axis_ij: tuple[tuple[float, float], tuple[float, float]] = ((0.0, 0.0), (0.0, 0.0))
     mask: np.ndarray | None = field(default=None, repr=False)
     offset: tuple[int, int, int] = (0, 0, 0)
-    #: "finding" (one connected component of a finding label) or "anatomy" (all of an anatomy label)
+    #: "finding" (one connected component of a finding label), "anatomy" (all of an anatomy label) or
+    #: "box" (a detector's box, see node.inference.detection)
     kind: str = "finding"
+    #: the model's confidence in [0, 1]: the detector's score for a box (None when the model gives none)
+    confidence: float | None = None
+    #: a box's extent along the series' i, j, k axes (mm)
+    size_mm: tuple[float, float, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

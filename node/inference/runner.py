@@ -30,7 +30,7 @@ from node.errors import ModelError, ModelTimeoutError
 from node.imaging.volume import Volume
 from node.inference.registry import ModelInfo
 
-__all__ = ["BundleRunner", "Runner", "configure_torch", "select_device"]
+__all__ = ["BundleRunner", "Runner", "configure_torch", "load_runner", "select_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -260,3 +260,14 @@ class BundleRunner:
             return result
 
         return run
+
+
+def load_runner(model: ModelInfo, *, device: str = "auto", amp: bool = True,
+                on_progress: Callable[[float], None] | None = None) -> Runner:
+    """The runner for a model: :class:`BundleRunner` for a segmentation bundle, ``DetectionRunner`` for a
+    detection bundle (``model.kind``)."""
+    if model.kind == "detection":
+        from node.inference.detection import DetectionRunner
+
+        return DetectionRunner(model, device=device, amp=amp, on_progress=on_progress)
+    return BundleRunner(model, device=device, amp=amp, on_progress=on_progress)

@@ -34,6 +34,11 @@ logger = logging.getLogger(__name__)
 
 LONG_AXIS = hd.sr.CodedConcept("103339001", "SCT", "Long Axis")
 CENTER = hd.sr.CodedConcept("111010", "DCM", "Center")
+#: the model's confidence in a finding, in [0, 1]: for a detector, its score for the box (the probability
+#: the detector assigns to the box holding a finding of that type, before any radiologist review). No
+#: standard code names an AI confidence in TID 1500, so a local one is used and documented (docs/models.md).
+CONFIDENCE = hd.sr.CodedConcept("CONF", "99PREANNOT", "AI confidence score")
+NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
 
 
 def _source_image(volume: Volume, k: int) -> hd.sr.SourceImageForRegion:
@@ -45,8 +50,12 @@ def _source_image(volume: Volume, k: int) -> hd.sr.SourceImageForRegion:
 
 
 def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Provenance, *,
-             seg: hd.seg.Segmentation | None, series_number: int) -> hd.sr.Comprehensive3DSR:
+             seg: hd.seg.Segmentation | None, series_number: int,
+             not_reported: dict[str, int] | None = None) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 measurement report.
+
+    ``not_reported``: findings the route left out, by reason (``below_min_confidence``,
+    ``over_max_findings``): stated in a group of their own, so the reader knows the list is capped.
 
     Raises:
         OutputError: highdicom refused the content.
@@ -87,6 +96,8 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
                                        unit=codes.UCUM.Millimeter)
             long_axis = hd.sr.Measurement(name=LONG_AXIS, value=float(roi.diameter_inplane_mm),
                                           unit=codes.UCUM.Millimeter)
+            confidence = ([hd.sr.Measurement(name=CONFIDENCE, value=float(roi.confidence), unit=NO_UNITS)]
+                          if roi.confidence is not None else [])
             if seg is not None and roi.label in label_to_segment:
                 ref_seg = hd.sr.ReferencedSegment(
                     sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
@@ -115,15 +126,17 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
             if len(outline) >= 4:
                 area = float(np.count_nonzero(roi.mask[roi.key_slice - roi.offset[0]])) * sx * sy \
                     if roi.mask is not None else 0.0
+                if roi.kind == "box" and roi.size_mm is not None:
+                    area = roi.size_mm[0] * roi.size_mm[1]
                 groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                     tracking_identifier=tracking,
                     referenced_region=hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
                                                         graphic_data=outline, source_image=src),
                     finding_type=finding, finding_category=category, finding_sites=sites, algorithm_id=algo,
                     measurements=[long_axis, hd.sr.Measurement(name=codes.SCT.Area, value=round(area, 2),
-                                                               unit=codes.UCUM.SquareMillimeter)]))
+                                                               unit=codes.UCUM.SquareMillimeter), *confidence]))
             axis = np.array(roi.key_axis_ij, dtype=np.float64) + 0.5
-            if not np.allclose(axis[0], axis[1]):
+            if roi.kind != "box" and not np.allclose(axis[0], axis[1]):  # a box's outline says it all
                 groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                     tracking_identifier=tracking,
                     referenced_region=hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
@@ -139,6 +152,17 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
                                                           frame_of_reference_uid=for_uid),
                     geometric_purpose=CENTER, finding_type=finding, finding_category=category,
                     algorithm_id=algo))
+        if not_reported:
+            n = sum(not_reported.values())
+            why = " and ".join({"below_min_confidence": "below the route's minimum confidence",
+                                "over_max_findings": "over the route's cap per label"}.get(k, k)
+                               for k in not_reported)
+            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=new_uid(provenance.uid_root),
+                                                             identifier=f"AI: {n} more not reported"[:64]),
+                algorithm_id=algo, qualitative_evaluations=[hd.sr.QualitativeEvaluation(
+                    name=hd.sr.CodedConcept("121071", "DCM", "Finding"),
+                    value=hd.sr.CodedConcept("NOTREP", "99PREANNOT", f"{n} finding(s) not reported: {why}"[:64]))]))
         no_finding = None
         if not rois:
             no_finding = [hd.sr.QualitativeEvaluation(

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydicom.dataset import Dataset
 
 from node.config import OutputsConfig
@@ -72,9 +73,41 @@ class ModelContext:
     provenance: Provenance
 
 
+def select_findings(rois: list[ROI], min_confidence: float | None, max_findings: int | None
+                    ) -> tuple[list[ROI], dict[str, int]]:
+    """The findings a route reports: those at or above ``min_confidence`` (findings without a confidence
+    are kept), then at most ``max_findings`` per label (most confident first, else largest). Anatomy is
+    never dropped. Returns the kept ROIs, renumbered, and the count left out per reason."""
+    dropped = {"below_min_confidence": 0, "over_max_findings": 0}
+    kept: list[ROI] = []
+    per_label: dict[int, int] = {}
+    ranked = sorted(rois, key=lambda r: (r.kind == "anatomy", -(r.confidence if r.confidence is not None else 1.0),
+                                         -r.volume_mm3))
+    for r in ranked:
+        if r.kind != "anatomy":
+            if min_confidence is not None and r.confidence is not None and r.confidence < min_confidence:
+                dropped["below_min_confidence"] += 1
+                continue
+            if max_findings is not None and per_label.get(r.label, 0) >= max_findings:
+                dropped["over_max_findings"] += 1
+                continue
+            per_label[r.label] = per_label.get(r.label, 0) + 1
+        kept.append(r)
+    order = {id(r): n for n, r in enumerate(rois)}
+    kept.sort(key=lambda r: order[id(r)])  # back in the model's own order (findings by size or score)
+    for n, r in enumerate(kept, start=1):
+        r.index = n
+    return kept, {k: v for k, v in dropped.items() if v}
+
+
 @dataclass(frozen=True, slots=True)
 class PipelineOptions:
     """How one run of the pipeline behaves."""
+
+    #: findings below this confidence are not reported (route ``min_confidence``)
+    min_confidence: float | None = None
+    #: at most this many findings per label (route ``max_findings``), the most confident or largest first
+    max_findings: int | None = None
 
     outputs: OutputsConfig = field(default_factory=OutputsConfig)
     #: viewer objects beyond SEG + SR for this route: "gsps", "sc", "kos", "rtstruct"
@@ -129,12 +162,19 @@ def process_series(files: list[Path], ctx: ModelContext, out_dir: Path, *,
     model_volume = grid.volume if grid is not None else volume
     stage("inference")
     t = time.perf_counter()
-    labels = runner.predict(model_volume, deadline=deadline)
+    detect = getattr(runner, "detect", None)
+    if detect is not None:  # a detection model: boxes as ROIs, no label map
+        rois = detect(model_volume, deadline=deadline)
+        labels = np.zeros(model_volume.shape, dtype=np.uint8) if grid is None else None
+    else:
+        labels = runner.predict(model_volume, deadline=deadline)
     timings["inference"] = time.perf_counter() - t
 
     stage("rois")
     t = time.perf_counter()
-    rois = extract_rois(labels, model_volume, model.card)  # measured on the (orthogonal) grid, in mm
+    if detect is None:
+        rois = extract_rois(labels, model_volume, model.card)  # measured on the (orthogonal) grid, in mm
+    rois, dropped = select_findings(rois, opts.min_confidence, opts.max_findings)
     lost: list[ROI] = []
     if grid is None:
         # the runner's label map is ours: cleared and repainted with the kept ROIs (no second copy)
@@ -152,7 +192,8 @@ def process_series(files: list[Path], ctx: ModelContext, out_dir: Path, *,
     objects: list[ResultObject] = []
     files_out: dict[str, str] = {}
     seg = None
-    if rois and model.card.outputs.seg:
+    seg_wanted = model.card.outputs.box_masks if detect is not None else model.card.outputs.seg
+    if rois and seg_wanted:
         stage("seg")
         t = time.perf_counter()
         seg = build_seg(volume, kept, model.card, provenance, series_number=outputs.seg_series_number,
@@ -164,7 +205,8 @@ def process_series(files: list[Path], ctx: ModelContext, out_dir: Path, *,
     if model.card.outputs.sr:
         stage("sr")
         t = time.perf_counter()
-        sr = build_sr(volume, rois, model.card, provenance, seg=seg, series_number=outputs.sr_series_number)
+        sr = build_sr(volume, rois, model.card, provenance, seg=seg, series_number=outputs.sr_series_number,
+                      not_reported=dropped)
         p = save_dataset(sr, out_dir / "sr.dcm", fsync=fsync)
         objects.append(ResultObject.of(sr, p))
         files_out["sr"] = str(p)
@@ -208,9 +250,10 @@ def process_series(files: list[Path], ctx: ModelContext, out_dir: Path, *,
     timings["total"] = time.perf_counter() - t_start
     summary = {
         "series_uid": volume.series_uid, "study_uid": str(volume.sources[0].get("StudyInstanceUID", "")),
-        "slices": volume.shape[0], "shape": list(volume.shape),
+        "slices": volume.shape[0], "shape": list(volume.shape), "not_reported": dropped,
         "spacing_mm": [round(s, 4) for s in volume.spacing], "roi_count": len(rois),
-        "rois": [{"index": r.index, "label": r.label_name, "volume_mm3": r.volume_mm3,
+        "rois": [{"index": r.index, "label": r.label_name, "kind": r.kind, "confidence": r.confidence,
+                  "volume_mm3": r.volume_mm3,
                   "diameter_mm": r.diameter_inplane_mm, "centroid_mm": list(r.centroid_mm)} for r in rois],
         "model": model.identification(),
     }

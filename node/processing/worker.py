@@ -18,7 +18,7 @@ from pydicom import dcmread
 from node.config import NodeConfig
 from node.errors import PreannotError
 from node.inference.registry import Registry
-from node.inference.runner import BundleRunner, Runner
+from node.inference.runner import Runner, load_runner
 from node.metrics import NodeMetrics
 from node.outputs.equipment import Provenance
 from node.outputs.rejection import Withdrawn, build_rejection_note
@@ -72,7 +72,7 @@ class Worker(threading.Thread):
         """The loaded runner of a model (loaded on first use, then reused)."""
         if model_name not in self.runners:
             info = self.registry.get(model_name)
-            self.runners[model_name] = BundleRunner(info, device=self.config.models.device, amp=self.config.models.amp)
+            self.runners[model_name] = load_runner(info, device=self.config.models.device, amp=self.config.models.amp)
         return self.runners[model_name]
 
     def preload(self) -> None:
@@ -113,6 +113,8 @@ class Worker(threading.Thread):
             provenance = Provenance.for_node(model, self.config.outputs, device_uid=self.ctx.device_uid)
             route = next((r for r in self.config.routes if r.name == job.route), None)
             options = PipelineOptions(outputs=self.config.outputs, extra_outputs=route.extra_outputs if route else (),
+                                      min_confidence=route.min_confidence if route else None,
+                                      max_findings=route.max_findings if route else None,
                                       timeout_seconds=self.config.jobs.timeout_seconds, fsync=self.config.node.fsync,
                                       defer_preview=True)
             output = process_series(files, ModelContext(model, runner, provenance), out_dir, options=options,

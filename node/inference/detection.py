@@ -1,0 +1,193 @@
+"""Detection bundles: a MONAI detector (RetinaNet and its inferer, as ``lung_nodule_ct_detection`` lays
+them out) whose output is boxes with labels and scores rather than a label map.
+
+The bundle's own config builds everything: ``network`` (from ``network_def``), ``detector`` (for
+example ``RetinaNetDetector`` with its anchor generator), ``detector_ops`` (box selection and
+sliding-window settings) and ``inferer`` (the bundle's ``scripts`` inferer). The node feeds the
+bundle's ``preprocessing`` (without its loaders) a MetaTensor with the RAS affine MONAI's readers give,
+runs the inferer, and maps each box from the preprocessed image back to the series' own voxel grid
+through the preprocessed image's affine (``Orientationd`` and ``Spacingd`` are accounted for exactly).
+The bundle's ``postprocessing`` (which writes boxes in world coordinates for its own evaluation) is not
+used.
+
+Each box becomes an :class:`~node.inference.rois.ROI` of kind ``box``: its mask is the box on the
+series grid, its key slice the box centre's slice, its outline the rectangle there, its confidence
+the detector's score. The SEG, SR, presentation state and captures then treat it like any finding.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from monai.data import MetaTensor
+
+from node.errors import ModelError, ModelTimeoutError
+from node.imaging.volume import Volume
+from node.inference.registry import ModelInfo
+from node.inference.rois import ROI
+from node.inference.runner import _LOADERS, _bundle_code, _root_cause, _target, select_device
+
+__all__ = ["DetectionRunner", "boxes_to_rois"]
+
+logger = logging.getLogger(__name__)
+
+
+class DetectionRunner:
+    """A loaded detection bundle, ready to detect.
+
+    Raises:
+        ModelError: the bundle's configuration or weights cannot be loaded.
+    """
+
+    kind = "detection"
+
+    def __init__(self, model: ModelInfo, *, device: str = "auto", amp: bool = True,
+                 on_progress: Callable[[float], None] | None = None) -> None:
+        self.model = model
+        self.device = select_device(device)
+        self.amp = amp and self.device.type == "cuda"
+        self.on_progress = on_progress
+        t0 = time.perf_counter()
+        try:
+            with _bundle_code(model.path):
+                self._parse(model)
+        except ModelError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"model {model.name}: cannot load the detection bundle: {type(exc).__name__}: "
+                             f"{exc}") from exc
+        self.load_seconds = time.perf_counter() - t0
+        logger.info("detection model %s %s loaded on %s in %.1f s (weights sha256 %s)", model.name,
+                    model.version, self.device, self.load_seconds, model.sha256[:16])
+
+    def _parse(self, model: ModelInfo) -> None:
+        parser = ConfigParser()
+        parser.read_config(str(model.inference_config))
+        parser.read_meta(str(model.path / "configs" / "metadata.json"))
+        parser["bundle_root"] = str(model.path)
+        parser["device"] = f"$torch.device('{self.device}')"
+        for key, value in model.card.bundle.overrides.items():
+            try:
+                parser[key]
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ModelError(f"model {model.name}: model_card.toml [bundle] overrides {key!r}, which is not in "
+                                 f"{model.inference_config.name}") from exc
+            parser[key] = value
+        missing = [k for k in ("network_def", "detector", "inferer", "preprocessing") if k not in parser]
+        if missing:
+            raise ModelError(f"model {model.name}: a detection bundle needs {', '.join(missing)} in "
+                             f"{model.inference_config.name}")
+        transforms = list(parser["preprocessing"]["transforms"])
+        parser["preprocessing"]["transforms"] = [t for t in transforms if _target(t) not in _LOADERS]
+        self.preprocessing = parser.get_parsed_content("preprocessing")
+        net = parser.get_parsed_content("network") if "network" in parser else parser.get_parsed_content("network_def")
+        state = torch.load(str(model.weights), map_location=self.device, weights_only=True)
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ModelError(f"model {model.name}: weights do not match network_def: {exc}") from exc
+        self.network = net.to(self.device).eval()
+        self.detector = parser.get_parsed_content("detector")
+        if "detector_ops" in parser:
+            parser.get_parsed_content("detector_ops")
+        self.inferer = parser.get_parsed_content("inferer")
+        self.box_key = getattr(self.detector, "target_box_key", "box")
+        self.label_key = getattr(self.detector, "target_label_key", "label")
+        self.score_key = getattr(self.detector, "pred_score_key", f"{self.label_key}_scores")
+
+    def predict(self, volume: Volume, *, deadline: float | None = None) -> np.ndarray:
+        raise ModelError(f"model {self.model.name} is a detection model: it gives boxes, not a label map")
+
+    def detect(self, volume: Volume, *, deadline: float | None = None) -> list[ROI]:
+        """The boxes found in ``volume``, as ROIs on its grid (numbered by decreasing score).
+
+        Raises:
+            ModelTimeoutError: the deadline passed.
+            ModelError: the bundle failed.
+        """
+        if deadline is not None and time.monotonic() > deadline:
+            raise ModelTimeoutError(f"model {self.model.name}: the job passed its timeout before inference")
+        arr, affine = volume.to_monai(dtype=np.float32)
+        meta = {"original_affine": torch.as_tensor(affine), "spatial_shape": np.array(arr.shape),
+                "original_channel_dim": "no_channel", "filename_or_obj": volume.series_uid or "volume"}
+        image = MetaTensor(torch.from_numpy(arr), affine=torch.as_tensor(affine), meta=meta)
+        try:
+            data: dict[str, Any] = self.preprocessing({"image": image})
+            img = data["image"]
+            img_affine = np.asarray(img.affine, dtype=np.float64) if isinstance(img, MetaTensor) else affine
+            with torch.no_grad(), torch.autocast(device_type=self.device.type, enabled=self.amp):
+                out = self.inferer([torch.as_tensor(img).to(self.device)], self.network)
+            pred = out[0] if isinstance(out, list | tuple) else out
+            boxes = pred[self.box_key].detach().float().cpu().numpy().reshape(-1, 6)
+            labels = pred[self.label_key].detach().cpu().numpy().reshape(-1).astype(int)
+            scores = pred[self.score_key].detach().float().cpu().numpy().reshape(-1)
+        except ModelTimeoutError:
+            raise
+        except torch.cuda.OutOfMemoryError as exc:
+            raise ModelError(f"model {self.model.name}: out of GPU memory: {exc}") from exc
+        except Exception as exc:
+            root = _root_cause(exc)
+            raise ModelError(f"model {self.model.name} failed: {type(exc).__name__}: {str(exc)[:200]}"
+                             + (f" (caused by {type(root).__name__}: {str(root)[:300]})" if root is not exc else "")
+                             ) from exc
+        # the detector's labels count from 0; the card's label values from 1
+        return boxes_to_rois(boxes, labels + 1, scores, img_affine, volume, self.model.card)
+
+
+def boxes_to_rois(boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, box_affine: np.ndarray,
+                  volume: Volume, card: Any) -> list[ROI]:
+    """Boxes ``[x1, y1, z1, x2, y2, z2]`` in the voxel space of an image with RAS affine ``box_affine``,
+    as ROIs on ``volume``'s grid (corners mapped through world coordinates, then rounded outwards)."""
+    if len(boxes) == 0:
+        return []
+    ras_to_vox = np.linalg.inv(volume.ras_affine())
+    to_vol = ras_to_vox @ box_affine
+    nk, nj, ni = volume.shape
+    sx, sy, sz = volume.spacing
+    rois: list[ROI] = []
+    for box, lab, score in zip(boxes, labels, scores, strict=True):
+        spec = card.label(int(lab))
+        if spec is None:
+            raise ModelError(f"the detector gave label {int(lab) - 1} (card value {int(lab)}), which the model card "
+                             "does not describe")
+        lo, hi = box[:3], box[3:]
+        corners = np.array([[x, y, z, 1.0] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+        ijk = (corners @ to_vol.T)[:, :3]
+        i0, j0, k0 = np.floor(ijk.min(axis=0) + 0.5).astype(int)
+        i1, j1, k1 = np.ceil(ijk.max(axis=0) - 0.5).astype(int)
+        i0, j0, k0 = max(int(i0), 0), max(int(j0), 0), max(int(k0), 0)
+        i1, j1, k1 = min(int(i1), ni - 1), min(int(j1), nj - 1), min(int(k1), nk - 1)
+        if i1 < i0 or j1 < j0 or k1 < k0:  # entirely outside the series
+            continue
+        mask = np.ones((k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1), dtype=bool)
+        count = int(mask.size)
+        centre_ijk = np.array([(i0 + i1) / 2, (j0 + j1) / 2, (k0 + k1) / 2])
+        centroid = volume.voxel_to_patient(centre_ijk)[0]
+        w, h, d = (i1 - i0 + 1) * sx, (j1 - j0 + 1) * sy, (k1 - k0 + 1) * sz
+        values = volume.pixels[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1]
+        key = (k0 + k1) // 2
+        outline = [(float(i0) - 0.5, float(j0) - 0.5), (float(i1) + 0.5, float(j0) - 0.5),
+                   (float(i1) + 0.5, float(j1) + 0.5), (float(i0) - 0.5, float(j1) + 0.5),
+                   (float(i0) - 0.5, float(j0) - 0.5)]
+        axis = ((float(i0), float(j0)), (float(i1), float(j1)))  # the in-plane diagonal
+        rois.append(ROI(
+            index=0, label=spec.value, label_name=spec.name, voxels=count, volume_mm3=round(count * sx * sy * sz, 2),
+            diameter_3d_mm=round(float(np.sqrt(w * w + h * h + d * d)), 2),
+            diameter_inplane_mm=round(float(max(w, h)), 2),
+            centroid_mm=(round(float(centroid[0]), 2), round(float(centroid[1]), 2), round(float(centroid[2]), 2)),
+            bbox=((k0, k1), (j0, j1), (i0, i1)), mean=round(float(values.mean()), 1),
+            min=round(float(values.min()), 1), max=round(float(values.max()), 1), key_slice=key,
+            key_outline_ij=outline, key_axis_ij=axis, mask=mask, offset=(k0, j0, i0), kind="box",
+            confidence=round(float(score), 4), size_mm=(round(w, 2), round(h, 2), round(d, 2))))
+    rois.sort(key=lambda r: -(r.confidence or 0.0))
+    for n, r in enumerate(rois, start=1):
+        r.index = n
+    return rois
