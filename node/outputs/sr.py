@@ -107,19 +107,6 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
                     tracking_identifier=tracking, referenced_segment=ref_seg, finding_type=finding,
                     finding_category=category, algorithm_id=algo, finding_sites=sites,
                     measurements=[volume_m] if anatomy else [volume_m, diam3d]))
-                if anatomy:
-                    continue
-            elif anatomy:  # no SEG to point at: the volume at the organ's centre
-                for_uid = str(volume.sources[0].get("FrameOfReferenceUID", ""))
-                if for_uid:
-                    groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                        tracking_identifier=tracking,
-                        referenced_region=hd.sr.ImageRegion3D(
-                            graphic_type=hd.sr.GraphicTypeValues3D.POINT,
-                            graphic_data=np.array([roi.centroid_mm], dtype=np.float64), frame_of_reference_uid=for_uid),
-                        geometric_purpose=CENTER, finding_type=finding, finding_category=category,
-                        algorithm_id=algo, measurements=[volume_m]))
-                continue
             src = _source_image(volume, roi.key_slice)
             sx, sy, _ = volume.spacing
             outline = np.array(roi.key_outline_ij, dtype=np.float64) + 0.5  # SCOORD: pixel centre at +0.5
@@ -133,8 +120,11 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
                     referenced_region=hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
                                                         graphic_data=outline, source_image=src),
                     finding_type=finding, finding_category=category, finding_sites=sites, algorithm_id=algo,
-                    measurements=[long_axis, hd.sr.Measurement(name=codes.SCT.Area, value=round(area, 2),
-                                                               unit=codes.UCUM.SquareMillimeter), *confidence]))
+                    measurements=[volume_m if anatomy else long_axis,
+                                  hd.sr.Measurement(name=codes.SCT.Area, value=round(area, 2),
+                                                    unit=codes.UCUM.SquareMillimeter), *confidence]))
+            if anatomy:  # an organ: its volume and its outline where it is largest (viewers draw SR regions
+                continue  # only with image coordinates), not a finding's long axis and centre
             axis = np.array(roi.key_axis_ij, dtype=np.float64) + 0.5
             if roi.kind != "box" and not np.allclose(axis[0], axis[1]):  # a box's outline says it all
                 groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
