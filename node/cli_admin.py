@@ -22,25 +22,80 @@ def register(main: typer.Typer) -> None:
     """Add these commands to the main ``preannot`` application."""
     main.add_typer(config_app, name="config")
     main.add_typer(audit_app, name="audit")
+    main.add_typer(models_app, name="models")
     for command in app.registered_commands:
         main.registered_commands.append(command)
 
 
-@app.command()
-def models(config: ConfigOpt = None) -> None:
-    """List the models in the models folder with version and weights SHA-256; broken bundles with the reason."""
+models_app = typer.Typer(help="List the models, or add a bundle with a draft card.", invoke_without_command=True)
+
+
+@models_app.callback()
+def models(ctx: typer.Context, config: ConfigOpt = None) -> None:
+    """List the models in the models folder with version and weights SHA-256; broken bundles with the reason.
+    `preannot models add PATH` adds a bundle."""
+    if ctx.invoked_subcommand is not None:
+        return
     from node.inference.registry import Registry
 
     cfg = load_or_exit(config)
     reg = Registry(cfg.models.dir)
     for name, m in reg.models.items():
         labels = ", ".join(f"{lab.value}={lab.name}" for lab in m.card.labels)
-        typer.echo(f"{name}  version {m.version}  sha256 {m.sha256}  labels: {labels}  ({m.weights.name})")
+        typer.echo(f"{name}  version {m.version}  sha256 {m.sha256}  labels: {labels}  ({m.weights.name}, {m.kind})")
     for name, reason in reg.broken.items():
         typer.echo(f"{name}  BROKEN: {reason}")
     if not reg.models:
         typer.echo(f"no usable model in {cfg.models.dir}", err=True)
         raise typer.Exit(1)
+
+
+@models_app.command("add")
+def models_add(bundle: Annotated[Path, typer.Argument(help="A MONAI bundle folder (Model Zoo layout)")],
+               config: ConfigOpt = None,
+               name: Annotated[str | None, typer.Option(help="Folder name in the models folder (default: the "
+                                                          "bundle's)")] = None,
+               force: Annotated[bool, typer.Option(help="Replace a model of the same name")] = False) -> None:
+    """Copy a bundle into the models folder and write a draft model_card.toml from its metadata.json
+    (label names mapped to SNOMED CT codes where the node's table knows them); then validate it."""
+    import shutil
+
+    from node.inference.cards import draft_card
+    from node.inference.registry import load_model
+
+    cfg = load_or_exit(config)
+    if not (bundle / "configs" / "metadata.json").is_file():
+        raise die(PreannotError(f"{bundle} is not a MONAI bundle (no configs/metadata.json)"), 2)
+    dest = cfg.models.dir / (name or bundle.resolve().name)
+    if dest.exists():
+        if not force:
+            raise die(PreannotError(f"{dest} exists; --force replaces it"), 1)
+        shutil.rmtree(dest)
+    cfg.models.dir.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(bundle, dest)
+    card_path = dest / "model_card.toml"
+    if card_path.is_file():
+        typer.echo(f"copied to {dest}; it has its own model_card.toml (kept)")
+    else:
+        try:
+            draft = draft_card(dest)
+        except ValueError as exc:
+            raise die(PreannotError(str(exc)), 1) from exc
+        card_path.write_text(draft.text)
+        typer.echo(f"copied to {dest}; draft model_card.toml with {draft.labels} label(s)")
+        if draft.unmapped:
+            typer.echo(f"  {len(draft.unmapped)} label(s) not in the code table (placeholder codes, marked UNMAPPED "
+                       f"in the card): {', '.join(draft.unmapped)}")
+        if draft.no_laterality:
+            typer.echo(f"  {len(draft.no_laterality)} label(s) coded without their laterality: "
+                       f"{', '.join(draft.no_laterality)}")
+    try:
+        model = load_model(dest)
+    except PreannotError as exc:
+        typer.echo(f"not usable yet: {exc}")
+        raise typer.Exit(1) from exc
+    typer.echo(f"valid: {model.name} {model.kind} version {model.version}, weights sha256 {model.sha256[:16]}; "
+               "review the card, then name the model in a route")
 
 
 @config_app.command("check")

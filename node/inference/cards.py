@@ -1,0 +1,178 @@
+"""Draft model cards from a bundle's ``metadata.json`` (``preannot models add``).
+
+Each output channel named in ``network_data_format.outputs.pred.channel_def`` becomes a ``[[labels]]``
+table. Names are matched against a table of SNOMED CT codes for common anatomy and findings, chosen from
+the DICOM content mapping resource (CID 7150 Segmentation Property Categories, CID 7151 Segmentation
+Property Types, CID 4031 Common Anatomic Regions and the anatomic structure codes they draw on). A
+name that is not in the table still gets a table, coded with a local placeholder and marked
+``# UNMAPPED``: the card validates, the node runs, and the list of what to review is printed. Laterality
+written in the name ("kidney_left") is matched to a lateral code where the table has one; otherwise the
+structure's code is used and the card says that laterality is in the name only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["DraftCard", "draft_card"]
+
+ANATOMY_CATEGORY = ("91723000", "SCT", "Anatomical structure")
+FINDING_CATEGORY = ("49755003", "SCT", "Morphologically abnormal structure")
+
+#: normalised name -> (code, meaning); anatomy (finding = false)
+ANATOMY: dict[str, tuple[str, str]] = {
+    "spleen": ("78961009", "Spleen"),
+    "liver": ("10200004", "Liver"),
+    "gallbladder": ("28231008", "Gallbladder"),
+    "stomach": ("69695003", "Stomach"),
+    "pancreas": ("15776009", "Pancreas"),
+    "kidney": ("64033007", "Kidney"),
+    "kidney right": ("9846003", "Right kidney"),
+    "kidney left": ("18639004", "Left kidney"),
+    "adrenal gland": ("23451007", "Adrenal gland"),
+    "aorta": ("15825003", "Aorta"),
+    "inferior vena cava": ("64131007", "Inferior vena cava"),
+    "ivc": ("64131007", "Inferior vena cava"),
+    "portal vein": ("32764006", "Portal vein"),
+    "esophagus": ("32849002", "Esophagus"),
+    "trachea": ("44567001", "Trachea"),
+    "lung": ("39607008", "Lung"),
+    "lung upper lobe left": ("44714003", "Upper lobe of left lung"),
+    "lung lower lobe left": ("41224006", "Lower lobe of left lung"),
+    "lung upper lobe right": ("45653009", "Upper lobe of right lung"),
+    "lung middle lobe right": ("72481006", "Middle lobe of right lung"),
+    "lung lower lobe right": ("90572001", "Lower lobe of right lung"),
+    "heart": ("80891009", "Heart"),
+    "heart myocardium": ("74281007", "Myocardium"),
+    "heart ventricle left": ("87878005", "Left ventricle"),
+    "heart ventricle right": ("53085002", "Right ventricle"),
+    "heart atrium left": ("82471001", "Left atrium"),
+    "heart atrium right": ("73829009", "Right atrium"),
+    "pulmonary artery": ("81040000", "Pulmonary artery"),
+    "brain": ("12738006", "Brain"),
+    "urinary bladder": ("89837001", "Urinary bladder"),
+    "bladder": ("89837001", "Urinary bladder"),
+    "colon": ("71854001", "Colon"),
+    "small bowel": ("30315005", "Small intestine"),
+    "small intestine": ("30315005", "Small intestine"),
+    "duodenum": ("38848004", "Duodenum"),
+    "sacrum": ("54735007", "Sacrum"),
+    "femur": ("71341001", "Femur"),
+    "humerus": ("85050009", "Humerus"),
+    "scapula": ("79601000", "Scapula"),
+    "clavicula": ("51299004", "Clavicle"),
+    "clavicle": ("51299004", "Clavicle"),
+    "rib": ("113197003", "Rib"),
+    "vertebrae c": ("122494005", "Cervical vertebra"),
+    "vertebrae t": ("122495006", "Thoracic vertebra"),
+    "vertebrae l": ("122496007", "Lumbar vertebra"),
+    "prostate": ("41216001", "Prostate"),
+}
+
+#: normalised name -> (code, meaning); findings (finding = true, one ROI per connected component)
+FINDINGS: dict[str, tuple[str, str]] = {
+    "nodule": ("27925004", "Nodule"),
+    "lung nodule": ("27925004", "Nodule"),
+    "lesion": ("52988006", "Lesion"),
+    "mass": ("4147007", "Mass"),
+    "tumor": ("108369006", "Neoplasm"),
+    "tumour": ("108369006", "Neoplasm"),
+    "neoplasm": ("108369006", "Neoplasm"),
+}
+
+_COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255)]
+
+
+@dataclass
+class DraftCard:
+    """A generated card and what a person must review."""
+
+    text: str
+    labels: int
+    #: channel names with no code in the table (coded with a placeholder in the card)
+    unmapped: list[str] = field(default_factory=list)
+    #: channel names coded without their laterality (the structure's code; laterality in the name only)
+    no_laterality: list[str] = field(default_factory=list)
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[\s_\-]+", " ", name.strip().lower())
+
+
+def _match(name: str) -> tuple[tuple[str, str] | None, bool, bool]:
+    """(code, is_finding, laterality_lost) for a channel name."""
+    n = _norm(name)
+    if n in FINDINGS:
+        return FINDINGS[n], True, False
+    if n in ANATOMY:
+        return ANATOMY[n], False, False
+    m = re.fullmatch(r"(vertebrae [ctl])\d+", n)
+    if m:
+        return ANATOMY[m.group(1)], False, False
+    base = re.sub(r"\b(left|right)\b|\b\d+\b", " ", n)
+    base = re.sub(r"\s+", " ", base).strip()
+    if base in ANATOMY:
+        return ANATOMY[base], False, base != n and bool(re.search(r"\b(left|right)\b", n))
+    return None, False, False
+
+
+def _toml_str(s: str) -> str:
+    return json.dumps(s)
+
+
+def draft_card(bundle: Path) -> DraftCard:
+    """A draft ``model_card.toml`` for the bundle at ``bundle``.
+
+    Raises:
+        ValueError: no readable ``configs/metadata.json``.
+    """
+    meta_path = bundle / "configs" / "metadata.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{meta_path}: {exc}") from exc
+    pred = meta.get("network_data_format", {}).get("outputs", {}).get("pred", {})
+    channels = {int(k): str(v) for k, v in (pred.get("channel_def") or {}).items() if str(k).isdigit()}
+    names = [(v, n) for v, n in sorted(channels.items()) if v > 0 and _norm(n) != "background"]
+    if not names:  # a detector: its classes are not named in the metadata; guess from the task
+        task = _norm(f"{meta.get('task', '')} {meta.get('name', '')}")
+        guess = next((k for k in FINDINGS if k in task), "finding")
+        names = [(1, guess)]
+    draft = DraftCard(text="", labels=len(names))
+    modality = "CT" if "ct" in _norm(f"{meta.get('name', '')} {meta.get('task', '')} {bundle.name}").split() else ""
+    lines = ["# Draft made by `preannot models add` from configs/metadata.json: review every label (codes,",
+             "# finding or anatomy, colours) before clinical use. See docs/models.md.", "", "[model]",
+             f"modality = [{_toml_str(modality)}]" if modality else "modality = []",
+             f"description = {_toml_str(str(meta.get('description', meta.get('name', bundle.name)))[:400])}",
+             f"intended_use = {_toml_str(str(meta.get('intended_use', ''))[:400])}", ""]
+    for n, (value, name) in enumerate(names):
+        code, finding, lat_lost = _match(name)
+        nice = name.replace("_", " ").strip()
+        label = nice[:1].upper() + nice[1:]
+        cat = FINDING_CATEGORY if finding else ANATOMY_CATEGORY
+        lines.append("[[labels]]")
+        if code is None:
+            draft.unmapped.append(name)
+            lines.append(f"# UNMAPPED: {name!r} is not in the node's code table; give it a SNOMED CT code")
+            code = (re.sub(r"[^A-Za-z0-9]+", "_", name).upper()[:16] or f"LABEL{value}", label)
+            typ = (code[0], "99PREANNOT", code[1])
+        else:
+            typ = (code[0], "SCT", code[1])
+            if lat_lost:
+                draft.no_laterality.append(name)
+                lines.append(f"# laterality of {name!r} is in the name only (structure code without laterality)")
+        colour = _COLOURS[n % len(_COLOURS)]
+        lines += [f"value = {value}", f"name = {_toml_str(label[:64])}",
+                  f'category = {{ code = "{cat[0]}", scheme = "{cat[1]}", meaning = "{cat[2]}" }}',
+                  f'type = {{ code = "{typ[0]}", scheme = "{typ[1]}", meaning = {_toml_str(typ[2][:64])} }}']
+        if not finding and typ[1] == "SCT":
+            lines.append(f'finding_site = {{ code = "{typ[0]}", scheme = "SCT", meaning = {_toml_str(typ[2][:64])} }}')
+        lines += [f"color = [{colour[0]}, {colour[1]}, {colour[2]}]", f"finding = {'true' if finding else 'false'}",
+                  ""]
+    lines += ["[outputs]", "seg = true", "sr = true", ""]
+    draft.text = "\n".join(lines)
+    return draft
