@@ -193,3 +193,32 @@ def test_select_findings_floor_then_cap_per_label_keeps_anatomy() -> None:
     assert [r.index for r in kept] == [1, 2, 3, 4, 5]
     assert dropped == {"below_min_confidence": 1, "over_max_findings": 1}
     assert select_findings(rois[:2], None, None)[1] == {}
+
+
+def test_labelmap_seg_holds_every_label_in_one_plane_per_slice(tmp_path: Path, small_series: Path,
+                                                                demo_model: Any) -> None:
+    """seg_type = "labelmap": the Label Map Segmentation IOD, one frame per source slice, segment numbers as
+    pixel values (the card's label values renumbered 1..n), read back by highdicom as the same label map."""
+    from node.inference.registry import LabelSpec
+
+    vol = load_series(sorted(small_series.glob("*.dcm")))
+    base = demo_model.card.labels[0]
+    labels_spec = [base.model_copy(update={"value": v, "name": f"Structure {v}"}) for v in (3, 7, 9)]
+    card = demo_model.card.model_copy(update={
+        "labels": labels_spec, "outputs": demo_model.card.outputs.model_copy(update={"seg_type": "labelmap"})})
+    assert all(isinstance(s, LabelSpec) for s in card.labels)
+    lab = np.zeros(vol.shape, np.uint8)
+    lab[2:5, 10:20, 10:20] = 3
+    lab[8:12, 30:50, 40:60] = 7
+    lab[15, 60:70, 60:70] = 9
+    model = demo_model.__class__(**{**demo_model.__dict__, "card": card})
+    seg = build_seg(vol, lab, card, Provenance(model=model), series_number=9901)
+    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"  # Label Map Segmentation Storage
+    assert int(seg.NumberOfFrames) == vol.shape[0]
+    path = save_dataset(seg, tmp_path / "seg.dcm", fsync=False)
+    back = hd.seg.segread(path)
+    arr = back.get_volume(combine_segments=True).array  # in the source's slice order
+    expected = np.select([lab == 3, lab == 7, lab == 9], [1, 2, 3], 0)
+    assert arr.shape[0] == vol.shape[0]
+    assert sorted(np.unique(arr).tolist()) == [0, 1, 2, 3]
+    assert int((arr > 0).sum()) == int((expected > 0).sum())

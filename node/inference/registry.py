@@ -20,7 +20,7 @@ import logging
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -69,6 +69,9 @@ class CardOutputs(BaseModel):
     sr: bool = True
     #: detection models: also a SEG with each box as a filled region (off by default: boxes are drawn by the SR)
     box_masks: bool = False
+    #: "binary" (one bit plane per segment: every viewer) or "labelmap" (the Label Map Segmentation IOD: one
+    #: 8-bit plane for all segments, far smaller for many-label models; fewer viewers read it yet)
+    seg_type: Literal["binary", "labelmap"] = "binary"
 
 
 class CardBundle(BaseModel):

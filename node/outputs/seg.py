@@ -58,6 +58,9 @@ def build_seg(volume: Volume, labels: np.ndarray, card: ModelCard, provenance: P
         ))
     # frames in source order: single-frame sources are in slice order; multi-frame sources by frame number
     multiframe = volume.frames[0].frame is not None
+    labelmap = card.outputs.seg_type == "labelmap"
+    if multiframe and labelmap:
+        raise OutputError("a label map SEG over multi-frame sources is not supported; use seg_type = \"binary\"")
     if multiframe:
         if len(volume.sources) != 1:
             raise OutputError("a SEG over several multi-frame source images is not supported")
@@ -69,7 +72,14 @@ def build_seg(volume: Volume, labels: np.ndarray, card: ModelCard, provenance: P
         sources = volume.sources
     else:
         sources = [volume.sources[f.source] for f in volume.frames]
-        if present == list(range(1, len(present) + 1)) and int(labels.max()) <= len(present):
+        if labelmap:  # one plane, segment numbers as values
+            if present == list(range(1, len(present) + 1)) and int(labels.max()) <= len(present):
+                arr = labels
+            else:
+                lut = np.zeros(256, dtype=np.uint8)
+                lut[present] = np.arange(1, len(present) + 1, dtype=np.uint8)
+                arr = lut[labels]
+        elif present == list(range(1, len(present) + 1)) and int(labels.max()) <= len(present):
             # label values are already the segment numbers: highdicom takes the label map as is (no copy)
             arr = labels
         else:
@@ -78,7 +88,8 @@ def build_seg(volume: Volume, labels: np.ndarray, card: ModelCard, provenance: P
         seg = hd.seg.Segmentation(
             source_images=sources,
             pixel_array=arr,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segmentation_type=(hd.seg.SegmentationTypeValues.LABELMAP if labelmap
+                               else hd.seg.SegmentationTypeValues.BINARY),
             segment_descriptions=descriptions,
             series_instance_uid=new_uid(provenance.uid_root),
             series_number=series_number,
@@ -93,7 +104,7 @@ def build_seg(volume: Volume, labels: np.ndarray, card: ModelCard, provenance: P
             content_label="AI_UNVERIFIED",
             content_description="AI pre-annotation, not verified by a radiologist"[:64],
             content_creator_name=None,
-            omit_empty_frames=True,
+            omit_empty_frames=not labelmap,
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise OutputError(f"highdicom refused the SEG: {exc}") from exc

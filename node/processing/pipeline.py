@@ -163,9 +163,9 @@ def process_series(files: list[Path], ctx: ModelContext, out_dir: Path, *,
     stage("inference")
     t = time.perf_counter()
     detect = getattr(runner, "detect", None)
-    if detect is not None:  # a detection model: boxes as ROIs, no label map
+    if detect is not None:  # a detection model: boxes as ROIs, no label map from the model
         rois = detect(model_volume, deadline=deadline)
-        labels = np.zeros(model_volume.shape, dtype=np.uint8) if grid is None else None
+        labels = np.zeros(model_volume.shape, dtype=np.uint8)  # painted with the boxes below
     else:
         labels = runner.predict(model_volume, deadline=deadline)
     timings["inference"] = time.perf_counter() - t
