@@ -222,3 +222,34 @@ def test_labelmap_seg_holds_every_label_in_one_plane_per_slice(tmp_path: Path, s
     assert arr.shape[0] == vol.shape[0]
     assert sorted(np.unique(arr).tolist()) == [0, 1, 2, 3]
     assert int((arr > 0).sum()) == int((expected > 0).sum())
+
+
+def test_many_findings_compact_report_is_valid(tmp_path: Path, small_series: Path, demo_model: Any,
+                                               dciodvfy: Callable[[Path], list[str]]) -> None:
+    """Over 100 findings, each keeps two groups (volume; outline with long axis and area); the evidence is split
+    into referenced (current) and other (pertinent) instances as highdicom would; 0 dciodvfy errors."""
+    from node.inference.rois import paint_rois
+    from node.outputs.sr import COMPACT_ABOVE, build_sr
+
+    vol = load_series(sorted(small_series.glob("*.dcm")))
+    card = demo_model.card.model_copy(update={"labels": [demo_model.card.labels[0].model_copy(
+        update={"min_volume_mm3": 0.0})]})
+    lab = np.zeros(vol.shape, np.uint8)
+    lab[::2, 2:90:4, 2:90:4] = 1  # isolated single voxels: 12 x 22 x 22 components
+    rois = extract_rois(lab, vol, card)[:150]
+    assert len(rois) == 150 > COMPACT_ABOVE
+    prov = Provenance(model=demo_model)
+    seg = build_seg(vol, paint_rois(rois, shape=vol.shape), card, prov, series_number=1, label_values=[1])
+    sr = build_sr(vol, rois, card, prov, seg=seg, series_number=2)
+    measurements = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
+    assert len(measurements.ContentSequence) == 2 * 150
+    current = {r.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
+               for se in s.ReferencedSeriesSequence for r in se.ReferencedSOPSequence}
+    other = {r.ReferencedSOPInstanceUID for s in sr.get("PertinentOtherEvidenceSequence", [])
+             for se in s.ReferencedSeriesSequence for r in se.ReferencedSOPSequence}
+    key_slices = {str(vol.sources[vol.frames[r.key_slice].source].SOPInstanceUID) for r in rois}
+    assert current == key_slices | {seg.SOPInstanceUID}
+    assert current | other == {str(s.SOPInstanceUID) for s in vol.sources} | {seg.SOPInstanceUID}
+    assert not current & other
+    path = save_dataset(sr, tmp_path / "sr.dcm", fsync=False)
+    assert dciodvfy(path) == []
