@@ -44,6 +44,8 @@ def test_series_over_several_associations_is_one_job(make_node: Callable[..., An
         assert job.result and job.result["summary"]["slices"] == len(files)
         n_objects = len(job.result["files"]) - ("preview" in job.result["files"])
         wait_for(lambda: len(sink.received) == n_objects, 60, what="the results at the destination")
+        # the sink holds the objects before the node has recorded the C-STORE responses: wait for that too
+        wait_for(lambda: node.store.outbox_counts()["sent"] == n_objects, 30, what="the deliveries recorded")
         assert set(sink.received.values()) == {1}
         kinds = sorted(str(dcmread(p).Modality) for p in sink.files())
         assert "SR" in kinds
