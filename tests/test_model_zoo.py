@@ -243,3 +243,51 @@ def test_models_add_drafts_a_card_for_the_whole_body_bundle_and_its_organs_come_
     assert dciodvfy(out / "seg.dcm") == [] and dciodvfy(out / "sr.dcm") == []
     segs = [s.SegmentLabel for s in dcmread(out / "seg.dcm").SegmentSequence]
     assert sorted(segs) == sorted(x["label_name"] for x in rois)
+
+
+def test_two_workers_run_a_segmentation_and_a_detection_bundle_interleaved(tmp_path: Path, small_series: Path) -> None:
+    """A node with two workers and one route naming the spleen segmenter and the nodule detector (its own
+    scripts package): two series, four interleaved jobs, each with its own model's kind of result."""
+    pytest.importorskip("torchvision")
+    from node.config import load_config
+    from node.net.scu import send_files
+    from node.service import Node
+    from node.store.jobs import JobState
+    from tests.conftest import free_port, wait_for
+    from tests.test_bundle_isolation import _copy_series
+
+    models = tmp_path / "models"
+    install("spleen_ct_segmentation", models, SPLEEN_CARD)
+    install_detector(models)
+    port = free_port()
+    cfg = load_config(None, env={}, overrides={
+        "node": {"ae_title": "PREANNOT", "bind": "127.0.0.1", "port": port, "data_dir": str(tmp_path / "data"),
+                 "allowed_callers": ["TESTSCU"], "stable_seconds": 2.0, "free_space_reserve_mb": 0},
+        "routes": [{"name": "both", "match": {"Modality": "CT"},
+                    "models": ["spleen_ct_segmentation", "lung_nodule_ct_detection"]}],
+        "models": {"dir": str(models), "device": "cpu", "preload": True},
+        "jobs": {"workers": 2, "backoff_seconds": 0.2}, "web": {"enabled": False}})
+    node = Node(cfg)
+    node.start()
+    try:
+        batch: list[Path] = []
+        for s in range(2):
+            for n, raw in enumerate(_copy_series(sorted(small_series.glob("*.dcm")))):
+                p = tmp_path / "send" / f"s{s}" / f"{n:03d}.dcm"
+                p.parent.mkdir(parents=True, exist_ok=True)
+                p.write_bytes(raw)
+                batch.append(p)
+        assert all(o.ok for o in send_files([str(p) for p in batch], ae_title="PREANNOT", host="127.0.0.1",
+                                             port=port, calling_ae="TESTSCU"))
+        wait_for(lambda: len(node.store.list_jobs(state=JobState.DONE)) == 4
+                 or node.store.list_jobs(state=JobState.DEAD), 240, what="4 jobs")
+        jobs = node.store.list_jobs()
+        assert [j.state for j in jobs] == [JobState.DONE] * 4, [(j.id, j.state, j.error) for j in jobs]
+        for j in jobs:
+            kinds = {r["kind"] for r in (j.result or {})["summary"]["rois"]}
+            assert kinds == ({"anatomy"} if j.model == "spleen_ct_segmentation" else {"box"}), (j.model, kinds)
+        assert {(j.model, j.series_uid) for j in jobs} == {(m, s) for m in ("spleen_ct_segmentation",
+                                                                             "lung_nodule_ct_detection")
+                                                           for s in {j.series_uid for j in jobs}}
+    finally:
+        node.stop()
