@@ -71,12 +71,14 @@ def test_spleen_bundle_as_published_gives_the_organ_with_its_volume(
     # anatomy: one region for the whole organ (not one per connected piece), with its volume
     assert [(x["label_name"], x["kind"]) for x in rois] == [("Spleen", "anatomy")]
     assert rois[0]["volume_mm3"] > 0
+    # the bundle applies a softmax then an argmax: the region's confidence is its mean winning probability
+    assert 0.5 <= rois[0]["confidence"] <= 1.0
     seg, sr = out / "seg.dcm", out / "sr.dcm"
     assert dciodvfy(seg) == [] and dciodvfy(sr) == []
     segment_labels = [s.SegmentLabel for s in dcmread(seg).SegmentSequence]
     assert segment_labels == ["Spleen"]
     text = str(dcmread(sr))
-    assert "Spleen (AI)" in text and "Volume" in text
+    assert "Spleen (AI)" in text and "Volume" in text and "AI confidence score" in text
 
 
 def test_card_override_of_a_missing_key_is_refused_at_load(tmp_path: Path) -> None:

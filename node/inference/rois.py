@@ -147,13 +147,15 @@ def relocate_rois(rois: list[ROI], grid: Regridded) -> tuple[list[ROI], list[ROI
     return placed, lost
 
 
-def extract_rois(labels: np.ndarray, volume: Volume, card: ModelCard, *, outlines: bool = True) -> list[ROI]:
+def extract_rois(labels: np.ndarray, volume: Volume, card: ModelCard, *, outlines: bool = True,
+                 confidence: np.ndarray | None = None) -> list[ROI]:
     """The regions of interest of a label map.
 
     A label the card marks as a finding gives one ROI per connected component (26-connectivity);
     components below the label's ``min_volume_mm3`` are dropped. A label marked ``finding = false``
     (anatomy: an organ, a vessel) gives one ROI holding all of it, so that the SEG draws it and the SR
     reports its volume. Findings are numbered from 1 in order of decreasing volume, then anatomy.
+    ``confidence`` (the winning class's probability per voxel, same shape) gives each ROI its mean.
     """
     sx, sy, sz = volume.spacing
     voxel_mm3 = sx * sy * sz
@@ -175,7 +177,7 @@ def extract_rois(labels: np.ndarray, volume: Volume, card: ModelCard, *, outline
         base = np.array([c.start for c in crop])
         hit = labels[crop] == spec.value
         if not spec.finding:
-            roi = _measure(hit, crop, spec, volume, voxel_mm3, outlines=outlines, kind="anatomy")
+            roi = _measure(hit, crop, spec, volume, voxel_mm3, outlines=outlines, kind="anatomy", confidence=confidence)
             if roi is not None:
                 rois.append(roi)
             continue
@@ -190,7 +192,8 @@ def extract_rois(labels: np.ndarray, volume: Volume, card: ModelCard, *, outline
             if local is None:
                 continue
             sl = tuple(slice(s.start + b, s.stop + b) for s, b in zip(local, base, strict=True))
-            roi = _measure(comp[local] == idx, sl, spec, volume, voxel_mm3, outlines=outlines, kind="finding")
+            roi = _measure(comp[local] == idx, sl, spec, volume, voxel_mm3, outlines=outlines, kind="finding",
+                           confidence=confidence)
             if roi is not None:
                 rois.append(roi)
     rois.sort(key=lambda r: (r.kind != "finding", -r.volume_mm3))
@@ -200,7 +203,7 @@ def extract_rois(labels: np.ndarray, volume: Volume, card: ModelCard, *, outline
 
 
 def _measure(sub: np.ndarray, sl: tuple[slice, ...], spec: Any, volume: Volume, voxel_mm3: float, *,
-             outlines: bool, kind: str) -> ROI | None:
+             outlines: bool, kind: str, confidence: np.ndarray | None = None) -> ROI | None:
     """One ROI from its mask ``sub`` placed at ``sl`` (None when below the label's minimum volume)."""
     sx, sy, _ = volume.spacing
     count = int(sub.sum())
@@ -222,7 +225,8 @@ def _measure(sub: np.ndarray, sl: tuple[slice, ...], spec: Any, volume: Volume, 
         mean=round(float(values.mean()), 1), min=round(float(values.min()), 1),
         max=round(float(values.max()), 1), key_slice=int(off[0] + key_local),
         key_outline_ij=outline, key_axis_ij=key_axis, mask=sub, offset=(int(off[0]), int(off[1]), int(off[2])),
-        kind=kind)
+        kind=kind,
+        confidence=None if confidence is None else round(float(confidence[sl][sub].astype(np.float32).mean()), 4))
 
 
 def paint_rois(rois: list[ROI], *, out: np.ndarray | None = None,

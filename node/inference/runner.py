@@ -171,6 +171,7 @@ class BundleRunner:
         self.inferer = parser.get_parsed_content("inferer")
         self.postprocessing = (parser.get_parsed_content("postprocessing")
                                if "postprocessing" in parser else None)
+        self._split = _confidence_split(self.postprocessing)
         self.network = self._load_network(parser)
 
     def _load_network(self, parser: ConfigParser) -> torch.nn.Module:
@@ -193,7 +194,14 @@ class BundleRunner:
         return net
 
     def predict(self, volume: Volume, *, deadline: float | None = None) -> np.ndarray:
-        """Label volume (uint8, ``[k, j, i]``, same shape as ``volume.pixels``).
+        """Label volume (uint8, ``[k, j, i]``, same shape as ``volume.pixels``); see :meth:`predict_with_confidence`."""
+        return self.predict_with_confidence(volume, deadline=deadline)[0]
+
+    def predict_with_confidence(self, volume: Volume, *, deadline: float | None = None
+                                ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Label volume (uint8, ``[k, j, i]``, same shape as ``volume.pixels``) and, when the bundle's
+        postprocessing applies a softmax and then an argmax, the winning class's probability per voxel
+        (float16, same shape; None otherwise): a finding's confidence is its mean over the finding.
 
         Raises:
             ModelTimeoutError: the deadline (``time.monotonic()`` value) passed during inference.
@@ -217,7 +225,14 @@ class BundleRunner:
                 pred = self.inferer(inp, net)
             data["pred"] = pred[0].float()
             del pred, inp  # the network output lives on in data["pred"] only: postprocessing may replace it
-            if self.postprocessing is not None:
+            confidence = None
+            if self._split is not None:  # probabilities on the input grid, then the argmax and the rest
+                head, tail = self._split
+                data = head(data)
+                probs = data["pred"]
+                confidence = torch.as_tensor(probs).max(dim=0).values.to(torch.float16).cpu().numpy()
+                data = tail(data)
+            elif self.postprocessing is not None:
                 data = self.postprocessing(data)
         except ModelTimeoutError:
             raise
@@ -244,7 +259,11 @@ class BundleRunner:
         if labels.shape != volume.shape:
             raise ModelError(f"model {self.model.name} returned labels of shape {labels.shape}; the volume is "
                              f"{volume.shape} (does the bundle's postprocessing invert its resampling?)")
-        return np.ascontiguousarray(labels)
+        conf = None
+        if confidence is not None:
+            conf = confidence[0] if confidence.ndim == 4 else confidence
+            conf = np.ascontiguousarray(conf.transpose(2, 1, 0)) if conf.shape[::-1] == labels.shape else None
+        return np.ascontiguousarray(labels), conf
 
     def _guarded(self, deadline: float | None) -> Callable[[torch.Tensor], torch.Tensor]:
         """The network wrapped to check the deadline and report progress between sliding-window batches."""
@@ -260,6 +279,21 @@ class BundleRunner:
             return result
 
         return run
+
+
+def _confidence_split(post: Any) -> tuple[Any, Any] | None:
+    """The postprocessing cut just before its argmax, when a softmax comes first (its output is then a
+    probability per class); None when there is no such pair."""
+    transforms = list(getattr(post, "transforms", []) or [])
+    soft = next((n for n, t in enumerate(transforms)
+                 if type(t).__name__ == "Activationsd" and any(getattr(t, "softmax", ()))), None)
+    arg = next((n for n, t in enumerate(transforms)
+                if type(t).__name__ == "AsDiscreted" and any(getattr(t, "argmax", ()))), None)
+    if soft is None or arg is None or arg < soft:
+        return None
+    from monai.transforms import Compose
+
+    return Compose(transforms[:arg]), Compose(transforms[arg:])
 
 
 def load_runner(model: ModelInfo, *, device: str = "auto", amp: bool = True,

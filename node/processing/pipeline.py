@@ -163,9 +163,13 @@ def process_series(files: list[Path], ctx: ModelContext, out_dir: Path, *,
     stage("inference")
     t = time.perf_counter()
     detect = getattr(runner, "detect", None)
+    with_confidence = getattr(runner, "predict_with_confidence", None)
+    confidence = None
     if detect is not None:  # a detection model: boxes as ROIs, no label map from the model
         rois = detect(model_volume, deadline=deadline)
         labels = np.zeros(model_volume.shape, dtype=np.uint8)  # painted with the boxes below
+    elif with_confidence is not None:
+        labels, confidence = with_confidence(model_volume, deadline=deadline)
     else:
         labels = runner.predict(model_volume, deadline=deadline)
     timings["inference"] = time.perf_counter() - t
@@ -173,7 +177,8 @@ def process_series(files: list[Path], ctx: ModelContext, out_dir: Path, *,
     stage("rois")
     t = time.perf_counter()
     if detect is None:
-        rois = extract_rois(labels, model_volume, model.card)  # measured on the (orthogonal) grid, in mm
+        rois = extract_rois(labels, model_volume, model.card, confidence=confidence)  # on the model's grid, in mm
+    del confidence
     rois, dropped = select_findings(rois, opts.min_confidence, opts.max_findings)
     lost: list[ROI] = []
     if grid is None:
