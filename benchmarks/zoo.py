@@ -47,19 +47,6 @@ whether_raw_luna16 = true
 """
 
 
-def ensure_ct(work: Path, size: int, slices: int) -> Path:
-    from node.devtools.synth.phantom import CaseGeometry, make_phantom
-    from node.devtools.synth.writer import write_series
-
-    out = work / f"ct_{size}x{size}x{slices}"
-    if len(list(out.glob("*.dcm"))) == slices:
-        return out
-    print(f"generating a {size}x{size}x{slices} CT in {out} ...", flush=True)
-    geom = CaseGeometry(size=size, slices=slices, spacing_xy=360.0 / size, spacing_z=1.0)
-    write_series(make_phantom(31337, geom, n_lesions=4), out, seed=31337)
-    return out
-
-
 def install_all(zoo: Path, models: Path, only: list[str]) -> list[str]:
     import shutil
 
@@ -85,7 +72,8 @@ def install_all(zoo: Path, models: Path, only: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--zoo", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "model_zoo")
-    ap.add_argument("--work", type=Path, default=Path(__file__).resolve().parent / "work")
+    ap.add_argument("--work", type=Path, default=Path(__file__).resolve().parent / "work",
+                    help="installed bundles and outputs (the CT is benchmarks/work's, shared with the other scenarios)")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--device", default="auto")
@@ -106,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.zoo.is_dir():
         print(f"no Model Zoo bundles at {args.zoo}", file=sys.stderr)
         return 2
-    ct = ensure_ct(args.work, args.size, args.slices)
+    from benchmarks.stages import ensure_series
+
+    ct = ensure_series(args.size, args.slices)
     files = sorted(ct.glob("*.dcm"))
     names = install_all(args.zoo, args.work / "zoo_models", args.only.split(","))
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"

@@ -110,6 +110,19 @@ def _copy_series(files: list[Path]) -> list[bytes]:
     return out
 
 
+def send_series_copies(tmp_path: Path, files: list[Path], copies: int, port: int) -> None:
+    """Send ``copies`` copies of a series (new UIDs each) to the node on ``port`` in one association, as TESTSCU."""
+    batch: list[Path] = []
+    for s in range(copies):
+        for n, raw in enumerate(_copy_series(files)):
+            p = tmp_path / "send" / f"s{s}" / f"{n:03d}.dcm"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(raw)
+            batch.append(p)
+    assert all(o.ok for o in send_files([str(p) for p in batch], ae_title="PREANNOT", host="127.0.0.1",
+                                         port=port, calling_ae="TESTSCU"))
+
+
 def test_two_workers_two_bundles_each_job_uses_its_own_scripts(tmp_path: Path, small_series: Path) -> None:
     models = tmp_path / "models"
     _bundle(models, "bundle-a", 1, (10, 10, 4))
@@ -124,16 +137,7 @@ def test_two_workers_two_bundles_each_job_uses_its_own_scripts(tmp_path: Path, s
     node = Node(cfg)
     node.start()  # both workers preload both bundles at once: the race the lock prevents
     try:
-        files = sorted(small_series.glob("*.dcm"))
-        batch: list[Path] = []
-        for s in range(4):
-            for n, raw in enumerate(_copy_series(files)):
-                p = tmp_path / "send" / f"s{s}" / f"{n:03d}.dcm"
-                p.parent.mkdir(parents=True, exist_ok=True)
-                p.write_bytes(raw)
-                batch.append(p)
-        assert all(o.ok for o in send_files([str(p) for p in batch], ae_title="PREANNOT", host="127.0.0.1",
-                                             port=port, calling_ae="TESTSCU"))
+        send_series_copies(tmp_path, sorted(small_series.glob("*.dcm")), 4, port)
         wait_for(lambda: len(node.store.list_jobs(state=JobState.DONE)) == 8
                  or node.store.list_jobs(state=JobState.DEAD), 180, what="8 jobs")
         jobs = node.store.list_jobs()

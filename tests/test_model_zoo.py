@@ -252,11 +252,10 @@ def test_two_workers_run_a_segmentation_and_a_detection_bundle_interleaved(tmp_p
     scripts package): two series, four interleaved jobs, each with its own model's kind of result."""
     pytest.importorskip("torchvision")
     from node.config import load_config
-    from node.net.scu import send_files
     from node.service import Node
     from node.store.jobs import JobState
     from tests.conftest import free_port, wait_for
-    from tests.test_bundle_isolation import _copy_series
+    from tests.test_bundle_isolation import send_series_copies
 
     models = tmp_path / "models"
     install("spleen_ct_segmentation", models, SPLEEN_CARD)
@@ -272,15 +271,7 @@ def test_two_workers_run_a_segmentation_and_a_detection_bundle_interleaved(tmp_p
     node = Node(cfg)
     node.start()
     try:
-        batch: list[Path] = []
-        for s in range(2):
-            for n, raw in enumerate(_copy_series(sorted(small_series.glob("*.dcm")))):
-                p = tmp_path / "send" / f"s{s}" / f"{n:03d}.dcm"
-                p.parent.mkdir(parents=True, exist_ok=True)
-                p.write_bytes(raw)
-                batch.append(p)
-        assert all(o.ok for o in send_files([str(p) for p in batch], ae_title="PREANNOT", host="127.0.0.1",
-                                             port=port, calling_ae="TESTSCU"))
+        send_series_copies(tmp_path, sorted(small_series.glob("*.dcm")), 2, port)
         wait_for(lambda: len(node.store.list_jobs(state=JobState.DONE)) == 4
                  or node.store.list_jobs(state=JobState.DEAD), 240, what="4 jobs")
         jobs = node.store.list_jobs()

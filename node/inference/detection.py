@@ -19,26 +19,24 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 
 from node.errors import ModelError, ModelTimeoutError
 from node.imaging.volume import Volume
 from node.inference.registry import ModelInfo
 from node.inference.rois import ROI
-from node.inference.runner import _LOADERS, _bundle_code, _root_cause, _target, select_device
+from node.inference.runner import _LOADERS, LoadedBundle, _root_cause, _target
 
 __all__ = ["DetectionRunner", "boxes_to_rois"]
 
 logger = logging.getLogger(__name__)
 
 
-class DetectionRunner:
+class DetectionRunner(LoadedBundle):
     """A loaded detection bundle, ready to detect.
 
     Raises:
@@ -46,39 +44,10 @@ class DetectionRunner:
     """
 
     kind = "detection"
-
-    def __init__(self, model: ModelInfo, *, device: str = "auto", amp: bool = True,
-                 on_progress: Callable[[float], None] | None = None) -> None:
-        self.model = model
-        self.device = select_device(device)
-        self.amp = amp and self.device.type == "cuda"
-        self.on_progress = on_progress
-        t0 = time.perf_counter()
-        try:
-            with _bundle_code(model.path):
-                self._parse(model)
-        except ModelError:
-            raise
-        except Exception as exc:
-            raise ModelError(f"model {model.name}: cannot load the detection bundle: {type(exc).__name__}: "
-                             f"{exc}") from exc
-        self.load_seconds = time.perf_counter() - t0
-        logger.info("detection model %s %s loaded on %s in %.1f s (weights sha256 %s)", model.name,
-                    model.version, self.device, self.load_seconds, model.sha256[:16])
+    what = "detection bundle"
 
     def _parse(self, model: ModelInfo) -> None:
-        parser = ConfigParser()
-        parser.read_config(str(model.inference_config))
-        parser.read_meta(str(model.path / "configs" / "metadata.json"))
-        parser["bundle_root"] = str(model.path)
-        parser["device"] = f"$torch.device('{self.device}')"
-        for key, value in model.card.bundle.overrides.items():
-            try:
-                parser[key]
-            except (KeyError, IndexError, ValueError) as exc:
-                raise ModelError(f"model {model.name}: model_card.toml [bundle] overrides {key!r}, which is not in "
-                                 f"{model.inference_config.name}") from exc
-            parser[key] = value
+        parser = self._open_config(model)
         missing = [k for k in ("network_def", "detector", "inferer", "preprocessing") if k not in parser]
         if missing:
             raise ModelError(f"model {model.name}: a detection bundle needs {', '.join(missing)} in "
@@ -87,14 +56,7 @@ class DetectionRunner:
         parser["preprocessing"]["transforms"] = [t for t in transforms if _target(t) not in _LOADERS]
         self.preprocessing = parser.get_parsed_content("preprocessing")
         net = parser.get_parsed_content("network") if "network" in parser else parser.get_parsed_content("network_def")
-        state = torch.load(str(model.weights), map_location=self.device, weights_only=True)
-        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-            state = state["model"]
-        try:
-            net.load_state_dict(state)
-        except RuntimeError as exc:
-            raise ModelError(f"model {model.name}: weights do not match network_def: {exc}") from exc
-        self.network = net.to(self.device).eval()
+        self.network = self._load_state(net).eval()
         self.detector = parser.get_parsed_content("detector")
         if "detector_ops" in parser:
             parser.get_parsed_content("detector_ops")

@@ -30,7 +30,7 @@ from node.errors import ModelError, ModelTimeoutError
 from node.imaging.volume import Volume
 from node.inference.registry import ModelInfo
 
-__all__ = ["BundleRunner", "Runner", "configure_torch", "load_runner", "select_device"]
+__all__ = ["BundleRunner", "LoadedBundle", "Runner", "configure_torch", "load_runner", "select_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,18 +106,16 @@ def _target(item: Any) -> str:
     return str(item.get("_target_", "")).rsplit(".", 1)[-1] if isinstance(item, dict) else ""
 
 
-class BundleRunner:
-    """A loaded MONAI bundle, ready to predict.
-
-    Args:
-        model: the registry entry.
-        device: "auto", "cpu" or "cuda".
-        amp: use autocast on CUDA.
-        on_progress: called with a fraction in [0, 1] during sliding-window inference.
+class LoadedBundle:
+    """What every bundle runner shares: the device, loading the bundle's config under its own code (see
+    :func:`_bundle_code`) with the card's overrides, and timing the load. Subclasses implement ``_parse``.
 
     Raises:
         ModelError: the bundle's configuration or weights cannot be loaded.
     """
+
+    #: what the bundle is, in messages
+    what = "bundle"
 
     def __init__(self, model: ModelInfo, *, device: str = "auto", amp: bool = True,
                  on_progress: Callable[[float], None] | None = None) -> None:
@@ -132,24 +130,60 @@ class BundleRunner:
         except ModelError:
             raise
         except Exception as exc:
-            raise ModelError(f"model {model.name}: cannot load the bundle: {type(exc).__name__}: {exc}") from exc
+            raise ModelError(f"model {model.name}: cannot load the {self.what}: {type(exc).__name__}: {exc}") from exc
         self.load_seconds = time.perf_counter() - t0
-        logger.info("model %s %s loaded on %s in %.1f s (weights sha256 %s)", model.name, model.version,
+        logger.info("%s %s %s loaded on %s in %.1f s (weights sha256 %s)", self.what, model.name, model.version,
                     self.device, self.load_seconds, model.sha256[:16])
 
     def _parse(self, model: ModelInfo) -> None:
+        raise NotImplementedError
+
+    def _open_config(self, model: ModelInfo) -> ConfigParser:
+        """The bundle's inference config and metadata, its root and device set, the card's overrides applied
+        (an id that is not in the config fails the load, named)."""
         parser = ConfigParser()
         parser.read_config(str(model.inference_config))
         parser.read_meta(str(model.path / "configs" / "metadata.json"))
         parser["bundle_root"] = str(model.path)
         parser["device"] = f"$torch.device('{self.device}')"
-        for key, value in model.card.bundle.overrides.items():  # the card's [bundle] overrides
+        for key, value in model.card.bundle.overrides.items():
             try:
                 parser[key]
             except (KeyError, IndexError, ValueError) as exc:
                 raise ModelError(f"model {model.name}: model_card.toml [bundle] overrides {key!r}, which is not in "
                                  f"{model.inference_config.name}") from exc
             parser[key] = value
+        return parser
+
+    def _load_state(self, net: torch.nn.Module) -> torch.nn.Module:
+        """The weights file (a state dict, possibly under "model" or "state_dict") loaded into ``net``."""
+        state = torch.load(str(self.model.weights), map_location=self.device, weights_only=True)
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ModelError(f"model {self.model.name}: weights do not match network_def: {exc}") from exc
+        return net.to(self.device)
+
+
+class BundleRunner(LoadedBundle):
+    """A loaded MONAI bundle, ready to predict.
+
+    Args:
+        model: the registry entry.
+        device: "auto", "cpu" or "cuda".
+        amp: use autocast on CUDA.
+        on_progress: called with a fraction in [0, 1] during sliding-window inference.
+
+    Raises:
+        ModelError: the bundle's configuration or weights cannot be loaded.
+    """
+
+    def _parse(self, model: ModelInfo) -> None:
+        parser = self._open_config(model)
         pre = parser["preprocessing"]
         transforms = list(pre["transforms"]) if isinstance(pre, dict) else []
         self._has_loader = bool(transforms) and _target(transforms[0]) in _LOADERS
@@ -179,17 +213,7 @@ class BundleRunner:
         if weights.suffix == ".ts":
             net = torch.jit.load(str(weights), map_location=self.device)
         else:
-            net = parser.get_parsed_content("network_def")
-            state = torch.load(str(weights), map_location=self.device, weights_only=True)
-            if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-                state = state["model"]
-            if isinstance(state, dict) and "state_dict" in state:
-                state = state["state_dict"]
-            try:
-                net.load_state_dict(state)
-            except RuntimeError as exc:
-                raise ModelError(f"model {self.model.name}: weights do not match network_def: {exc}") from exc
-            net = net.to(self.device)
+            net = self._load_state(parser.get_parsed_content("network_def"))
         net.eval()
         return net
 
