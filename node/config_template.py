@@ -47,6 +47,8 @@ match = { Modality = "CT", BodyPartExamined = ["CHEST", "THORAX"], SliceThicknes
 models = ["lesion-ct-demo"]      # required: model folders under [models].dir
 send_to = ["pacs"]               # destination names
 # stable_seconds = 10            # overrides node.stable_seconds for this route
+# min_confidence = 0.5           # findings below this model confidence are not reported
+# max_findings = 20              # at most this many findings per label (most confident/largest first)
 
 [models]
 dir = "{models_dir}"   # folder of MONAI bundles (only these ever run); relative: to this file's folder
