@@ -29,7 +29,7 @@ from node.errors import ModelError, ModelTimeoutError
 from node.imaging.volume import Volume
 from node.inference.registry import ModelInfo
 from node.inference.rois import ROI
-from node.inference.runner import _LOADERS, LoadedBundle, _root_cause, _target
+from node.inference.runner import _LOADERS, LoadedBundle, _target
 
 __all__ = ["DetectionRunner", "boxes_to_rois"]
 
@@ -96,10 +96,7 @@ class DetectionRunner(LoadedBundle):
         except torch.cuda.OutOfMemoryError as exc:
             raise ModelError(f"model {self.model.name}: out of GPU memory: {exc}") from exc
         except Exception as exc:
-            root = _root_cause(exc)
-            raise ModelError(f"model {self.model.name} failed: {type(exc).__name__}: {str(exc)[:200]}"
-                             + (f" (caused by {type(root).__name__}: {str(root)[:300]})" if root is not exc else "")
-                             ) from exc
+            raise self._failure(exc) from exc
         # the detector's labels count from 0; the card's label values from 1
         return boxes_to_rois(boxes, labels + 1, scores, img_affine, volume, self.model.card)
 

@@ -155,6 +155,18 @@ class LoadedBundle:
             parser[key] = value
         return parser
 
+    def _failure(self, exc: Exception) -> Exception:
+        """What a failure inside the bundle's code raises for the job: the deadline passing (a timeout
+        raised from inside the network call), or a ModelError naming the error and its root cause."""
+        root = _root_cause(exc)
+        if isinstance(root, ModelTimeoutError):
+            return root
+        what = "out of memory" if isinstance(root, MemoryError) else "failed"
+        detail = f"{type(exc).__name__}: {str(exc)[:200]}"
+        if root is not exc:
+            detail += f" (caused by {type(root).__name__}: {str(root)[:300]})"
+        return ModelError(f"model {self.model.name} {what}: {detail}")
+
     def _load_state(self, net: torch.nn.Module) -> torch.nn.Module:
         """The weights file (a state dict, possibly under "model" or "state_dict") loaded into ``net``."""
         state = torch.load(str(self.model.weights), map_location=self.device, weights_only=True)
@@ -263,14 +275,7 @@ class BundleRunner(LoadedBundle):
         except torch.cuda.OutOfMemoryError as exc:
             raise ModelError(f"model {self.model.name}: out of GPU memory: {exc}") from exc
         except Exception as exc:  # any bundle failure becomes a job failure with its root cause
-            root = _root_cause(exc)
-            if isinstance(root, ModelTimeoutError):
-                raise root from exc
-            what = "out of memory" if isinstance(root, MemoryError) else "failed"
-            detail = f"{type(exc).__name__}: {str(exc)[:200]}"
-            if root is not exc:
-                detail += f" (caused by {type(root).__name__}: {str(root)[:300]})"
-            raise ModelError(f"model {self.model.name} {what}: {detail}") from exc
+            raise self._failure(exc) from exc
         out = data.pop("pred")
         del data
         out = out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
