@@ -20,37 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-SPLEEN_CARD = """
-[model]
-modality = ["CT"]
-
-[[labels]]
-value = 1
-name = "Spleen"
-category = { code = "91723000", scheme = "SCT", meaning = "Anatomical structure" }
-type = { code = "78961009", scheme = "SCT", meaning = "Spleen" }
-finding = false
-"""
-
-DETECTION_CARD = """
-[model]
-modality = ["CT"]
-
-[[labels]]
-value = 1
-name = "Nodule"
-category = { code = "49755003", scheme = "SCT", meaning = "Morphologically abnormal structure" }
-type = { code = "27925004", scheme = "SCT", meaning = "Nodule" }
-
-[bundle.overrides]
-whether_raw_luna16 = true
-"""
-
 
 def install_all(zoo: Path, models: Path, only: list[str]) -> list[str]:
     import shutil
 
-    from node.devtools.zoo import install_detector, install_segmenter
+    from node.devtools.zoo import DETECTION_CARD, SPLEEN_CARD, install_detector, install_segmenter
     from node.inference.cards import draft_card
 
     shutil.rmtree(models, ignore_errors=True)

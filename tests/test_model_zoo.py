@@ -16,34 +16,21 @@ from typing import Any
 import numpy as np
 import pytest
 
+from node.devtools import zoo
 from tests.conftest import ROOT
 
 ZOO = ROOT.parent / "shared" / "data" / "model_zoo"
 pytestmark = pytest.mark.skipif(not ZOO.is_dir(), reason=f"{ZOO} is not here (the shared data folder)")
 
-SPLEEN_CARD = """
-[model]
-modality = ["CT"]
-description = "MONAI Model Zoo spleen_ct_segmentation, random weights (test)."
-
-[[labels]]
-value = 1
-name = "Spleen"
-category = { code = "91723000", scheme = "SCT", meaning = "Anatomical structure" }
-type = { code = "78961009", scheme = "SCT", meaning = "Spleen" }
-finding_site = { code = "78961009", scheme = "SCT", meaning = "Spleen" }
-color = [157, 108, 162]
-finding = false
-
+# the published cards (node/devtools/zoo.py), with small patches for CPU time in tests
+SPLEEN_CARD = zoo.SPLEEN_CARD + """
 [bundle]
 overrides = { "inferer#roi_size" = [32, 32, 32], "inferer#sw_batch_size" = 1 }
 """
 
 
 def install(name: str, models_dir: Path, card: str, *, yaml_config: bool = False, favour: int = 1) -> Path:
-    from node.devtools.zoo import install_segmenter
-
-    return install_segmenter(ZOO, name, models_dir, card, yaml_config=yaml_config, favour=favour)
+    return zoo.install_segmenter(ZOO, name, models_dir, card, yaml_config=yaml_config, favour=favour)
 
 
 def _config(tmp_path: Path, models_dir: Path) -> Path:
@@ -92,33 +79,16 @@ def test_card_override_of_a_missing_key_is_refused_at_load(tmp_path: Path) -> No
         BundleRunner(load_model(folder), device="cpu")
 
 
-DETECTION_CARD = """
-[model]
-modality = ["CT"]
-description = "MONAI Model Zoo lung_nodule_ct_detection, random weights (test)."
-
-[[labels]]
-value = 1
-name = "Nodule"
-category = { code = "49755003", scheme = "SCT", meaning = "Morphologically abnormal structure" }
-type = { code = "27925004", scheme = "SCT", meaning = "Nodule" }
-finding_site = { code = "39607008", scheme = "SCT", meaning = "Lung" }
-
-[bundle]
-# clinical DICOM is "raw" data for this bundle: its own Spacingd runs. For CPU time in tests only: the test
-# series' own 3 x 3 x 2.5 mm instead of 0.703 x 0.703 x 1.25 mm, small patches, at most 6 boxes
-[bundle.overrides]
-whether_raw_luna16 = true
-infer_patch_size = [64, 64, 32]
+# for CPU time in tests only: the test series' own 3 x 3 x 2.5 mm instead of 0.703 x 0.703 x 1.25 mm, small
+# patches, at most 6 boxes (appended to the card's [bundle.overrides] table)
+DETECTION_CARD = zoo.DETECTION_CARD + """infer_patch_size = [64, 64, 32]
 "preprocessing#transforms#4#pixdim" = [3.0, 3.0, 2.5]
 "detector_ops#1" = "$@detector.set_box_selector_parameters(score_thresh=0.02, topk_candidates_per_level=50, nms_thresh=0.22, detections_per_img=6)"
 """
 
 
 def install_detector(models_dir: Path, card: str = DETECTION_CARD) -> Path:
-    from node.devtools.zoo import install_detector as install
-
-    return install(ZOO, models_dir, card)
+    return zoo.install_detector(ZOO, models_dir, card)
 
 
 def test_detection_bundle_as_published_gives_boxes_in_the_sr(tmp_path: Path, small_series: Path,

@@ -12,7 +12,41 @@ import json
 import shutil
 from pathlib import Path
 
-__all__ = ["install_detector", "install_segmenter"]
+__all__ = ["DETECTION_CARD", "SPLEEN_CARD", "install_detector", "install_segmenter"]
+
+#: model card for spleen_ct_segmentation: the spleen as anatomy (add a [bundle] table for overrides)
+SPLEEN_CARD = """
+[model]
+modality = ["CT"]
+description = "MONAI Model Zoo spleen_ct_segmentation, random weights."
+
+[[labels]]
+value = 1
+name = "Spleen"
+category = { code = "91723000", scheme = "SCT", meaning = "Anatomical structure" }
+type = { code = "78961009", scheme = "SCT", meaning = "Spleen" }
+finding_site = { code = "78961009", scheme = "SCT", meaning = "Spleen" }
+color = [157, 108, 162]
+finding = false
+"""
+
+#: model card for lung_nodule_ct_detection; it ends with its [bundle.overrides] table (more keys may follow):
+#: clinical DICOM is "raw" data for this bundle, so its own Spacingd runs
+DETECTION_CARD = """
+[model]
+modality = ["CT"]
+description = "MONAI Model Zoo lung_nodule_ct_detection, random weights."
+
+[[labels]]
+value = 1
+name = "Nodule"
+category = { code = "49755003", scheme = "SCT", meaning = "Morphologically abnormal structure" }
+type = { code = "27925004", scheme = "SCT", meaning = "Nodule" }
+finding_site = { code = "39607008", scheme = "SCT", meaning = "Lung" }
+
+[bundle.overrides]
+whether_raw_luna16 = true
+"""
 
 
 def install_segmenter(zoo: Path, name: str, models_dir: Path, card: str, *, yaml_config: bool = False,
