@@ -7,28 +7,12 @@ whole run is then gathered into benchmarks/results/<date>-<host>.md, headed by t
 from __future__ import annotations
 
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-from benchmarks import e2e, ingest, stages
-from benchmarks.results_file import write_result
-
-
-def machine() -> str:
-    import torch
-
-    mem = ""
-    try:
-        kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                  if line.startswith("MemTotal:"))
-        mem = f", {kb / 2**20:.0f} GiB RAM"
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.node()}: {os.cpu_count()} cores{mem}, {gpu}; Python {platform.python_version()}, "
-            f"torch {torch.__version__}")
+from benchmarks import e2e, ingest, race, stages
+from benchmarks.results_file import machine, write_result
 
 
 def prepare() -> None:
@@ -49,6 +33,10 @@ def main() -> None:
     for scenario in (stages, ingest, e2e):
         sys.argv = [sys.argv[0]]
         parts.append(scenario.main().read_text())
+    if (Path(__file__).resolve().parents[2] / "shared" / "data" / "model_zoo").is_dir():
+        parts.append(race.main([]).read_text())  # the published bundle against a bare MONAI script
+    else:
+        print("race skipped: no ../shared/data/model_zoo (the published bundles)")
     head = [f"# Benchmarks, {time.strftime('%Y-%m-%d %H:%M')}", "", f"Machine: {machine()}  ",
             f"Command: `make bench` ({(time.time() - started) / 60:.0f} min)", ""]
     write_result("\n".join(head) + "\n" + "\n".join(parts), echo=False)  # each table was printed already

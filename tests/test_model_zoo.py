@@ -29,8 +29,9 @@ overrides = { "inferer#roi_size" = [32, 32, 32], "inferer#sw_batch_size" = 1 }
 """
 
 
-def install(name: str, models_dir: Path, card: str, *, yaml_config: bool = False, favour: int = 1) -> Path:
-    return zoo.install_segmenter(ZOO, name, models_dir, card, yaml_config=yaml_config, favour=favour)
+def install(name: str, models_dir: Path, card: str, *, yaml_config: bool = False, favour: int = 1,
+            tilt: float = 3.0) -> Path:
+    return zoo.install_segmenter(ZOO, name, models_dir, card, yaml_config=yaml_config, favour=favour, tilt=tilt)
 
 
 def _config(tmp_path: Path, models_dir: Path) -> Path:
@@ -66,6 +67,29 @@ def test_spleen_bundle_as_published_gives_the_organ_with_its_volume(
     assert segment_labels == ["Spleen"]
     text = str(dcmread(sr))
     assert "Spleen (AI)" in text and "Volume" in text and "AI confidence score" in text
+
+
+def test_spleen_bundle_labels_and_confidence_identical_with_node_transforms(tmp_path: Path,
+                                                                                small_series: Path) -> None:
+    """The published Spacingd (trilinear) and Invertd (trilinear on the softmax, then argmax) replaced by the
+    node's bounded resampling: the same labels and the same confidence map as MONAI's own transforms."""
+    from node.imaging.volume import load_series
+    from node.inference.registry import load_model
+    from node.inference.resample import BoundedSpacingd
+    from node.inference.runner import BundleRunner
+
+    bounded_dir = install("spleen_ct_segmentation", tmp_path / "a", SPLEEN_CARD, tilt=0.0)
+    stock_dir = install("spleen_ct_segmentation", tmp_path / "b", SPLEEN_CARD + "substitute_transforms = false\n",
+                        tilt=0.0)
+    bounded, stock = (BundleRunner(load_model(d), device="cpu") for d in (bounded_dir, stock_dir))
+    assert [type(t) for t in bounded.preprocessing.transforms].count(BoundedSpacingd) == 1
+    assert "Spacingd" in [type(t).__name__ for t in stock.preprocessing.transforms]
+    volume = load_series(sorted(small_series.glob("*.dcm")))
+    (la, ca), (lb, cb) = bounded.predict_with_confidence(volume), stock.predict_with_confidence(volume)
+    assert 0 < la.sum() < la.size  # not vacuous: both classes present
+    np.testing.assert_array_equal(la, lb)
+    assert ca is not None and cb is not None
+    np.testing.assert_allclose(ca.astype(np.float32), cb.astype(np.float32), atol=1e-3)
 
 
 def test_card_override_of_a_missing_key_is_refused_at_load(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from node.inference.runner import BundleRunner
 def test_registry_lists_demo_model(models_dir: Path) -> None:
     reg = Registry(models_dir)
     m = reg.get("lesion-ct-demo")
-    assert m.version == "0.2.0"
+    assert m.version == "0.3.0"
     assert m.sha256 == hashlib.sha256(m.weights.read_bytes()).hexdigest()
     assert m.card.labels[0].type.code == "27925004"
     assert m.weights.stat().st_size < 8 * 2**20  # a few MB at most
@@ -47,7 +47,7 @@ def test_broken_bundle_is_reported_not_fatal(tmp_path: Path, models_dir: Path) -
         reg.get("nope")
     result = CliRunner().invoke(app, ["models"], env={"PREANNOT_MODELS__DIR": str(tmp_path)})
     assert result.exit_code == 0, result.output
-    assert "good  version 0.2.0" in result.output and "no-card  BROKEN" in result.output
+    assert "good  version 0.3.0" in result.output and "no-card  BROKEN" in result.output
 
 
 def test_runner_predicts_label_map_of_volume_shape(small_series: Path, demo_runner: Any) -> None:
@@ -104,18 +104,7 @@ def test_cuda_amp_prediction_matches_cpu(small_series: Path, models_dir: Path, d
     assert (a != b).mean() < 0.001
 
 
-# --- memory-bounded resampling (the demo bundle's scripts/transforms.py) -----------------------------
-
-def _bounded_module(models_dir: Path) -> Any:
-    import importlib.util
-
-    path = models_dir / "lesion-ct-demo" / "scripts" / "transforms.py"
-    spec = importlib.util.spec_from_file_location("lesion_ct_demo_transforms", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
+# --- memory-bounded resampling (node.inference.resample, put in place of the bundles' Spacingd) ------
 
 def _meta_image(arr: np.ndarray, affine: np.ndarray) -> Any:
     from monai.data import MetaTensor
@@ -124,71 +113,134 @@ def _meta_image(arr: np.ndarray, affine: np.ndarray) -> Any:
                       meta={"original_channel_dim": "no_channel", "spatial_shape": np.array(arr.shape)})
 
 
-@pytest.mark.parametrize("pixdim", [(1.40625, 1.40625, 2.5), (0.5, 0.93, 1.1)])
-def test_bounded_spacing_matches_monai_spacing_and_inverts(models_dir: Path, pixdim: tuple[float, ...]) -> None:
-    from monai.transforms import Compose, EnsureChannelFirstd, Invertd, Spacingd
+@pytest.mark.parametrize("pixdim", [(1.40625, 1.40625, 2.5), (0.5, 0.93, 1.1), (1.5, 1.5, 2.0)])
+@pytest.mark.parametrize("shape", [(41, 37, 23), (64, 64, 40)])
+def test_bounded_spacing_gives_monai_spacing_voxels_and_inverse(pixdim: tuple[float, ...],
+                                                                 shape: tuple[int, ...]) -> None:
+    """Same voxels as stock MONAI forward (int16 in, float32 out), and the same way back through Invertd:
+    nearest labels identical (ties included: 0.703125 -> 1.5 mm puts samples exactly half-way), trilinear
+    probabilities identical."""
+    from monai.transforms import Compose, EnsureChannelFirstd, Invertd, Orientationd, Spacingd
 
-    mod = _bounded_module(models_dir)
+    from node.inference.resample import BoundedSpacingd
+
     rng = np.random.default_rng(7)
-    arr = rng.integers(-1000, 1000, size=(41, 37, 23)).astype(np.int16)
-    affine = np.array([[-0.7, 0, 0, 120.3], [0, -0.75, 0, -80.1], [0, 0, 1.25, -300.2], [0, 0, 0, 1]])
-    ref = Compose([EnsureChannelFirstd("image"), Spacingd("image", pixdim=pixdim, mode="bilinear",
-                                                              dtype=torch.float32)])
-    new = Compose([EnsureChannelFirstd("image"), mod.BoundedSpacingd("image", pixdim=pixdim, slab=3)])
+    arr = rng.integers(-1000, 1000, size=shape).astype(np.int16)
+    sp = (0.7, 0.75, 1.25) if shape[0] == 41 else (0.703125, 0.703125, 1.0)
+    affine = np.array([[-sp[0], 0, 0, 120.3], [0, -sp[1], 0, -80.1], [0, 0, sp[2], -300.2], [0, 0, 0, 1]])
+    head = [EnsureChannelFirstd("image"), Orientationd("image", axcodes="RAS", labels=None)]
+    ref = Compose([*head, Spacingd("image", pixdim=pixdim, mode="bilinear")])
+    new = Compose([*head, BoundedSpacingd("image", pixdim=pixdim, slab=3)])
     a = ref({"image": _meta_image(arr.astype(np.float32), affine)})
     b = new({"image": _meta_image(arr, affine)})  # int16 in: converted one slab at a time
-    assert a["image"].shape == b["image"].shape
-    np.testing.assert_allclose(b["image"].affine.numpy(), a["image"].affine.numpy(), atol=1e-9)
-    np.testing.assert_allclose(b["image"].numpy(), a["image"].numpy(), atol=0.05)  # float32 rounding of HU
-    # a label map on the resampled grid goes back to the input grid, as MONAI's inverse puts it
+    assert a["image"].shape == b["image"].shape and b["image"].dtype == torch.float32
+    np.testing.assert_allclose(b["image"].affine.numpy(), a["image"].affine.numpy(), atol=1e-12)
+    np.testing.assert_allclose(b["image"].numpy(), a["image"].numpy(), rtol=0, atol=1e-9)
     label = (a["image"] > 200).to(torch.uint8)
     a["pred"], b["pred"] = label.clone(), label.clone()
-    back_xform = np.linalg.inv(b["image"].applied_operations[-1]["extra_info"]["xform"])
     back_ref = Invertd("pred", transform=ref, orig_keys="image", nearest_interp=True)(a)["pred"]
     back = Invertd("pred", transform=new, orig_keys="image", nearest_interp=True)(b)["pred"]
     assert back.shape == (1, *arr.shape) and back.dtype == torch.uint8  # nearest keeps the label type
-    np.testing.assert_allclose(back.affine.numpy(), affine, atol=1e-9)
-    # identical except where a sample falls exactly half-way between two voxels (MONAI's float
-    # rounding picks either side; the bounded version rounds half to even)
-    ties = np.zeros(arr.shape, dtype=bool)
-    for axis, n in enumerate(arr.shape):
-        c = back_xform[axis, axis] * np.arange(n) + back_xform[axis, 3]
-        on_tie = np.abs(c - np.floor(c) - 0.5) < 1e-6
-        ties |= on_tie.reshape([-1 if d == axis else 1 for d in range(3)])
-    differ = back.numpy()[0] != back_ref.numpy()[0].astype(np.uint8)
-    assert not (differ & ~ties).any()
-    assert (~ties).mean() > 0.4  # the comparison is not vacuous
+    np.testing.assert_allclose(back.affine.numpy(), back_ref.affine.numpy(), atol=1e-12)
+    np.testing.assert_array_equal(back.numpy(), back_ref.numpy().astype(np.uint8))
+    assert 0.05 < back.numpy().mean() < 0.95  # the comparison is not vacuous
     # laid out so that the [k, j, i] transpose the runner takes is contiguous (no copy of the label map)
     assert back[0].numpy().transpose(2, 1, 0).flags.c_contiguous
+    a = ref({"image": _meta_image(arr.astype(np.float32), affine)})  # Invertd used up the records: again
+    b = new({"image": _meta_image(arr, affine)})
+    probs = torch.rand((2, *a["image"].shape[1:]), generator=torch.Generator().manual_seed(3))
+    a["pred"], b["pred"] = (_meta_image(probs.numpy().copy(), x["image"].affine.numpy()) for x in (a, b))
+    soft_ref = Invertd("pred", transform=ref, orig_keys="image", nearest_interp=False)(a)["pred"]
+    soft = Invertd("pred", transform=new, orig_keys="image", nearest_interp=False)(b)["pred"]
+    assert soft.shape == soft_ref.shape == (2, *arr.shape)
+    np.testing.assert_allclose(soft.numpy(), soft_ref.numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(soft.argmax(0).numpy(), soft_ref.argmax(0).numpy())
 
 
-def test_bounded_spacing_oblique_falls_back_to_monai(models_dir: Path) -> None:
-    mod = _bounded_module(models_dir)
+def test_bounded_spacing_oblique_falls_back_to_monai() -> None:
+    from node.inference.resample import BoundedSpacingd
+
     c, s = np.cos(0.3), np.sin(0.3)
     affine = np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1]])
     arr = np.arange(10 * 12 * 8, dtype=np.float32).reshape(1, 10, 12, 8)
-    out = mod.BoundedSpacingd("image", pixdim=(2.0, 2.0, 2.0))({"image": _meta_image(arr, affine)})["image"]
+    out = BoundedSpacingd("image", pixdim=(2.0, 2.0, 2.0))({"image": _meta_image(arr, affine)})["image"]
     assert out.ndim == 4 and out.dtype == torch.float32
 
 
-def test_bundle_scripts_resolve_to_their_own_bundle(demo_model: Any) -> None:
+def test_bounded_spacing_on_the_target_grid_is_a_copy() -> None:
+    from monai.transforms import Compose, EnsureChannelFirstd, Invertd
+
+    from node.inference.resample import BoundedSpacingd
+
+    affine = np.diag([1.40625, 1.40625, 2.5, 1.0])
+    affine[:3, 3] = [10.0, 20.0, 30.0]
+    arr = np.random.default_rng(0).integers(-5, 5, size=(20, 22, 9)).astype(np.int16)
+    t = Compose([EnsureChannelFirstd("image"), BoundedSpacingd("image", pixdim=(1.40625, 1.40625, 2.5))])
+    d = t({"image": _meta_image(arr, affine)})
+    assert d["image"].dtype == torch.float32 and np.array_equal(d["image"][0].numpy(), arr)
+    d["pred"] = (d["image"] > 0).to(torch.uint8)
+    back = Invertd("pred", transform=t, orig_keys="image", nearest_interp=True)(d)["pred"]
+    assert back.dtype == torch.uint8 and np.array_equal(back[0].numpy(), arr > 0)
+
+
+def test_only_spacingd_it_reproduces_is_substituted() -> None:
+    from node.inference.resample import substitutable
+
+    assert substitutable({"_target_": "Spacingd", "keys": "image", "pixdim": [1.5, 1.5, 2.0], "mode": "bilinear"})
+    assert substitutable({"_target_": "monai.transforms.Spacingd", "keys": "@k", "pixdim": "@pixdim",
+                          "mode": ["nearest"], "padding_mode": "border", "_disabled_": "@x"})
+    assert not substitutable({"_target_": "Spacingd", "keys": "image", "pixdim": 1, "align_corners": True})
+    assert not substitutable({"_target_": "Spacingd", "keys": "image", "pixdim": 1, "padding_mode": "zeros"})
+    assert not substitutable({"_target_": "Spacingd", "keys": "image", "pixdim": 1, "mode": 3})
+    assert not substitutable({"_target_": "Spacingd", "keys": "image", "pixdim": 1, "scale_extent": True})
+    assert not substitutable({"_target_": "Orientationd", "keys": "image"})
+
+
+def test_demo_bundle_runs_node_transforms_unless_the_card_says_no(demo_model: Any, small_series: Path,
+                                                                     demo_runner: Any, tmp_path: Path) -> None:
+    from node.inference.registry import load_model
+    from node.inference.resample import BoundedSpacingd
+
+    assert any(isinstance(t, BoundedSpacingd) for t in demo_runner.preprocessing.transforms)
+    copy = tmp_path / "lesion-ct-demo"
+    shutil.copytree(demo_model.path, copy)
+    card = copy / "model_card.toml"
+    card.write_text(card.read_text() + "\n[bundle]\nsubstitute_transforms = false\n")
+    stock = BundleRunner(load_model(copy), device="cpu")
+    assert not any(isinstance(t, BoundedSpacingd) for t in stock.preprocessing.transforms)
+    assert any(type(t).__name__ == "Spacingd" for t in stock.preprocessing.transforms)
+    volume = load_series(sorted(small_series.glob("*.dcm")))
+    np.testing.assert_array_equal(demo_runner.predict(volume), stock.predict(volume))
+
+
+def test_bundle_scripts_resolve_to_their_own_bundle(demo_model: Any, tmp_path: Path) -> None:
     """Every Model Zoo bundle calls its package ``scripts``: another bundle's must not shadow ours."""
+    import json
     import sys
     import types
+
+    copy = tmp_path / "with-scripts"
+    shutil.copytree(demo_model.path, copy)
+    (copy / "scripts" / "marker.py").write_text(
+        "from monai.transforms import MapTransform\n\n\nclass Marker(MapTransform):\n"
+        "    def __call__(self, data):\n        return dict(data)\n")
+    config = json.loads((copy / "configs" / "inference.json").read_text())
+    config["preprocessing"]["transforms"].append({"_target_": "scripts.marker.Marker", "keys": "image"})
+    (copy / "configs" / "inference.json").write_text(json.dumps(config))
+    from node.inference.registry import load_model
 
     stale = types.ModuleType("scripts")  # as if another bundle's code had been left behind
     sys.modules["scripts"] = stale
     try:
-        runner = BundleRunner(demo_model, device="cpu")
+        runner = BundleRunner(load_model(copy), device="cpu")
     finally:
         sys.modules.pop("scripts", None)
     assert runner.input_dtype is None  # the bundle's LoadImaged says dtype null: int16 CT goes in as is
-    assert str(demo_model.path) not in sys.path
-    # the resampling transform came from this bundle's own scripts/transforms.py, not the stale module
-    bounded = [t for t in runner.preprocessing.transforms if type(t).__name__ == "BoundedSpacingd"]
-    assert len(bounded) == 1
-    source = Path(type(bounded[0]).__call__.__globals__["__file__"])
-    assert source == demo_model.path / "scripts" / "transforms.py"
+    assert str(copy) not in sys.path
+    marker = [t for t in runner.preprocessing.transforms if type(t).__name__ == "Marker"]
+    assert len(marker) == 1
+    source = Path(type(marker[0]).__call__.__globals__["__file__"])
+    assert source == copy / "scripts" / "marker.py"
 
 
 def test_large_volume_is_mapped_and_released(small_series: Path, tmp_path: Path) -> None:
@@ -200,18 +252,3 @@ def test_large_volume_is_mapped_and_released(small_series: Path, tmp_path: Path)
     np.testing.assert_array_equal(mapped.pixels, plain.pixels)
     mapped.release_memory()  # pages go back to the page cache; the pixels read back unchanged
     np.testing.assert_array_equal(mapped.pixels, plain.pixels)
-
-
-def test_bounded_spacing_on_the_target_grid_is_a_copy(models_dir: Path) -> None:
-    from monai.transforms import Compose, EnsureChannelFirstd, Invertd
-
-    mod = _bounded_module(models_dir)
-    affine = np.diag([1.40625, 1.40625, 2.5, 1.0])
-    affine[:3, 3] = [10.0, 20.0, 30.0]
-    arr = np.random.default_rng(0).integers(-5, 5, size=(20, 22, 9)).astype(np.int16)
-    t = Compose([EnsureChannelFirstd("image"), mod.BoundedSpacingd("image", pixdim=(1.40625, 1.40625, 2.5))])
-    d = t({"image": _meta_image(arr, affine)})
-    assert d["image"].dtype == torch.float32 and np.array_equal(d["image"][0].numpy(), arr)
-    d["pred"] = (d["image"] > 0).to(torch.uint8)
-    back = Invertd("pred", transform=t, orig_keys="image", nearest_interp=True)(d)["pred"]
-    assert back.dtype == torch.uint8 and np.array_equal(back[0].numpy(), arr > 0)

@@ -253,3 +253,18 @@ def test_many_findings_compact_report_is_valid(tmp_path: Path, small_series: Pat
     assert not current & other
     path = save_dataset(sr, tmp_path / "sr.dcm", fsync=False)
     assert dciodvfy(path) == []
+
+
+def test_ragged_outline_is_thinned_to_fit_an_sr_value() -> None:
+    """A comb-shaped region (one component, an outline of ~100,000 points) keeps a closed outline short
+    enough for the SR's graphic data (one FL value: 64 KiB)."""
+    from node.inference.contour import MAX_OUTLINE_POINTS, mask_outline
+
+    mask = np.zeros((200, 512), dtype=bool)
+    mask[:, ::2] = True  # teeth
+    mask[-1, :] = True  # joined at the base
+    pts = mask_outline(mask)
+    assert len(pts) <= MAX_OUTLINE_POINTS and pts[0] == pts[-1]
+    assert 2 * len(pts) * 4 < 65536
+    xs = [p[0] for p in pts]
+    assert min(xs) < 1 and max(xs) > 510  # still spans the region

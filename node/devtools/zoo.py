@@ -50,9 +50,10 @@ whether_raw_luna16 = true
 
 
 def install_segmenter(zoo: Path, name: str, models_dir: Path, card: str, *, yaml_config: bool = False,
-                      favour: int = 1) -> Path:
+                      favour: int = 1, tilt: float = 3.0) -> Path:
     """Copy segmentation bundle ``name`` from ``zoo`` into ``models_dir`` with seeded random weights whose
-    output favours channel ``favour``, and its model card. ``yaml_config`` rewrites its inference config as
+    output favours channel ``favour`` (by ``tilt`` on its last bias; 0 leaves the classes mixed), and its
+    model card. ``yaml_config`` rewrites its inference config as
     ``inference.yaml`` (as several Zoo bundles publish it)."""
     import torch
     from monai.bundle import ConfigParser
@@ -74,7 +75,7 @@ def install_segmenter(zoo: Path, name: str, models_dir: Path, card: str, *, yaml
     out_channels = int(parser["network_def"]["out_channels"])
     last_bias = [k for k, v in state.items() if k.endswith("bias") and v.shape == (out_channels,)][-1]
     state[last_bias] = torch.zeros(out_channels)
-    state[last_bias][favour] = 3.0  # the class everywhere but where the random features disagree
+    state[last_bias][favour] = tilt  # the class everywhere but where the random features disagree
     (dst / "models").mkdir(exist_ok=True)
     torch.save(state, dst / "models" / "model.pt")
     (dst / "model_card.toml").write_text(card)

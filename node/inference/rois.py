@@ -211,8 +211,10 @@ def _measure(sub: np.ndarray, sl: tuple[slice, ...], spec: Any, volume: Volume, 
     if vol < spec.min_volume_mm3 or count == 0:
         return None
     off = np.array([s.start for s in sl])
-    pts_kji = np.argwhere(sub) + off
-    centroid = volume.voxel_to_patient(pts_kji[:, ::-1].astype(np.float64).mean(axis=0))[0]
+    # the mean voxel index from the mask's three projections (no list of its voxels: organs are millions)
+    mean_kji = [float(np.dot(sub.sum(axis=tuple(a for a in range(3) if a != axis), dtype=np.int64),
+                             np.arange(sub.shape[axis]))) / count for axis in range(3)]
+    centroid = volume.voxel_to_patient((np.asarray(mean_kji) + off)[::-1])[0]
     surf_ijk = (_surface_points(sub) + off)[:, ::-1].astype(np.float64)
     d3, _, _ = _max_distance(volume.voxel_to_patient(surf_ijk))
     key_local, best_inplane, key_axis, outline = _planar(sub, off, sx, sy, outlines=outlines)

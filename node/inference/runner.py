@@ -28,6 +28,7 @@ from monai.data import MetaTensor
 from node.config import ModelsConfig
 from node.errors import ModelError, ModelTimeoutError
 from node.imaging.volume import Volume
+from node.inference.postops import channel_argmax, channel_max
 from node.inference.registry import ModelInfo
 
 __all__ = ["BundleRunner", "LoadedBundle", "Runner", "configure_torch", "load_runner", "select_device"]
@@ -106,6 +107,48 @@ def _target(item: Any) -> str:
     return str(item.get("_target_", "")).rsplit(".", 1)[-1] if isinstance(item, dict) else ""
 
 
+_BOUNDED = "node.inference.resample.BoundedSpacingd"
+
+
+def _bound_resampling(parser: ConfigParser, name: str) -> int:
+    """Put :class:`node.inference.resample.BoundedSpacingd` in place of each ``Spacingd`` of the bundle's
+    preprocessing that it reproduces (same arguments, same voxels; ``Invertd`` then inverts it with no
+    dense grid). Returns how many were replaced."""
+    pre = parser.get("preprocessing")
+    transforms = pre.get("transforms") if isinstance(pre, dict) else None
+    if not isinstance(transforms, list):
+        return 0
+    from node.inference.resample import substitutable
+
+    done = 0
+    for n, item in enumerate(transforms):
+        if substitutable(item):
+            parser[f"preprocessing#transforms#{n}#_target_"] = _BOUNDED
+            done += 1
+        elif _target(item) == "Spacingd":
+            logger.info("model %s: preprocessing transform %d is a Spacingd with arguments the bounded resampling "
+                        "does not reproduce; MONAI's own runs", name, n)
+    return done
+
+
+def _fast_argmax(parser: ConfigParser) -> int:
+    """Put :class:`node.inference.postops.ChannelArgmaxd` in place of each ``AsDiscreted`` of the bundle's
+    postprocessing that only takes the arg-max (same labels, without ``torch.argmax``'s slow channel
+    reduction). Returns how many were replaced."""
+    post = parser.get("postprocessing")
+    transforms = post.get("transforms") if isinstance(post, dict) else None
+    if not isinstance(transforms, list):
+        return 0
+    from node.inference.postops import substitutable
+
+    done = 0
+    for n, item in enumerate(transforms):
+        if substitutable(item):
+            parser[f"postprocessing#transforms#{n}#_target_"] = "node.inference.postops.ChannelArgmaxd"
+            done += 1
+    return done
+
+
 class LoadedBundle:
     """What every bundle runner shares: the device, loading the bundle's config under its own code (see
     :func:`_bundle_code`) with the card's overrides, and timing the load. Subclasses implement ``_parse``.
@@ -153,6 +196,9 @@ class LoadedBundle:
                 raise ModelError(f"model {model.name}: model_card.toml [bundle] overrides {key!r}, which is not in "
                                  f"{model.inference_config.name}") from exc
             parser[key] = value
+        if model.card.bundle.substitute_transforms:
+            _bound_resampling(parser, model.name)
+            _fast_argmax(parser)
         return parser
 
     def _failure(self, exc: Exception) -> Exception:
@@ -218,6 +264,11 @@ class BundleRunner(LoadedBundle):
         self.postprocessing = (parser.get_parsed_content("postprocessing")
                                if "postprocessing" in parser else None)
         self._split = _confidence_split(self.postprocessing)
+        self._pre_on_device = True
+        #: the series goes in its stored integer type even where the loader says float32, when nothing before
+        #: the node's resampling depends on the type (it converts slab by slab: the same values, half the memory)
+        self._keep_stored = self._has_loader and self.input_dtype == np.float32 and _typeless_until_resample(
+            getattr(self.preprocessing, "transforms", ()))
         self.network = self._load_network(parser)
 
     def _load_network(self, parser: ConfigParser) -> torch.nn.Module:
@@ -243,13 +294,16 @@ class BundleRunner(LoadedBundle):
             ModelTimeoutError: the deadline (``time.monotonic()`` value) passed during inference.
             ModelError: the bundle failed, or returned a label map of another shape.
         """
-        arr, affine = volume.to_monai(dtype=self.input_dtype)
+        stored = volume.pixels.dtype
+        keep = self._keep_stored and (stored.kind in "iu" or stored == np.float32)
+        arr, affine = volume.to_monai(dtype=None if keep else self.input_dtype)
         meta = {"original_affine": torch.as_tensor(affine),
                 "spatial_shape": np.array(arr.shape), "original_channel_dim": "no_channel",
                 "filename_or_obj": volume.series_uid or "volume"}
         image = MetaTensor(torch.from_numpy(arr), affine=torch.as_tensor(affine), meta=meta)
+        del arr  # the image holds it; dropped with the image once preprocessing has made its own copy
         try:
-            data: dict[str, Any] = self.preprocessing({"image": image})
+            data = self._preprocess(image)
             del image
             volume.release_memory()  # a mapped volume's pages go back to the page cache while the model runs
             inp = data["image"]
@@ -266,7 +320,7 @@ class BundleRunner(LoadedBundle):
                 head, tail = self._split
                 data = head(data)
                 probs = data["pred"]
-                confidence = torch.as_tensor(probs).max(dim=0).values.to(torch.float16).cpu().numpy()
+                confidence = channel_max(torch.as_tensor(probs)).to(torch.float16).cpu().numpy()
                 data = tail(data)
             elif self.postprocessing is not None:
                 data = self.postprocessing(data)
@@ -278,13 +332,13 @@ class BundleRunner(LoadedBundle):
             raise self._failure(exc) from exc
         out = data.pop("pred")
         del data
-        out = out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
+        out = torch.as_tensor(out).detach()  # on the device: argmax and the uint8 cast before the copy back
         if out.ndim == 4:
-            out = out[0] if out.shape[0] == 1 else np.argmax(out, axis=0)
-        if out.dtype.kind == "f":
-            out = np.rint(out)
-        # no copy when the bundle already returns uint8 laid out as [k, j, i] (see the demo bundle)
-        labels = out.astype(np.uint8, copy=False).transpose(2, 1, 0)
+            out = out[0] if out.shape[0] == 1 else channel_argmax(out)[0]
+        if out.is_floating_point():
+            out = out.round()
+        # no copy when the bundle already returns uint8 laid out as [k, j, i] (see BoundedSpacingd's inverse)
+        labels = out.to(torch.uint8).cpu().numpy().transpose(2, 1, 0)
         if labels.shape != volume.shape:
             raise ModelError(f"model {self.model.name} returned labels of shape {labels.shape}; the volume is "
                              f"{volume.shape} (does the bundle's postprocessing invert its resampling?)")
@@ -293,6 +347,21 @@ class BundleRunner(LoadedBundle):
             conf = confidence[0] if confidence.ndim == 4 else confidence
             conf = np.ascontiguousarray(conf.transpose(2, 1, 0)) if conf.shape[::-1] == labels.shape else None
         return np.ascontiguousarray(labels), conf
+
+    def _preprocess(self, image: MetaTensor) -> dict[str, Any]:
+        """The bundle's preprocessing, on the GPU when the model runs there (resampling included), so that
+        only the series itself crosses to the device. A bundle transform that cannot run on the GPU makes it
+        run on the CPU from then on (logged once)."""
+        if self.device.type == "cuda" and self._pre_on_device:
+            try:
+                return dict(self.preprocessing({"image": image.to(self.device)}))
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as exc:  # a transform written for numpy/CPU tensors: run it where it works
+                self._pre_on_device = False
+                logger.warning("model %s: preprocessing fails on %s (%s: %s); it runs on the CPU from now on",
+                               self.model.name, self.device, type(exc).__name__, str(exc)[:200])
+        return dict(self.preprocessing({"image": image}))
 
     def _guarded(self, deadline: float | None) -> Callable[[torch.Tensor], torch.Tensor]:
         """The network wrapped to check the deadline and report progress between sliding-window batches."""
@@ -310,6 +379,21 @@ class BundleRunner(LoadedBundle):
         return run
 
 
+#: transforms that neither read nor change the voxel type (the affine and axes only)
+_TYPELESS = ("EnsureChannelFirstd", "Orientationd")
+
+
+def _typeless_until_resample(transforms: Any) -> bool:
+    """Whether the preprocessing reaches the node's resampling through type-agnostic transforms only."""
+    for t in transforms:
+        name = type(t).__name__
+        if name == "BoundedSpacingd":
+            return True
+        if name not in _TYPELESS:
+            return False
+    return False
+
+
 def _confidence_split(post: Any) -> tuple[Any, Any] | None:
     """The postprocessing cut just before its argmax, when a softmax comes first (its output is then a
     probability per class); None when there is no such pair."""
@@ -317,7 +401,8 @@ def _confidence_split(post: Any) -> tuple[Any, Any] | None:
     soft = next((n for n, t in enumerate(transforms)
                  if type(t).__name__ == "Activationsd" and any(getattr(t, "softmax", ()))), None)
     arg = next((n for n, t in enumerate(transforms)
-                if type(t).__name__ == "AsDiscreted" and any(getattr(t, "argmax", ()))), None)
+                if type(t).__name__ == "ChannelArgmaxd"
+                or (type(t).__name__ == "AsDiscreted" and any(getattr(t, "argmax", ())))), None)
     if soft is None or arg is None or arg < soft:
         return None
     from monai.transforms import Compose
