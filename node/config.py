@@ -294,6 +294,23 @@ class RetentionConfig(_Section):
     interval_minutes: float = Field(60.0, gt=0)
 
 
+class VerdictsConfig(_Section):
+    """``[verdicts]``: the radiologist's verdict on each AI result, read from what comes back (see
+    docs/closing-the-loop.md)."""
+
+    #: examine SEG, SR and KO objects that arrive for a study the node sent results for (never routed to a model)
+    enabled: bool = True
+    #: a finding kept with at least this Dice against the final segmentation counts as accepted (else edited)
+    accept_dice: float = Field(0.9, gt=0, le=1)
+    #: alert when the acceptance rate over the last ``alert_window`` judged studies of a model falls below this
+    alert_acceptance_floor: float = Field(0.7, ge=0, le=1)
+    alert_window: int = Field(30, ge=5)
+    #: the baseline period for drift (inputs and agreement): the first N days of verdicts of each model version
+    baseline_days: float = Field(30.0, gt=0)
+    #: significance level of the drift tests (two-proportion test on acceptance, chi-square on inputs)
+    alert_p: float = Field(0.01, gt=0, lt=1)
+
+
 class WebConfig(_Section):
     """``[web]``: the HTTP API (health, metrics, status)."""
 
@@ -327,6 +344,7 @@ class NodeConfig(BaseSettings):
     outputs: OutputsConfig = Field(default_factory=lambda: OutputsConfig())
     retention: RetentionConfig = Field(default_factory=lambda: RetentionConfig())
     web: WebConfig = Field(default_factory=lambda: WebConfig())
+    verdicts: VerdictsConfig = Field(default_factory=lambda: VerdictsConfig())
     source: str = Field("<defaults>", exclude=True)
 
     @model_validator(mode="after")

@@ -88,6 +88,14 @@ spool_days = 7                   # spooled instances go after this, once their j
 outputs_days = 30                # job output folders go after this, once delivered
 interval_minutes = 60            # how often the node purges (preannot purge --dry-run shows the plan)
 
+[verdicts]
+enabled = true                   # SEG/SR/KO coming back for a study with results: the radiologist's verdict
+accept_dice = 0.9                # a kept finding with at least this Dice is "accepted", below it "edited"
+alert_acceptance_floor = 0.7     # alert when acceptance over the last alert_window studies is below this
+alert_window = 30
+baseline_days = 30               # the first N days of verdicts of a model version are its baseline
+alert_p = 0.01                   # significance of the drift tests
+
 [web]
 enabled = true                   # HTTP service: dashboard /, API /docs, metrics /metrics
 bind = "127.0.0.1"

@@ -64,6 +64,40 @@ class _StateCollector(Collector):
             yield gm
 
 
+class _VerdictCollector(Collector):
+    """Agreement and drift, computed from the verdict store at scrape time."""
+
+    def __init__(self, read: Callable[[], tuple[list[dict[str, Any]], list[dict[str, Any]]]]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[Any]:
+        rows, alerts = self.read()
+        acc = GaugeMetricFamily("preannot_verdict_acceptance",
+                                "Share of AI findings the radiologists accepted (latest verdict per result)",
+                                labels=["model", "version"])
+        studies = GaugeMetricFamily("preannot_verdict_studies", "Judged results by study verdict",
+                                    labels=["model", "version", "verdict"])
+        added = GaugeMetricFamily("preannot_verdict_added_per_study", "Findings the radiologists added per study",
+                                  labels=["model", "version"])
+        for r in rows:
+            if r["acceptance"] is not None:
+                acc.add_metric([r["model"], r["model_version"]], r["acceptance"])
+            if r["added_per_study"] is not None:
+                added.add_metric([r["model"], r["model_version"]], r["added_per_study"])
+            for verdict, n in r["study_verdicts"].items():
+                studies.add_metric([r["model"], r["model_version"], verdict], n)
+        yield acc
+        yield studies
+        yield added
+        g = GaugeMetricFamily("preannot_drift_alerts", "Drift alerts holding now", labels=["model", "kind"])
+        counts: dict[tuple[str, str], int] = {}
+        for a in alerts:
+            counts[(a["model"], a["kind"])] = counts.get((a["model"], a["kind"]), 0) + 1
+        for (model, kind), n in counts.items():
+            g.add_metric([model, kind], n)
+        yield g
+
+
 class NodeMetrics:
     """The node's metrics registry."""
 
@@ -83,6 +117,9 @@ class NodeMetrics:
 
     def attach_state(self, read: Callable[[], dict[str, Any]]) -> None:
         self.registry.register(_StateCollector(read))
+
+    def attach_verdicts(self, read: Callable[[], tuple[list[dict[str, Any]], list[dict[str, Any]]]]) -> None:
+        self.registry.register(_VerdictCollector(read))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -31,6 +31,8 @@ from node.schedule.routing import validate_route
 from node.store.db import Database
 from node.store.jobs import JobStore
 from node.store.series import SeriesStore
+from node.verdicts.intake import VerdictIntake
+from node.verdicts.store import VerdictStore
 
 __all__ = ["Node", "Stores", "open_stores"]
 
@@ -101,7 +103,9 @@ class Node:
         self.device_uid = device_uid(config.outputs, data)
         self.stop_event = threading.Event()
         self.metrics = NodeMetrics()
-        self.assembler = Assembler(config, self.series, self.store)
+        self.verdicts = VerdictStore(self.stores.db)
+        self.verdict_intake = VerdictIntake(config.verdicts, self.stores.db, self.series, self.verdicts)
+        self.assembler = Assembler(config, self.series, self.store, verdicts=self.verdict_intake)
         tls = config.node
         self.listener = Listener(self.spool, config.node, ssl_context=server_context(
             tls.tls_cert, tls.tls_key, ca=tls.tls_ca, require_client_cert=tls.tls_require_client_cert)
@@ -111,6 +115,7 @@ class Node:
         self.workers = [Worker(f"worker-{n}", worker_ctx, stop=self.stop_event) for n in range(config.jobs.workers)]
         self.deliverer = Deliverer(config=config, store=self.store, stop=self.stop_event, metrics=self.metrics)
         self.metrics.attach_state(self._metric_state)
+        self.metrics.attach_verdicts(self.verdict_summary)
         self._assembler_thread = threading.Thread(target=self._assemble_loop, name="assembler", daemon=True)
         self.started_at = 0.0
         self._next_purge = 0.0
@@ -170,6 +175,18 @@ class Node:
         version = self.series.reopen_for_reprocess(series_uid, actor=actor)
         return version
 
+    def record_http_verdict(self, job_id: int, body: dict[str, Any], *, actor: str) -> tuple[int, bool]:
+        """A verdict stated over HTTP (see ``POST /api/jobs/{id}/verdict``); returns (id, new)."""
+        from node.verdicts.intake import http_verdict
+
+        return http_verdict(self.verdict_intake, self.store.get(job_id), body, actor=actor)
+
+    def verdict_summary(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Agreement per model and version, and the drift alerts holding now."""
+        from node.verdicts.stats import agreement, alerts
+
+        return agreement(self.verdicts), alerts(self.verdicts, self.stores.db, self.config.verdicts)
+
     def _assemble_loop(self) -> None:
         while not self.stop_event.is_set():
             try:
@@ -178,6 +195,9 @@ class Node:
                     self.store.jobs_waiting.set()  # the jobs are committed: wake the workers now
                 for d in decided:
                     self.metrics.series_stable.labels("routed" if d.outcome == "dispatched" else d.outcome).inc()
+                    if d.outcome == "verdict":
+                        for line in self.verdict_intake.examine(d.series_uid):
+                            logger.info("verdict series %s: %s", d.series_uid, line)
                 if time.time() >= self._next_purge:
                     self._next_purge = time.time() + self.config.retention.interval_minutes * 60
                     execute_purge(self.series, self.store, self.config, actor="retention")

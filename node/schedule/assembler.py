@@ -30,6 +30,7 @@ from node.schedule.eligibility import ineligibility
 from node.schedule.routing import matching_routes
 from node.store.jobs import JobStore
 from node.store.series import SeriesInfo, SeriesState, SeriesStore
+from node.verdicts.intake import VerdictIntake
 
 __all__ = ["Assembler", "Dispatch"]
 
@@ -47,7 +48,7 @@ class Dispatch:
     version: int
     routes: list[str]
     jobs: list[int]
-    #: what happened: dispatched, unmatched, skipped, incomplete or failed
+    #: what happened: dispatched, unmatched, skipped, incomplete, failed or verdict
     outcome: str = "dispatched"
     reason: str = ""
 
@@ -55,8 +56,11 @@ class Dispatch:
 class Assembler:
     """Turns stable series into jobs. Call :meth:`tick` periodically (the node does, every ~0.5 s)."""
 
-    def __init__(self, config: NodeConfig, series: SeriesStore, jobs: JobStore) -> None:
+    def __init__(self, config: NodeConfig, series: SeriesStore, jobs: JobStore,
+                 verdicts: VerdictIntake | None = None) -> None:
         self.config = config
+        #: SEG/SR/KO series of a study with results go there instead of to a model
+        self.verdicts = verdicts
         self.series = series
         self.jobs = jobs
         route_waits = [r.stable_seconds for r in config.routes if r.stable_seconds is not None]
@@ -70,6 +74,12 @@ class Assembler:
         out = []
         for info in self.series.waiting(last_received_before=now - self._min_wait):
             if info.state == SeriesState.INCOMPLETE and now < self._next_check.get(info.series_uid, 0.0):
+                continue
+            if self.verdicts is not None and now - info.last_received >= self.config.node.stable_seconds \
+                    and self.verdicts.is_candidate(info):
+                d = self._commit(info, now, outcome="verdict")
+                if d is not None:
+                    out.append(d)
                 continue
             routes = matching_routes(self.config.routes, info.attrs, called_ae=info.called_ae,
                                      calling_ae=info.calling_ae)
@@ -161,6 +171,8 @@ class Assembler:
                 self.series.mark_incomplete(c, info, reason=reason, now=now)
             elif outcome == "failed":
                 self.series.mark_failed(c, info, reason=reason, now=now)
+            elif outcome == "verdict":
+                self.series.mark_verdict(c, info, now=now)
             else:
                 for route in routes or []:
                     for model in route.models:
@@ -177,6 +189,9 @@ class Assembler:
                         info.instances, info.version, names, job_ids)
         elif outcome == "unmatched":
             logger.info("series %s stable (%d instances, modality %s): no route matched; kept, not processed",
+                        info.series_uid, info.instances, info.modality)
+        elif outcome == "verdict":
+            logger.info("series %s stable (%d instances, modality %s): examined as a verdict on the node's results",
                         info.series_uid, info.instances, info.modality)
         elif outcome == "incomplete":
             logger.warning("series %s held incomplete (%d instances): %s", info.series_uid, info.instances, reason)

@@ -21,7 +21,7 @@ __all__ = ["Database", "Filter"]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: columns added after a release: (table, column, declaration), applied to older databases at open
 _ADDED_COLUMNS = (
@@ -136,6 +136,44 @@ CREATE TABLE IF NOT EXISTS events (
     hash TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_ts ON events(ts);
+CREATE TABLE IF NOT EXISTS verdicts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    source TEXT NOT NULL,
+    object_uid TEXT NOT NULL,
+    object_path TEXT,
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    model TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    observer TEXT,
+    study_verdict TEXT NOT NULL,
+    n_ai INTEGER NOT NULL,
+    accepted INTEGER NOT NULL,
+    edited INTEGER NOT NULL,
+    rejected INTEGER NOT NULL,
+    added INTEGER NOT NULL,
+    case_dice REAL,
+    received_at REAL NOT NULL,
+    time_to_verdict_s REAL,
+    scanner TEXT NOT NULL DEFAULT '',
+    detail TEXT NOT NULL DEFAULT '{}',
+    UNIQUE (object_uid, job_id)
+);
+CREATE INDEX IF NOT EXISTS verdicts_model ON verdicts(model, model_version, received_at);
+CREATE TABLE IF NOT EXISTS finding_verdicts (
+    verdict_id INTEGER NOT NULL REFERENCES verdicts(id),
+    finding INTEGER,
+    label INTEGER,
+    outcome TEXT NOT NULL,
+    dice REAL,
+    ai_volume_mm3 REAL,
+    final_volume_mm3 REAL,
+    volume_change_pct REAL,
+    diameter_change_mm REAL,
+    note TEXT
+);
+CREATE INDEX IF NOT EXISTS finding_verdicts_verdict ON finding_verdicts(verdict_id);
 """
 
 

@@ -44,12 +44,15 @@ class SeriesState(StrEnum):
     INCOMPLETE = "incomplete"
     FAILED = "failed"
     PURGED = "purged"
+    #: SEG / SR / KO objects for a study the node sent results for: examined as the radiologist's verdict
+    VERDICT = "verdict"
 
 
 #: allowed transitions (from -> to)
 _TRANSITIONS: dict[SeriesState, frozenset[SeriesState]] = {
     SeriesState.RECEIVING: frozenset({SeriesState.DISPATCHED, SeriesState.UNMATCHED, SeriesState.SKIPPED,
-                                      SeriesState.INCOMPLETE}),
+                                      SeriesState.INCOMPLETE, SeriesState.VERDICT}),
+    SeriesState.VERDICT: frozenset({SeriesState.RECEIVING, SeriesState.PURGED}),
     SeriesState.DISPATCHED: frozenset({SeriesState.RECEIVING, SeriesState.PURGED}),
     SeriesState.UNMATCHED: frozenset({SeriesState.RECEIVING, SeriesState.PURGED}),
     SeriesState.SKIPPED: frozenset({SeriesState.RECEIVING, SeriesState.PURGED}),
@@ -61,7 +64,7 @@ _TRANSITIONS: dict[SeriesState, frozenset[SeriesState]] = {
 
 #: states from which a new instance reopens the series
 _REOPENED_BY_INSTANCE = frozenset({SeriesState.UNMATCHED, SeriesState.SKIPPED, SeriesState.INCOMPLETE,
-                                   SeriesState.FAILED})
+                                   SeriesState.FAILED, SeriesState.VERDICT})
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +291,13 @@ class SeriesStore:
         """Stable, and no route matched: kept for the retention period, never processed."""
         self._move(c, info.series_uid, SeriesState.UNMATCHED, event="series.unmatched",
                    detail={"instances": info.instances, "modality": info.modality}, now=now, note="no route matched")
+
+    def mark_verdict(self, c: sqlite3.Connection, info: SeriesInfo, *, now: float) -> None:
+        """Stable, and made of SEG/SR/KO objects for a study the node sent results for: examined as a
+        verdict on those results (never routed to a model)."""
+        self._move(c, info.series_uid, SeriesState.VERDICT, event="series.verdict",
+                   detail={"instances": info.instances, "modality": info.modality}, now=now,
+                   note="examined as a verdict on the node's results")
 
     def mark_skipped(self, c: sqlite3.Connection, info: SeriesInfo, *, reason: str, routes: list[str],
                      now: float) -> None:

@@ -19,6 +19,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
+from pydantic import BaseModel, Field
 
 from node import __version__
 from node.errors import PreannotError
@@ -31,6 +32,22 @@ from node.web.view import NodeView
 __all__ = ["create_app"]
 
 logger = logging.getLogger(__name__)
+
+
+class FindingJudgement(BaseModel):
+    """One AI finding's fate, as a radiologist (or a RIS/viewer integration) states it."""
+
+    finding: int = Field(ge=1, description="the finding's index in the result (1-based)")
+    outcome: str = Field(pattern="^(accepted|edited|rejected)$")
+    note: str | None = Field(None, max_length=500)
+
+
+class VerdictBody(BaseModel):
+    findings: list[FindingJudgement] = Field(default_factory=list)
+    #: findings the model missed, as a count (each one an "added" finding)
+    added: int = Field(0, ge=0)
+    #: who judged, as a role (never a name: names are not stored)
+    observer_role: str = Field("radiologist", max_length=64)
 
 
 def _job_dict(job: Job, *, detail: bool = False) -> dict[str, Any]:
@@ -189,6 +206,34 @@ def create_app(node: NodeView) -> FastAPI:
         """Run the series through its routes again (a new series version, new jobs)."""
         version = node.reprocess(series_uid, actor=actor)  # NotFoundError -> 404
         return {"series_uid": series_uid, "version": version}
+
+    @app.post("/api/jobs/{job_id}/verdict", tags=["verdicts"])
+    def post_verdict(job_id: int, body: VerdictBody, actor: str = Depends(require_token)) -> dict[str, Any]:
+        """Record the radiologist's verdict on a result, finding by finding (audited; the same body
+        posted twice is recorded once)."""
+        vid, new = node.record_http_verdict(job_id, body.model_dump(), actor=actor)
+        logger.info("job %d: verdict %d %s by %s", job_id, vid, "recorded" if new else "already recorded", actor)
+        return {"job_id": job_id, "verdict": vid, "new": new}
+
+    @app.get("/api/verdicts", tags=["verdicts"], dependencies=reads)
+    def list_verdicts(model: str | None = None,
+                      format: Annotated[str, Query(pattern="^(json|csv)$")] = "json") -> Response:
+        """Every verdict with its findings (JSON) or one row per verdict (CSV)."""
+        text = node.verdicts.export(format, model=model)
+        return Response(text, media_type="text/csv" if format == "csv" else "application/json")
+
+    @app.get("/api/agreement", tags=["verdicts"], dependencies=reads)
+    def get_agreement(by: Annotated[str, Query(pattern="^(version|scanner|week)$")] = "version",
+                      model: str | None = None) -> list[dict[str, Any]]:
+        """Agreement per model and version, per scanner or per week, with 95 % intervals."""
+        from node.verdicts.stats import agreement
+
+        return agreement(node.verdicts, by=by, model=model)
+
+    @app.get("/api/alerts", tags=["verdicts"], dependencies=reads)
+    def get_alerts() -> list[dict[str, Any]]:
+        """Drift alerts holding now (agreement and inputs)."""
+        return node.verdict_summary()[1]
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False, dependencies=reads)
     def dashboard() -> HTMLResponse:

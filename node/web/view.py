@@ -14,6 +14,7 @@ from node.metrics import NodeMetrics
 from node.store.db import Database
 from node.store.jobs import JobStore
 from node.store.series import SeriesStore
+from node.verdicts.store import VerdictStore
 
 __all__ = ["NodeView"]
 
@@ -25,6 +26,7 @@ class NodeView(Protocol):
     series: SeriesStore
     registry: Registry
     metrics: NodeMetrics
+    verdicts: VerdictStore
 
     @property
     def dicom_port(self) -> int: ...
@@ -34,3 +36,7 @@ class NodeView(Protocol):
     def readiness(self) -> dict[str, bool]: ...
 
     def reprocess(self, series_uid: str, *, actor: str | None = None) -> int: ...
+
+    def record_http_verdict(self, job_id: int, body: dict[str, Any], *, actor: str) -> tuple[int, bool]: ...
+
+    def verdict_summary(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]: ...

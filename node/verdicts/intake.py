@@ -1,0 +1,355 @@
+"""Verdict intake: SEG, SR and KO objects that come back for a study the node sent results for.
+
+The PACS routes them to the node by C-STORE (a routing rule on workstation objects, see deploy/) like
+any other series; the assembler hands every stable series made only of SEG/SR/KO objects of such a
+study here instead of to a model (:meth:`VerdictIntake.is_candidate`). Each object is matched to the
+AI result it judges and classified finding by finding:
+
+- **SEG** (edited or new, for the same source series): the final segmentation; each AI finding is
+  accepted, edited or rejected, and final findings with no AI counterpart are added (``judge.py``).
+  Matched per label when its segments carry the AI segments' property types, as one mask otherwise.
+- **SR** with VerificationFlag VERIFIED citing the node's SR (predecessor, identical or evidence): the
+  findings whose tracking UIDs it keeps are accepted, the others rejected; new tracking UIDs are added.
+- **KO** rejecting the node's SEG or SR (document titles 113001, 113037, 113039): every finding rejected.
+
+The node's own objects coming back (its SEG, SR and rejection notes) are recognised by SOP Instance UID
+and ignored. An object recorded once is not recorded again (idempotent on re-send).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom import Dataset, dcmread
+
+from node.config import VerdictsConfig
+from node.store.db import Database
+from node.store.series import SeriesInfo, SeriesStore
+from node.verdicts.judge import FindingVerdict, Judgement, judge_masks, study_verdict
+from node.verdicts.store import VerdictRecord, VerdictStore, hash_observer
+
+__all__ = ["REJECTION_TITLES", "VerdictIntake", "http_verdict", "scanner_key"]
+
+logger = logging.getLogger(__name__)
+
+SEG_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
+KO_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
+SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+#: KOS document titles that reject instances (CID 7011): quality, patient safety, incorrect modality worklist
+REJECTION_TITLES = {"113001": "Rejected for Quality Reasons", "113037": "Rejected for Patient Safety Reasons",
+                    "113039": "Data Retention Policy Expired"}
+
+
+def scanner_key(attrs: dict[str, Any]) -> str:
+    """The source series' scanner as one string: manufacturer and model | kernel | slice thickness."""
+    kernel = attrs.get("ConvolutionKernel", "")
+    kernel = "\\".join(kernel) if isinstance(kernel, list) else str(kernel)
+    maker = f"{attrs.get('Manufacturer', '?')} {attrs.get('ManufacturerModelName', '')}".strip()
+    thick = attrs.get("SliceThickness")
+    return f"{maker} | {kernel or '?'} | {thick if thick is not None else '?'} mm"
+
+
+def _referenced_uids(ds: Dataset, keywords: tuple[str, ...]) -> set[str]:
+    """Every ReferencedSOPInstanceUID under the given top-level sequences (any depth)."""
+    out: set[str] = set()
+
+    def walk(items: Any) -> None:
+        for item in items or []:
+            uid = item.get("ReferencedSOPInstanceUID")
+            if uid:
+                out.add(str(uid))
+            for elem in item:
+                if elem.VR == "SQ":
+                    walk(elem.value)
+
+    for kw in keywords:
+        walk(ds.get(kw))
+    return out
+
+
+def _tracking_uids(ds: Dataset) -> list[str]:
+    """Tracking unique identifiers (code 112040) of an SR's content tree, in order of first appearance."""
+    seen: dict[str, None] = {}
+
+    def walk(items: Any) -> None:
+        for item in items or []:
+            name = item.get("ConceptNameCodeSequence")
+            if item.get("ValueType") == "UIDREF" and name and name[0].CodeValue == "112040":
+                seen.setdefault(str(item.UID), None)
+            walk(item.get("ContentSequence"))
+
+    walk(ds.get("ContentSequence"))
+    return list(seen)
+
+
+class VerdictIntake:
+    def __init__(self, config: VerdictsConfig, db: Database, series: SeriesStore, verdicts: VerdictStore) -> None:
+        self.config = config
+        self.db = db
+        self.series = series
+        self.verdicts = verdicts
+        self._salt = self._observer_salt()
+
+    def _observer_salt(self) -> str:
+        row = self.db.one("SELECT value FROM meta WHERE key = 'observer_salt'")
+        if row is not None:
+            return str(row[0])
+        salt = secrets.token_hex(16)
+        with self.db.tx() as c:
+            c.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('observer_salt', ?)", (salt,))
+        row = self.db.one("SELECT value FROM meta WHERE key = 'observer_salt'")
+        return str(row[0]) if row is not None else salt
+
+    # --- which series -------------------------------------------------------------------------------
+
+    def is_candidate(self, info: SeriesInfo) -> bool:
+        """SEG / SR / KO objects of a study the node has a finished result for."""
+        if not self.config.enabled:
+            return False
+        sop = str(info.attrs.get("SOPClassUID", ""))
+        if not (sop in SEG_CLASSES or sop.startswith(SR_PREFIX)):
+            return False
+        row = self.db.one("SELECT 1 FROM jobs j JOIN series s ON s.series_uid = j.series_uid "
+                          "WHERE s.study_uid = ? AND j.state = 'done' LIMIT 1", (info.study_uid,))
+        return row is not None
+
+    # --- examining ----------------------------------------------------------------------------------
+
+    def examine(self, series_uid: str) -> list[str]:
+        """Judge every object of the series; one line per object saying what was recorded."""
+        lines = []
+        for path in self.series.files(series_uid):
+            try:
+                lines.extend(self.examine_file(path))
+            except Exception as exc:  # one bad object never stops the others, nor the assembler
+                logger.warning("verdict object %s not judged: %s: %s", path.name, type(exc).__name__, exc)
+                lines.append(f"{path.name}: not judged ({type(exc).__name__}: {exc})")
+        return lines
+
+    def examine_file(self, path: Path, *, received_at: float | None = None) -> list[str]:
+        ds = dcmread(path)
+        uid = str(ds.SOPInstanceUID)
+        if self.db.one("SELECT 1 FROM outbox WHERE sop_uid = ? LIMIT 1", (uid,)) is not None:
+            return [f"{uid}: one of the node's own objects, ignored"]
+        sop = str(ds.SOPClassUID)
+        received = received_at if received_at is not None else time.time()
+        if sop in SEG_CLASSES:
+            return [self._record(job, "seg", ds, path, judgement, received)
+                    for job, judgement in self._judge_seg(ds)]
+        if sop == KO_CLASS:
+            return [self._record(job, "ko", ds, path, judgement, received) for job, judgement in self._judge_ko(ds)]
+        if sop.startswith(SR_PREFIX):
+            return [self._record(job, "sr", ds, path, judgement, received) for job, judgement in self._judge_sr(ds)]
+        return [f"{uid}: SOP class {sop} is not a verdict object"]
+
+    def _record(self, job: dict[str, Any], source: str, ds: Dataset, path: Path, judgement: Judgement,
+                received: float) -> str:
+        result = json.loads(job["result"]) if job["result"] else {}
+        model = result.get("model") or {}
+        attrs = self._series_attrs(job["series_uid"])
+        observer = self._observer(ds, source)
+        rec = VerdictRecord(
+            job_id=int(job["id"]), source=source, object_uid=str(ds.SOPInstanceUID), study_uid=str(ds.StudyInstanceUID),
+            series_uid=job["series_uid"], model=job["model"], model_version=str(model.get("version", "")),
+            judgement=judgement, observer=observer, object_path=str(path), received_at=received,
+            time_to_verdict_s=None if job["finished_at"] is None else round(received - float(job["finished_at"]), 1),
+            scanner=scanner_key(attrs), detail={"sop_class": str(ds.SOPClassUID)})
+        vid, new = self.verdicts.record(rec)
+        counts = judgement.counts()
+        what = (f"job {job['id']}: {source.upper()} verdict {judgement.study_verdict} "
+                f"({counts['accepted']} accepted, {counts['edited']} edited, {counts['rejected']} rejected, "
+                f"{counts['added']} added)")
+        if new:
+            logger.info("verdict %d recorded: %s", vid, what)
+            return f"{ds.SOPInstanceUID}: {what}"
+        return f"{ds.SOPInstanceUID}: already recorded as verdict {vid} (re-sent)"
+
+    def _observer(self, ds: Dataset, source: str) -> str | None:
+        name = None
+        if source == "sr" and ds.get("VerifyingObserverSequence"):
+            name = str(ds.VerifyingObserverSequence[0].get("VerifyingObserverName", "") or "")
+        if not name:
+            name = str(ds.get("ContentCreatorName", "") or "")
+        return hash_observer(name, self._salt) if name else None
+
+    def _series_attrs(self, series_uid: str) -> dict[str, Any]:
+        row = self.db.one("SELECT attrs FROM series WHERE series_uid = ?", (series_uid,))
+        return json.loads(row[0]) if row is not None else {}
+
+    def _jobs_with_objects(self, object_uids: set[str]) -> Iterator[dict[str, Any]]:
+        """Done jobs that sent one of these objects."""
+        if not object_uids:
+            return
+        marks = ",".join("?" * len(object_uids))
+        rows = self.db.query(f"SELECT DISTINCT j.* FROM jobs j JOIN outbox o ON o.job_id = j.id WHERE j.state = 'done' "
+                             f"AND o.role = 'result' AND o.sop_uid IN ({marks}) ORDER BY j.id", tuple(object_uids))
+        yield from (dict(r) for r in rows)
+
+    def _latest_job_for_series(self, series_uids: set[str]) -> Iterator[dict[str, Any]]:
+        """The latest done, not superseded job of each model on these source series that produced a SEG."""
+        if not series_uids:
+            return
+        marks = ",".join("?" * len(series_uids))
+        rows = self.db.query(
+            f"SELECT j.* FROM jobs j WHERE j.state = 'done' AND j.superseded_by IS NULL AND j.series_uid IN ({marks}) "
+            "AND j.id = (SELECT MAX(k.id) FROM jobs k WHERE k.series_uid = j.series_uid AND k.model = j.model "
+            "AND k.state = 'done') ORDER BY j.id", tuple(series_uids))
+        yield from (dict(r) for r in rows)
+
+    # --- SEG ----------------------------------------------------------------------------------------
+
+    def _judge_seg(self, ds: Dataset) -> Iterator[tuple[dict[str, Any], Judgement]]:
+        refs = {str(s.SeriesInstanceUID) for s in ds.get("ReferencedSeriesSequence", [])}
+        derived = _referenced_uids(ds, ("ReferencedSeriesSequence", "PerFrameFunctionalGroupsSequence"))
+        jobs = {j["id"]: j for j in self._jobs_with_objects(derived)}  # derived from the node's SEG
+        for j in self._latest_job_for_series(refs):
+            jobs.setdefault(j["id"], j)
+        if not jobs:
+            raise ValueError("the SEG references no series the node has a result for")
+        for job in jobs.values():
+            yield job, self._seg_against_job(ds, job)
+
+    def _seg_against_job(self, final_ds: Dataset, job: dict[str, Any]) -> Judgement:
+        import highdicom as hd
+
+        result = json.loads(job["result"])
+        ours_path = (result.get("files") or {}).get("seg")
+        if not ours_path or not Path(ours_path).is_file():
+            raise ValueError(f"job {job['id']}'s SEG is no longer on disk (retention): the edit cannot be compared")
+        ours = hd.seg.segread(ours_path)
+        uids = [str(i.ReferencedSOPInstanceUID) for s in ours.ReferencedSeriesSequence
+                for i in s.ReferencedInstanceSequence]
+        final = hd.seg.Segmentation.from_dataset(final_ds, copy=False)
+        final_uids = _referenced_uids(final_ds, ("ReferencedSeriesSequence",))
+        if not final_uids & set(uids):
+            raise ValueError("the SEG references none of the source images of the AI result")
+        sx, sy, sz = result["summary"]["spacing_mm"]
+        spacing = (float(sz), float(sy), float(sx))
+        ai_px = self._pixels(ours, uids)
+        fin_px = self._pixels(final, uids)
+        ai_types = {n: ours.get_segment_description(n).SegmentedPropertyTypeCodeSequence[0].CodeValue
+                    for n in ours.get_segment_numbers()}
+        fin_types = {n: final.get_segment_description(n).SegmentedPropertyTypeCodeSequence[0].CodeValue
+                     for n in final.get_segment_numbers()}
+        label_of = {r.get("label_name"): r.get("label") for r in result.get("rois", [])}
+        if set(fin_types.values()) <= set(ai_types.values()):  # the same kinds of finding: judged per label
+            findings: list[FindingVerdict] = []
+            dice_parts = []
+            for n_ai, code in ai_types.items():
+                a = ai_px[..., list(ai_types).index(n_ai)]
+                cols = [list(fin_types).index(m) for m, c in fin_types.items() if c == code]
+                f = np.asarray(fin_px[..., cols].any(axis=-1)) if cols else np.zeros_like(a)
+                name = ours.get_segment_description(n_ai).SegmentLabel
+                j = judge_masks(a, f, spacing, accept_dice=self.config.accept_dice,
+                                label=int(label_of.get(name, n_ai) or n_ai))
+                findings.extend(j.findings)
+                dice_parts.append((a, f))
+            a_all = np.asarray(np.any([p[0] for p in dice_parts], axis=0))
+            f_all = np.asarray(np.any([p[1] for p in dice_parts], axis=0))
+            whole = judge_masks(a_all, f_all, spacing, accept_dice=self.config.accept_dice)
+            judgement = Judgement(findings, "", whole.case_dice)
+            judgement.study_verdict = study_verdict(judgement.counts())
+            return judgement
+        return judge_masks(np.asarray(ai_px.any(axis=-1)), np.asarray(fin_px.any(axis=-1)), spacing,
+                           accept_dice=self.config.accept_dice)
+
+    @staticmethod
+    def _pixels(seg: Any, uids: list[str]) -> np.ndarray:
+        """``[k, j, i, segment]`` booleans on the source images ``uids`` (slices without frames are empty)."""
+        px = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=seg.get_segment_numbers(),
+                                               assert_missing_frames_are_empty=True)
+        return np.asarray(px) > 0
+
+    # --- SR and KO ----------------------------------------------------------------------------------
+
+    def _findings_of(self, job: dict[str, Any], outcome: str) -> list[FindingVerdict]:
+        rois = json.loads(job["result"]).get("rois", []) if job["result"] else []
+        return [FindingVerdict(int(r.get("index", n)), int(r.get("label", 0)), outcome,
+                               dice=1.0 if outcome == "accepted" else 0.0, ai_volume_mm3=r.get("volume_mm3"))
+                for n, r in enumerate(rois, start=1)]
+
+    def _judge_sr(self, ds: Dataset) -> Iterator[tuple[dict[str, Any], Judgement]]:
+        if str(ds.get("VerificationFlag", "")).upper() != "VERIFIED":
+            raise ValueError("the SR is not VERIFIED: not a verdict (a draft or another AI's report)")
+        cited = _referenced_uids(ds, ("PredecessorDocumentsSequence", "IdenticalDocumentsSequence",
+                                      "CurrentRequestedProcedureEvidenceSequence"))
+        jobs = list(self._jobs_with_objects(cited))
+        if not jobs:
+            raise ValueError("the verified SR cites none of the node's SRs")
+        kept = set(_tracking_uids(ds))
+        for job in jobs:
+            ours_path = (json.loads(job["result"]).get("files") or {}).get("sr")
+            ours = _tracking_uids(dcmread(ours_path)) if ours_path and Path(ours_path).is_file() else []
+            rois = json.loads(job["result"]).get("rois", [])
+            findings: list[FindingVerdict] = []
+            if ours and kept & set(ours):  # finding by finding, through the tracking UIDs the viewer kept
+                for n, r in enumerate(rois, start=1):
+                    uid = ours[n - 1] if n - 1 < len(ours) else None
+                    outcome = "accepted" if uid in kept else "rejected"
+                    findings.append(FindingVerdict(int(r.get("index", n)), int(r.get("label", 0)), outcome,
+                                                   dice=1.0 if outcome == "accepted" else 0.0,
+                                                   ai_volume_mm3=r.get("volume_mm3")))
+                findings += [FindingVerdict(None, 0, "added") for _ in kept - set(ours)]
+            else:  # the document verified as a whole
+                findings = self._findings_of(job, "accepted")
+            j = Judgement(findings, "", None)
+            j.study_verdict = study_verdict(j.counts())
+            yield job, j
+
+    def _judge_ko(self, ds: Dataset) -> Iterator[tuple[dict[str, Any], Judgement]]:
+        title = ds.get("ConceptNameCodeSequence")
+        code = str(title[0].CodeValue) if title else ""
+        if code not in REJECTION_TITLES:
+            raise ValueError(f"the KO's title ({code or 'none'}) is not a rejection")
+        cited = _referenced_uids(ds, ("CurrentRequestedProcedureEvidenceSequence",))
+        jobs = list(self._jobs_with_objects(cited))
+        if not jobs:
+            raise ValueError("the rejection note cites none of the node's objects")
+        for job in jobs:
+            j = Judgement(self._findings_of(job, "rejected"), "rejected", None)
+            for f in j.findings:
+                f.note = REJECTION_TITLES[code]
+            yield job, j
+
+
+def http_verdict(intake: VerdictIntake, job: Any, body: dict[str, Any], *, actor: str) -> tuple[int, bool]:
+    """Record a verdict given over HTTP for a done job: the listed findings with their outcome, plus
+    ``added`` missed findings. The object UID is a digest of the job and the body: the same statement
+    posted twice is recorded once."""
+    import hashlib
+
+    from node.errors import ConflictError
+
+    if job.state != "done" or not job.result:
+        raise ConflictError(f"job {job.id} is {job.state}: only a done job's result can be judged")
+    rois = {int(r.get("index", n)): r for n, r in enumerate(job.result.get("rois", []), start=1)}
+    findings = []
+    for f in body.get("findings", []):
+        if f["finding"] not in rois:
+            raise ConflictError(f"job {job.id} has no finding {f['finding']} (it has {len(rois)})")
+        r = rois[f["finding"]]
+        findings.append(FindingVerdict(f["finding"], int(r.get("label", 0)), f["outcome"],
+                                       ai_volume_mm3=r.get("volume_mm3"), note=f.get("note")))
+    findings += [FindingVerdict(None, 0, "added") for _ in range(int(body.get("added", 0)))]
+    j = Judgement(findings, "", None)
+    j.study_verdict = study_verdict(j.counts())
+    digest = hashlib.sha256(json.dumps({"job": job.id, **body}, sort_keys=True).encode()).hexdigest()[:32]
+    row = intake.db.one("SELECT * FROM jobs WHERE id = ?", (job.id,))
+    assert row is not None
+    attrs = intake._series_attrs(job.series_uid)
+    study = intake.db.one("SELECT study_uid FROM series WHERE series_uid = ?", (job.series_uid,))
+    now = time.time()
+    rec = VerdictRecord(job_id=job.id, source="http", object_uid=f"http:{digest}",
+                        study_uid=str(study[0]) if study else "", series_uid=job.series_uid, model=job.model,
+                        model_version=str((job.result.get("model") or {}).get("version", "")), judgement=j,
+                        observer=f"{body.get('observer_role', 'radiologist')} via token {actor}", received_at=now,
+                        time_to_verdict_s=None if job.finished_at is None else round(now - job.finished_at, 1),
+                        scanner=scanner_key(attrs))
+    return intake.verdicts.record(rec)
