@@ -23,6 +23,7 @@ def register(main: typer.Typer) -> None:
     main.add_typer(config_app, name="config")
     main.add_typer(audit_app, name="audit")
     main.add_typer(models_app, name="models")
+    main.add_typer(verdicts_app, name="verdicts")
     for command in app.registered_commands:
         main.registered_commands.append(command)
 
@@ -142,16 +143,30 @@ def config_init(output: Annotated[Path | None, typer.Option("--output", "-o", he
 
 @app.command()
 def evaluate(
-    dataset: Annotated[Path, typer.Argument(help="Folder of image series with reference SEG (or NIfTI) beside them")],
     out: Annotated[Path, typer.Option("--out", help="Report folder (report.html, metrics.csv, summary.json)")],
-    model: Annotated[list[str], typer.Option("--model", "-m", help="Model to evaluate; repeat to compare")],
+    dataset: Annotated[Path | None, typer.Argument(
+        help="Folder of image series with reference SEG (or NIfTI) beside them (not with --from-verdicts)")] = None,
+    model: Annotated[list[str] | None, typer.Option(
+        "--model", "-m", help="Model to run and evaluate; repeat to compare (with --from-verdicts: candidates)")] = None,
     config: ConfigOpt = None,
+    from_verdicts: Annotated[str | None, typer.Option(
+        "--from-verdicts", help="Use the node's verdict store as the dataset: the radiologists' final SEGs of "
+        "this model's results as the reference, and this model as it was sent scored against them")] = None,
+    version: Annotated[str | None, typer.Option(help="--from-verdicts: only results of this model version")] = None,
+    scanner: Annotated[str | None, typer.Option(help="--from-verdicts: only this scanner (as /api/agreement names it)")] = None,
+    days: Annotated[float | None, typer.Option(help="--from-verdicts: only verdicts of the last N days")] = None,
     tolerance_mm: Annotated[float, typer.Option(help="Surface Dice tolerance (mm)")] = 2.0,
     detection: Annotated[str, typer.Option(help="Lesion matching: overlap or centroid")] = "overlap",
     centroid_mm: Annotated[float, typer.Option(help="Centroid rule distance (mm)")] = 5.0,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs")] = 2000,
 ) -> None:
-    """Evaluate models on labelled data: overlap, surface distances, detection, FROC, volumes, speed."""
+    """Evaluate models on labelled data: overlap, surface distances, detection, FROC, volumes, speed.
+
+    With --from-verdicts MODEL, the cases are the node's own: each result of MODEL whose latest verdict is
+    the radiologist's final SEG; MODEL as it was sent is scored against it, and so is every --model given
+    (a new version or a candidate run on the same series)."""
+    import time
+
     from node.evaluate.run import EvalOptions
     from node.evaluate.run import evaluate as run_evaluation
     from node.inference.registry import Registry
@@ -159,12 +174,29 @@ def evaluate(
     cfg = load_or_exit(config)
     if detection not in ("overlap", "centroid"):
         raise die(PreannotError(f"--detection must be overlap or centroid (found {detection!r})"), 2)
+    if (dataset is None) == (from_verdicts is None):
+        raise die(PreannotError("give a dataset folder or --from-verdicts MODEL (one of them)"), 2)
+    options = EvalOptions(tolerance_mm=tolerance_mm, detection=detection, centroid_mm=centroid_mm, bootstrap=bootstrap)
     try:
         reg = Registry(cfg.models.dir)
-        infos = [reg.get(m) for m in model]
-        summary = run_evaluation(dataset, infos, out, options=EvalOptions(
-            tolerance_mm=tolerance_mm, detection=detection, centroid_mm=centroid_mm, bootstrap=bootstrap),
-            progress=lambda msg: typer.echo(msg, err=True))
+        infos = [reg.get(m) for m in model or []]
+        runners = {}
+        source: Path | object = dataset
+        if from_verdicts is not None:
+            from node.evaluate.verdicts import as_sent, verdict_dataset
+
+            stores = stores_or_exit(config)
+            from node.verdicts.store import VerdictStore
+
+            source = verdict_dataset(VerdictStore(stores.db), stores.series, model=from_verdicts, version=version, scanner=scanner,
+                                     since=None if days is None else time.time() - days * 86400)
+            sent, runner = as_sent(stores.jobs, reg.get(from_verdicts), source)  # type: ignore[arg-type]
+            infos.insert(0, sent)
+            runners[sent.name] = runner
+        elif not infos:
+            raise PreannotError("give at least one --model to evaluate")
+        summary = run_evaluation(source, infos, out, options=options, runners=runners,  # type: ignore[arg-type]
+                                 progress=lambda msg: typer.echo(msg, err=True))
     except PreannotError as exc:
         raise die(exc, 1) from exc
     for name, m in summary["models"].items():
@@ -252,3 +284,61 @@ def purge(config: ConfigOpt = None,
         return
     plan = execute_purge(stores.series, stores.jobs, cfg, actor="cli")
     typer.echo(f"removed {plan.summary()}")
+
+
+verdicts_app = typer.Typer(help="The radiologists' verdicts on the node's results (see docs/closing-the-loop.md).")
+
+
+@verdicts_app.command("list")
+def verdicts_list(config: ConfigOpt = None, model: Annotated[str | None, typer.Option(help="Only this model")] = None,
+                  limit: Annotated[int, typer.Option(help="At most this many, newest first")] = 50) -> None:
+    """The latest verdicts: source, study verdict and counts per finding outcome."""
+    from node.verdicts.store import VerdictStore
+
+    store = VerdictStore(stores_or_exit(config).db)
+    rows = [r for r in store.recent(limit * 10) if model is None or r["model"] == model][:limit]
+    for r in rows:
+        dice = "" if r["case_dice"] is None else f"  Dice {r['case_dice']:.3f}"
+        typer.echo(f"{r['id']}  job {r['job_id']}  {r['model']} {r['model_version']}  {r['source']}  "
+                   f"{r['study_verdict']}  accepted {r['accepted']} edited {r['edited']} rejected {r['rejected']} "
+                   f"added {r['added']}{dice}")
+    if not rows:
+        typer.echo("no verdict recorded", err=True)
+
+
+@verdicts_app.command("export")
+def verdicts_export(config: ConfigOpt = None, fmt: Annotated[str, typer.Option("--format", help="json or csv")] = "csv",
+                    model: Annotated[str | None, typer.Option(help="Only this model")] = None) -> None:
+    """Every verdict (CSV: one row each; JSON: with its findings) on standard output."""
+    from node.verdicts.store import VerdictStore
+
+    if fmt not in ("json", "csv"):
+        raise die(PreannotError(f"--format must be json or csv (found {fmt!r})"), 2)
+    typer.echo(VerdictStore(stores_or_exit(config).db).export(fmt, model=model), nl=False)
+
+
+@verdicts_app.command("agreement")
+def verdicts_agreement(config: ConfigOpt = None,
+                       by: Annotated[str, typer.Option(help="version, scanner or week")] = "version",
+                       as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False) -> None:
+    """Agreement per model and version (or scanner, or week) with 95 % intervals, then the drift alerts."""
+    from node.verdicts.stats import agreement, alerts
+    from node.verdicts.store import VerdictStore
+
+    if by not in ("version", "scanner", "week"):
+        raise die(PreannotError(f"--by must be version, scanner or week (found {by!r})"), 2)
+    cfg = load_or_exit(config)
+    stores = stores_or_exit(config)
+    store = VerdictStore(stores.db)
+    rows, found = agreement(store, by=by), alerts(store, stores.jobs, cfg.verdicts)
+    if as_json:
+        typer.echo(json.dumps({"agreement": rows, "alerts": found}, indent=2, default=str))
+        return
+    for r in rows:
+        what = " ".join(str(r[k]) for k in ("model", "model_version", "scanner", "week") if k in r)
+        acc = "n/a" if r["acceptance"] is None else (f"{r['acceptance']:.0%} [{r['acceptance_ci'][0]:.0%}, "
+                                                     f"{r['acceptance_ci'][1]:.0%}]")
+        typer.echo(f"{what}: {r['studies']} studies, acceptance {acc}, added/study {r['added_per_study']}, "
+                   f"rejected/study {r['rejected_per_study']}, edit Dice {r['edit_dice']}")
+    for a in found:
+        typer.echo(f"ALERT {a['kind']} {a['model']}: {a['message']}")

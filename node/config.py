@@ -309,6 +309,12 @@ class VerdictsConfig(_Section):
     baseline_days: float = Field(30.0, gt=0)
     #: significance level of the drift tests (two-proportion test on acceptance, chi-square on inputs)
     alert_p: float = Field(0.01, gt=0, lt=1)
+    #: also look for verdict objects in this destination (a dicom or dicomweb one): C-FIND/QIDO-RS for SEG, SR
+    #: and KO series of the studies with results, C-MOVE/WADO-RS of the new ones (None: only what is sent)
+    fetch_from: str | None = None
+    fetch_minutes: float = Field(60.0, gt=0)
+    #: how far back (days since the result) studies are looked at
+    fetch_days: float = Field(14.0, gt=0)
 
 
 class WebConfig(_Section):
@@ -357,6 +363,8 @@ class NodeConfig(BaseSettings):
         rdupes = {n for n in rnames if rnames.count(n) > 1}
         if rdupes:
             raise ValueError(f"route names must be unique; repeated: {sorted(rdupes)}")
+        if self.verdicts.fetch_from is not None and self.verdicts.fetch_from not in names:
+            raise ValueError(f"[verdicts].fetch_from names {self.verdicts.fetch_from!r}, but the destinations are {names}")
         for r in self.routes:
             for d in r.send_to:
                 if d not in names:

@@ -95,6 +95,9 @@ alert_acceptance_floor = 0.7     # alert when acceptance over the last alert_win
 alert_window = 30
 baseline_days = 30               # the first N days of verdicts of a model version are its baseline
 alert_p = 0.01                   # significance of the drift tests
+# fetch_from = "pacs"            # also look for SEG/SR/KO in this destination (when the PACS cannot route them)
+fetch_minutes = 60
+fetch_days = 14
 
 [web]
 enabled = true                   # HTTP service: dashboard /, API /docs, metrics /metrics

@@ -104,7 +104,7 @@ class Node:
         self.stop_event = threading.Event()
         self.metrics = NodeMetrics()
         self.verdicts = VerdictStore(self.stores.db)
-        self.verdict_intake = VerdictIntake(config.verdicts, self.stores.db, self.series, self.verdicts)
+        self.verdict_intake = VerdictIntake(config.verdicts, self.series, self.store, self.verdicts)
         self.assembler = Assembler(config, self.series, self.store, verdicts=self.verdict_intake)
         tls = config.node
         self.listener = Listener(self.spool, config.node, ssl_context=server_context(
@@ -117,6 +117,8 @@ class Node:
         self.metrics.attach_state(self._metric_state)
         self.metrics.attach_verdicts(self.verdict_summary)
         self._assembler_thread = threading.Thread(target=self._assemble_loop, name="assembler", daemon=True)
+        self._fetch_thread = (threading.Thread(target=self._verdict_fetch_loop, name="verdict-fetch", daemon=True)
+                              if config.verdicts.enabled and config.verdicts.fetch_from else None)
         self.started_at = 0.0
         self._next_purge = 0.0
         self.web: Any = None
@@ -185,7 +187,22 @@ class Node:
         """Agreement per model and version, and the drift alerts holding now."""
         from node.verdicts.stats import agreement, alerts
 
-        return agreement(self.verdicts), alerts(self.verdicts, self.stores.db, self.config.verdicts)
+        return agreement(self.verdicts), alerts(self.verdicts, self.store, self.config.verdicts)
+
+    def _verdict_fetch_loop(self) -> None:
+        """``[verdicts].fetch_from``: look for verdict objects in the PACS every ``fetch_minutes``."""
+        from node.verdicts.fetch import VerdictFetcher
+
+        fetcher = VerdictFetcher(self.config, self.series, self.store)
+        while not self.stop_event.wait(self.config.verdicts.fetch_minutes * 60):
+            try:
+                n = fetcher.run_once()
+                if n:
+                    logger.info("verdicts: %d series asked for from %s", n, self.config.verdicts.fetch_from)
+            except PreannotError as exc:
+                logger.warning("verdicts: looking in %s failed: %s", self.config.verdicts.fetch_from, exc)
+            except Exception:
+                logger.exception("verdict fetch error")
 
     def _assemble_loop(self) -> None:
         while not self.stop_event.is_set():
@@ -216,6 +233,8 @@ class Node:
                                            "models": {n: m.identification() for n, m in self.registry.models.items()}})
         self.listener.start()
         self._assembler_thread.start()
+        if self._fetch_thread is not None:
+            self._fetch_thread.start()
         for w in self.workers:
             w.start()
         self.deliverer.start()

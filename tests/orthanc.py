@@ -16,6 +16,7 @@ DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 #: the routing rule shipped in deploy/ is the one the tests run
 ROUTE_LUA = (ROOT / "deploy" / "orthanc" / "route-to-preannot.lua").read_text()
+VERDICTS_LUA = (ROOT / "deploy" / "orthanc" / "verdicts.lua").read_text()
 
 
 def orthanc_available() -> str | None:
@@ -31,19 +32,22 @@ class Orthanc:
     """An Orthanc server with preannot declared as a modality and a Lua routing rule."""
 
     def __init__(self, workdir: Path, *, preannot_port: int, user: str = "preannot",
-                 password: str = "orthanc-secret-123456", route: bool = True) -> None:
+                 password: str = "orthanc-secret-123456", route: bool = True, verdicts: bool = False) -> None:
         self.workdir = workdir
         self.http_port, self.dicom_port = free_port(), free_port()
         self.user, self.password = user, password
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "route.lua").write_text(ROUTE_LUA)
+        (workdir / "verdicts.lua").write_text(VERDICTS_LUA)
+        scripts = [str(workdir / "route.lua")] if route else []
+        scripts += [str(workdir / "verdicts.lua")] if verdicts else []
         config = {
             "Name": "TEST-PACS", "StorageDirectory": str(workdir / "db"), "IndexDirectory": str(workdir / "db"),
             "HttpPort": self.http_port, "DicomPort": self.dicom_port, "DicomAet": "ORTHANC",
             "DicomCheckCalledAet": False, "RemoteAccessAllowed": False, "AuthenticationEnabled": True,
             "RegisteredUsers": {user: password}, "StableAge": 2, "HttpCompressionEnabled": False,
             "DicomModalities": {"preannot": ["PREANNOT", "127.0.0.1", preannot_port]},
-            **({"LuaScripts": [str(workdir / "route.lua")]} if route else {}), "Plugins": [str(DICOMWEB_PLUGIN)],
+            **({"LuaScripts": scripts} if scripts else {}), "Plugins": [str(DICOMWEB_PLUGIN)],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False},
         }
         (workdir / "orthanc.json").write_text(json.dumps(config, indent=2))

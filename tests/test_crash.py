@@ -27,7 +27,7 @@ def test_kill9_during_inference_and_while_delivering(tmp_path: Path) -> None:
     port, sink_port = free_port(), free_port()
     data = tmp_path / "data"
     cfg = tmp_path / "node.toml"
-    cfg.write_text(node_toml(data, port, sink_port=sink_port, stable=0.5, delivery_backoff=0.3))
+    cfg.write_text(node_toml(data, port, sink_port=sink_port, stable=2.0, delivery_backoff=0.3))
     log = tmp_path / "node.log"
     db = data / "node.db"
     files = [str(p) for p in sorted((ROOT / "sample_dicom").glob("*.dcm"))]
@@ -80,7 +80,7 @@ def test_sigterm_mid_job_exits_cleanly_and_the_job_runs_once(tmp_path: Path) -> 
     port, sink_port = free_port(), free_port()
     data = tmp_path / "data"
     cfg = tmp_path / "node.toml"
-    cfg.write_text(node_toml(data, port, sink_port=sink_port, stable=0.5, delivery_backoff=0.3)
+    cfg.write_text(node_toml(data, port, sink_port=sink_port, stable=2.0, delivery_backoff=0.3)
                    .replace("stop_timeout_seconds = 10", "stop_timeout_seconds = 0"))  # requeue at once
     log = tmp_path / "node.log"
     db = data / "node.db"

@@ -262,3 +262,155 @@ def test_reprocess_supersedes_with_a_rejection_note(tmp_path: Path, small_series
             node.stop()
     finally:
         orthanc.stop()
+
+
+def _second_study(series: Path, out: Path) -> Path:
+    """The same images as another patient visit: new study, series, frame of reference and instance UIDs."""
+    from pydicom.uid import generate_uid
+
+    out.mkdir(parents=True)
+    study, ser, frame = generate_uid(), generate_uid(), generate_uid()
+    for p in sorted(series.glob("*.dcm")):
+        ds = dcmread(p)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, ser, frame
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(out / p.name)
+    return out
+
+
+def test_radiologist_verdicts_come_back_through_orthanc(tmp_path: Path, small_series: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two studies routed by Orthanc; the radiologist (the test) stores an edited SEG and a verified SR for
+    the first and a rejection note for the second; Orthanc's verdict rule sends them back; the node
+    records accepted / edited (with Dice) / rejected / added exactly, once on re-send; the dashboard shows
+    them in headless Chromium; `preannot evaluate --from-verdicts` gives the same Dice as the SEGs."""
+    import json
+    import shutil
+    import subprocess
+
+    import numpy as np
+    from scipy import ndimage
+    from typer.testing import CliRunner
+
+    from node.cli import app
+    from node.config import load_config
+    from node.service import Node
+    from tests.conftest import free_port, node_toml
+    from tests.radiologist import edited_seg, rejection, verified_sr
+
+    port, web_port = free_port(), free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", preannot_port=port, verdicts=True)
+    monkeypatch.setenv("TEST_ORTHANC_PASSWORD", orthanc.password)
+    text = node_toml(tmp_path / "data", port, stable=1.0, allowed='["ORTHANC"]')
+    text = text.replace('send_to = []', 'send_to = ["pacs"]') + _destination("dicom", orthanc)
+    text = text.replace("[web]\nenabled = false", f'[web]\nenabled = true\nport = {web_port}\n'
+                                                   'tokens = { ris = "a-token-of-at-least-16" }')
+    cfg_path = tmp_path / "node.toml"
+    cfg_path.write_text(text)
+    node = Node(load_config(cfg_path))
+    node.start()
+    try:
+        client = orthanc.client()
+        second = _second_study(small_series, tmp_path / "study2")
+        for folder in (small_series, second):
+            for p in sorted(folder.glob("*.dcm")):
+                client.upload(p.read_bytes())
+        wait_for(lambda: len(node.store.list_jobs(state="done")) == 2, 240, what="both studies processed")
+        wait_for(lambda: node.store.outbox_counts().get("sent", 0) == 4, 60, what="SEG + SR of both at the PACS")
+        study1 = str(dcmread(next(small_series.glob("*.dcm"))).SeriesInstanceUID)
+        job1 = next(j for j in node.store.list_jobs() if j.series_uid == study1)
+        job2 = next(j for j in node.store.list_jobs() if j.series_uid != study1)
+        assert job1.result and job2.result
+        seg1, sr1 = Path(job1.result["files"]["seg"]), Path(job1.result["files"]["sr"])
+        seg2, sr2 = Path(job2.result["files"]["seg"]), Path(job2.result["files"]["sr"])
+        sources = sorted((dcmread(p) for p in small_series.glob("*.dcm")), key=lambda d: float(d.ImagePositionPatient[2]))
+        out = tmp_path / "radiologist"
+        out.mkdir()
+        edited, ai, final = edited_seg(seg1, sources, out)
+        objects = [edited, verified_sr(sr1, out), rejection(seg2, sr2, out)]
+        for p in objects:  # stored in the PACS as a workstation would; Orthanc's rule sends them back
+            client.upload(p.read_bytes())
+        wait_for(lambda: len(node.verdicts.rows()) == 3, 120, what="three verdicts back from Orthanc")
+        by_source = {v["source"]: v for v in node.verdicts.rows()}
+        v = by_source["seg"]
+        n_ai = ndimage.label(ai, structure=np.ones((3, 3, 3), bool))[1]
+        direct = float(2 * (ai & final).sum() / (ai.sum() + final.sum()))
+        assert (v["job_id"], v["n_ai"], v["accepted"], v["edited"], v["rejected"], v["added"]) == \
+            (job1.id, n_ai, n_ai - 2, 1, 1, 1)
+        assert v["case_dice"] == pytest.approx(direct, abs=1e-4)
+        assert by_source["sr"]["job_id"] == job1.id and by_source["sr"]["study_verdict"] == "accepted"
+        assert by_source["ko"]["job_id"] == job2.id and by_source["ko"]["study_verdict"] == "rejected"
+        assert len(node.store.list_jobs()) == 2  # nothing routed to a model
+        # re-sent by the PACS: recorded once
+        seg_series = client.lookup(str(dcmread(edited).SeriesInstanceUID))[0]
+        client.post("/modalities/preannot/store", json={"Resources": [seg_series], "Synchronous": True})
+        time.sleep(4)
+        assert len(node.verdicts.rows()) == 3
+        # the dashboard shows them
+        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+        if chromium is not None:
+            flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+                     f"--user-data-dir={tmp_path / 'chr'}"]
+            dom = subprocess.run([chromium, *flags, "--virtual-time-budget=5000", "--dump-dom",
+                                  f"http://127.0.0.1:{web_port}/"], capture_output=True, text=True, timeout=120).stdout
+            assert "Radiologist verdicts" in dom and ">edited<" in dom and ">rejected<" in dom and ">accepted<" in dom
+            assert f"{v['case_dice']:.2f}" in dom and "lesion-ct-demo" in dom
+        # the physicist: evaluate from the verdict store, the AI as sent against the final SEG
+        report = tmp_path / "report"
+        # and a candidate (here the same model, run again on the validated series) scored on the same cases
+        r = CliRunner().invoke(app, ["evaluate", "--from-verdicts", "lesion-ct-demo", "-m", "lesion-ct-demo",
+                                     "--out", str(report), "--config", str(cfg_path), "--bootstrap", "200"])
+        assert r.exit_code == 0, r.output
+        summary = json.loads((report / "summary.json").read_text())
+        assert summary["cases"] == 1
+        sent = summary["models"]["lesion-ct-demo (as sent)"]
+        dice = next(iter(sent["labels"].values()))["voxel"]["dice"]["mean"]
+        assert dice == pytest.approx(direct, abs=1e-4)
+        rerun = summary["models"]["lesion-ct-demo"]
+        assert next(iter(rerun["labels"].values()))["voxel"]["dice"]["mean"] == pytest.approx(dice, abs=1e-3)
+        assert (report / "report.html").is_file() and summary["comparisons"]
+    finally:
+        node.stop()
+        orthanc.stop()
+
+
+def test_verdicts_fetched_from_the_pacs_on_a_schedule(tmp_path: Path, small_series: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PACS with no verdict rule: the node looks for SEG/SR/KO of its studies itself (C-FIND, then C-MOVE
+    of the new series to its own AE title) and judges them; its own results are never fetched back."""
+    from node.config import load_config
+    from node.service import Node
+    from tests.conftest import free_port, node_toml
+    from tests.radiologist import edited_seg
+
+    port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", preannot_port=port)  # routes CT only
+    text = node_toml(tmp_path / "data", port, stable=1.0, allowed='["ORTHANC"]',
+                     extra='[verdicts]\nfetch_from = "pacs"\nfetch_minutes = 0.05\n')
+    text = text.replace('send_to = []', 'send_to = ["pacs"]') + _destination("dicom", orthanc)
+    cfg_path = tmp_path / "node.toml"
+    cfg_path.write_text(text)
+    node = Node(load_config(cfg_path))
+    node.start()
+    try:
+        client = orthanc.client()
+        for p in sorted(small_series.glob("*.dcm")):
+            client.upload(p.read_bytes())
+        job = wait_for(lambda: node.store.list_jobs(state="done"), 180, what="the study processed")[0]
+        wait_for(lambda: node.store.outbox_counts().get("sent", 0) == 2, 60, what="SEG + SR at the PACS")
+        sources = sorted((dcmread(p) for p in small_series.glob("*.dcm")), key=lambda d: float(d.ImagePositionPatient[2]))
+        out = tmp_path / "radiologist"
+        out.mkdir()
+        edited, _, _ = edited_seg(Path(job.result["files"]["seg"]), sources, out)
+        client.upload(edited.read_bytes())
+        wait_for(lambda: node.verdicts.rows(), 90, what="the verdict fetched from the PACS")
+        v = node.verdicts.rows()[0]
+        assert v["source"] == "seg" and v["job_id"] == job.id and v["edited"] == 1 and v["rejected"] == 1
+        time.sleep(4)  # more rounds of the schedule: nothing new, nothing twice
+        assert len(node.verdicts.rows()) == 1
+        own = {str(r[0]) for r in node.store.db.query("SELECT series_uid FROM outbox")}
+        received = {s.series_uid for s in node.series.list_series(limit=100)}
+        assert not own & received  # its own SEG and SR were not fetched back
+    finally:
+        node.stop()
+        orthanc.stop()

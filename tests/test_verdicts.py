@@ -8,36 +8,29 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import highdicom as hd
 import numpy as np
 import pytest
-from pydicom import Dataset, dcmread
-from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import generate_uid
+from pydicom import dcmread
 from scipy import ndimage
 
 from node.config import VerdictsConfig
 from node.devtools.sink import StoreSink
 from node.net.scu import send_files
 from node.store.db import Database
-from node.store.jobs import JobState
+from node.store.jobs import JobState, JobStore
 from node.verdicts.judge import Judgement, judge_masks, study_verdict
 from node.verdicts.stats import agreement, alerts
 from node.verdicts.store import VerdictRecord, VerdictStore
 from tests.conftest import wait_for
-
-
-def _blob(shape: tuple[int, int, int], centre: tuple[int, int, int], r: int) -> np.ndarray:
-    k, j, i = np.ogrid[: shape[0], : shape[1], : shape[2]]
-    return ((k - centre[0]) ** 2 + (j - centre[1]) ** 2 + (i - centre[2]) ** 2) <= r * r
+from tests.radiologist import blob, edited_seg, rejection, verified_sr
 
 
 def test_judge_classifies_each_finding_exactly() -> None:
     shape = (30, 64, 64)
-    a1, a2, a3 = _blob(shape, (10, 15, 15), 4), _blob(shape, (15, 40, 40), 5), _blob(shape, (20, 15, 45), 3)
+    a1, a2, a3 = blob(shape, (10, 15, 15), 4), blob(shape, (15, 40, 40), 5), blob(shape, (20, 15, 45), 3)
     ai = a1 | a2 | a3
     grown = ndimage.binary_dilation(a2, iterations=3)
-    new = _blob(shape, (25, 50, 10), 3)
+    new = blob(shape, (25, 50, 10), 3)
     final = a1 | grown | new  # a1 kept, a2 dilated, a3 removed, one added
     j = judge_masks(ai, final, (2.0, 1.0, 1.0), accept_dice=0.9)
     outcomes = {f.finding: f.outcome for f in j.findings}
@@ -59,80 +52,6 @@ def _send(node: Any, paths: list[Path]) -> None:
     assert all(o.ok for o in out), out
 
 
-def _edited_seg(our_seg: Path, sources: list[Dataset], out: Path) -> tuple[Path, np.ndarray, np.ndarray]:
-    """The radiologist's edit: first AI finding removed, second dilated, one new finding added."""
-    ours = hd.seg.segread(our_seg)
-    uids = [str(d.SOPInstanceUID) for d in sources]
-    ai = np.asarray(ours.get_pixels_by_source_instance(source_sop_instance_uids=uids,
-                                                       segment_numbers=ours.get_segment_numbers(),
-                                                       assert_missing_frames_are_empty=True)).any(axis=-1)
-    comp, n = ndimage.label(ai, structure=np.ones((3, 3, 3), bool))
-    assert n >= 2, "the demo model should find at least two lesions in the small phantom"
-    # the finding to enlarge: one with no other finding nearby (so that only it changes)
-    grow = next(c for c in range(2, n + 1)
-                if not (ndimage.binary_dilation(comp == c, iterations=4) & ai & (comp != c)).any())
-    final = ai.copy()
-    final[comp == 1] = False
-    final |= ndimage.binary_dilation(comp == grow, iterations=2)
-    free = np.argwhere(~ndimage.binary_dilation(ai, iterations=6))
-    k, j, i = free[len(free) // 2]
-    final |= _blob(ai.shape, (int(k), int(j), int(i)), 3)
-    desc = ours.get_segment_description(ours.get_segment_numbers()[0])
-    seg = hd.seg.Segmentation(
-        source_images=sources, pixel_array=final.astype(np.uint8), segmentation_type="BINARY",
-        segment_descriptions=[hd.seg.SegmentDescription(
-            segment_number=1, segment_label="Lesion (edited)",
-            segmented_property_category=desc.SegmentedPropertyCategoryCodeSequence[0],
-            segmented_property_type=desc.SegmentedPropertyTypeCodeSequence[0],
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)],
-        series_instance_uid=hd.UID(), series_number=300, sop_instance_uid=hd.UID(), instance_number=1,
-        manufacturer="Viewer", manufacturer_model_name="OHIF", software_versions="3", device_serial_number="1",
-        content_creator_name="Doe^Jane")
-    path = out / "edited_seg.dcm"
-    seg.save_as(path)
-    return path, ai, final
-
-
-def _verified_sr(our_sr: Path, out: Path) -> Path:
-    ds = dcmread(our_sr)
-    ref = Dataset()
-    ref.StudyInstanceUID = ds.StudyInstanceUID
-    series = Dataset()
-    series.SeriesInstanceUID = ds.SeriesInstanceUID
-    sop = Dataset()
-    sop.ReferencedSOPClassUID = ds.SOPClassUID
-    sop.ReferencedSOPInstanceUID = ds.SOPInstanceUID
-    series.ReferencedSOPSequence = DicomSequence([sop])
-    ref.ReferencedSeriesSequence = DicomSequence([series])
-    ds.PredecessorDocumentsSequence = DicomSequence([ref])
-    ds.SOPInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.VerificationFlag = "VERIFIED"
-    obs = Dataset()
-    obs.VerifyingObserverName = "Doe^Jane"
-    obs.VerifyingOrganization = "Radiology"
-    obs.VerificationDateTime = "20261126120000"
-    obs.VerifyingObserverIdentificationCodeSequence = DicomSequence([])
-    ds.VerifyingObserverSequence = DicomSequence([obs])
-    path = out / "verified_sr.dcm"
-    ds.save_as(path)
-    return path
-
-
-def _rejection(our_seg: Path, our_sr: Path, out: Path) -> Path:
-    seg, sr = dcmread(our_seg), dcmread(our_sr)
-    ko = hd.ko.KeyObjectSelectionDocument(
-        evidence=[seg, sr], content=hd.ko.KeyObjectSelection(
-            document_title=hd.sr.CodedConcept("113001", "DCM", "Rejected for Quality Reasons"),
-            referenced_objects=[seg, sr]),
-        series_instance_uid=hd.UID(), series_number=301, sop_instance_uid=hd.UID(), instance_number=1,
-        manufacturer="PACS", institution_name="Hospital", institutional_department_name="Radiology")
-    path = out / "rejection.dcm"
-    ko.save_as(path)
-    return path
-
-
 def test_verdicts_come_back_by_c_store_and_are_recorded_once(make_node: Callable[..., Any], small_series: Path,
                                                              tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     sink = StoreSink(tmp_path / "pacs", ae_title="SINK")
@@ -148,7 +67,7 @@ def test_verdicts_come_back_by_c_store_and_are_recorded_once(make_node: Callable
         sources = sorted((dcmread(p) for p in files), key=lambda d: float(d.ImagePositionPatient[2]))
         out = tmp_path / "radiologist"
         out.mkdir()
-        edited, ai, final = _edited_seg(our_seg, sources, out)
+        edited, ai, final = edited_seg(our_seg, sources, out)
         # the PACS forwards the node's own objects too: they are recognised and ignored
         _send(node, [edited, *sink.files()])
         wait_for(lambda: node.verdicts.rows(), 60, what="the SEG verdict")
@@ -169,11 +88,11 @@ def test_verdicts_come_back_by_c_store_and_are_recorded_once(make_node: Callable
         time.sleep(2.5)
         assert len(node.verdicts.rows()) == 1
         # a verified SR citing ours: accepted; a rejection note: rejected
-        _send(node, [_verified_sr(our_sr, out)])
+        _send(node, [verified_sr(our_sr, out)])
         wait_for(lambda: len(node.verdicts.rows()) == 2, 60, what="the SR verdict")
         sr_v = node.verdicts.rows()[-1]
         assert sr_v["source"] == "sr" and sr_v["study_verdict"] == "accepted" and sr_v["accepted"] == sr_v["n_ai"]
-        _send(node, [_rejection(our_seg, our_sr, out)])
+        _send(node, [rejection(our_seg, our_sr, out)])
         wait_for(lambda: len(node.verdicts.rows()) == 3, 60, what="the KO verdict")
         ko_v = node.verdicts.rows()[-1]
         assert ko_v["source"] == "ko" and ko_v["study_verdict"] == "rejected" and ko_v["rejected"] == ko_v["n_ai"]
@@ -211,9 +130,14 @@ def _month(db: Database, store: VerdictStore) -> None:
             with db.tx() as c:
                 c.execute("INSERT INTO series (series_uid, study_uid, modality, attrs, first_received, last_received, "
                           "updated_at) VALUES (?,?,?,?,?,?,?)", (uid, f"1.2.4.{jid}", "CT", json.dumps(attrs), ts, ts, ts))
+                # a sharper kernel: the same anatomy, a wider spread of values (HU percentiles)
+                spread = 1.3 if new else 1.0
+                result = {"summary": {"intensity": {"p5": round(-900 * spread + rng.normal(0, 10), 1),
+                                                    "p50": round(40 + rng.normal(0, 5), 1),
+                                                    "p95": round(300 * spread + rng.normal(0, 10), 1)}}}
                 c.execute("INSERT INTO jobs (id, series_uid, series_version, model, route, send_to, state, "
-                          "max_attempts, created_at, updated_at, next_run_at, finished_at) VALUES "
-                          "(?,?,1,'m','r','[]','done',3,?,?,?,?)", (jid, uid, ts, ts, ts, ts))
+                          "max_attempts, created_at, updated_at, next_run_at, finished_at, result) VALUES "
+                          "(?,?,1,'m','r','[]','done',3,?,?,?,?,?)", (jid, uid, ts, ts, ts, ts, json.dumps(result)))
             accepted = int(rng.binomial(4, 0.5 if new else 0.9))
             j = Judgement([], study_verdict({"accepted": accepted, "edited": 0, "rejected": 4 - accepted, "added": 0}),
                           None)
@@ -231,16 +155,17 @@ def test_a_month_of_verdicts_with_a_scanner_change_raises_the_alerts(tmp_path: P
     store = VerdictStore(db)
     _month(db, store)
     config = VerdictsConfig(alert_acceptance_floor=0.7, alert_window=30, baseline_days=15, alert_p=0.01)
-    found = {a["kind"]: a for a in alerts(store, db, config)}
+    found = {a["kind"]: a for a in alerts(store, JobStore(db), config)}
     assert {"acceptance_floor", "acceptance_drop", "input_shift"} <= set(found)
     drop = found["acceptance_drop"]
     table = {r["scanner"]: r for r in drop["by_scanner"]}
     assert table["A | B30f | 1.0 mm"]["baseline"] > 0.8 and table["B | Br40 | 1.0 mm"]["recent"] < 0.65
-    shift = [a for a in alerts(store, db, config) if a["kind"] == "input_shift"]
-    assert {a["attribute"] for a in shift} >= {"Manufacturer", "ConvolutionKernel"}
+    shift = [a for a in alerts(store, JobStore(db), config) if a["kind"] == "input_shift"]
+    assert {a["attribute"] for a in shift} >= {"Manufacturer", "ConvolutionKernel", "intensity p5", "intensity p95"}
+    assert "intensity p50" not in {a["attribute"] for a in shift}  # the median did not move
     per_scanner = {r["scanner"]: r for r in agreement(store, by="scanner")}
     a, b = per_scanner["A | B30f | 1.0 mm"], per_scanner["B | Br40 | 1.0 mm"]
     assert a["acceptance_ci"][0] > b["acceptance_ci"][1]  # the intervals do not overlap
     # before the change: no alert on agreement
     config_early = VerdictsConfig(alert_acceptance_floor=0.7, alert_window=30, baseline_days=40)
-    assert not [x for x in alerts(store, db, config_early) if x["kind"] == "acceptance_drop"]
+    assert not [x for x in alerts(store, JobStore(db), config_early) if x["kind"] == "acceptance_drop"]

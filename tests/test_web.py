@@ -3,6 +3,7 @@ the audit trail's hash chain and retention."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sqlite3
@@ -123,6 +124,55 @@ def test_api_metrics_actions(served) -> None:  # type: ignore[no-untyped-def]
     # no secret or patient identifier in the log
     log = (cfg.parent / "node.log").read_text()
     assert TOKEN not in log and "TESTPATIENT" not in log and "PID-424242" not in log
+
+
+def test_verdict_over_http_judge_page_exports_and_metrics(served) -> None:  # type: ignore[no-untyped-def]
+    """A radiologist's verdict stated over HTTP (token, audited, idempotent), the judge page, the exports,
+    the agreement and its metrics, and the CLI over the same store."""
+    base, cfg, _ = served
+    job_id = wait_for(lambda: httpx.get(f"{base}/api/jobs", params={"state": "done"}).json(), 120,
+                      what="the job")[0]["id"]
+    detail = httpx.get(f"{base}/api/jobs/{job_id}").json()
+    n = detail["roi_count"]
+    assert n >= 1
+    page = httpx.get(f"{base}/judge/{job_id}").text
+    assert f"verdict on job {job_id}" in page and page.count('data-finding="') == n
+    body = {"findings": [{"finding": 1, "outcome": "rejected", "note": "a vessel"}], "added": 1}
+    url = f"{base}/api/jobs/{job_id}/verdict"
+    assert httpx.post(url, json=body).status_code == 401
+    assert httpx.post(url, json={"findings": [{"finding": 99, "outcome": "accepted"}]},
+                      headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 409
+    assert httpx.post(url, json={"findings": [{"finding": 1, "outcome": "maybe"}]},
+                      headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 422
+    first = httpx.post(url, json=body, headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    again = httpx.post(url, json=body, headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    assert first["new"] and not again["new"] and first["verdict"] == again["verdict"]
+    rows = httpx.get(f"{base}/api/verdicts").json()
+    assert len(rows) == 1 and rows[0]["source"] == "http" and rows[0]["study_verdict"] == "edited"
+    assert [f["outcome"] for f in rows[0]["findings"]] == ["rejected", "added"]
+    assert rows[0]["findings"][0]["note"] == "a vessel"
+    csv_text = httpx.get(f"{base}/api/verdicts", params={"format": "csv"}).text
+    assert csv_text.splitlines()[0].startswith("id,job_id,source") and len(csv_text.splitlines()) == 2
+    agree = httpx.get(f"{base}/api/agreement").json()
+    assert agree[0]["model"] == "lesion-ct-demo" and agree[0]["acceptance"] == 0.0
+    assert agree[0]["added_per_study"] == 1.0
+    assert httpx.get(f"{base}/api/agreement/trend.png").content[:4] == b"\x89PNG"
+    assert isinstance(httpx.get(f"{base}/api/alerts").json(), list)
+    metrics = httpx.get(f"{base}/metrics").text
+    assert 'preannot_verdict_acceptance{model="lesion-ct-demo",version="0.3.0"} 0.0' in metrics
+    assert 'preannot_verdict_studies{model="lesion-ct-demo",verdict="edited",version="0.3.0"} 1.0' in metrics
+    from typer.testing import CliRunner
+
+    from node.cli import app as cli_app
+
+    r = CliRunner().invoke(cli_app, ["verdicts", "list", "--config", str(cfg)])
+    assert r.exit_code == 0 and f"job {job_id}" in r.output and "rejected 1" in r.output, r.output
+    r = CliRunner().invoke(cli_app, ["verdicts", "agreement", "--config", str(cfg)])
+    assert r.exit_code == 0 and "acceptance 0%" in r.output, r.output
+    r = CliRunner().invoke(cli_app, ["verdicts", "export", "--format", "json", "--config", str(cfg)])
+    assert r.exit_code == 0 and json.loads(r.output)[0]["job_id"] == job_id
+    events = [e["kind"] for e in httpx.get(f"{base}/api/jobs/{job_id}").json()["events"]]
+    assert events.count("verdict.recorded") == 1
 
 
 def test_dashboard_in_headless_chromium(served) -> None:  # type: ignore[no-untyped-def]

@@ -1,15 +1,26 @@
--- Orthanc: forward the radiologist's verdict objects (SEG, SR, KO made on workstations) to preannot.
--- Load with "LuaScripts": ["verdicts.lua"] in orthanc.json; "PREANNOT" must be in "DicomModalities".
--- preannot examines only the studies it sent results for and ignores its own objects coming back, so
--- forwarding every SEG/SR/KO is safe; restricting to workstation AE titles keeps the traffic small.
+-- Orthanc: send the radiologist's verdict objects (SEG, SR, KO made on workstations or uploaded) to
+-- preannot (declared in DicomModalities as "preannot"), so that it learns what was accepted, edited or
+-- rejected. preannot examines only the studies it sent results for and recognises its own objects, but
+-- this rule already leaves out what preannot itself stored (RemoteAET PREANNOT), to keep traffic small.
+-- Load it beside route-to-preannot.lua: "LuaScripts": ["route-to-preannot.lua", "verdicts.lua"].
 
-local WORKSTATIONS = { OHIF = true, SLICER = true, WEASIS = true, VIEWER = true }
 local VERDICT_MODALITIES = { SEG = true, SR = true, KO = true }
+-- Orthanc's scripts share one Lua context: keep the routing rule's handler (loaded first) and call it
+local routeStableSeries = OnStableSeries
 
-function OnStoredInstance(instanceId, tags, metadata, origin)
-   local modality = tags['Modality'] or ''
-   local remote = metadata['RemoteAET'] or ''
-   if VERDICT_MODALITIES[modality] and (WORKSTATIONS[remote] or origin['RequestOrigin'] == 'RestApi') then
-      SendToModality(instanceId, 'PREANNOT')
-   end
+function OnStableSeries(seriesId, tags, metadata)
+  if routeStableSeries ~= nil then
+    routeStableSeries(seriesId, tags, metadata)
+  end
+  if not VERDICT_MODALITIES[tags['Modality'] or ''] then
+    return
+  end
+  local series = ParseJson(RestApiGet('/series/' .. seriesId))
+  local first = series['Instances'][1]
+  local remote = RestApiGet('/instances/' .. first .. '/metadata?expand')
+  if string.find(remote, '"RemoteAET"%s*:%s*"PREANNOT"') then
+    return  -- preannot's own results
+  end
+  print('sending verdict series ' .. seriesId .. ' (' .. tags['Modality'] .. ') to preannot')
+  RestApiPost('/modalities/preannot/store', seriesId, true)
 end

@@ -22,7 +22,7 @@ import numpy as np
 from scipy import stats
 
 from node.errors import PreannotError
-from node.evaluate.dataset import Case, discover, load_reference
+from node.evaluate.dataset import Case, Dataset, discover, load_reference
 from node.evaluate.metrics import LesionMatch, label_metrics, lesion_matches
 from node.imaging.regrid import regularize
 from node.imaging.volume import display_window, load_series
@@ -174,10 +174,11 @@ def _detection(results: list[dict[str, Any]], label: str, min_volume: float, n: 
             "froc": froc}
 
 
-def evaluate(root: Path, models: Sequence[ModelInfo], out: Path, *, runners: dict[str, Runner] | None = None,
+def evaluate(root: Path | Dataset, models: Sequence[ModelInfo], out: Path, *, runners: dict[str, Runner] | None = None,
              runner_factory: Callable[[ModelInfo], Runner] | None = None, options: EvalOptions | None = None,
              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Evaluate the models on the dataset; write cases/, metrics.csv, summary.json and report.html.
+    """Evaluate the models on the dataset (a folder, or a :class:`Dataset` such as the verdict store's);
+    write cases/, metrics.csv, summary.json and report.html.
 
     Returns:
         The summary (also in summary.json).
@@ -188,7 +189,8 @@ def evaluate(root: Path, models: Sequence[ModelInfo], out: Path, *, runners: dic
     from node.evaluate.report import write_report
 
     opts = options or EvalOptions()
-    dataset = discover(root)
+    dataset = root if isinstance(root, Dataset) else discover(root)
+    root = dataset.root
     if not dataset.cases:
         raise PreannotError(f"no (image series, reference segmentation) pair under {root}: "
                             + "; ".join(dataset.problems[:5]))

@@ -242,6 +242,55 @@ class JobStore:
                         series_uid=job.series_uid, job_id=job.id, now=now)
         return job
 
+    # --- what the verdict intake asks of the jobs (the series table joined, read only) ---------------
+
+    def study_has_result(self, study_uid: str) -> bool:
+        """Whether a job on a series of this study is done."""
+        return self.db.one("SELECT 1 FROM jobs j JOIN series s ON s.series_uid = j.series_uid "
+                           "WHERE s.study_uid = ? AND j.state = 'done' LIMIT 1", (study_uid,)) is not None
+
+    def studies_with_results(self, *, finished_since: float) -> list[str]:
+        rows = self.db.query("SELECT DISTINCT s.study_uid FROM jobs j JOIN series s ON s.series_uid = j.series_uid "
+                             "WHERE j.state = 'done' AND j.finished_at >= ?", (finished_since,))
+        return [str(r[0]) for r in rows]
+
+    def made_object(self, sop_uid: str) -> bool:
+        """Whether the node made this instance (a result or rejection note in the outbox)."""
+        return self.db.one("SELECT 1 FROM outbox WHERE sop_uid = ? LIMIT 1", (sop_uid,)) is not None
+
+    def made_series(self, series_uid: str) -> bool:
+        """Whether the node made this series (its SEG, SR or rejection note series)."""
+        return self.db.one("SELECT 1 FROM outbox WHERE series_uid = ? LIMIT 1", (series_uid,)) is not None
+
+    def done_jobs_that_sent(self, sop_uids: set[str]) -> list[Job]:
+        """Done jobs one of whose result objects is among ``sop_uids``."""
+        if not sop_uids:
+            return []
+        marks = ",".join("?" * len(sop_uids))
+        rows = self.db.query(f"SELECT DISTINCT j.* FROM jobs j JOIN outbox o ON o.job_id = j.id WHERE j.state = 'done' "
+                             f"AND o.role = 'result' AND o.sop_uid IN ({marks}) ORDER BY j.id", tuple(sop_uids))
+        return [Job.from_row(r) for r in rows]
+
+    def latest_done_jobs(self, series_uids: set[str]) -> list[Job]:
+        """The latest done, not superseded job of each model on these series."""
+        if not series_uids:
+            return []
+        marks = ",".join("?" * len(series_uids))
+        rows = self.db.query(
+            f"SELECT j.* FROM jobs j WHERE j.state = 'done' AND j.superseded_by IS NULL AND j.series_uid IN ({marks}) "
+            "AND j.id = (SELECT MAX(k.id) FROM jobs k WHERE k.series_uid = j.series_uid AND k.model = j.model "
+            "AND k.state = 'done') ORDER BY j.id", tuple(series_uids))
+        return [Job.from_row(r) for r in rows]
+
+    def processed_inputs(self) -> list[dict[str, Any]]:
+        """Per done job, oldest first: model, creation time, its series' routing attributes and the
+        intensity profile of its input (for input drift)."""
+        rows = self.db.query("SELECT j.model, j.created_at, j.result, s.attrs FROM jobs j JOIN series s "
+                             "ON s.series_uid = j.series_uid WHERE j.state = 'done' ORDER BY j.created_at")
+        return [{"model": r["model"], "created_at": r["created_at"], "attrs": json.loads(r["attrs"]),
+                 "intensity": (json.loads(r["result"]) if r["result"] else {}).get("summary", {}).get("intensity") or {}}
+                for r in rows]
+
     def earlier_jobs(self, job: Job) -> list[int]:
         """Done jobs of earlier versions of ``job``'s series by the same model not superseded yet."""
         return [int(r["id"]) for r in self.db.query(

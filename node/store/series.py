@@ -402,6 +402,15 @@ class SeriesStore:
         row = self.db.one("SELECT COUNT(*) AS n FROM instances WHERE series_uid = ?", (series_uid,))
         return int(row["n"]) if row else 0
 
+    def known(self, series_uid: str) -> bool:
+        """Whether any instance of this series was received."""
+        return self.db.one("SELECT 1 FROM series WHERE series_uid = ?", (series_uid,)) is not None
+
+    def find(self, series_uid: str) -> SeriesInfo | None:
+        """The series, or None when it was never received."""
+        row = self.db.one("SELECT * FROM series WHERE series_uid = ?", (series_uid,))
+        return None if row is None else SeriesInfo.from_row(row)
+
     def files(self, series_uid: str) -> list[Path]:
         """The spooled files of a series, in arrival order."""
         rows = self.db.query("SELECT path FROM instances WHERE series_uid = ? ORDER BY received_at, sop_uid",

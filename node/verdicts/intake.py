@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 from pydicom import Dataset, dcmread
 
 from node.config import VerdictsConfig
-from node.store.db import Database
+from node.store.jobs import Job, JobStore
 from node.store.series import SeriesInfo, SeriesStore
 from node.verdicts.judge import FindingVerdict, Judgement, judge_masks, study_verdict
 from node.verdicts.store import VerdictRecord, VerdictStore, hash_observer
@@ -90,22 +89,12 @@ def _tracking_uids(ds: Dataset) -> list[str]:
 
 
 class VerdictIntake:
-    def __init__(self, config: VerdictsConfig, db: Database, series: SeriesStore, verdicts: VerdictStore) -> None:
+    def __init__(self, config: VerdictsConfig, series: SeriesStore, jobs: JobStore, verdicts: VerdictStore) -> None:
         self.config = config
-        self.db = db
         self.series = series
+        self.jobs = jobs
         self.verdicts = verdicts
-        self._salt = self._observer_salt()
-
-    def _observer_salt(self) -> str:
-        row = self.db.one("SELECT value FROM meta WHERE key = 'observer_salt'")
-        if row is not None:
-            return str(row[0])
-        salt = secrets.token_hex(16)
-        with self.db.tx() as c:
-            c.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('observer_salt', ?)", (salt,))
-        row = self.db.one("SELECT value FROM meta WHERE key = 'observer_salt'")
-        return str(row[0]) if row is not None else salt
+        self._salt = verdicts.observer_salt()
 
     # --- which series -------------------------------------------------------------------------------
 
@@ -116,9 +105,7 @@ class VerdictIntake:
         sop = str(info.attrs.get("SOPClassUID", ""))
         if not (sop in SEG_CLASSES or sop.startswith(SR_PREFIX)):
             return False
-        row = self.db.one("SELECT 1 FROM jobs j JOIN series s ON s.series_uid = j.series_uid "
-                          "WHERE s.study_uid = ? AND j.state = 'done' LIMIT 1", (info.study_uid,))
-        return row is not None
+        return self.jobs.study_has_result(info.study_uid)
 
     # --- examining ----------------------------------------------------------------------------------
 
@@ -136,7 +123,7 @@ class VerdictIntake:
     def examine_file(self, path: Path, *, received_at: float | None = None) -> list[str]:
         ds = dcmread(path)
         uid = str(ds.SOPInstanceUID)
-        if self.db.one("SELECT 1 FROM outbox WHERE sop_uid = ? LIMIT 1", (uid,)) is not None:
+        if self.jobs.made_object(uid):
             return [f"{uid}: one of the node's own objects, ignored"]
         sop = str(ds.SOPClassUID)
         received = received_at if received_at is not None else time.time()
@@ -149,21 +136,18 @@ class VerdictIntake:
             return [self._record(job, "sr", ds, path, judgement, received) for job, judgement in self._judge_sr(ds)]
         return [f"{uid}: SOP class {sop} is not a verdict object"]
 
-    def _record(self, job: dict[str, Any], source: str, ds: Dataset, path: Path, judgement: Judgement,
-                received: float) -> str:
-        result = json.loads(job["result"]) if job["result"] else {}
-        model = result.get("model") or {}
-        attrs = self._series_attrs(job["series_uid"])
-        observer = self._observer(ds, source)
+    def _record(self, job: Job, source: str, ds: Dataset, path: Path, judgement: Judgement, received: float) -> str:
+        model = (job.result or {}).get("model") or {}
+        info = self.series.find(job.series_uid)
         rec = VerdictRecord(
-            job_id=int(job["id"]), source=source, object_uid=str(ds.SOPInstanceUID), study_uid=str(ds.StudyInstanceUID),
-            series_uid=job["series_uid"], model=job["model"], model_version=str(model.get("version", "")),
-            judgement=judgement, observer=observer, object_path=str(path), received_at=received,
-            time_to_verdict_s=None if job["finished_at"] is None else round(received - float(job["finished_at"]), 1),
-            scanner=scanner_key(attrs), detail={"sop_class": str(ds.SOPClassUID)})
+            job_id=job.id, source=source, object_uid=str(ds.SOPInstanceUID), study_uid=str(ds.StudyInstanceUID),
+            series_uid=job.series_uid, model=job.model, model_version=str(model.get("version", "")),
+            judgement=judgement, observer=self._observer(ds, source), object_path=str(path), received_at=received,
+            time_to_verdict_s=None if job.finished_at is None else round(received - job.finished_at, 1),
+            scanner=scanner_key(info.attrs if info else {}), detail={"sop_class": str(ds.SOPClassUID)})
         vid, new = self.verdicts.record(rec)
         counts = judgement.counts()
-        what = (f"job {job['id']}: {source.upper()} verdict {judgement.study_verdict} "
+        what = (f"job {job.id}: {source.upper()} verdict {judgement.study_verdict} "
                 f"({counts['accepted']} accepted, {counts['edited']} edited, {counts['rejected']} rejected, "
                 f"{counts['added']} added)")
         if new:
@@ -179,50 +163,26 @@ class VerdictIntake:
             name = str(ds.get("ContentCreatorName", "") or "")
         return hash_observer(name, self._salt) if name else None
 
-    def _series_attrs(self, series_uid: str) -> dict[str, Any]:
-        row = self.db.one("SELECT attrs FROM series WHERE series_uid = ?", (series_uid,))
-        return json.loads(row[0]) if row is not None else {}
-
-    def _jobs_with_objects(self, object_uids: set[str]) -> Iterator[dict[str, Any]]:
-        """Done jobs that sent one of these objects."""
-        if not object_uids:
-            return
-        marks = ",".join("?" * len(object_uids))
-        rows = self.db.query(f"SELECT DISTINCT j.* FROM jobs j JOIN outbox o ON o.job_id = j.id WHERE j.state = 'done' "
-                             f"AND o.role = 'result' AND o.sop_uid IN ({marks}) ORDER BY j.id", tuple(object_uids))
-        yield from (dict(r) for r in rows)
-
-    def _latest_job_for_series(self, series_uids: set[str]) -> Iterator[dict[str, Any]]:
-        """The latest done, not superseded job of each model on these source series that produced a SEG."""
-        if not series_uids:
-            return
-        marks = ",".join("?" * len(series_uids))
-        rows = self.db.query(
-            f"SELECT j.* FROM jobs j WHERE j.state = 'done' AND j.superseded_by IS NULL AND j.series_uid IN ({marks}) "
-            "AND j.id = (SELECT MAX(k.id) FROM jobs k WHERE k.series_uid = j.series_uid AND k.model = j.model "
-            "AND k.state = 'done') ORDER BY j.id", tuple(series_uids))
-        yield from (dict(r) for r in rows)
-
     # --- SEG ----------------------------------------------------------------------------------------
 
-    def _judge_seg(self, ds: Dataset) -> Iterator[tuple[dict[str, Any], Judgement]]:
+    def _judge_seg(self, ds: Dataset) -> Iterator[tuple[Job, Judgement]]:
         refs = {str(s.SeriesInstanceUID) for s in ds.get("ReferencedSeriesSequence", [])}
         derived = _referenced_uids(ds, ("ReferencedSeriesSequence", "PerFrameFunctionalGroupsSequence"))
-        jobs = {j["id"]: j for j in self._jobs_with_objects(derived)}  # derived from the node's SEG
-        for j in self._latest_job_for_series(refs):
-            jobs.setdefault(j["id"], j)
+        jobs = {j.id: j for j in self.jobs.done_jobs_that_sent(derived)}  # derived from the node's SEG
+        for j in self.jobs.latest_done_jobs(refs):
+            jobs.setdefault(j.id, j)
         if not jobs:
             raise ValueError("the SEG references no series the node has a result for")
         for job in jobs.values():
             yield job, self._seg_against_job(ds, job)
 
-    def _seg_against_job(self, final_ds: Dataset, job: dict[str, Any]) -> Judgement:
+    def _seg_against_job(self, final_ds: Dataset, job: Job) -> Judgement:
         import highdicom as hd
 
-        result = json.loads(job["result"])
+        result = job.result or {}
         ours_path = (result.get("files") or {}).get("seg")
         if not ours_path or not Path(ours_path).is_file():
-            raise ValueError(f"job {job['id']}'s SEG is no longer on disk (retention): the edit cannot be compared")
+            raise ValueError(f"job {job.id}'s SEG is no longer on disk (retention): the edit cannot be compared")
         ours = hd.seg.segread(ours_path)
         uids = [str(i.ReferencedSOPInstanceUID) for s in ours.ReferencedSeriesSequence
                 for i in s.ReferencedInstanceSequence]
@@ -269,25 +229,25 @@ class VerdictIntake:
 
     # --- SR and KO ----------------------------------------------------------------------------------
 
-    def _findings_of(self, job: dict[str, Any], outcome: str) -> list[FindingVerdict]:
-        rois = json.loads(job["result"]).get("rois", []) if job["result"] else []
+    def _findings_of(self, job: Job, outcome: str) -> list[FindingVerdict]:
+        rois = (job.result or {}).get("rois", [])
         return [FindingVerdict(int(r.get("index", n)), int(r.get("label", 0)), outcome,
                                dice=1.0 if outcome == "accepted" else 0.0, ai_volume_mm3=r.get("volume_mm3"))
                 for n, r in enumerate(rois, start=1)]
 
-    def _judge_sr(self, ds: Dataset) -> Iterator[tuple[dict[str, Any], Judgement]]:
+    def _judge_sr(self, ds: Dataset) -> Iterator[tuple[Job, Judgement]]:
         if str(ds.get("VerificationFlag", "")).upper() != "VERIFIED":
             raise ValueError("the SR is not VERIFIED: not a verdict (a draft or another AI's report)")
         cited = _referenced_uids(ds, ("PredecessorDocumentsSequence", "IdenticalDocumentsSequence",
                                       "CurrentRequestedProcedureEvidenceSequence"))
-        jobs = list(self._jobs_with_objects(cited))
+        jobs = self.jobs.done_jobs_that_sent(cited)
         if not jobs:
             raise ValueError("the verified SR cites none of the node's SRs")
         kept = set(_tracking_uids(ds))
         for job in jobs:
-            ours_path = (json.loads(job["result"]).get("files") or {}).get("sr")
+            ours_path = ((job.result or {}).get("files") or {}).get("sr")
             ours = _tracking_uids(dcmread(ours_path)) if ours_path and Path(ours_path).is_file() else []
-            rois = json.loads(job["result"]).get("rois", [])
+            rois = (job.result or {}).get("rois", [])
             findings: list[FindingVerdict] = []
             if ours and kept & set(ours):  # finding by finding, through the tracking UIDs the viewer kept
                 for n, r in enumerate(rois, start=1):
@@ -303,13 +263,13 @@ class VerdictIntake:
             j.study_verdict = study_verdict(j.counts())
             yield job, j
 
-    def _judge_ko(self, ds: Dataset) -> Iterator[tuple[dict[str, Any], Judgement]]:
+    def _judge_ko(self, ds: Dataset) -> Iterator[tuple[Job, Judgement]]:
         title = ds.get("ConceptNameCodeSequence")
         code = str(title[0].CodeValue) if title else ""
         if code not in REJECTION_TITLES:
             raise ValueError(f"the KO's title ({code or 'none'}) is not a rejection")
         cited = _referenced_uids(ds, ("CurrentRequestedProcedureEvidenceSequence",))
-        jobs = list(self._jobs_with_objects(cited))
+        jobs = self.jobs.done_jobs_that_sent(cited)
         if not jobs:
             raise ValueError("the rejection note cites none of the node's objects")
         for job in jobs:
@@ -319,7 +279,7 @@ class VerdictIntake:
             yield job, j
 
 
-def http_verdict(intake: VerdictIntake, job: Any, body: dict[str, Any], *, actor: str) -> tuple[int, bool]:
+def http_verdict(intake: VerdictIntake, job: Job, body: dict[str, Any], *, actor: str) -> tuple[int, bool]:
     """Record a verdict given over HTTP for a done job: the listed findings with their outcome, plus
     ``added`` missed findings. The object UID is a digest of the job and the body: the same statement
     posted twice is recorded once."""
@@ -330,6 +290,7 @@ def http_verdict(intake: VerdictIntake, job: Any, body: dict[str, Any], *, actor
     if job.state != "done" or not job.result:
         raise ConflictError(f"job {job.id} is {job.state}: only a done job's result can be judged")
     rois = {int(r.get("index", n)): r for n, r in enumerate(job.result.get("rois", []), start=1)}
+    info = intake.series.find(job.series_uid)
     findings = []
     for f in body.get("findings", []):
         if f["finding"] not in rois:
@@ -341,15 +302,11 @@ def http_verdict(intake: VerdictIntake, job: Any, body: dict[str, Any], *, actor
     j = Judgement(findings, "", None)
     j.study_verdict = study_verdict(j.counts())
     digest = hashlib.sha256(json.dumps({"job": job.id, **body}, sort_keys=True).encode()).hexdigest()[:32]
-    row = intake.db.one("SELECT * FROM jobs WHERE id = ?", (job.id,))
-    assert row is not None
-    attrs = intake._series_attrs(job.series_uid)
-    study = intake.db.one("SELECT study_uid FROM series WHERE series_uid = ?", (job.series_uid,))
     now = time.time()
     rec = VerdictRecord(job_id=job.id, source="http", object_uid=f"http:{digest}",
-                        study_uid=str(study[0]) if study else "", series_uid=job.series_uid, model=job.model,
+                        study_uid=info.study_uid if info else "", series_uid=job.series_uid, model=job.model,
                         model_version=str((job.result.get("model") or {}).get("version", "")), judgement=j,
                         observer=f"{body.get('observer_role', 'radiologist')} via token {actor}", received_at=now,
                         time_to_verdict_s=None if job.finished_at is None else round(now - job.finished_at, 1),
-                        scanner=scanner_key(attrs))
+                        scanner=scanner_key(info.attrs if info else {}))
     return intake.verdicts.record(rec)

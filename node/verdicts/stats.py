@@ -9,12 +9,13 @@ Alerts (per model and version):
   of verdicts) lower than during it, two-proportion z-test at ``alert_p``;
 - ``input_shift``: the distribution of a source-series attribute (manufacturer, scanner model, kernel,
   slice thickness, kVp, contrast) of the processed series after the baseline period differs from the
-  baseline's, chi-square test at ``alert_p``.
+  baseline's, chi-square test at ``alert_p``; or a percentile of their values (HU for CT: 5th, median,
+  95th, from each job's ``intensity`` profile) is distributed differently, two-sample Kolmogorov-Smirnov
+  test at ``alert_p``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections import Counter, defaultdict
@@ -22,13 +23,15 @@ from collections.abc import Iterable
 from typing import Any
 
 from node.config import VerdictsConfig
-from node.store.db import Database
+from node.store.jobs import JobStore
 from node.verdicts.store import VerdictStore
 
 __all__ = ["INPUT_ATTRIBUTES", "agreement", "alerts", "mean_ci", "wilson"]
 
 INPUT_ATTRIBUTES = ("Manufacturer", "ManufacturerModelName", "ConvolutionKernel", "SliceThickness", "KVP",
                     "ContrastBolusAgent")
+#: percentiles of each processed series' values (job result ``summary.intensity``) watched for drift
+INTENSITY_STATISTICS = ("p5", "p50", "p95")
 _DAY = 86400.0
 
 
@@ -124,7 +127,7 @@ def _by_scanner(rows: Iterable[dict[str, Any]]) -> dict[str, tuple[int, int]]:
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
-def alerts(store: VerdictStore, db: Database, config: VerdictsConfig) -> list[dict[str, Any]]:
+def alerts(store: VerdictStore, jobs: JobStore, config: VerdictsConfig) -> list[dict[str, Any]]:
     """The drift alerts that hold now (see the module doc), most severe first."""
     out: list[dict[str, Any]] = []
     by_version: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
@@ -153,18 +156,16 @@ def alerts(store: VerdictStore, db: Database, config: VerdictsConfig) -> list[di
                         "message": f"acceptance fell from {kb / nb:.0%} (baseline, {len(base)} studies) to "
                                    f"{ka / na:.0%} (last {len(after)} studies), p = {p:.2g}",
                         "p": p, "by_scanner": table})
-    out.extend(_input_shifts(db, config))
+    out.extend(_input_shifts(jobs, config))
     order = {"critical": 0, "warning": 1}
     return sorted(out, key=lambda a: order.get(a["severity"], 2))
 
 
-def _input_shifts(db: Database, config: VerdictsConfig) -> list[dict[str, Any]]:
-    """Chi-square test per attribute of the processed series: baseline period vs the latest series."""
-    from scipy.stats import chi2_contingency
+def _input_shifts(jobs: JobStore, config: VerdictsConfig) -> list[dict[str, Any]]:
+    """Chi-square per attribute, Kolmogorov-Smirnov per intensity percentile: baseline period vs the latest series."""
+    from scipy.stats import chi2_contingency, ks_2samp
 
-    rows = [{"model": r["model"], "created_at": r["created_at"], "attrs": json.loads(r["attrs"])}
-            for r in db.query("SELECT j.model, j.created_at, s.attrs FROM jobs j JOIN series s "
-                              "ON s.series_uid = j.series_uid WHERE j.state = 'done' ORDER BY j.created_at")]
+    rows = jobs.processed_inputs()
     per_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         per_model[r["model"]].append(r)
@@ -192,4 +193,17 @@ def _input_shifts(db: Database, config: VerdictsConfig) -> list[dict[str, Any]]:
                                        f"{ca[top] / len(after):.0%} of the last {len(after)} series, "
                                        f"{cb[top] / len(base):.0%} in the baseline ({len(base)} series), p = {p:.2g}",
                             "baseline": dict(cb), "recent": dict(ca)})
+        for stat in INTENSITY_STATISTICS:
+            xb = [float(r["intensity"][stat]) for r in base if stat in r["intensity"]]
+            xa = [float(r["intensity"][stat]) for r in after if stat in r["intensity"]]
+            if len(xb) < 5 or len(xa) < 5:
+                continue
+            p = float(ks_2samp(xb, xa).pvalue)
+            if p < config.alert_p:
+                mb, ma = statistics.median(xb), statistics.median(xa)
+                out.append({"kind": "input_shift", "model": model, "attribute": f"intensity {stat}",
+                            "severity": "warning", "p": p,
+                            "message": f"the {stat} of the values of the series processed by {model} moved from "
+                                       f"{mb:.0f} (baseline median, {len(xb)} series) to {ma:.0f} (last {len(xa)}), "
+                                       f"p = {p:.2g}"})
     return out

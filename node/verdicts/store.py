@@ -54,6 +54,16 @@ class VerdictStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
+    def observer_salt(self) -> str:
+        """This node's salt for observer pseudonyms (made once, kept in the database)."""
+        import secrets
+
+        with self.db.tx() as c:
+            c.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('observer_salt', ?)", (secrets.token_hex(16),))
+        row = self.db.one("SELECT value FROM meta WHERE key = 'observer_salt'")
+        assert row is not None
+        return str(row[0])
+
     def record(self, v: VerdictRecord) -> tuple[int, bool]:
         """Store one verdict; returns (its id, whether it was new)."""
         counts = v.judgement.counts()
@@ -88,6 +98,10 @@ class VerdictStore:
         f = Filter().eq("model", model).eq("job_id", job_id).ge("received_at", since)
         rows = self.db.query(f"SELECT * FROM verdicts{f.sql()} ORDER BY received_at, id LIMIT ?", (*f.params, limit))
         return [dict(r) for r in rows]
+
+    def recent(self, n: int = 20) -> list[dict[str, Any]]:
+        """The last ``n`` verdicts, newest first."""
+        return [dict(r) for r in self.db.query("SELECT * FROM verdicts ORDER BY id DESC LIMIT ?", (n,))]
 
     def latest_per_job(self, *, model: str | None = None) -> list[dict[str, Any]]:
         """The latest verdict of each judged job (a later verdict on the same result replaces an earlier one)."""

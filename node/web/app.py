@@ -26,7 +26,7 @@ from node.errors import PreannotError
 from node.store.audit import events
 from node.store.jobs import Job, JobState
 from node.store.series import SeriesState
-from node.web.dashboard import render_dashboard
+from node.web.dashboard import render_dashboard, render_judge, trend_png
 from node.web.view import NodeView
 
 __all__ = ["create_app"]
@@ -234,6 +234,16 @@ def create_app(node: NodeView) -> FastAPI:
     def get_alerts() -> list[dict[str, Any]]:
         """Drift alerts holding now (agreement and inputs)."""
         return node.verdict_summary()[1]
+
+    @app.get("/api/agreement/trend.png", tags=["verdicts"], dependencies=reads)
+    def agreement_trend() -> Response:
+        """Acceptance per week and model version, with 95 % intervals, as a PNG."""
+        return Response(trend_png(node), media_type="image/png")
+
+    @app.get("/judge/{job_id}", response_class=HTMLResponse, include_in_schema=False, dependencies=reads)
+    def judge_page(job_id: int) -> HTMLResponse:
+        _get(job_id)
+        return HTMLResponse(render_judge(node, job_id))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False, dependencies=reads)
     def dashboard() -> HTMLResponse:

@@ -11,7 +11,7 @@ from node import __version__
 from node.store.series import SeriesState
 from node.web.view import NodeView
 
-__all__ = ["render_dashboard"]
+__all__ = ["render_dashboard", "render_judge", "trend_png"]
 
 _ENV = Environment(loader=PackageLoader("node.web", "templates"), autoescape=select_autoescape(["html"]))
 _ENV.filters["when"] = lambda ts: _dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else ""
@@ -39,9 +39,64 @@ def _gauges(s: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def _pct(v: float | None) -> str:
+    return "" if v is None else f"{100 * v:.0f}%"
+
+
+def _num(v: float | None) -> str:
+    return "" if v is None else f"{v:.2f}"
+
+
+def render_judge(node: NodeView, job_id: int) -> str:
+    """A page where a radiologist states a verdict on each finding of a done job."""
+    job = node.store.get(job_id)
+    result = job.result or {}
+    return _ENV.get_template("judge.html").render(job=job, rois=result.get("rois", []),
+                                                  preview=bool(result.get("files", {}).get("preview")))
+
+
+def trend_png(node: NodeView) -> bytes:
+    """Acceptance per ISO week and model version, with 95 % intervals (PNG)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from node.verdicts.stats import agreement
+
+    rows = agreement(node.verdicts, by="week")
+    fig, ax = plt.subplots(figsize=(8, 3.2), dpi=100)
+    series: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        series.setdefault(f"{r['model']} {r['model_version']}", []).append(r)
+    weeks = sorted({r["week"] for r in rows})
+    for name, pts in series.items():
+        pts = [p for p in pts if p["acceptance"] is not None]
+        x = [weeks.index(p["week"]) for p in pts]
+        y = [p["acceptance"] for p in pts]
+        err = [[p["acceptance"] - p["acceptance_ci"][0] for p in pts], [p["acceptance_ci"][1] - p["acceptance"] for p in pts]]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
+    floor = node.config.verdicts.alert_acceptance_floor
+    ax.axhline(floor, color="tab:red", linestyle="--", linewidth=1, label=f"alert floor {floor:.0%}")
+    ax.set_xticks(range(len(weeks)), weeks, rotation=30, fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("acceptance")
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def render_dashboard(node: NodeView, now: float) -> str:
     """The dashboard HTML for the node's current state."""
+    from node.verdicts.stats import agreement
+
     s = node.status()
+    agree, verdict_alerts = node.verdict_summary()
     jobs = node.store.list_jobs(limit=50)
     held = [x for st in (SeriesState.INCOMPLETE, SeriesState.SKIPPED, SeriesState.FAILED)
             for x in node.series.list_series(state=st, limit=20)]
@@ -50,4 +105,6 @@ def render_dashboard(node: NodeView, now: float) -> str:
         models=", ".join(sorted(node.registry.models)), now=now, gauges=_gauges(s),
         failures=[j for j in jobs if j.state.value in ("failed", "dead")],
         held=sorted(held, key=lambda x: -x.last_received)[:30], jobs=jobs[:30],
-        previews=[j for j in jobs if j.state.value == "done" and (j.result or {}).get("files", {}).get("preview")][:4])
+        previews=[j for j in jobs if j.state.value == "done" and (j.result or {}).get("files", {}).get("preview")][:4],
+        agreement=agree, verdict_alerts=verdict_alerts, by_scanner=agreement(node.verdicts, by="scanner"),
+        verdicts=node.verdicts.recent(20), pct=_pct, num=_num)

@@ -1,0 +1,94 @@
+"""The radiologist, played by the tests: an edited SEG, a verified SR and a rejection note built from the
+node's own results with highdicom and pydicom, as a viewer or a PACS would make them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+from pydicom import Dataset, dcmread
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import generate_uid
+from scipy import ndimage
+
+__all__ = ["blob", "edited_seg", "rejection", "verified_sr"]
+
+
+def blob(shape: tuple[int, int, int], centre: tuple[int, int, int], r: int) -> np.ndarray:
+    k, j, i = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    return ((k - centre[0]) ** 2 + (j - centre[1]) ** 2 + (i - centre[2]) ** 2) <= r * r
+
+
+def edited_seg(our_seg: Path, sources: list[Dataset], out: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    """The radiologist's edit: first AI finding removed, second dilated, one new finding added."""
+    ours = hd.seg.segread(our_seg)
+    uids = [str(d.SOPInstanceUID) for d in sources]
+    ai = np.asarray(ours.get_pixels_by_source_instance(source_sop_instance_uids=uids,
+                                                       segment_numbers=ours.get_segment_numbers(),
+                                                       assert_missing_frames_are_empty=True)).any(axis=-1)
+    comp, n = ndimage.label(ai, structure=np.ones((3, 3, 3), bool))
+    assert n >= 2, "the demo model should find at least two lesions in the small phantom"
+    # the finding to enlarge: one with no other finding nearby (so that only it changes)
+    grow = next(c for c in range(2, n + 1)
+                if not (ndimage.binary_dilation(comp == c, iterations=4) & ai & (comp != c)).any())
+    final = ai.copy()
+    final[comp == 1] = False
+    final |= ndimage.binary_dilation(comp == grow, iterations=2)
+    free = np.argwhere(~ndimage.binary_dilation(ai, iterations=6))
+    k, j, i = free[len(free) // 2]
+    final |= blob(ai.shape, (int(k), int(j), int(i)), 3)
+    desc = ours.get_segment_description(ours.get_segment_numbers()[0])
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=final.astype(np.uint8), segmentation_type="BINARY",
+        segment_descriptions=[hd.seg.SegmentDescription(
+            segment_number=1, segment_label="Lesion (edited)",
+            segmented_property_category=desc.SegmentedPropertyCategoryCodeSequence[0],
+            segmented_property_type=desc.SegmentedPropertyTypeCodeSequence[0],
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)],
+        series_instance_uid=hd.UID(), series_number=300, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer="Viewer", manufacturer_model_name="OHIF", software_versions="3", device_serial_number="1",
+        content_creator_name="Doe^Jane")
+    path = out / "edited_seg.dcm"
+    seg.save_as(path)
+    return path, ai, final
+
+
+def verified_sr(our_sr: Path, out: Path) -> Path:
+    ds = dcmread(our_sr)
+    ref = Dataset()
+    ref.StudyInstanceUID = ds.StudyInstanceUID
+    series = Dataset()
+    series.SeriesInstanceUID = ds.SeriesInstanceUID
+    sop = Dataset()
+    sop.ReferencedSOPClassUID = ds.SOPClassUID
+    sop.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+    series.ReferencedSOPSequence = DicomSequence([sop])
+    ref.ReferencedSeriesSequence = DicomSequence([series])
+    ds.PredecessorDocumentsSequence = DicomSequence([ref])
+    ds.SOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.VerificationFlag = "VERIFIED"
+    obs = Dataset()
+    obs.VerifyingObserverName = "Doe^Jane"
+    obs.VerifyingOrganization = "Radiology"
+    obs.VerificationDateTime = "20261126120000"
+    obs.VerifyingObserverIdentificationCodeSequence = DicomSequence([])
+    ds.VerifyingObserverSequence = DicomSequence([obs])
+    path = out / "verified_sr.dcm"
+    ds.save_as(path)
+    return path
+
+
+def rejection(our_seg: Path, our_sr: Path, out: Path) -> Path:
+    seg, sr = dcmread(our_seg), dcmread(our_sr)
+    ko = hd.ko.KeyObjectSelectionDocument(
+        evidence=[seg, sr], content=hd.ko.KeyObjectSelection(
+            document_title=hd.sr.CodedConcept("113001", "DCM", "Rejected for Quality Reasons"),
+            referenced_objects=[seg, sr]),
+        series_instance_uid=hd.UID(), series_number=301, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer="PACS", institution_name="Hospital", institutional_department_name="Radiology")
+    path = out / "rejection.dcm"
+    ko.save_as(path)
+    return path
