@@ -222,6 +222,8 @@ class Route(_Section):
         default_factory=lambda: list(COMPLETENESS_CHECKS))
     #: a dicom destination asked by C-FIND how many instances the series has (NumberOfSeriesRelatedInstances)
     expected_count_from: str | None = None
+    #: queue priority of this route's jobs: stat before urgent before routine (see [jobs].priority_aging_minutes)
+    priority: Literal["stat", "urgent", "routine"] = "routine"
 
 
 class ModelsConfig(_Section):
@@ -246,6 +248,19 @@ class JobsConfig(_Section):
     #: on SIGTERM, how long running jobs may take to finish; then they are put back in the queue (no
     #: attempt counted) and run again at the next start
     stop_timeout_seconds: float = Field(30.0, ge=0)
+    #: a waiting job rises one priority level per this many minutes (routine work is never starved)
+    priority_aging_minutes: float = Field(30.0, gt=0)
+    #: time-to-result targets per priority (seconds from the series' last instance to the result's
+    #: delivery); a result later than its target counts as a breach (metric, dashboard)
+    targets: dict[str, float] = Field(default_factory=lambda: {"stat": 300.0, "urgent": 1800.0, "routine": 14400.0})
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = sorted(set(v) - {"stat", "urgent", "routine"})
+        if bad:
+            raise ValueError(f"targets are per priority (stat, urgent, routine), not {bad}")
+        return v
 
 
 class DeliveryConfig(_Section):
@@ -317,6 +332,51 @@ class VerdictsConfig(_Section):
     fetch_days: float = Field(14.0, gt=0)
 
 
+class ComputeConfig(_Section):
+    """``[compute]``: where inference runs. ``local``: the node's worker threads; ``ray``: model actors on a
+    Ray cluster (the node stays the coordinator and the source of truth, see docs/operations.md)."""
+
+    backend: Literal["local", "ray"] = "local"
+    #: an existing Ray cluster ("ray://head:10001" or "head:6379"); None: the node starts a local Ray itself
+    address: str | None = None
+    #: model actors (each runs one job at a time; the node runs as many jobs at once)
+    actors: int = Field(2, ge=1, le=256)
+    #: GPUs per actor: a fraction shares a GPU between light models' actors, 1 gives an actor a whole GPU,
+    #: 0 makes CPU actors
+    gpus_per_actor: float = Field(0.0, ge=0)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    #: torch CPU threads inside each actor
+    threads_per_actor: int = Field(1, ge=1)
+    #: models an actor keeps loaded (least recently used evicted first; also evicted when memory is short)
+    max_models_per_actor: int = Field(2, ge=1)
+    namespace: str = "preannot"
+
+
+class NotifyConfig(_Section):
+    """``[notify]``: tell the RIS or a clinician's system when a result of an urgent priority is ready."""
+
+    #: the priorities whose results are announced
+    priorities: list[str] = Field(default_factory=lambda: ["stat"])
+
+    @field_validator("priorities")
+    @classmethod
+    def _priorities(cls, v: list[str]) -> list[str]:
+        bad = sorted(set(v) - {"stat", "urgent", "routine"})
+        if bad:
+            raise ValueError(f"priorities are stat, urgent and routine, not {bad}")
+        return v
+    #: FHIR R4 base URL: a DiagnosticReport (preliminary) is POSTed to {fhir_url}/DiagnosticReport
+    fhir_url: str | None = None
+    #: environment variable holding a bearer token for the FHIR server
+    fhir_token_env: str | None = None
+    #: HL7 v2 receiver (MLLP): an ORU^R01 (result status P)
+    hl7_host: str | None = None
+    hl7_port: int | None = Field(None, ge=1, le=65535)
+    sending_application: str = "PREANNOT"
+    receiving_application: str = "RIS"
+    timeout: float = Field(10.0, gt=0)
+
+
 class WebConfig(_Section):
     """``[web]``: the HTTP API (health, metrics, status)."""
 
@@ -351,6 +411,8 @@ class NodeConfig(BaseSettings):
     retention: RetentionConfig = Field(default_factory=lambda: RetentionConfig())
     web: WebConfig = Field(default_factory=lambda: WebConfig())
     verdicts: VerdictsConfig = Field(default_factory=lambda: VerdictsConfig())
+    notify: NotifyConfig = Field(default_factory=lambda: NotifyConfig())
+    compute: ComputeConfig = Field(default_factory=lambda: ComputeConfig())
     source: str = Field("<defaults>", exclude=True)
 
     @model_validator(mode="after")

@@ -99,6 +99,18 @@ alert_p = 0.01                   # significance of the drift tests
 fetch_minutes = 60
 fetch_days = 14
 
+[compute]
+backend = "local"                # "ray": model actors on a Ray cluster (docs/operations.md, Scale-out on Ray)
+# address = "head:6379"          # an existing Ray cluster; without it the node starts a local Ray
+# actors = 2                     # jobs at once, one per actor
+# gpus_per_actor = 0             # 1: a whole GPU each; 0.25: four light models' actors share a GPU; 0: CPU actors
+
+[notify]
+priorities = ["stat"]            # results of these priorities are announced when ready
+# fhir_url = "https://fhir.hospital.local/fhir"    # POST {fhir_url}/DiagnosticReport (preliminary)
+# hl7_host = "ris.hospital.local"                  # and/or an HL7 v2 ORU^R01 over MLLP
+# hl7_port = 2575
+
 [web]
 enabled = true                   # HTTP service: dashboard /, API /docs, metrics /metrics
 bind = "127.0.0.1"

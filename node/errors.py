@@ -12,7 +12,8 @@ job with its reason, the CLI into a message and exit code 2)::
     ├── VolumeError              a series cannot be turned into a 3D volume (mixed sizes, ...): permanent
     │   └── MissingSlicesError   slices are missing from the stack (a hole in the spacing)
     ├── ModelError               a model bundle is missing, broken or failed while running
-    │   └── ModelTimeoutError    inference ran past the job timeout
+    │   ├── ModelTimeoutError    inference ran past the job timeout
+    │   └── ComputeLostError     the Ray actor (or its server) running the job went away: requeued, not counted
     ├── OutputError              a DICOM SEG / SR could not be built
     ├── DeliveryError            a destination refused or could not be reached
     ├── NotFoundError            no job / series / model with that id (HTTP 404)
@@ -28,6 +29,7 @@ fails with a permanent error is dead at its first attempt.
 from __future__ import annotations
 
 __all__ = [
+    "ComputeLostError",
     "ConfigError",
     "ConflictError",
     "DeliveryError",
@@ -89,6 +91,11 @@ class ModelError(PreannotError):
 
 class ModelTimeoutError(ModelError):
     """Inference ran past the job timeout."""
+
+
+class ComputeLostError(ModelError):
+    """The compute running the job (a Ray actor, its process or its server) went away mid-job: the job is
+    put back in the queue without counting the attempt and runs on another actor."""
 
 
 class OutputError(PreannotError):

@@ -114,6 +114,11 @@ class NodeMetrics:
                                          registry=r)
         self.delivery_failures = Counter("preannot_delivery_failures", "Failed delivery attempts",
                                          ["destination", "final"], registry=r)
+        self.time_to_result = Histogram("preannot_time_to_result_seconds",
+                                        "From the series' last instance to its results ready to send", ["priority"],
+                                        buckets=(10, 30, 60, 120, 300, 600, 1800, 3600, 14400, 86400), registry=r)
+        self.target_breaches = Counter("preannot_target_breaches", "Results later than their priority's target",
+                                       ["priority"], registry=r)
 
     def attach_state(self, read: Callable[[], dict[str, Any]]) -> None:
         self.registry.register(_StateCollector(read))
@@ -123,6 +128,11 @@ class NodeMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def observe_time_to_result(self, priority: str, seconds: float, *, breached: bool) -> None:
+        self.time_to_result.labels(priority).observe(seconds)
+        if breached:
+            self.target_breaches.labels(priority).inc()
 
     def observe_job(self, model: str, state: str, timings: dict[str, float] | None = None) -> None:
         self.jobs_finished.labels(model, state).inc()

@@ -12,10 +12,11 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from node.config import NodeConfig
 from node.delivery.deliverer import Deliverer
+from node.delivery.notify import Notifier
 from node.errors import ConfigError, PreannotError
 from node.inference.registry import Registry
 from node.inference.runner import configure_torch
@@ -33,6 +34,9 @@ from node.store.jobs import JobStore
 from node.store.series import SeriesStore
 from node.verdicts.intake import VerdictIntake
 from node.verdicts.store import VerdictStore
+
+if TYPE_CHECKING:
+    from node.compute.ray_backend import ActorPool
 
 __all__ = ["Node", "Stores", "open_stores"]
 
@@ -111,8 +115,15 @@ class Node:
             tls.tls_cert, tls.tls_key, ca=tls.tls_ca, require_client_cert=tls.tls_require_client_cert)
             if tls.tls_cert and tls.tls_key else None)
         worker_ctx = WorkerContext(config=config, jobs=self.store, series=self.series, registry=self.registry,
-                                   device_uid=self.device_uid, metrics=self.metrics)
-        self.workers = [Worker(f"worker-{n}", worker_ctx, stop=self.stop_event) for n in range(config.jobs.workers)]
+                                   device_uid=self.device_uid, metrics=self.metrics,
+                                   notifier=Notifier(config.notify, self.series, self.store))
+        self.worker_ctx = worker_ctx
+        #: ``[compute] backend = "ray"``: the model actors (made at start)
+        self.pool: ActorPool | None = None
+        self._ray_started = False
+        self._preload_thread: threading.Thread | None = None
+        n_workers = config.compute.actors if config.compute.backend == "ray" else config.jobs.workers
+        self.workers = [Worker(f"worker-{n}", worker_ctx, stop=self.stop_event) for n in range(n_workers)]
         self.deliverer = Deliverer(config=config, store=self.store, stop=self.stop_event, metrics=self.metrics)
         self.metrics.attach_state(self._metric_state)
         self.metrics.attach_verdicts(self.verdict_summary)
@@ -231,6 +242,8 @@ class Node:
         self.store.record("node.started", {"ae_title": self.config.node.ae_title, "port": self.config.node.port,
                                            "config_version": self.config.version(),
                                            "models": {n: m.identification() for n, m in self.registry.models.items()}})
+        if self.config.compute.backend == "ray":
+            self._start_ray()
         self.listener.start()
         self._assembler_thread.start()
         if self._fetch_thread is not None:
@@ -261,6 +274,23 @@ class Node:
             raise ConfigError(f"the HTTP service could not listen on {cfg.bind}:{cfg.port}")
         logger.info("HTTP service on http://%s:%d (dashboard /, API /docs, metrics /metrics)", cfg.bind, cfg.port)
 
+    def _start_ray(self) -> None:
+        """Connect to (or start) Ray and make the model actors; preload the routes' models on them."""
+        from node.compute.ray_backend import ActorPool, start_ray
+
+        self._ray_started = start_ray(self.config)
+        self.pool = ActorPool(self.config)
+        self.worker_ctx.pool = self.pool
+        c = self.config.compute
+        logger.info("compute: %d Ray actor(s), %.2g GPU and %.2g CPU each, %d model(s) kept per actor",
+                    c.actors, c.gpus_per_actor, c.cpus_per_actor, c.max_models_per_actor)
+        if self.config.models.preload:
+            models = [self.registry.models[m] for m in dict.fromkeys(x for r in self.config.routes for x in r.models)
+                      if m in self.registry.models]
+            self._preload_thread = threading.Thread(target=self.pool.preload, args=(models,), name="ray-preload",
+                                                    daemon=True)
+            self._preload_thread.start()
+
     def stop(self, timeout: float | None = None) -> bool:
         """Stop accepting, let running jobs finish for up to ``timeout`` seconds (default
         ``[jobs].stop_timeout_seconds``), put back in the queue those that did not, and stop.
@@ -283,11 +313,23 @@ class Node:
         requeued = []
         for w in self.workers:
             job = w.current
-            if w.is_alive() and job is not None and self.store.requeue(job.id, reason="node stopping"):
+            if w.is_alive() and job is not None and self.store.requeue(job.id, reason="node stopping",
+                                                                      lease=job.started_at):
                 requeued.append(job.id)
                 logger.warning("job %d did not finish within %.0f s of the stop: requeued, it runs again at the "
                                "next start (no attempt counted)", job.id, timeout)
         self.store.record("node.stopped", {"requeued_jobs": requeued})
+        if self.pool is not None:
+            import ray
+
+            if self._preload_thread is not None:
+                self._preload_thread.join(60)
+            if any(t.is_alive() for t in [*self.workers, *([self._preload_thread] if self._preload_thread else [])]):
+                # a job still waits on an actor: its thread holds Ray (shutting it down under it crashes)
+                logger.warning("Ray left connected: a job was still running on an actor (requeued)")
+            else:
+                ray.shutdown()  # a local Ray started by the node ends with it; on a cluster the actors stay warm
+            self.pool = None
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None

@@ -98,7 +98,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.2
 
 def node_toml(data_dir: Path, port: int, *, sink_port: int | None = None, stable: float = 1.0,
               allowed: str = '["TESTSCU", "STORESCU"]', extra: str = "", models: Path | None = None,
-              delivery_backoff: float = 0.5, extra_outputs: str = "[]") -> str:
+              delivery_backoff: float = 0.5, extra_outputs: str = "[]", route_extra: str = "") -> str:
     dest = f'''
 [[destinations]]
 name = "pacs"
@@ -124,6 +124,7 @@ match = {{ Modality = "CT", BodyPartExamined = ["CHEST", "THORAX"] }}
 models = ["lesion-ct-demo"]
 send_to = {send_to}
 extra_outputs = {extra_outputs}
+{route_extra}
 
 [models]
 dir = "{models or ROOT / 'models'}"

@@ -203,3 +203,16 @@ def test_instances_are_stored_as_received(make_node: Callable[..., Any], small_s
     original = dcmread(f)
     assert stored.PixelData == original.PixelData
     assert stored.SOPInstanceUID == original.SOPInstanceUID
+
+
+def test_routes_select_on_the_called_ae_title(make_node: Callable[..., Any], small_series: Path) -> None:
+    """The AE title the sender called is recorded and routes select on it (pynetdicom's acceptor title is
+    always the node's own; the requested one is in the A-ASSOCIATE-RQ)."""
+    node = make_node(route_extra='called_ae = ["PREANNOT_CT"]')
+    files = sorted(small_series.glob("*.dcm"))
+    out = send_files([str(p) for p in files], ae_title="PREANNOT_CT", host="127.0.0.1", port=node.listener.port,
+                     calling_ae="TESTSCU")
+    assert all(o.ok for o in out)
+    wait_for(lambda: node.store.list_jobs(), 60, what="the job of the series sent to PREANNOT_CT")
+    rows = node.store.db.query("SELECT DISTINCT called_ae FROM instances")
+    assert [r[0] for r in rows] == ["PREANNOT_CT"]

@@ -59,6 +59,8 @@ class CardModel(BaseModel):
     modality: list[str] = Field(default_factory=list)
     description: str = ""
     intended_use: str = ""
+    #: memory the model needs to run (MB, on the GPU or for CPU actors in RAM); 0: estimated from the weights
+    memory_mb: float = Field(0.0, ge=0)
     #: the algorithm family recorded in the SEG's Algorithm Identification (CID 7162)
     family: CodeSpec = CodeSpec(code="123110", scheme="DCM", meaning="Artificial Intelligence")
 

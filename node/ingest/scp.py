@@ -40,6 +40,14 @@ __all__ = ["STATUS", "Listener", "ListenerStats", "configure_pynetdicom"]
 logger = logging.getLogger(__name__)
 
 
+def _called_ae(assoc: Any) -> str:
+    """The AE title the peer called (routes can select on it: one AE title per priority or per model),
+    from its A-ASSOCIATE-RQ; pynetdicom's ``acceptor.ae_title`` is always the node's own."""
+    primitive = getattr(assoc.requestor, "primitive", None)
+    called = getattr(primitive, "called_ae_title", None) if primitive is not None else None
+    return str(called or assoc.acceptor.ae_title).strip()
+
+
 def configure_pynetdicom() -> None:
     """pynetdicom's process-wide settings, applied once at start (before any association exists):
     identifiers (patient name, ID) in C-FIND/C-MOVE requests and responses never reach the logs."""
@@ -288,7 +296,7 @@ class Listener:
             event.assoc.abort()
             return
         logger.info("association %s accepted from %s (called %s)", event.assoc.name, self._peer(event),
-                    event.assoc.acceptor.ae_title)
+                    _called_ae(event.assoc))
 
     def _on_rejected(self, event: Any) -> None:
         self.guard.settle((event.assoc.requestor.address, event.assoc.requestor.port))
@@ -348,7 +356,7 @@ class Listener:
     def _on_store(self, event: Any) -> int:
         assoc = event.assoc
         calling = str(assoc.requestor.ae_title)
-        called = str(assoc.acceptor.ae_title)
+        called = _called_ae(assoc)
         if id(assoc) in self._refused_assocs:  # dropped by policy: never store
             return STATUS["out_of_resources"]
         try:

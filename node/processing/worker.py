@@ -12,11 +12,13 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydicom import dcmread
 
 from node.config import NodeConfig
-from node.errors import PreannotError
+from node.delivery.notify import Notifier
+from node.errors import ComputeLostError, PreannotError
 from node.inference.registry import Registry
 from node.inference.runner import Runner, load_runner
 from node.metrics import NodeMetrics
@@ -27,12 +29,15 @@ from node.processing.pipeline import ModelContext, PipelineOptions, process_seri
 from node.store.jobs import Job, JobStore, OutboxState, Supersession
 from node.store.series import SeriesStore
 
+if TYPE_CHECKING:
+    from node.compute.ray_backend import ActorPool
+
 __all__ = ["Worker", "WorkerContext"]
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WorkerContext:
     """The node's parts a worker uses (shared by all workers)."""
 
@@ -43,6 +48,10 @@ class WorkerContext:
     #: the node's Device UID, recorded in every output
     device_uid: str
     metrics: NodeMetrics | None = None
+    #: announces urgent results ([notify]); None: nobody is told
+    notifier: Notifier | None = None
+    #: ``[compute] backend = "ray"``: the model actors that run inference instead of this process
+    pool: ActorPool | None = None
 
 
 class Worker(threading.Thread):
@@ -68,8 +77,15 @@ class Worker(threading.Thread):
         self.current: Job | None = None
         self.stage: str = ""
 
-    def runner_for(self, model_name: str) -> Runner:
-        """The loaded runner of a model (loaded on first use, then reused)."""
+    def runner_for(self, model_name: str, job_id: int = 0) -> Runner:
+        """The loaded runner of a model (loaded on first use, then reused); with the Ray backend, a handle
+        that runs the model on the pool's actors."""
+        if self.ctx.pool is not None:
+            from node.compute.ray_backend import RayDetectionRunner, RaySegmentationRunner
+
+            info = self.registry.get(model_name)
+            kind = RayDetectionRunner if info.kind == "detection" else RaySegmentationRunner
+            return kind(info, self.ctx.pool, job_id)
         if model_name not in self.runners:
             info = self.registry.get(model_name)
             self.runners[model_name] = load_runner(info, device=self.config.models.device, amp=self.config.models.amp)
@@ -79,7 +95,10 @@ class Worker(threading.Thread):
         """Load every model a route names, so the first job does not wait for it (``models.preload``).
 
         A model that cannot be loaded is only logged here: its jobs fail with the reason when they run.
+        With the Ray backend the node loads them on the actors instead (``ActorPool.preload``).
         """
+        if self.ctx.pool is not None:
+            return
         for name in dict.fromkeys(m for r in self.config.routes for m in r.models):
             if self.stop_event.is_set():
                 return
@@ -93,7 +112,8 @@ class Worker(threading.Thread):
             self.preload()
         while not self.stop_event.is_set():
             self.store.jobs_waiting.clear()  # cleared before leasing: a job queued meanwhile sets it again
-            job = self.store.lease(lease_seconds=self.config.jobs.lease_seconds)
+            job = self.store.lease(lease_seconds=self.config.jobs.lease_seconds,
+                                   aging_seconds=self.config.jobs.priority_aging_minutes * 60)
             if job is None:
                 self.store.jobs_waiting.wait(self.poll_seconds)
                 continue
@@ -107,7 +127,7 @@ class Worker(threading.Thread):
                     job.attempts, job.max_attempts)
         try:
             model = self.registry.get(job.model)
-            runner = self.runner_for(job.model)
+            runner = self.runner_for(job.model, job.id)
             files = self.ctx.series.files(job.series_uid)
             out_dir = attempt_dir(self.config.data_dir, job.id, job.attempts)
             provenance = Provenance.for_node(model, self.config.outputs, device_uid=self.ctx.device_uid)
@@ -122,14 +142,30 @@ class Worker(threading.Thread):
             result = output.to_dict()
             result["model"] = model.identification()
             result["output_dir"] = str(out_dir)
+            result["priority"] = job.priority
+            received = self.ctx.series.find(job.series_uid)
+            if received is not None:  # from the series' last instance to its results ready to go
+                result["time_to_result_s"] = round(time.time() - received.last_received, 2)
+                result["target_s"] = self.config.jobs.targets.get(job.priority)
+                result["target_breached"] = (result["target_s"] is not None
+                                             and result["time_to_result_s"] > result["target_s"])
             supersedes = self._supersession(job, files, provenance, out_dir)
             self.store.complete(job.id, result=result, objects=output.objects, destinations=job.send_to,
-                                supersedes=supersedes)
+                                supersedes=supersedes, lease=job.started_at)
             if self.metrics is not None:
                 self.metrics.observe_job(job.model, "done", output.timings)
+                if "time_to_result_s" in result:
+                    self.metrics.observe_time_to_result(job.priority, result["time_to_result_s"],
+                                                        breached=bool(result["target_breached"]))
+            if self.ctx.notifier is not None:
+                self.ctx.notifier.result_ready(job, result)
             logger.info("job %d done in %.1f s: %d ROI(s), %d object(s) queued for %s", job.id, time.time() - t0,
                         len(output.rois), len(output.objects), job.send_to or "no destination")
             output.finish()  # the preview, once the results are on their way
+        except ComputeLostError as exc:  # not the job's fault: again, on another actor, attempt not counted
+            logger.warning("job %d: %s; requeued", job.id, exc)
+            self.store.requeue(job.id, reason=str(exc), lease=job.started_at)
+            self.store.jobs_waiting.set()
         except PreannotError as exc:
             self._fail(job, f"{type(exc).__name__}: {exc}", permanent=exc.permanent)
         except MemoryError as exc:
@@ -173,7 +209,8 @@ class Worker(threading.Thread):
 
     def _fail(self, job: Job, reason: str, *, permanent: bool = False) -> None:
         state = self.store.fail(job.id, reason, backoff_seconds=self.config.jobs.backoff_seconds,
-                                backoff_max_seconds=self.config.jobs.backoff_max_seconds, permanent=permanent)
+                                backoff_max_seconds=self.config.jobs.backoff_max_seconds, permanent=permanent,
+                                lease=job.started_at)
         if self.metrics is not None:
             self.metrics.observe_job(job.model, state.value)
         logger.warning("job %d %s (attempt %d/%d%s): %s", job.id, state.value, job.attempts, job.max_attempts,

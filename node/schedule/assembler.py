@@ -179,7 +179,8 @@ class Assembler:
                         jid = self.jobs.create(c, series_uid=info.series_uid, series_version=info.version,
                                                model=model, route=route.name, send_to=list(route.send_to),
                                                max_attempts=self.config.jobs.max_attempts,
-                                               config_version=self._config_version, now=now)
+                                               config_version=self._config_version, now=now,
+                                               priority=route.priority)
                         if jid is not None:
                             job_ids.append(jid)
                 self.series.mark_dispatched(c, info, routes=names, jobs=job_ids, now=now,

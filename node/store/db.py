@@ -21,7 +21,7 @@ __all__ = ["Database", "Filter"]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 #: columns added after a release: (table, column, declaration), applied to older databases at open
 _ADDED_COLUMNS = (
@@ -33,6 +33,7 @@ _ADDED_COLUMNS = (
     ("jobs", "superseded_by", "INTEGER"),
     ("outbox", "series_uid", "TEXT NOT NULL DEFAULT ''"),
     ("outbox", "role", "TEXT NOT NULL DEFAULT 'result'"),
+    ("jobs", "priority", "INTEGER NOT NULL DEFAULT 2"),
 )
 
 _SCHEMA = """
@@ -102,6 +103,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     result TEXT,
     config_version TEXT,
     superseded_by INTEGER,
+    priority INTEGER NOT NULL DEFAULT 2,
     UNIQUE (series_uid, series_version, model)
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, next_run_at);

@@ -42,6 +42,10 @@ __all__ = ["Deliverable", "EarlierObject", "Job", "JobState", "JobStore", "Outbo
 logger = logging.getLogger(__name__)
 
 
+#: route priorities, highest first (stored as their index)
+PRIORITIES = ("stat", "urgent", "routine")
+
+
 class JobState(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -79,6 +83,7 @@ class Job:
     result: dict[str, Any] | None
     #: the job whose results replaced this job's (a later version of the series, same model)
     superseded_by: int | None = None
+    priority: str = "routine"
 
     @classmethod
     def from_row(cls, row: Any) -> Job:
@@ -90,6 +95,7 @@ class Job:
             finished_at=row["finished_at"], error=row["error"],
             result=json.loads(row["result"]) if row["result"] else None,
             superseded_by=row["superseded_by"],
+            priority=PRIORITIES[int(row["priority"])],
         )
 
 
@@ -176,19 +182,20 @@ class JobStore:
     # --- jobs -----------------------------------------------------------------------------------
 
     def create(self, c: Any, *, series_uid: str, series_version: int, model: str, route: str,
-               send_to: list[str], max_attempts: int, config_version: str, now: float) -> int | None:
+               send_to: list[str], max_attempts: int, config_version: str, now: float,
+               priority: str = "routine") -> int | None:
         """Insert a queued job inside the caller's transaction ``c``; None if it already exists."""
         cur = c.execute(
             "INSERT OR IGNORE INTO jobs (series_uid, series_version, model, route, send_to, state, attempts, "
-            "max_attempts, created_at, updated_at, next_run_at, config_version) "
-            "VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?)",
+            "max_attempts, created_at, updated_at, next_run_at, config_version, priority) "
+            "VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?)",
             (series_uid, series_version, model, route, json.dumps(send_to), max_attempts, now, now, now,
-             config_version))
+             config_version, PRIORITIES.index(priority)))
         if cur.rowcount == 0:
             return None
         job_id = int(cur.lastrowid)
         append_event(c, "job.queued", {"model": model, "route": route, "series_version": series_version,
-                                      "config_version": config_version},
+                                      "config_version": config_version, "priority": priority},
                     series_uid=series_uid, job_id=job_id, now=now)
         return job_id
 
@@ -226,13 +233,17 @@ class JobStore:
             out[r["state"]] = int(r["n"])
         return out
 
-    def lease(self, *, lease_seconds: float, now: float | None = None) -> Job | None:
-        """Take the oldest runnable job (queued, failed past its backoff, or running with an expired lease)."""
+    def lease(self, *, lease_seconds: float, now: float | None = None, aging_seconds: float = 1800.0) -> Job | None:
+        """Take the next runnable job (queued, failed past its backoff, or running with an expired lease):
+        the highest priority first (stat, urgent, routine), the oldest first within a priority. A job
+        rises one level per ``aging_seconds`` of waiting, so a long-waiting routine job is not starved."""
         now = time.time() if now is None else now
         with self.db.tx() as c:
             row = c.execute(
                 "SELECT id FROM jobs WHERE (state IN ('queued', 'failed') AND next_run_at <= ?) "
-                "OR (state = 'running' AND lease_until < ?) ORDER BY next_run_at, id LIMIT 1", (now, now)).fetchone()
+                "OR (state = 'running' AND lease_until < ?) "
+                "ORDER BY MAX(0, priority - CAST((? - created_at) / ? AS INTEGER)), next_run_at, id LIMIT 1",
+                (now, now, now, aging_seconds)).fetchone()
             if row is None:
                 return None
             c.execute("UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_until = ?, started_at = ?, "
@@ -311,19 +322,22 @@ class JobStore:
 
     def complete(self, job_id: int, *, result: dict[str, Any], objects: Sequence[Deliverable],
                  destinations: list[str], supersedes: Supersession | None = None,
-                 now: float | None = None) -> None:
+                 now: float | None = None, lease: float | None = None) -> None:
         """Mark a running job done and queue each result object for each destination (one transaction).
 
         ``supersedes``: the earlier results this job replaces (see the module doc). A job that completes
         after a newer version of its series already completed is itself superseded at once: its objects
-        are kept on disk but never queued.
+        are kept on disk but never queued. ``lease``: the ``started_at`` of the caller's lease; a caller whose
+        lease passed on (expired, or requeued and leased again by a restarted node) is refused.
         """
         now = time.time() if now is None else now
         with self.db.tx() as c:
-            row = c.execute("SELECT state, series_uid, series_version, model FROM jobs WHERE id = ?",
+            row = c.execute("SELECT state, series_uid, series_version, model, started_at FROM jobs WHERE id = ?",
                             (job_id,)).fetchone()
             if row is None or row["state"] != JobState.RUNNING:
                 raise JobError(f"job {job_id} is {row['state'] if row else 'missing'}; expected running")
+            if lease is not None and row["started_at"] != lease:
+                raise JobError(f"job {job_id} was leased again since this attempt started: its lease passed on")
             newer = c.execute("SELECT id FROM jobs WHERE series_uid = ? AND model = ? AND series_version > ? "
                               "AND state = 'done' ORDER BY series_version DESC LIMIT 1",
                               (row["series_uid"], row["model"], row["series_version"])).fetchone()
@@ -384,14 +398,19 @@ class JobStore:
                 series_uid=series_uid, job_id=earlier, now=now)
 
     def fail(self, job_id: int, reason: str, *, backoff_seconds: float, backoff_max_seconds: float,
-             permanent: bool = False, now: float | None = None) -> JobState:
+             permanent: bool = False, now: float | None = None, lease: float | None = None) -> JobState:
         """Record a failed attempt: failed (retried after a backoff) or dead when attempts are exhausted,
-        or at once when the error is ``permanent`` (the same input would fail the same way)."""
+        or at once when the error is ``permanent`` (the same input would fail the same way). With
+        ``lease`` (the ``started_at`` of the caller's lease), a caller whose lease passed on changes
+        nothing (the job's state is returned as it is)."""
         now = time.time() if now is None else now
         with self.db.tx() as c:
-            row = c.execute("SELECT attempts, max_attempts, series_uid FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = c.execute("SELECT attempts, max_attempts, series_uid, state, started_at FROM jobs WHERE id = ?",
+                            (job_id,)).fetchone()
             if row is None:
                 raise JobNotFoundError(f"no job with id {job_id}")
+            if lease is not None and (row["started_at"] != lease or row["state"] != JobState.RUNNING):
+                return JobState(row["state"])
             dead = permanent or int(row["attempts"]) >= int(row["max_attempts"])
             state = JobState.DEAD if dead else JobState.FAILED
             delay = _backoff(int(row["attempts"]), backoff_seconds, backoff_max_seconds)
@@ -423,12 +442,15 @@ class JobStore:
                         job_id=job_id, actor=actor, now=now)
         self.jobs_waiting.set()
 
-    def requeue(self, job_id: int, *, reason: str, now: float | None = None) -> bool:
+    def requeue(self, job_id: int, *, reason: str, now: float | None = None, lease: float | None = None) -> bool:
         """Put a running job back in the queue without counting its attempt (the node is stopping before it
-        finished). Returns False when it is no longer running (it finished meanwhile)."""
+        finished, or the compute running it went away). Returns False when it is no longer running (it
+        finished meanwhile) or, with ``lease`` (the ``started_at`` of the caller's lease), when it was
+        leased again since."""
         now = time.time() if now is None else now
         with self.db.tx() as c:
-            row = c.execute("SELECT series_uid FROM jobs WHERE id = ? AND state = 'running'", (job_id,)).fetchone()
+            row = c.execute("SELECT series_uid FROM jobs WHERE id = ? AND state = 'running' AND started_at IS "
+                            "COALESCE(?, started_at)", (job_id, lease)).fetchone()
             if row is None:
                 return False
             c.execute("UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0), lease_until = NULL, "

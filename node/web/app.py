@@ -59,7 +59,8 @@ def _job_dict(job: Job, *, detail: bool = False) -> dict[str, Any]:
         "max_attempts": job.max_attempts, "created_at": job.created_at, "started_at": job.started_at,
         "finished_at": job.finished_at, "error": job.error, "roi_count": summary.get("roi_count"),
         "duration_s": result.get("timings", {}).get("total"), "send_to": job.send_to,
-        "superseded_by": job.superseded_by,
+        "superseded_by": job.superseded_by, "priority": job.priority,
+        "time_to_result_s": result.get("time_to_result_s"), "target_breached": result.get("target_breached"),
     }
     if detail:
         d.update({"timings": result.get("timings", {}), "outputs": result.get("files", {}),

@@ -91,6 +91,17 @@ def trend_png(node: NodeView) -> bytes:
     return buf.getvalue()
 
 
+def _targets(node: NodeView, jobs: list[Any]) -> list[dict[str, Any]]:
+    """Per priority, over the recent done jobs: how many results, how many late, the slowest."""
+    out = []
+    for priority, target in node.config.jobs.targets.items():
+        times = [float(t) for j in jobs if j.priority == priority and j.state.value == "done"
+                 and (t := (j.result or {}).get("time_to_result_s")) is not None]
+        out.append({"priority": priority, "target": target, "count": len(times),
+                    "late": sum(t > target for t in times), "slowest": max(times) if times else None})
+    return out
+
+
 def render_dashboard(node: NodeView, now: float) -> str:
     """The dashboard HTML for the node's current state."""
     from node.verdicts.stats import agreement
@@ -106,5 +117,6 @@ def render_dashboard(node: NodeView, now: float) -> str:
         failures=[j for j in jobs if j.state.value in ("failed", "dead")],
         held=sorted(held, key=lambda x: -x.last_received)[:30], jobs=jobs[:30],
         previews=[j for j in jobs if j.state.value == "done" and (j.result or {}).get("files", {}).get("preview")][:4],
+        targets=_targets(node, node.store.list_jobs(limit=500)),
         agreement=agree, verdict_alerts=verdict_alerts, by_scanner=agreement(node.verdicts, by="scanner"),
         verdicts=node.verdicts.recent(20), pct=_pct, num=_num)
