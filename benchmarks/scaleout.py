@@ -124,7 +124,7 @@ def _run(actors: int, address: str, folders: list[Path], stat: Path | None, gpus
         lat = sorted(routine)
         return {"actors": actors, "studies": total, "wall_s": end - t0,
                 "throughput_per_min": 60.0 * total / (end - t0),
-                "p50_s": statistics.median(lat), "p95_s": lat[min(len(lat) - 1, int(round(0.95 * (len(lat) - 1))))],
+                "p50_s": statistics.median(lat), "p95_s": lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))],
                 "stat_s": stat_t[0] if stat_t else None, "routine_max_s": max(lat)}
     finally:
         node.stop()

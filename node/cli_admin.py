@@ -90,6 +90,9 @@ def models_add(bundle: Annotated[Path, typer.Argument(help="A MONAI bundle folde
         if draft.no_laterality:
             typer.echo(f"  {len(draft.no_laterality)} label(s) coded without their laterality: "
                        f"{', '.join(draft.no_laterality)}")
+        if draft.removed:
+            typer.echo(f"  not accepted by the installed MONAI, removed from the config at load ([bundle] remove): "
+                       f"{', '.join(draft.removed)}")
     try:
         model = load_model(dest)
     except PreannotError as exc:

@@ -278,3 +278,57 @@ def test_two_workers_run_a_segmentation_and_a_detection_bundle_interleaved(tmp_p
                                                            for s in {j.series_uid for j in jobs}}
     finally:
         node.stop()
+
+
+def test_swin_unetr_bundle_runs_after_models_add_removes_an_argument_monai_dropped(
+        tmp_path: Path, small_series: Path, dciodvfy: Callable[[Path], list[str]]) -> None:
+    """swin_unetr_btcv_segmentation as published passes SwinUNETR an ``img_size`` that MONAI 1.5+ no longer
+    accepts: `models add` finds it and writes ``[bundle] remove``; with random weights the bundle then runs
+    and its 13 organs come out as segments (SEG and SR: 0 dciodvfy errors)."""
+    import tomllib
+
+    import torch
+    from monai.bundle import ConfigParser
+    from pydicom import dcmread
+    from typer.testing import CliRunner
+
+    from node.cli import app
+    from node.errors import ModelError
+    from node.inference.registry import load_model
+    from node.inference.runner import BundleRunner
+
+    models = tmp_path / "models"
+    cfg = _config(tmp_path, models)
+    r = CliRunner().invoke(app, ["models", "add", str(ZOO / "swin_unetr_btcv_segmentation"), "--config", str(cfg)])
+    assert "network_def#img_size" in r.output, r.output
+    folder = models / "swin_unetr_btcv_segmentation"
+    card_text = (folder / "model_card.toml").read_text()
+    card = tomllib.loads(card_text)
+    assert card["bundle"]["remove"] == ["network_def#img_size"] and len(card["labels"]) == 13
+    by_name = {lab["name"]: lab for lab in card["labels"]}
+    assert by_name["Right Kidney"]["type"]["code"] == "9846003"  # "Right X" matched as well as "x_right"
+    parser = ConfigParser()
+    parser.read_config(str(folder / "configs" / "inference.json"))
+    del parser["network_def"]["img_size"]
+    torch.manual_seed(0)
+    (folder / "models").mkdir()
+    torch.save(parser.get_parsed_content("network_def").state_dict(), folder / "models" / "model.pt")
+    (folder / "model_card.toml").write_text(card_text.replace(  # 64: the smallest patch SwinUNETR's norms accept
+        "[bundle]\n", '[bundle]\noverrides = { "inferer#roi_size" = [64, 64, 64], "inferer#sw_batch_size" = 1, "inferer#overlap" = 0.0 }\n'))
+    # without the removal the published config does not load on this MONAI, and says so
+    (tmp_path / "bad").mkdir()
+    import shutil
+
+    shutil.copytree(folder, tmp_path / "bad" / folder.name)
+    bad_card = tmp_path / "bad" / folder.name / "model_card.toml"
+    bad_card.write_text(bad_card.read_text().replace('remove = ["network_def#img_size"]', "remove = []"))
+    with pytest.raises(ModelError, match="img_size"):
+        BundleRunner(load_model(tmp_path / "bad" / folder.name), device="cpu")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["run", "--model", "swin_unetr_btcv_segmentation", str(small_series), str(out),
+                                 "--config", str(cfg), "--json"])
+    assert r.exit_code == 0, r.output
+    rois = json.loads((out / "result.json").read_text())["rois"]
+    assert rois and {x["kind"] for x in rois} == {"anatomy"}
+    assert dciodvfy(out / "seg.dcm") == [] and dciodvfy(out / "sr.dcm") == []
+    assert len(dcmread(out / "seg.dcm").SegmentSequence) == len(rois)

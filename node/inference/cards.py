@@ -97,6 +97,39 @@ class DraftCard:
     unmapped: list[str] = field(default_factory=list)
     #: channel names coded without their laterality (the structure's code; laterality in the name only)
     no_laterality: list[str] = field(default_factory=list)
+    #: bundle config ids the installed MONAI does not accept (removed at load through ``[bundle] remove``)
+    removed: list[str] = field(default_factory=list)
+
+
+def unaccepted_network_args(bundle: Path) -> list[str]:
+    """``network_def`` arguments the installed MONAI's network class does not accept (arguments removed
+    since the bundle was published, such as SwinUNETR's ``img_size`` in MONAI 1.5), as config ids."""
+    import inspect
+
+    from node.inference.registry import INFERENCE_CONFIGS
+
+    path = next((bundle / "configs" / n for n in INFERENCE_CONFIGS if (bundle / "configs" / n).is_file()), None)
+    if path is None:
+        return []
+    if path.suffix == ".json":
+        config = json.loads(path.read_text())
+    else:
+        import yaml
+
+        config = yaml.safe_load(path.read_text())
+    net = config.get("network_def") if isinstance(config, dict) else None
+    target = str(net.get("_target_", "")) if isinstance(net, dict) else ""
+    if not target or ("." in target and not target.startswith("monai.")):
+        return []  # the bundle's own network class: its own code decides
+    import monai.networks.nets as nets
+
+    cls = getattr(nets, target.rsplit(".", 1)[-1], None)
+    if cls is None:
+        return []
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    return [f"network_def#{k}" for k in net if not k.startswith("_") and k not in params]
 
 
 def _norm(name: str) -> str:
@@ -106,6 +139,9 @@ def _norm(name: str) -> str:
 def _match(name: str) -> tuple[tuple[str, str] | None, bool, bool]:
     """(code, is_finding, laterality_lost) for a channel name."""
     n = _norm(name)
+    m = re.fullmatch(r"(left|right) (.+)", n)
+    if m and f"{m.group(2)} {m.group(1)}" in ANATOMY:  # "Right Kidney" as well as "kidney_right"
+        n = f"{m.group(2)} {m.group(1)}"
     if n in FINDINGS:
         return FINDINGS[n], True, False
     if n in ANATOMY:
@@ -174,5 +210,12 @@ def draft_card(bundle: Path) -> DraftCard:
         lines += [f"color = [{colour[0]}, {colour[1]}, {colour[2]}]", f"finding = {'true' if finding else 'false'}",
                   ""]
     lines += ["[outputs]", "seg = true", "sr = true", ""]
+    draft.removed = unaccepted_network_args(bundle)
+    if draft.removed:
+        import monai
+
+        lines += [f"# {', '.join(draft.removed)}: not accepted by the installed MONAI {monai.__version__} (an argument",
+                  "# removed since the bundle was published); removed from the bundle's config when it loads",
+                  "[bundle]", "remove = [" + ", ".join(_toml_str(r) for r in draft.removed) + "]", ""]
     draft.text = "\n".join(lines)
     return draft

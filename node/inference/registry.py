@@ -84,6 +84,9 @@ class CardBundle(BaseModel):
     #: (``"inferer#roi_size" = [64, 64, 64]``, ``"inferer#sw_batch_size" = 1``); each id must exist in the
     #: bundle's inference config (checked when the model loads)
     overrides: dict[str, Any] = Field(default_factory=dict)
+    #: bundle config ids removed at load (``"network_def#img_size"``: an argument the installed MONAI no
+    #: longer accepts); each must exist (checked when the model loads). ``preannot models add`` fills it
+    remove: list[str] = Field(default_factory=list)
     #: run the node's own equivalents of MONAI transforms where they give the same voxels with less memory
     #: and time: ``Spacingd`` (and its inversion) as ``node.inference.resample.BoundedSpacingd``, an
     #: arg-max-only ``AsDiscreted`` as ``node.inference.postops.ChannelArgmaxd``; false keeps the bundle's own

@@ -196,6 +196,18 @@ class LoadedBundle:
                 raise ModelError(f"model {model.name}: model_card.toml [bundle] overrides {key!r}, which is not in "
                                  f"{model.inference_config.name}") from exc
             parser[key] = value
+        for key in model.card.bundle.remove:
+            parent_id, _, last = key.rpartition("#")
+            try:
+                parent = parser[parent_id] if parent_id else parser.config
+                if not isinstance(parent, dict) or last not in parent:
+                    raise KeyError(key)
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ModelError(f"model {model.name}: model_card.toml [bundle] remove {key!r}, which is not in "
+                                 f"{model.inference_config.name}") from exc
+            del parent[last]
+            if parent_id:
+                parser[parent_id] = parent  # resets the parser's references
         if model.card.bundle.substitute_transforms:
             _bound_resampling(parser, model.name)
             _fast_argmax(parser)
