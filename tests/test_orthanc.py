@@ -40,14 +40,19 @@ password_env = "TEST_ORTHANC_PASSWORD"
 '''
 
 
-def _start_node(tmp_path: Path, port: int, kind: str, orthanc: Orthanc, allowed: str) -> tuple[Any, Path]:
-    """A started node sending its results to ``orthanc`` by ``kind``; returns it with its config path."""
+def _start_node(tmp_path: Path, port: int, kind: str, orthanc: Orthanc, allowed: str, *, extra: str = "",
+                web_port: int | None = None) -> tuple[Any, Path]:
+    """A started node sending its results to ``orthanc`` by ``kind`` (its web service on ``web_port`` with a
+    token when given); returns it with its config path."""
     from node.config import load_config
     from node.service import Node
     from tests.conftest import node_toml
 
-    text = node_toml(tmp_path / "data", port, stable=1.0, allowed=allowed)
+    text = node_toml(tmp_path / "data", port, stable=1.0, allowed=allowed, extra=extra)
     text = text.replace('send_to = []', 'send_to = ["pacs"]') + _destination(kind, orthanc)
+    if web_port is not None:
+        text = text.replace("[web]\nenabled = false", f'[web]\nenabled = true\nport = {web_port}\n'
+                                                       'tokens = { ris = "a-token-of-at-least-16" }')
     cfg_path = tmp_path / "node.toml"
     cfg_path.write_text(text)
     node = Node(load_config(cfg_path))
@@ -293,22 +298,13 @@ def test_radiologist_verdicts_come_back_through_orthanc(tmp_path: Path, small_se
     from typer.testing import CliRunner
 
     from node.cli import app
-    from node.config import load_config
-    from node.service import Node
-    from tests.conftest import free_port, node_toml
+    from tests.conftest import free_port
     from tests.radiologist import edited_seg, rejection, verified_sr
 
     port, web_port = free_port(), free_port()
     orthanc = Orthanc(tmp_path / "orthanc", preannot_port=port, verdicts=True)
     monkeypatch.setenv("TEST_ORTHANC_PASSWORD", orthanc.password)
-    text = node_toml(tmp_path / "data", port, stable=1.0, allowed='["ORTHANC"]')
-    text = text.replace('send_to = []', 'send_to = ["pacs"]') + _destination("dicom", orthanc)
-    text = text.replace("[web]\nenabled = false", f'[web]\nenabled = true\nport = {web_port}\n'
-                                                   'tokens = { ris = "a-token-of-at-least-16" }')
-    cfg_path = tmp_path / "node.toml"
-    cfg_path.write_text(text)
-    node = Node(load_config(cfg_path))
-    node.start()
+    node, cfg_path = _start_node(tmp_path, port, "dicom", orthanc, '["ORTHANC"]', web_port=web_port)
     try:
         client = orthanc.client()
         second = _second_study(small_series, tmp_path / "study2")
@@ -378,20 +374,13 @@ def test_verdicts_fetched_from_the_pacs_on_a_schedule(tmp_path: Path, small_seri
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A PACS with no verdict rule: the node looks for SEG/SR/KO of its studies itself (C-FIND, then C-MOVE
     of the new series to its own AE title) and judges them; its own results are never fetched back."""
-    from node.config import load_config
-    from node.service import Node
-    from tests.conftest import free_port, node_toml
+    from tests.conftest import free_port
     from tests.radiologist import edited_seg
 
     port = free_port()
     orthanc = Orthanc(tmp_path / "orthanc", preannot_port=port)  # routes CT only
-    text = node_toml(tmp_path / "data", port, stable=1.0, allowed='["ORTHANC"]',
-                     extra='[verdicts]\nfetch_from = "pacs"\nfetch_minutes = 0.05\n')
-    text = text.replace('send_to = []', 'send_to = ["pacs"]') + _destination("dicom", orthanc)
-    cfg_path = tmp_path / "node.toml"
-    cfg_path.write_text(text)
-    node = Node(load_config(cfg_path))
-    node.start()
+    node, _ = _start_node(tmp_path, port, "dicom", orthanc, '["ORTHANC"]',
+                          extra='[verdicts]\nfetch_from = "pacs"\nfetch_minutes = 0.05\n')
     try:
         client = orthanc.client()
         for p in sorted(small_series.glob("*.dcm")):

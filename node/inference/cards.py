@@ -118,7 +118,9 @@ def unaccepted_network_args(bundle: Path) -> list[str]:
 
         config = yaml.safe_load(path.read_text())
     net = config.get("network_def") if isinstance(config, dict) else None
-    target = str(net.get("_target_", "")) if isinstance(net, dict) else ""
+    if not isinstance(net, dict):
+        return []
+    target = str(net.get("_target_", ""))
     if not target or ("." in target and not target.startswith("monai.")):
         return []  # the bundle's own network class: its own code decides
     import monai.networks.nets as nets

@@ -107,46 +107,35 @@ def _target(item: Any) -> str:
     return str(item.get("_target_", "")).rsplit(".", 1)[-1] if isinstance(item, dict) else ""
 
 
-_BOUNDED = "node.inference.resample.BoundedSpacingd"
-
-
-def _bound_resampling(parser: ConfigParser, name: str) -> int:
-    """Put :class:`node.inference.resample.BoundedSpacingd` in place of each ``Spacingd`` of the bundle's
-    preprocessing that it reproduces (same arguments, same voxels; ``Invertd`` then inverts it with no
-    dense grid). Returns how many were replaced."""
-    pre = parser.get("preprocessing")
-    transforms = pre.get("transforms") if isinstance(pre, dict) else None
+def _substitute(parser: ConfigParser, section: str, substitutable: Callable[[Any], bool], target: str,
+                name: str, *, stock: str) -> int:
+    """Put the node's ``target`` transform in place of each transform of the bundle's ``section`` that
+    ``substitutable`` accepts (the same voxels; see ``node.inference.resample`` and ``postops``); a
+    ``stock`` transform with other arguments is left as the bundle has it, logged. Returns how many."""
+    block = parser.get(section)
+    transforms = block.get("transforms") if isinstance(block, dict) else None
     if not isinstance(transforms, list):
         return 0
-    from node.inference.resample import substitutable
-
     done = 0
     for n, item in enumerate(transforms):
         if substitutable(item):
-            parser[f"preprocessing#transforms#{n}#_target_"] = _BOUNDED
+            parser[f"{section}#transforms#{n}#_target_"] = target
             done += 1
-        elif _target(item) == "Spacingd":
-            logger.info("model %s: preprocessing transform %d is a Spacingd with arguments the bounded resampling "
-                        "does not reproduce; MONAI's own runs", name, n)
+        elif _target(item) == stock:
+            logger.info("model %s: %s transform %d is a %s with arguments the node's equivalent does not "
+                        "reproduce; MONAI's own runs", name, section, n, stock)
     return done
 
 
-def _fast_argmax(parser: ConfigParser) -> int:
-    """Put :class:`node.inference.postops.ChannelArgmaxd` in place of each ``AsDiscreted`` of the bundle's
-    postprocessing that only takes the arg-max (same labels, without ``torch.argmax``'s slow channel
-    reduction). Returns how many were replaced."""
-    post = parser.get("postprocessing")
-    transforms = post.get("transforms") if isinstance(post, dict) else None
-    if not isinstance(transforms, list):
-        return 0
-    from node.inference.postops import substitutable
+def _node_transforms(parser: ConfigParser, name: str) -> None:
+    """The node's memory-bounded ``Spacingd`` (its inversion included) and fast arg-max-only ``AsDiscreted``
+    in place of MONAI's, where they give the same voxels (card ``[bundle] substitute_transforms``)."""
+    from node.inference import postops, resample
 
-    done = 0
-    for n, item in enumerate(transforms):
-        if substitutable(item):
-            parser[f"postprocessing#transforms#{n}#_target_"] = "node.inference.postops.ChannelArgmaxd"
-            done += 1
-    return done
+    _substitute(parser, "preprocessing", resample.substitutable, "node.inference.resample.BoundedSpacingd", name,
+                stock="Spacingd")
+    _substitute(parser, "postprocessing", postops.substitutable, "node.inference.postops.ChannelArgmaxd", name,
+                stock="AsDiscreted")
 
 
 class LoadedBundle:
@@ -209,8 +198,7 @@ class LoadedBundle:
             if parent_id:
                 parser[parent_id] = parent  # resets the parser's references
         if model.card.bundle.substitute_transforms:
-            _bound_resampling(parser, model.name)
-            _fast_argmax(parser)
+            _node_transforms(parser, model.name)
         return parser
 
     def _failure(self, exc: Exception) -> Exception:

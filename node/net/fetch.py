@@ -23,7 +23,7 @@ from node.errors import DeliveryError
 from node.net.dicomweb import dicomweb_client
 from node.net.scu import send_files
 
-__all__ = ["FetchResult", "fetch_study"]
+__all__ = ["FetchResult", "cmove", "fetch_study"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,14 @@ class FetchResult:
     how: str
 
 
-def _cmove(src: Destination, study_uid: str, move_to: str, calling_ae: str) -> FetchResult:
+def cmove(src: Destination, study_uid: str, move_to: str, calling_ae: str, *,
+          series_uid: str | None = None) -> FetchResult:
+    """C-MOVE (Study Root) of a study, or of one of its series, to AE ``move_to``.
+
+    Raises:
+        DeliveryError: no association, no response, or a failure status (with what was sent).
+    """
+    what = f"series {series_uid}" if series_uid else f"study {study_uid}"
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = max(src.timeout, 60.0)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
@@ -45,8 +52,10 @@ def _cmove(src: Destination, study_uid: str, move_to: str, calling_ae: str) -> F
     if not assoc.is_established:
         raise DeliveryError(f"{src.describe()}: no association for C-MOVE (down, or our AE {calling_ae} not allowed)")
     ident = Dataset()
-    ident.QueryRetrieveLevel = "STUDY"
+    ident.QueryRetrieveLevel = "SERIES" if series_uid else "STUDY"
     ident.StudyInstanceUID = study_uid
+    if series_uid:
+        ident.SeriesInstanceUID = series_uid
     completed = failed = warning = 0
     last = None
     try:
@@ -60,10 +69,11 @@ def _cmove(src: Destination, study_uid: str, move_to: str, calling_ae: str) -> F
     finally:
         assoc.release()
     if last not in (0x0000, 0xB000) and completed == failed == 0:
-        raise DeliveryError(f"{src.describe()}: C-MOVE of study {study_uid} ended with status 0x{(last or 0):04X} "
-                            f"and no instance was sent: the PACS holds no such study, or does not know AE {move_to}")
+        raise DeliveryError(f"{src.describe()}: C-MOVE of {what} ended with status 0x{(last or 0):04X} "
+                            f"and no instance was sent: the PACS holds no such {what.split()[0]}, or does not know "
+                            f"AE {move_to}")
     if last not in (0x0000, 0xB000):
-        raise DeliveryError(f"{src.describe()}: C-MOVE of study {study_uid} to {move_to} ended with status "
+        raise DeliveryError(f"{src.describe()}: C-MOVE of {what} to {move_to} ended with status "
                             f"0x{(last or 0):04X} ({completed} sent, {failed} failed); does the PACS know AE {move_to}?")
     return FetchResult(completed, failed, warning, f"C-MOVE from {src.describe()} to {move_to}")
 
@@ -100,7 +110,7 @@ def fetch_study(config: NodeConfig, source: str, study_uid: str, *, node_host: s
     """
     src = config.destination(source)
     if src.kind == "dicom":
-        return _cmove(src, study_uid, config.node.ae_title, src.calling_ae_title or config.node.ae_title)
+        return cmove(src, study_uid, config.node.ae_title, src.calling_ae_title or config.node.ae_title)
     if src.kind == "dicomweb":
         return _wado(src, study_uid, node_host, config.node.port, config.node.ae_title,
                      src.calling_ae_title or src.name.upper()[:16])

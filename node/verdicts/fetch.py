@@ -16,13 +16,11 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE
-from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelMove,
-)
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
 from node.config import Destination, NodeConfig
 from node.errors import DeliveryError
+from node.net.fetch import cmove
 from node.store.jobs import JobStore
 from node.store.series import SeriesStore
 
@@ -58,28 +56,6 @@ def _cfind_series(src: Destination, study_uid: str, calling_ae: str) -> list[str
     return found
 
 
-def _cmove_series(src: Destination, study_uid: str, series_uid: str, move_to: str, calling_ae: str) -> int:
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = max(src.timeout, 60.0)
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-    assert src.host and src.port and src.ae_title
-    assoc = ae.associate(src.host, src.port, ae_title=src.ae_title)
-    if not assoc.is_established:
-        raise DeliveryError(f"{src.describe()}: no association for C-MOVE")
-    ident = Dataset()
-    ident.QueryRetrieveLevel = "SERIES"
-    ident.StudyInstanceUID = study_uid
-    ident.SeriesInstanceUID = series_uid
-    completed = 0
-    try:
-        for status, _ in assoc.send_c_move(ident, move_to, StudyRootQueryRetrieveInformationModelMove):
-            if status is not None:
-                completed = int(status.get("NumberOfCompletedSuboperations", completed) or completed)
-    finally:
-        assoc.release()
-    return completed
-
-
 class VerdictFetcher:
     def __init__(self, config: NodeConfig, series: SeriesStore, jobs: JobStore) -> None:
         self.config = config
@@ -105,9 +81,9 @@ class VerdictFetcher:
             if src.kind == "dicom":
                 new = [s for s in _cfind_series(src, study, calling) if not self._known(s)]
                 for series_uid in new:
-                    n = _cmove_series(src, study, series_uid, self.config.node.ae_title, calling)
+                    got = cmove(src, study, self.config.node.ae_title, calling, series_uid=series_uid)
                     logger.info("verdicts: series %s of study %s fetched from %s (%d instance(s))", series_uid, study,
-                                src.describe(), n)
+                                src.describe(), got.completed)
             elif src.kind == "dicomweb":
                 new = self._wado(src, study)
             else:
