@@ -23,7 +23,7 @@ from node.errors import DeliveryError
 from node.net.dicomweb import dicomweb_client
 from node.net.scu import send_files
 
-__all__ = ["FetchResult", "cmove", "fetch_study"]
+__all__ = ["FetchResult", "cmove", "fetch_study", "wado_to_node"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,22 +78,31 @@ def cmove(src: Destination, study_uid: str, move_to: str, calling_ae: str, *,
     return FetchResult(completed, failed, warning, f"C-MOVE from {src.describe()} to {move_to}")
 
 
-def _wado(src: Destination, study_uid: str, node_host: str, node_port: int, node_ae: str, calling_ae: str) -> FetchResult:
+def wado_to_node(src: Destination, study_uid: str, node_host: str, node_port: int, node_ae: str, calling_ae: str,
+                 *, series_uid: str | None = None) -> FetchResult:
+    """WADO-RS retrieval of a study (or one of its series), pushed to the node by C-STORE so that it enters
+    through the durable ingest. A study or series the source does not know gives an empty result.
+
+    Raises:
+        DeliveryError: the source failed.
+    """
     client = dicomweb_client(src, timeout=max(src.timeout, 120.0))
     how = f"WADO-RS from {src.url}, C-STORE to {node_ae}"
+    where = f"{src.url}/studies/{study_uid}" + (f"/series/{series_uid}" if series_uid else "")
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         try:
-            for n, ds in enumerate(client.iter_study(study_uid)):
+            items = client.iter_series(study_uid, series_uid) if series_uid else client.iter_study(study_uid)
+            for n, ds in enumerate(items):
                 p = Path(tmp) / f"{n:05d}.dcm"
                 ds.save_as(p, enforce_file_format=True)
                 paths.append(str(p))
         except requests.HTTPError as exc:
             if exc.response is not None and exc.response.status_code == 404:
-                return FetchResult(0, 0, 0, how)  # the source does not know the study
-            raise DeliveryError(f"WADO-RS {src.url}/studies/{study_uid}: {exc}") from exc
+                return FetchResult(0, 0, 0, how)  # the source does not know it
+            raise DeliveryError(f"WADO-RS {where}: {exc}") from exc
         except requests.RequestException as exc:
-            raise DeliveryError(f"WADO-RS {src.url}/studies/{study_uid}: {type(exc).__name__}: {exc}") from exc
+            raise DeliveryError(f"WADO-RS {where}: {type(exc).__name__}: {exc}") from exc
         if not paths:
             return FetchResult(0, 0, 0, how)
         outcomes = send_files(paths, ae_title=node_ae, host=node_host, port=node_port, calling_ae=calling_ae)
@@ -112,6 +121,6 @@ def fetch_study(config: NodeConfig, source: str, study_uid: str, *, node_host: s
     if src.kind == "dicom":
         return cmove(src, study_uid, config.node.ae_title, src.calling_ae_title or config.node.ae_title)
     if src.kind == "dicomweb":
-        return _wado(src, study_uid, node_host, config.node.port, config.node.ae_title,
+        return wado_to_node(src, study_uid, node_host, config.node.port, config.node.ae_title,
                      src.calling_ae_title or src.name.upper()[:16])
     raise DeliveryError(f"destination {source!r} is of kind {src.kind}; fetch needs a dicom or dicomweb source")

@@ -296,11 +296,13 @@ class JobStore:
     def processed_inputs(self) -> list[dict[str, Any]]:
         """Per done job, oldest first: model, creation time, its series' routing attributes and the
         intensity profile of its input (for input drift)."""
-        rows = self.db.query("SELECT j.model, j.created_at, j.result, s.attrs FROM jobs j JOIN series s "
-                             "ON s.series_uid = j.series_uid WHERE j.state = 'done' ORDER BY j.created_at")
+        # only the intensity profile is read out of each result (SQLite's JSON1), not the whole result with
+        # its ROI outlines: this runs at every metrics scrape and dashboard view
+        rows = self.db.query("SELECT j.model, j.created_at, json_extract(j.result, '$.summary.intensity') AS intensity, "
+                             "s.attrs FROM jobs j JOIN series s ON s.series_uid = j.series_uid "
+                             "WHERE j.state = 'done' ORDER BY j.created_at")
         return [{"model": r["model"], "created_at": r["created_at"], "attrs": json.loads(r["attrs"]),
-                 "intensity": (json.loads(r["result"]) if r["result"] else {}).get("summary", {}).get("intensity") or {}}
-                for r in rows]
+                 "intensity": json.loads(r["intensity"]) if r["intensity"] else {}} for r in rows]
 
     def earlier_jobs(self, job: Job) -> list[int]:
         """Done jobs of earlier versions of ``job``'s series by the same model not superseded yet."""

@@ -10,9 +10,7 @@ ingest and are judged as if the PACS had routed them.
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
-from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE
@@ -20,7 +18,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # t
 
 from node.config import Destination, NodeConfig
 from node.errors import DeliveryError
-from node.net.fetch import cmove
+from node.net.fetch import cmove, wado_to_node
 from node.store.jobs import JobStore
 from node.store.series import SeriesStore
 
@@ -93,20 +91,14 @@ class VerdictFetcher:
 
     def _wado(self, src: Destination, study: str) -> list[str]:
         from node.net.dicomweb import dicomweb_client
-        from node.net.scu import send_files
 
         client = dicomweb_client(src, timeout=max(src.timeout, 60.0))
         found = [str(r["0020000E"]["Value"][0]) for r in client.search_for_series(study)
                  if str(r.get("00080060", {}).get("Value", [""])[0]) in VERDICT_MODALITIES]
         new = [s for s in found if not self._known(s)]
         for series_uid in new:
-            with tempfile.TemporaryDirectory() as tmp:
-                paths = []
-                for n, ds in enumerate(client.iter_series(study, series_uid)):
-                    p = Path(tmp) / f"{n:05d}.dcm"
-                    ds.save_as(p, enforce_file_format=True)
-                    paths.append(str(p))
-                send_files(paths, ae_title=self.config.node.ae_title, host="127.0.0.1", port=self.config.node.port,
-                           calling_ae=src.calling_ae_title or src.name.upper()[:16])
-            logger.info("verdicts: series %s of study %s fetched by WADO-RS from %s", series_uid, study, src.url)
+            got = wado_to_node(src, study, "127.0.0.1", self.config.node.port, self.config.node.ae_title,
+                               src.calling_ae_title or src.name.upper()[:16], series_uid=series_uid)
+            logger.info("verdicts: series %s of study %s fetched by WADO-RS from %s (%d instance(s))", series_uid,
+                        study, src.url, got.completed)
         return new

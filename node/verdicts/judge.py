@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["FindingVerdict", "Judgement", "dice", "judge_masks", "study_verdict"]
+from node.evaluate.metrics import dice_score
+
+__all__ = ["FindingVerdict", "Judgement", "judge_masks", "study_verdict"]
 
 _STRUCTURE = np.ones((3, 3, 3), dtype=bool)
 
@@ -55,12 +57,6 @@ class Judgement:
         for f in self.findings:
             out[f.outcome] += 1
         return out
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two boolean masks (1.0 when both are empty)."""
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
 def _diameter_mm(mask: np.ndarray, spacing_kji: tuple[float, float, float]) -> float:
@@ -108,7 +104,7 @@ def judge_masks(ai: np.ndarray, final: np.ndarray, spacing_kji: tuple[float, flo
         region = np.isin(fin_comp, list(hits))
         whole = np.zeros(ai.shape, dtype=bool)
         whole[box] = a
-        d = dice(whole, region)
+        d = dice_score(whole, region)
         f_vol = float(region.sum()) * voxel
         outcome = "accepted" if d >= accept_dice else "edited"
         change = None if a_vol == 0 else round(100.0 * (f_vol - a_vol) / a_vol, 2)
@@ -120,6 +116,6 @@ def judge_masks(ai: np.ndarray, final: np.ndarray, spacing_kji: tuple[float, flo
         if idx not in touched:
             f_vol = float((fin_comp == idx).sum()) * voxel
             out.append(FindingVerdict(None, label, "added", final_volume_mm3=round(f_vol, 2)))
-    result = Judgement(out, "", round(dice(ai, final), 4) if (ai.any() or final.any()) else None)
+    result = Judgement(out, "", round(dice_score(ai, final), 4) if (ai.any() or final.any()) else None)
     result.study_verdict = study_verdict(result.counts())
     return result
