@@ -33,7 +33,7 @@ def main() -> None:
     for scenario in (stages, ingest, e2e):
         sys.argv = [sys.argv[0]]
         parts.append(scenario.main().read_text())
-    parts.append(scaleout.main([]).read_text())  # Ray: 1 actor vs 2, a STAT study behind a routine batch
+    parts.append(scaleout.main(["--repeats", "3"]).read_text())  # Ray: 1 actor vs 2, a STAT study behind a routine batch
     if (Path(__file__).resolve().parents[2] / "shared" / "data" / "model_zoo").is_dir():
         parts.append(race.main([]).read_text())  # the published bundle against a bare MONAI script
     else:

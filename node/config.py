@@ -339,7 +339,7 @@ class ComputeConfig(_Section):
     backend: Literal["local", "ray"] = "local"
     #: an existing Ray cluster ("ray://head:10001" or "head:6379"); None: the node starts a local Ray itself
     address: str | None = None
-    #: model actors (each runs one job at a time; the node runs as many jobs at once)
+    #: model actors (each runs one job at a time)
     actors: int = Field(2, ge=1, le=256)
     #: GPUs per actor: a fraction shares a GPU between light models' actors, 1 gives an actor a whole GPU,
     #: 0 makes CPU actors
@@ -349,6 +349,10 @@ class ComputeConfig(_Section):
     threads_per_actor: int = Field(1, ge=1)
     #: models an actor keeps loaded (least recently used evicted first; also evicted when memory is short)
     max_models_per_actor: int = Field(2, ge=1)
+    #: the node's job threads per actor: with 2, one job runs on the actor while the node writes the
+    #: previous one's results (ROIs, SEG, SR, preview), so the actor does not wait for the node. A job is
+    #: leased only when an actor is free for it: priorities are kept
+    jobs_per_actor: int = Field(2, ge=1, le=8)
     namespace: str = "preannot"
 
 

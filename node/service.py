@@ -122,7 +122,8 @@ class Node:
         self.pool: ActorPool | None = None
         self._ray_started = False
         self._preload_thread: threading.Thread | None = None
-        n_workers = config.compute.actors if config.compute.backend == "ray" else config.jobs.workers
+        c = config.compute
+        n_workers = c.actors * c.jobs_per_actor if c.backend == "ray" else config.jobs.workers
         self.workers = [Worker(f"worker-{n}", worker_ctx, stop=self.stop_event) for n in range(n_workers)]
         self.deliverer = Deliverer(config=config, store=self.store, stop=self.stop_event, metrics=self.metrics)
         self.metrics.attach_state(self._metric_state)
@@ -282,8 +283,9 @@ class Node:
         self.pool = ActorPool(self.config)
         self.worker_ctx.pool = self.pool
         c = self.config.compute
-        logger.info("compute: %d Ray actor(s), %.2g GPU and %.2g CPU each, %d model(s) kept per actor",
-                    c.actors, c.gpus_per_actor, c.cpus_per_actor, c.max_models_per_actor)
+        logger.info("compute: %d Ray actor(s), %.2g GPU and %.2g CPU each, %d model(s) kept per actor, "
+                    "%d job thread(s) per actor", c.actors, c.gpus_per_actor, c.cpus_per_actor,
+                    c.max_models_per_actor, c.jobs_per_actor)
         if self.config.models.preload:
             models = [self.registry.models[m] for m in dict.fromkeys(x for r in self.config.routes for x in r.models)
                       if m in self.registry.models]

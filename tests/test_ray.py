@@ -179,3 +179,56 @@ def test_a_model_larger_than_every_actor_is_not_placed(tmp_path: Path, small_ser
     finally:
         node.stop()
         sink.stop()
+
+
+def _copy_series(src: Path, dst: Path) -> Path:
+    """The series again under new Series and SOP Instance UIDs (another series of the same study)."""
+    from pydicom.uid import generate_uid
+
+    dst.mkdir(parents=True)
+    series_uid = generate_uid()
+    for p in sorted(src.glob("*.dcm")):
+        ds = dcmread(p)
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(dst / p.name)
+    return dst
+
+
+def test_a_stat_job_is_not_stuck_behind_routine_jobs_leased_ahead(tmp_path: Path, small_series: Path,
+                                                                  ray_cluster: str) -> None:
+    """Two job threads per actor keep the actor busy while the node writes results; a job is leased only
+    when an actor is free for it, so a STAT study queued after routine ones still runs next."""
+    sink = StoreSink(tmp_path / "pacs", ae_title="SINK")
+    extra = (_ray(ray_cluster).replace("actors = 2", "actors = 1") + 'jobs_per_actor = 2\nnamespace = "preannot-slots"\n'
+             '\n[[routes]]\nname = "stat"\ncalled_ae = ["STAT"]\nmatch = { Modality = "CT" }\n'
+             'models = ["lesion-ct-demo"]\nsend_to = ["pacs"]\npriority = "stat"\n')
+    tmp = tmp_path / "n"
+    tmp.mkdir()
+    (tmp / "node.toml").write_text(node_toml(tmp / "data", free_port(), sink_port=sink.port, stable=1.0, extra=extra,
+                                             route_extra='called_ae = ["PREANNOT"]'))
+    node, _ = _start(tmp, sink.port)
+    try:
+        assert node.pool is not None and len(node.workers) == 2
+        model = node.registry.get("lesion-ct-demo")
+        assert node.pool.claim_slot(timeout=30)  # the test takes the only actor, as a long job would
+        held = node.pool.acquire(model, job_id=0)
+        routine = [_copy_series(small_series, tmp_path / f"r{n}") for n in range(3)]
+        for series in routine:
+            _send(node, series)
+        assert all(o.ok for o in send_files([str(p) for p in sorted(small_series.glob("*.dcm"))], ae_title="STAT",
+                                            host="127.0.0.1", port=node.listener.port, calling_ae="TESTSCU"))
+        wait_for(lambda: node.store.counts()["queued"] == 4, 60, what="four jobs queued")
+        time.sleep(1.0)  # the job threads had time to lease: they must not have (no actor is free)
+        assert node.store.counts()["running"] == 0
+        node.pool.release(held)
+        node.pool.drop_slot()
+        wait_for(lambda: node.store.counts()["done"] == 4, 180, what="the four jobs done")
+        jobs = sorted(node.store.list_jobs(), key=lambda j: j.started_at or 0)
+        assert [j.priority for j in jobs] == ["stat", "routine", "routine", "routine"]
+        import ray
+
+        ray.kill(node.pool.actors[0], no_restart=True)
+    finally:
+        node.stop()
+        sink.stop()

@@ -86,7 +86,7 @@ class ModelHost:
             free, total = _available_ram()
             where = "cpu"
         return {"device": where, "free_bytes": int(free), "total_bytes": int(total), "loaded": list(self.runners),
-                "pid": os.getpid(), "jobs_run": self.jobs_run}
+                "pid": os.getpid(), "jobs_run": self.jobs_run, "cpu_seconds": round(time.process_time(), 3)}
 
     def _evict_one(self) -> None:
         import gc
@@ -187,11 +187,32 @@ class ActorPool:
             models_dir, device, config.models.amp, c.max_models_per_actor, c.threads_per_actor)
             for i in range(c.actors)]
         self._cond = threading.Condition()
+        # a job thread holds a slot from before it leases a job until its job leaves the actor: at most
+        # one leased job per actor waits for one, so a STAT job queued later is not stuck behind a routine
+        # job leased ahead of it
+        self._slots = threading.BoundedSemaphore(len(self.actors))
+        self._holds = threading.local()
         self._free = set(range(len(self.actors)))
         self._loaded: dict[int, list[str]] = {i: [] for i in range(len(self.actors))}
         self._total: dict[int, int] = {}  # actor index -> its total memory (it does not change)
         #: actor index -> the job it runs (for the dashboard and the tests)
         self.busy: dict[int, int] = {}
+
+    def claim_slot(self, timeout: float) -> bool:
+        """Wait (up to ``timeout`` s) until an actor can take one more job; True when this thread got a slot.
+        Call before leasing a job; the slot goes back when the job leaves the actor (:meth:`run`) or with
+        :meth:`drop_slot`."""
+        if getattr(self._holds, "slot", False):
+            return True
+        self._holds.slot = self._slots.acquire(timeout=timeout)
+        return bool(self._holds.slot)
+
+    def drop_slot(self) -> None:
+        """Give back this thread's slot, if it still holds one (no job leased, or the job ended before
+        reaching an actor)."""
+        if getattr(self._holds, "slot", False):
+            self._holds.slot = False
+            self._slots.release()
 
     def capacities(self, which: list[int] | None = None, timeout: float = 30.0) -> list[dict[str, Any] | None]:
         """The capacity of each actor (or of those in ``which``; None for one that does not answer). An
@@ -259,9 +280,14 @@ class ActorPool:
 
     def run(self, model: ModelInfo, job_volume: Volume, *, deadline: float | None, job_id: int = 0) -> dict[str, Any]:
         """Run the model on an actor; its output. Raises ComputeLostError, ModelTimeoutError or ModelError."""
+        try:
+            return self._run_on(self.acquire(model, job_id), model, job_volume, deadline=deadline)
+        finally:
+            self.drop_slot()  # the job left the actor: the next one can be leased
+
+    def _run_on(self, i: int, model: ModelInfo, job_volume: Volume, *, deadline: float | None) -> dict[str, Any]:
         import ray
 
-        i = self.acquire(model, job_id)
         lost = _lost_errors()
         ref = None
         try:

@@ -23,8 +23,14 @@ def write_preview(volume: Volume, labels: np.ndarray, rois: list[ROI], path: Pat
     n = len(slices)
     cols = min(n, 3)
     rows = (n + cols - 1) // cols
-    fig = Figure(figsize=(4.2 * cols, 4.4 * rows + 0.4))
-    grid = fig.subplots(rows, cols, squeeze=False)
+    width, height = 4.2 * cols, 4.4 * rows + 0.4
+    fig = Figure(figsize=(width, height))
+    # a fixed layout in inches (0.1 in margins, 0.45 in under each panel's two-line title, 0.5 in for the
+    # figure's title): tight_layout would draw the whole figure once more only to measure the titles
+    grid = fig.subplots(rows, cols, squeeze=False,
+                        gridspec_kw={"left": 0.1 / width, "right": 1 - 0.1 / width, "bottom": 0.1 / height,
+                                     "top": 1 - (0.5 + 0.45) / height, "wspace": 0.05,
+                                     "hspace": 0.45 / ((4.4 * rows - 0.1 - 0.45 * rows) / rows)})
     axes = [list(grid.ravel())]
     for extra in axes[0][n:]:
         extra.axis("off")
@@ -46,7 +52,6 @@ def write_preview(volume: Volume, labels: np.ndarray, rois: list[ROI], path: Pat
             ax.set_title(f"no region of interest found\nslice {k + 1}/{volume.shape[0]}", fontsize=9)
         ax.axis("off")
     fig.suptitle((title + "\n" if title else "") + "AI pre-annotation - NOT VERIFIED", fontsize=10, color="#b00000")
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (4.4 * rows + 0.4)))
     path.parent.mkdir(parents=True, exist_ok=True)
     # written aside and renamed: the dashboard and the API may serve it while it is being drawn
     tmp = path.with_name(f".{path.name}.part")
