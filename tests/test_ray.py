@@ -65,7 +65,8 @@ def _send(node: Any, series: Path) -> None:
 def _outcome(node: Any) -> dict[str, Any]:
     job = wait_for(lambda: node.store.list_jobs(state="done"), 180, what="the job done")[0]
     assert job.result is not None
-    rois = [{k: r[k] for k in ("label", "voxels", "volume_mm3", "bbox", "key_slice")} for r in job.result["rois"]]
+    rois = [{k: r[k] for k in ("label", "voxels", "volume_mm3", "bbox", "key_slice", "confidence")}
+            for r in job.result["rois"]]
     seg = dcmread(job.result["files"]["seg"])
     return {"job": job, "rois": rois, "seg_pixels": seg.PixelData}
 
@@ -90,6 +91,48 @@ def test_results_identical_to_the_local_backend(tmp_path: Path, small_series: Pa
             on_ray.stop()
         assert a["rois"] and a["rois"] == b["rois"]
         assert a["seg_pixels"] == b["seg_pixels"]
+    finally:
+        sink.stop()
+
+
+def test_published_bundle_confidence_comes_back_for_labelled_voxels_identical(
+        tmp_path: Path, small_series: Path, ray_cluster: str) -> None:
+    """A bundle with a softmax (the Zoo's spleen): its confidence travels for the labelled voxels only,
+    and every ROI's confidence is the local backend's."""
+    from node.devtools import zoo
+
+    published = Path(__file__).resolve().parents[2] / "shared" / "data" / "model_zoo"
+    if not (published / "spleen_ct_segmentation").is_dir():
+        pytest.skip(f"{published} is not here (the shared data folder)")
+    models = tmp_path / "models"
+    card = zoo.SPLEEN_CARD + '\n[bundle]\noverrides = { "inferer#roi_size" = [32, 32, 32], "inferer#sw_batch_size" = 1 }\n'
+    zoo.install_segmenter(published, "spleen_ct_segmentation", models, card)
+    sink = StoreSink(tmp_path / "pacs", ae_title="SINK")
+
+    def run(name: str, extra: str) -> list[dict[str, Any]]:
+        tmp = tmp_path / name
+        tmp.mkdir()
+        text = node_toml(tmp / "data", free_port(), sink_port=sink.port, stable=1.0, extra=extra, models=models)
+        (tmp / "node.toml").write_text(text.replace('models = ["lesion-ct-demo"]', 'models = ["spleen_ct_segmentation"]'))
+        node, _ = _start(tmp, sink.port)
+        try:
+            _send(node, small_series)
+            rois = list(_outcome(node)["job"].result["rois"])
+            if node.pool is not None:  # this test's own (detached) actors: not left holding the cluster's CPUs
+                import ray
+
+                for a in node.pool.actors:
+                    ray.kill(a, no_restart=True)
+            return rois
+        finally:
+            node.stop()
+
+    try:
+        local = run("local", "")
+        on_ray = run("ray", _ray(ray_cluster) + 'namespace = "preannot-spleen"\n')
+        assert local and all(r["confidence"] is not None for r in local)
+        assert [(r["label"], r["voxels"], r["confidence"]) for r in on_ray] == \
+            [(r["label"], r["voxels"], r["confidence"]) for r in local]
     finally:
         sink.stop()
 

@@ -126,7 +126,11 @@ class ModelHost:
         return list(self.runners)
 
     def run(self, name: str, sha256: str, need: int, kind: str, volume: Volume, seconds_left: float | None) -> dict[str, Any]:
-        """The model on the volume: ``{"labels", "confidence"}`` or, for a detector, ``{"rois"}``."""
+        """The model on the volume: ``{"labels", "confidence"}`` or, for a detector, ``{"rois"}``.
+
+        Only the labels and, for the labelled voxels alone, the confidence come back (in the order of
+        ``labels > 0``): ROIs take their mean confidence over their own voxels, and a full-volume float map
+        would be twice the label map on the wire."""
         runner = self._runner(name, sha256, need)
         deadline = None if seconds_left is None else time.monotonic() + seconds_left
         self.jobs_run += 1
@@ -135,7 +139,7 @@ class ModelHost:
         with_confidence = getattr(runner, "predict_with_confidence", None)
         if with_confidence is not None:
             labels, confidence = with_confidence(volume, deadline=deadline)
-            return {"labels": labels, "confidence": confidence}
+            return {"labels": labels, "confidence": None if confidence is None else confidence[labels > 0]}
         return {"labels": runner.predict(volume, deadline=deadline), "confidence": None}
 
 
@@ -348,7 +352,12 @@ class RaySegmentationRunner:
                                 ) -> tuple[np.ndarray, np.ndarray | None]:
         out = self.pool.run(self.model, volume, deadline=deadline, job_id=self.job_id)
         # arrays from Ray's object store are read-only views: the pipeline repaints the label map in place
-        return np.array(out["labels"]), out["confidence"]
+        labels = np.array(out["labels"])
+        confidence = None
+        if out["confidence"] is not None:  # back on the grid: the labelled voxels' values, zero elsewhere
+            confidence = np.zeros(labels.shape, dtype=out["confidence"].dtype)
+            confidence[labels > 0] = out["confidence"]
+        return labels, confidence
 
     def predict(self, volume: Volume, *, deadline: float | None = None) -> np.ndarray:
         return self.predict_with_confidence(volume, deadline=deadline)[0]
