@@ -115,18 +115,16 @@ class Worker(threading.Thread):
             if pool is not None and not pool.claim_slot(timeout=self.poll_seconds):
                 continue  # every actor has its job: lease none yet (a STAT job queued meanwhile goes next)
             self.store.jobs_waiting.clear()  # cleared before leasing: a job queued meanwhile sets it again
-            job = self.store.lease(lease_seconds=self.config.jobs.lease_seconds,
-                                   aging_seconds=self.config.jobs.priority_aging_minutes * 60)
-            if job is None:
-                if pool is not None:
-                    pool.drop_slot()
-                self.store.jobs_waiting.wait(self.poll_seconds)
-                continue
             try:
-                self.execute(job)
+                job = self.store.lease(lease_seconds=self.config.jobs.lease_seconds,
+                                       aging_seconds=self.config.jobs.priority_aging_minutes * 60)
+                if job is not None:
+                    self.execute(job)
             finally:
                 if pool is not None:
-                    pool.drop_slot()  # the job ended before reaching an actor
+                    pool.drop_slot()  # no job, or one that ended before reaching an actor
+            if job is None:
+                self.store.jobs_waiting.wait(self.poll_seconds)
 
     def execute(self, job: Job) -> None:
         """Run one leased job to done / failed / dead."""
