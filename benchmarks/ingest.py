@@ -40,7 +40,8 @@ def _port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_port(port: int, timeout: float = 60) -> None:
+def wait_port(port: int, timeout: float = 60) -> None:
+    """Wait until something listens on the loopback port (a peer started as a process)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         with socket.socket() as s:
@@ -91,7 +92,7 @@ class Storescp(Peer):
         self.proc = subprocess.Popen(["storescp", "-dhl", "-aet", "STORESCP", "-od", str(work / "scp"), "-pdu",
                                       "131072", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      env=self.env)
-        _wait_port(port)
+        wait_port(port)
         return port
 
     def stored(self, work: Path) -> int:
@@ -110,7 +111,7 @@ class OrthancPeer(Peer):
         self.proc = subprocess.Popen(["Orthanc", str(work / "orthanc.json")], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, env=self.env)  # Orthanc's DICOM layer is dcmtk
         self.http = http
-        _wait_port(port)
+        wait_port(port)
         return port
 
     def stored(self, work: Path) -> int:
@@ -128,7 +129,7 @@ class BarePynetdicom(Peer):
         port = _port()
         self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.bare_scp", str(port), str(work / "bare")],
                                      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_port(port)
+        wait_port(port)
         return port
 
     def stored(self, work: Path) -> int:
@@ -165,7 +166,7 @@ enabled = false
         self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "--log-level", "WARNING", "serve", "--config",
                                       str(work / "node.toml")], cwd=ROOT, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
-        _wait_port(port)
+        wait_port(port)
         return port
 
     def query(self, sql: str) -> list[tuple]:

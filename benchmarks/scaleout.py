@@ -23,7 +23,6 @@ import argparse
 import os
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.ingest import wait_port
 from benchmarks.results_file import machine, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,15 +126,7 @@ class _Pacs:
             self.port = free_port()
             self.proc = subprocess.Popen(["storescp", "--fork", "-aet", "SINK", "-od", str(folder), "-uf",
                                           str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline or self.proc.poll() is not None:
-                        raise SystemExit("storescp did not start") from None
-                    time.sleep(0.05)
+            wait_port(self.port, timeout=10)
         else:
             self.sink = StoreSink(folder, ae_title="SINK")
             self.port = self.sink.port
