@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -129,6 +130,9 @@ class Node:
         self.metrics.attach_state(self._metric_state)
         self.metrics.attach_verdicts(self.verdict_summary)
         self._assembler_thread = threading.Thread(target=self._assemble_loop, name="assembler", daemon=True)
+        #: verdict series handed over by the assembler, examined by their own thread
+        self._verdict_series: queue.Queue[str] = queue.Queue()
+        self._verdict_thread = threading.Thread(target=self._verdict_loop, name="verdicts", daemon=True)
         self._fetch_thread = (threading.Thread(target=self._verdict_fetch_loop, name="verdict-fetch", daemon=True)
                               if config.verdicts.enabled and config.verdicts.fetch_from else None)
         self.started_at = 0.0
@@ -225,8 +229,7 @@ class Node:
                 for d in decided:
                     self.metrics.series_stable.labels("routed" if d.outcome == "dispatched" else d.outcome).inc()
                     if d.outcome == "verdict":
-                        for line in self.verdict_intake.examine(d.series_uid):
-                            logger.info("verdict series %s: %s", d.series_uid, line)
+                        self._verdict_series.put(d.series_uid)
                 if time.time() >= self._next_purge:
                     self._next_purge = time.time() + self.config.retention.interval_minutes * 60
                     execute_purge(self.series, self.store, self.config, actor="retention")
@@ -235,6 +238,25 @@ class Node:
             except Exception:
                 logger.exception("assembler error")
             self.stop_event.wait(0.5)
+
+    def _verdict_loop(self) -> None:
+        """Examine the verdict series the assembler hands over, off its loop: reading and matching the SEGs
+        of a large study takes seconds, which would hold back every other series' routing. At a stop, the
+        series already handed over are examined before the thread ends."""
+        while True:
+            try:
+                series_uid = self._verdict_series.get(timeout=0.5)
+            except queue.Empty:
+                if self.stop_event.is_set() and not self._assembler_thread.is_alive():  # nothing more can come
+                    return
+                continue
+            try:
+                for line in self.verdict_intake.examine(series_uid):
+                    logger.info("verdict series %s: %s", series_uid, line)
+            except PreannotError as exc:
+                logger.error("verdict series %s: %s", series_uid, exc)
+            except Exception:
+                logger.exception("verdict series %s: error", series_uid)
 
     def start(self) -> None:
         """Recover from an unclean stop, then start every part."""
@@ -247,6 +269,7 @@ class Node:
             self._start_ray()
         self.listener.start()
         self._assembler_thread.start()
+        self._verdict_thread.start()
         if self._fetch_thread is not None:
             self._fetch_thread.start()
         for w in self.workers:
@@ -309,7 +332,7 @@ class Node:
         self.deliverer.wake.set()
         self.store.jobs_waiting.set()
         deadline = time.time() + timeout
-        for t in [self._assembler_thread, self.deliverer, *self.workers]:
+        for t in [self._assembler_thread, self._verdict_thread, self.deliverer, *self.workers]:
             if t.is_alive():
                 t.join(max(deadline - time.time(), 0.1))
         requeued = []
@@ -336,6 +359,7 @@ class Node:
             self._lock_file.close()
             self._lock_file = None
         os.umask(self._umask)
-        clean = not any(t.is_alive() for t in [self._assembler_thread, self.deliverer, *self.workers])
+        clean = not any(t.is_alive() for t in [self._assembler_thread, self._verdict_thread, self.deliverer,
+                                               *self.workers])
         logger.info("node stopped%s", "" if clean else " (a job was still running: requeued)")
         return clean
