@@ -279,7 +279,7 @@ peaks.pop('start', None)
 # benchmark process, which may just have generated the series)
 hwm = next(int(line.split()[1]) / 1024 for line in open('/proc/self/status') if line.startswith('VmHWM:'))
 print(json.dumps({"peak_rss_mb": hwm, "stage_peaks": peaks,
-                  "timings": out.timings, "shape": out.summary["shape"]}))
+                  "timings": out.result.timings, "shape": list(out.result.shape)}))
 """
 
 

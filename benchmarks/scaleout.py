@@ -168,8 +168,8 @@ def _run(actors: int, address: str, folders: list[Path], stat: Path | None, gpus
         node_cpu = _process_cpu() - cpu0
         jobs = node.store.list_jobs(state="done", limit=1000)
         end = max(j.finished_at or 0 for j in jobs)
-        routine = [j.result["time_to_result_s"] for j in jobs if j.priority == "routine" and j.result]
-        stat_t = [j.result["time_to_result_s"] for j in jobs if j.priority == "stat" and j.result]
+        routine = [j.result.time_to_result_s for j in jobs if j.priority == "routine" and j.result]
+        stat_t = [j.result.time_to_result_s for j in jobs if j.priority == "stat" and j.result]
         if stat is not None and not stat_t:
             raise SystemExit(f"no STAT job among {[(j.id, j.route, j.priority) for j in jobs]}")
         lat = sorted(routine)

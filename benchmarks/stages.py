@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
                 t["read"] = vol.timings["read_headers"]
                 t["decode"] = vol.timings["decode"]
                 a = time.perf_counter()
-                labels = runner.predict(vol)
+                labels = runner.predict(vol).labels
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 t["inference"] = time.perf_counter() - a

@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from node.config import OutputsConfig
     from node.imaging.volume import load_series
+    from node.inference.kinds import load_runner
     from node.inference.registry import load_model
-    from node.inference.runner import load_runner
     from node.outputs.equipment import Provenance
     from node.processing.pipeline import ModelContext, PipelineOptions, process_series
 
@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
             if rep:  # the first run warms up (cuDNN autotuning, allocator)
-                runs.append({**out.timings, "peak_gpu_gib": peak, "n_rois": len(out.rois)})
-            print(f"  {name} run {rep}: inference {out.timings['inference']:.2f} s, total {out.timings['total']:.2f} s, "
+                runs.append({**out.result.timings, "peak_gpu_gib": peak, "n_rois": len(out.rois)})
+            print(f"  {name} run {rep}: inference {out.result.timings['inference']:.2f} s, total {out.result.timings['total']:.2f} s, "
                   f"{len(out.rois)} ROI(s), peak GPU {peak:.1f} GiB", flush=True)
         med = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in
                ("inference", "rois", "seg", "sr", "total", "peak_gpu_gib", "n_rois")}

@@ -21,7 +21,7 @@ import typer
 
 from node import __version__
 from node.cli_admin import register as register_admin
-from node.cli_common import ConfigOpt, die, load_or_exit, stores_or_exit
+from node.cli_common import ConfigOpt, RouteOpt, die, load_or_exit, route_for, stores_or_exit
 from node.errors import PreannotError
 
 if TYPE_CHECKING:
@@ -95,24 +95,28 @@ def run(
     model: Annotated[str, typer.Option("--model", "-m", help="Model (folder name under the models folder)")],
     config: ConfigOpt = None,
     series: Annotated[str | None, typer.Option("--series", help="Process this Series Instance UID only")] = None,
+    route: RouteOpt = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: from config)")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON")] = False,
 ) -> None:
     """Process the series of a folder offline (no network): the whole pipeline, with a per-stage summary.
 
     The series found are listed; scouts, secondary captures, non-images and series with too few images
     are skipped with the reason, as a node route would. Several eligible series each get a sub-folder.
+    The route options (minimum confidence, cap per label, extra outputs) are those the node applies.
     """
     from node.config import Route
+    from node.inference.bundle import configure_torch
+    from node.inference.kinds import load_runner
     from node.inference.registry import Registry
-    from node.inference.runner import configure_torch, load_runner
     from node.ingest.uids import safe_uid
     from node.outputs.equipment import Provenance, device_uid
     from node.processing.offline import discover_series
     from node.processing.pipeline import ModelContext, PipelineOptions, process_series
 
     cfg = load_or_exit(config)
-    found, left_out = discover_series(input_dir, Route(name="run", models=[model]))
+    chosen_route = route_for(cfg, model, route)
+    found, left_out = discover_series(input_dir, chosen_route or Route(name="run", models=[model]))
     for line in left_out:
         typer.echo(f"  left out {line}", err=True)
     if not found:
@@ -130,6 +134,9 @@ def run(
             raise die(PreannotError("no series can be processed (see the reasons above); name one with --series "
                                      "to force it"), 2)
     configure_torch(cfg.models)
+    options = PipelineOptions.for_route(chosen_route, cfg)
+    if chosen_route is not None:
+        typer.echo(f"route {chosen_route.name}'s options apply", err=True)
     results = []
     try:
         info = Registry(cfg.models.dir).get(model)
@@ -149,13 +156,11 @@ def run(
             typer.echo(f"processing series {f.series_uid} ({len(f.files)} file(s)) with {info.name} {info.version}",
                        err=True)
             results.append(process_series(f.files, ModelContext(info, runner, provenance), out_dir,
-                                          options=PipelineOptions(outputs=cfg.outputs,
-                                                                  timeout_seconds=cfg.jobs.timeout_seconds),
-                                          on_stage=on_stage))
+                                          options=options, on_stage=on_stage))
     except PreannotError as exc:
         raise die(exc, 1) from exc
     if as_json:
-        docs = [{**out.to_dict(), "model_load_s": round(load_s, 3)} for out in results]
+        docs = [{**out.result.to_dict(), "model_load_s": round(load_s, 3)} for out in results]
         typer.echo(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2))
         return
     for out in results:
@@ -163,16 +168,22 @@ def run(
 
 
 def _print_result(out: Any, load_s: float) -> None:
-    typer.echo(f"\n{out.summary['roi_count']} region(s) of interest in series {out.summary['series_uid']}")
-    if "resampled" in out.summary:
-        typer.echo(f"  ({out.summary['resampled']['reason']}: the model saw an orthogonal resampling)")
-    for r in out.rois:
+    result = out.result
+    typer.echo(f"\n{result.roi_count} region(s) of interest in series {result.series_uid}")
+    if result.resampled:
+        typer.echo(f"  ({result.resampled['reason']}: the model saw an orthogonal resampling)")
+    for c in result.classes:
+        probs = ", ".join(f"{k} {v:.2f}" for k, v in c.probabilities.items())
+        typer.echo(f"  {c.concept}: {c.value} (probability {c.probability:.2f}; {probs})")
+    for r in result.findings:
         c = ", ".join(f"{v:.1f}" for v in r.centroid_mm)
-        typer.echo(f"  ROI {r.index}: {r.label_name}, {r.volume_mm3:.0f} mm3, long axis {r.diameter_inplane_mm:.1f} mm, "
+        typer.echo(f"  ROI {r.number}: {r.label_name}, {r.volume_mm3:.0f} mm3, long axis {r.diameter_inplane_mm:.1f} mm, "
                    f"3D diameter {r.diameter_3d_mm:.1f} mm, mean {r.mean:.0f}, centre ({c}) mm, slice {r.key_slice + 1}")
-    typer.echo("files: " + ", ".join(f"{k}={v}" for k, v in out.files.items()))
+    if result.not_reported:
+        typer.echo("  not reported: " + ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in result.not_reported.items()))
+    typer.echo("files: " + ", ".join(f"{k}={v}" for k, v in result.files.items()))
     typer.echo("timings (s): model load " + f"{load_s:.2f}, " +
-               ", ".join(f"{k} {v:.2f}" for k, v in out.timings.items()))
+               ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
 
 
 def _parse_peer(peer: str) -> tuple[str, str, int]:
@@ -289,7 +300,7 @@ def jobs(config: ConfigOpt = None,
     except ValueError as exc:
         raise die(PreannotError(f"unknown state {state!r}"), 2) from exc
     for j in rows:
-        rois = (j.result or {}).get("summary", {}).get("roi_count", "")
+        rois = j.result.roi_count if j.result is not None else ""
         typer.echo(f"{j.id:>6} {j.state.value:<9} {j.model:<20} attempts {j.attempts}/{j.max_attempts} "
                    f"rois {rois!s:<3} {j.series_uid}" + (f"  error: {j.error}" if j.error else "")
                    + (f"  superseded by job {j.superseded_by}" if j.superseded_by else ""))

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from node.cli_common import ConfigOpt, die, load_or_exit, stores_or_exit
+from node.cli_common import ConfigOpt, RouteOpt, die, load_or_exit, route_for, stores_or_exit
 from node.errors import PreannotError
 
 __all__ = ["register"]
@@ -93,6 +93,9 @@ def models_add(bundle: Annotated[Path, typer.Argument(help="A MONAI bundle folde
         if draft.removed:
             typer.echo(f"  not accepted by the installed MONAI, removed from the config at load ([bundle] remove): "
                        f"{', '.join(draft.removed)}")
+        if draft.no_download:
+            typer.echo(f"  would download weights when the network is built, switched off in the card ([bundle]): "
+                       f"{', '.join(draft.no_download)}")
     try:
         model = load_model(dest)
     except PreannotError as exc:
@@ -162,6 +165,7 @@ def evaluate(
     detection: Annotated[str, typer.Option(help="Lesion matching: overlap or centroid")] = "overlap",
     centroid_mm: Annotated[float, typer.Option(help="Centroid rule distance (mm)")] = 5.0,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs")] = 2000,
+    route: RouteOpt = None,
 ) -> None:
     """Evaluate models on labelled data: overlap, surface distances, detection, FROC, volumes, speed.
 
@@ -179,7 +183,11 @@ def evaluate(
         raise die(PreannotError(f"--detection must be overlap or centroid (found {detection!r})"), 2)
     if (dataset is None) == (from_verdicts is None):
         raise die(PreannotError("give a dataset folder or --from-verdicts MODEL (one of them)"), 2)
-    options = EvalOptions(tolerance_mm=tolerance_mm, detection=detection, centroid_mm=centroid_mm, bootstrap=bootstrap)
+    from node.processing.findings import FindingOptions
+
+    first = from_verdicts or (model[0] if model else "")
+    options = EvalOptions(tolerance_mm=tolerance_mm, detection=detection, centroid_mm=centroid_mm, bootstrap=bootstrap,
+                          findings=FindingOptions.for_route(route_for(cfg, first, route)))
     try:
         reg = Registry(cfg.models.dir)
         infos = [reg.get(m) for m in model or []]
@@ -204,16 +212,24 @@ def evaluate(
         raise die(exc, 1) from exc
     for name, m in summary["models"].items():
         for lab, entry in m["labels"].items():
-            d = entry["voxel"]["dice"]
-            line = f"{name} / {lab}: Dice {d['mean']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]"
+            parts = []
+            if "voxel" in entry:
+                d = entry["voxel"]["dice"]
+                parts.append(f"Dice {d['mean']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]")
             det = entry.get("detection")
             if det:
-                line += (f", sensitivity {det['sensitivity']:.3f} ({det['detected']}/{det['lesions']}), "
-                         f"FP/scan {det['fp_per_scan']:.2f}")
-            typer.echo(line)
+                at = ", ".join(f"{det['sensitivity_at_fp'][k]:.2f}@{float(k):g}" for k in det["sensitivity_at_fp"])
+                parts.append(f"sensitivity {det['sensitivity']:.3f} ({det['detected']}/{det['lesions']}), "
+                             f"FP/scan {det['fp_per_scan']:.2f}, sensitivity at FP/scan {at}")
+            typer.echo(f"{name} / {lab}: " + "; ".join(parts))
+        for concept, c in m.get("classification", {}).items():
+            typer.echo(f"{name} / {concept}: accuracy {c['accuracy']:.3f} ({c['cases']} cases), macro AUC "
+                       f"{c['macro_auc']:.3f} [{c['macro_auc_ci'][0]:.3f}, {c['macro_auc_ci'][1]:.3f}]")
     for c in summary["comparisons"]:
+        p = f", {c['test']} p = " + ("n/a (no case differs)" if c["p"] != c["p"] else f"{c['p']:.4f}") \
+            if c["test"] != "bootstrap" else ""
         typer.echo(f"{c['b']} - {c['a']} ({c['label']}, {c['metric']}): {c['mean_difference_b_minus_a']:+.3f} "
-                   f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}], Wilcoxon p = {c['wilcoxon_p']:.4f}")
+                   f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]{p}")
     if summary["problems"]:
         typer.echo(f"{len(summary['problems'])} problem(s) in the dataset, listed in the report", err=True)
     typer.echo(f"report: {out / 'report.html'}")

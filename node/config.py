@@ -16,6 +16,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,8 +33,10 @@ __all__ = [
     "NodeConfig",
     "NodeSection",
     "OutputsConfig",
+    "Priority",
     "RetentionConfig",
     "Route",
+    "RouteFlag",
     "WebConfig",
     "load_config",
 ]
@@ -45,6 +48,23 @@ def _check_ae(value: str) -> str:
     if not _AE_RE.match(value) or not value.strip():
         raise ValueError(f"{value!r} is not a valid AE title (1-16 printable characters, no backslash)")
     return value.strip()
+
+
+class Priority(StrEnum):
+    """How urgent a route's results are: jobs are leased STAT first, then urgent, then routine."""
+
+    STAT = "stat"
+    URGENT = "urgent"
+    ROUTINE = "routine"
+
+    @property
+    def rank(self) -> int:
+        """0 for the most urgent (how jobs store and sort it)."""
+        return list(Priority).index(self)
+
+    @classmethod
+    def of_rank(cls, rank: int) -> Priority:
+        return list(cls)[rank]
 
 
 class _Section(BaseModel):
@@ -197,6 +217,27 @@ CompletenessCheck = Literal["refused", "instance_number", "spacing"]
 COMPLETENESS_CHECKS: tuple[CompletenessCheck, ...] = ("refused", "instance_number", "spacing")
 
 
+class RouteFlag(_Section):
+    """``[[routes.flags]]``: a result this route flags, and what follows: a higher priority for its
+    delivery and/or a notification ([notify]). A flag names what it watches; the result records each flag
+    raised (``flags`` in the result, the API and the notification)."""
+
+    #: raised when a classifier's class is one of these (the class name as the card names it)
+    classes: list[str] = Field(default_factory=list)
+    #: the priority the flagged result is delivered with (and shown with)
+    priority: Priority | None = None
+    #: announce the flagged result through [notify] whatever the route's priority
+    notify: bool = False
+
+    @model_validator(mode="after")
+    def _something(self) -> RouteFlag:
+        if not self.classes:
+            raise ValueError("a flag needs something to watch: classes = [...]")
+        if self.priority is None and not self.notify:
+            raise ValueError("a flag must do something: priority = ... and/or notify = true")
+        return self
+
+
 class Route(_Section):
     """``[[routes]]``: which series go to which models and destinations."""
 
@@ -223,7 +264,9 @@ class Route(_Section):
     #: a dicom destination asked by C-FIND how many instances the series has (NumberOfSeriesRelatedInstances)
     expected_count_from: str | None = None
     #: queue priority of this route's jobs: stat before urgent before routine (see [jobs].priority_aging_minutes)
-    priority: Literal["stat", "urgent", "routine"] = "routine"
+    priority: Priority = Priority.ROUTINE
+    #: results this route flags (a class, ...), raising their priority or sending a notification
+    flags: list[RouteFlag] = Field(default_factory=list)
 
 
 class ModelsConfig(_Section):
@@ -252,15 +295,8 @@ class JobsConfig(_Section):
     priority_aging_minutes: float = Field(30.0, gt=0)
     #: time-to-result targets per priority (seconds from the series' last instance to the result's
     #: delivery); a result later than its target counts as a breach (metric, dashboard)
-    targets: dict[str, float] = Field(default_factory=lambda: {"stat": 300.0, "urgent": 1800.0, "routine": 14400.0})
-
-    @field_validator("targets")
-    @classmethod
-    def _targets(cls, v: dict[str, float]) -> dict[str, float]:
-        bad = sorted(set(v) - {"stat", "urgent", "routine"})
-        if bad:
-            raise ValueError(f"targets are per priority (stat, urgent, routine), not {bad}")
-        return v
+    targets: dict[Priority, float] = Field(default_factory=lambda: {Priority.STAT: 300.0, Priority.URGENT: 1800.0,
+                                                                     Priority.ROUTINE: 14400.0})
 
 
 class DeliveryConfig(_Section):
@@ -360,15 +396,7 @@ class NotifyConfig(_Section):
     """``[notify]``: tell the RIS or a clinician's system when a result of an urgent priority is ready."""
 
     #: the priorities whose results are announced
-    priorities: list[str] = Field(default_factory=lambda: ["stat"])
-
-    @field_validator("priorities")
-    @classmethod
-    def _priorities(cls, v: list[str]) -> list[str]:
-        bad = sorted(set(v) - {"stat", "urgent", "routine"})
-        if bad:
-            raise ValueError(f"priorities are stat, urgent and routine, not {bad}")
-        return v
+    priorities: list[Priority] = Field(default_factory=lambda: [Priority.STAT])
     #: FHIR R4 base URL: a DiagnosticReport (preliminary) is POSTed to {fhir_url}/DiagnosticReport
     fhir_url: str | None = None
     #: environment variable holding a bearer token for the FHIR server
@@ -422,6 +450,9 @@ class NodeConfig(BaseSettings):
     @model_validator(mode="after")
     def _cross_check(self) -> NodeConfig:
         names = [d.name for d in self.destinations]
+        reserved = [n for n in names if n.startswith("notify:")]
+        if reserved:
+            raise ValueError(f"destination names starting with 'notify:' are the notification channels' ({reserved})")
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
             raise ValueError(f"destination names must be unique; repeated: {sorted(dupes)}")

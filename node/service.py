@@ -19,8 +19,8 @@ from node.config import NodeConfig
 from node.delivery.deliverer import Deliverer
 from node.delivery.notify import Notifier
 from node.errors import ConfigError, PreannotError
+from node.inference.bundle import configure_torch
 from node.inference.registry import Registry
-from node.inference.runner import configure_torch
 from node.ingest.scp import Listener
 from node.ingest.spool import Spool
 from node.metrics import NodeMetrics
@@ -29,6 +29,7 @@ from node.outputs.equipment import device_uid
 from node.processing.worker import Worker, WorkerContext
 from node.retention import execute_purge
 from node.schedule.assembler import Assembler
+from node.schedule.counts import InstanceCounter
 from node.schedule.routing import validate_route
 from node.store.db import Database
 from node.store.jobs import JobStore
@@ -110,14 +111,16 @@ class Node:
         self.metrics = NodeMetrics()
         self.verdicts = VerdictStore(self.stores.db)
         self.verdict_intake = VerdictIntake(config.verdicts, self.series, self.store, self.verdicts)
-        self.assembler = Assembler(config, self.series, self.store, verdicts=self.verdict_intake)
+        self.counter = InstanceCounter(config)
+        self.assembler = Assembler(config, self.series, self.store, verdicts=self.verdict_intake,
+                                   counter=self.counter)
         tls = config.node
         self.listener = Listener(self.spool, config.node, ssl_context=server_context(
             tls.tls_cert, tls.tls_key, ca=tls.tls_ca, require_client_cert=tls.tls_require_client_cert)
             if tls.tls_cert and tls.tls_key else None)
         worker_ctx = WorkerContext(config=config, jobs=self.store, series=self.series, registry=self.registry,
                                    device_uid=self.device_uid, metrics=self.metrics,
-                                   notifier=Notifier(config.notify, self.series, self.store))
+                                   notifier=Notifier(config.notify))
         self.worker_ctx = worker_ctx
         #: ``[compute] backend = "ray"``: the model actors (made at start)
         self.pool: ActorPool | None = None
@@ -130,13 +133,13 @@ class Node:
         self.metrics.attach_state(self._metric_state)
         self.metrics.attach_verdicts(self.verdict_summary)
         self._assembler_thread = threading.Thread(target=self._assemble_loop, name="assembler", daemon=True)
+        self._retention_thread = threading.Thread(target=self._retention_loop, name="retention", daemon=True)
         #: verdict series handed over by the assembler, examined by their own thread
         self._verdict_series: queue.Queue[str] = queue.Queue()
         self._verdict_thread = threading.Thread(target=self._verdict_loop, name="verdicts", daemon=True)
         self._fetch_thread = (threading.Thread(target=self._verdict_fetch_loop, name="verdict-fetch", daemon=True)
                               if config.verdicts.enabled and config.verdicts.fetch_from else None)
         self.started_at = 0.0
-        self._next_purge = 0.0
         self.web: Any = None
         self._web_thread: threading.Thread | None = None
 
@@ -230,14 +233,23 @@ class Node:
                     self.metrics.series_stable.labels("routed" if d.outcome == "dispatched" else d.outcome).inc()
                     if d.outcome == "verdict":
                         self._verdict_series.put(d.series_uid)
-                if time.time() >= self._next_purge:
-                    self._next_purge = time.time() + self.config.retention.interval_minutes * 60
-                    execute_purge(self.series, self.store, self.config, actor="retention")
             except PreannotError as exc:
                 logger.error("assembler: %s", exc)
             except Exception:
                 logger.exception("assembler error")
             self.stop_event.wait(0.5)
+
+    def _retention_loop(self) -> None:
+        """Remove what is past its retention every ``[retention].interval_minutes`` (its own thread: a purge of
+        many files never holds back the assembler's loop)."""
+        while not self.stop_event.is_set():
+            try:
+                execute_purge(self.series, self.store, self.config, actor="retention")
+            except PreannotError as exc:
+                logger.error("retention: %s", exc)
+            except Exception:
+                logger.exception("retention error")
+            self.stop_event.wait(self.config.retention.interval_minutes * 60)
 
     def _verdict_loop(self) -> None:
         """Examine the verdict series the assembler hands over, off its loop: reading and matching the SEGs
@@ -268,7 +280,9 @@ class Node:
         if self.config.compute.backend == "ray":
             self._start_ray()
         self.listener.start()
+        self.counter.start(self.stop_event)
         self._assembler_thread.start()
+        self._retention_thread.start()
         self._verdict_thread.start()
         if self._fetch_thread is not None:
             self._fetch_thread.start()
@@ -332,9 +346,10 @@ class Node:
         self.deliverer.wake.set()
         self.store.jobs_waiting.set()
         deadline = time.time() + timeout
-        for t in [self._assembler_thread, self._verdict_thread, self.deliverer, *self.workers]:
+        for t in [self._assembler_thread, self._verdict_thread, self._retention_thread, self.deliverer, *self.workers]:
             if t.is_alive():
                 t.join(max(deadline - time.time(), 0.1))
+        self.counter.join(max(deadline - time.time(), 0.1))
         requeued = []
         for w in self.workers:
             job = w.current

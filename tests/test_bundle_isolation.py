@@ -7,7 +7,6 @@ import io
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 from pydicom import dcmread
@@ -143,12 +142,12 @@ def test_two_workers_two_bundles_each_job_uses_its_own_scripts(tmp_path: Path, s
         jobs = node.store.list_jobs()
         assert [j.state for j in jobs] == [JobState.DONE] * 8, [(j.id, j.state, j.error) for j in jobs]
         for j in jobs:
-            assert (j.result or {})["summary"]["slices"] == 24  # each series whole (not cut by a slow disk)
-            rois: list[dict[str, Any]] = (j.result or {})["summary"]["rois"]
+            assert j.result is not None and j.result.shape[0] == 24  # each series whole (not cut by a slow disk)
+            rois = j.result.findings
             expected = "bundle-a-mark" if j.model == "bundle-a" else "bundle-b-mark"
-            assert [r["label"] for r in rois] == [expected], (j.id, j.model, rois)
+            assert [r.label_name for r in rois] == [expected], (j.id, j.model, rois)
             # the cube sits where this bundle paints it (4 x 4 pixels of 3 mm, 3 slices of 5 mm)
-            assert rois[0]["volume_mm3"] == 4 * 4 * 3 * 3.0 * 3.0 * 5.0
+            assert rois[0].volume_mm3 == 4 * 4 * 3 * 3.0 * 3.0 * 5.0
         # no bundle code is left importable process-wide, and neither bundle root stays on sys.path
         assert "scripts" not in sys.modules
         assert not any(str(models) in p for p in sys.path)

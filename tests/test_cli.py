@@ -30,7 +30,7 @@ def test_run_offline(small_series: Path, tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     assert "region(s) of interest" in r.output and "timings (s)" in r.output
     result = json.loads((out / "result.json").read_text())
-    assert result["summary"]["slices"] == 24
+    assert result["shape"][0] == 24
     assert (out / "sr.dcm").is_file() and (out / "preview.png").is_file()
     assert set(result["timings"]) >= {"read", "decode", "inference", "rois", "sr", "total"}
 
@@ -69,12 +69,12 @@ def test_run_on_a_scanner_folder(small_series: Path, tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     assert "DICOMDIR" in r.output and "2 series under" in r.output and "skipped: a localizer" in r.output
     result = json.loads((tmp_path / "out" / "result.json").read_text())
-    assert result["summary"]["slices"] == 24  # the axial series, not the scout
+    assert result["shape"][0] == 24  # the axial series, not the scout
     # a skipped series can still be named explicitly (the operator decides)
     r = runner.invoke(app, ["run", "-m", "lesion-ct-demo", str(cd), str(tmp_path / "o2"), "--series",
                             str(scout.SeriesInstanceUID), "--device", "cpu"], env=env)
     assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "o2" / "result.json").read_text())["summary"]["slices"] == 1
+    assert json.loads((tmp_path / "o2" / "result.json").read_text())["shape"][0] == 1
     r = runner.invoke(app, ["run", "-m", "lesion-ct-demo", str(cd), str(tmp_path / "o3"), "--series", "1.2.3"],
                       env=env)
     assert r.exit_code == 2 and "no series 1.2.3" in r.output

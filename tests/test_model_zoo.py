@@ -55,7 +55,7 @@ def test_spleen_bundle_as_published_gives_the_organ_with_its_volume(
                                  "--config", str(_config(tmp_path, models)), "--json"])
     assert r.exit_code == 0, r.output
     result = json.loads((out / "result.json").read_text())
-    rois = result["rois"]
+    rois = result["findings"]
     # anatomy: one region for the whole organ (not one per connected piece), with its volume
     assert [(x["label_name"], x["kind"]) for x in rois] == [("Spleen", "anatomy")]
     assert rois[0]["volume_mm3"] > 0
@@ -85,7 +85,8 @@ def test_spleen_bundle_labels_and_confidence_identical_with_node_transforms(tmp_
     assert [type(t) for t in bounded.preprocessing.transforms].count(BoundedSpacingd) == 1
     assert "Spacingd" in [type(t).__name__ for t in stock.preprocessing.transforms]
     volume = load_series(sorted(small_series.glob("*.dcm")))
-    (la, ca), (lb, cb) = bounded.predict_with_confidence(volume), stock.predict_with_confidence(volume)
+    pa, pb = bounded.predict(volume), stock.predict(volume)
+    (la, ca), (lb, cb) = (pa.labels, pa.confidence), (pb.labels, pb.confidence)
     assert 0 < la.sum() < la.size  # not vacuous: both classes present
     np.testing.assert_array_equal(la, lb)
     assert ca is not None and cb is not None
@@ -128,12 +129,12 @@ def test_detection_bundle_as_published_gives_boxes_in_the_sr(tmp_path: Path, sma
 
     models = tmp_path / "models"
     folder = install_detector(models)
-    assert load_model(folder).kind == "detection"
+    assert load_model(folder).kind.name == "detection"
     out = tmp_path / "out"
     r = CliRunner().invoke(app, ["run", "--model", "lung_nodule_ct_detection", str(small_series), str(out),
                                  "--config", str(_config(tmp_path, models)), "--json"])
     assert r.exit_code == 0, r.output
-    rois = json.loads((out / "result.json").read_text())["rois"]
+    rois = json.loads((out / "result.json").read_text())["findings"]
     assert 1 <= len(rois) <= 6 and {x["kind"] for x in rois} == {"box"}
     scores = [x["confidence"] for x in rois]
     assert scores == sorted(scores, reverse=True) and all(0.02 <= s <= 1 for s in scores)
@@ -169,9 +170,10 @@ def test_route_confidence_floor_and_cap_are_applied_and_stated(tmp_path: Path, s
     from pydicom import dcmread
 
     from node.config import OutputsConfig
+    from node.inference.kinds import load_runner
     from node.inference.registry import load_model
-    from node.inference.runner import load_runner
     from node.outputs.equipment import Provenance
+    from node.processing.findings import FindingOptions
     from node.processing.pipeline import ModelContext, PipelineOptions, process_series
 
     model = load_model(install_detector(tmp_path / "models"))
@@ -183,9 +185,10 @@ def test_route_confidence_floor_and_cap_are_applied_and_stated(tmp_path: Path, s
     assert len(scores) >= 3
     floor = (scores[0] + scores[-1]) / 2
     capped = process_series(files, ctx, tmp_path / "capped",
-                            options=PipelineOptions(fsync=False, min_confidence=floor, max_findings=1))
+                            options=PipelineOptions(fsync=False, findings=FindingOptions(min_confidence=floor,
+                                                                                         max_findings=1)))
     assert len(capped.rois) == 1 and capped.rois[0].confidence == pytest.approx(scores[0])
-    left = capped.summary["not_reported"]
+    left = capped.result.not_reported
     assert sum(left.values()) == len(scores) - 1 and left["below_min_confidence"] >= 1
     assert f"{len(scores) - 1} finding(s) not reported: below the route" in str(dcmread(tmp_path / "capped" / "sr.dcm"))
 
@@ -233,7 +236,7 @@ def test_models_add_drafts_a_card_for_the_whole_body_bundle_and_its_organs_come_
     r = CliRunner().invoke(app, ["run", "--model", "wholeBody_ct_segmentation", str(small_series), str(out),
                                  "--config", str(cfg), "--json"])
     assert r.exit_code == 0, r.output
-    rois = json.loads((out / "result.json").read_text())["rois"]
+    rois = json.loads((out / "result.json").read_text())["findings"]
     assert rois and {x["kind"] for x in rois} == {"anatomy"}  # organs, one region per label present
     assert len({x["label_name"] for x in rois}) == len(rois)
     assert dciodvfy(out / "seg.dcm") == [] and dciodvfy(out / "sr.dcm") == []
@@ -271,7 +274,7 @@ def test_two_workers_run_a_segmentation_and_a_detection_bundle_interleaved(tmp_p
         jobs = node.store.list_jobs()
         assert [j.state for j in jobs] == [JobState.DONE] * 4, [(j.id, j.state, j.error) for j in jobs]
         for j in jobs:
-            kinds = {r["kind"] for r in (j.result or {})["summary"]["rois"]}
+            kinds = {r.kind for r in j.result.findings} if j.result else set()
             assert kinds == ({"anatomy"} if j.model == "spleen_ct_segmentation" else {"box"}), (j.model, kinds)
         assert {(j.model, j.series_uid) for j in jobs} == {(m, s) for m in ("spleen_ct_segmentation",
                                                                              "lung_nodule_ct_detection")
@@ -328,7 +331,7 @@ def test_swin_unetr_bundle_runs_after_models_add_removes_an_argument_monai_dropp
     r = CliRunner().invoke(app, ["run", "--model", "swin_unetr_btcv_segmentation", str(small_series), str(out),
                                  "--config", str(cfg), "--json"])
     assert r.exit_code == 0, r.output
-    rois = json.loads((out / "result.json").read_text())["rois"]
+    rois = json.loads((out / "result.json").read_text())["findings"]
     assert rois and {x["kind"] for x in rois} == {"anatomy"}
     assert dciodvfy(out / "seg.dcm") == [] and dciodvfy(out / "sr.dcm") == []
     assert len(dcmread(out / "seg.dcm").SegmentSequence) == len(rois)

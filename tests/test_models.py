@@ -52,7 +52,7 @@ def test_broken_bundle_is_reported_not_fatal(tmp_path: Path, models_dir: Path) -
 
 def test_runner_predicts_label_map_of_volume_shape(small_series: Path, demo_runner: Any) -> None:
     volume = load_series(sorted(small_series.glob("*.dcm")))
-    labels = demo_runner.predict(volume)
+    labels = demo_runner.predict(volume).labels
     assert labels.shape == volume.shape and labels.dtype == np.uint8
     assert set(np.unique(labels)) <= {0, 1}
     assert demo_runner.device.type == "cpu"
@@ -76,7 +76,7 @@ def test_torchscript_bundle_loads_and_agrees(tmp_path: Path, models_dir: Path, s
     assert ts_model.weights.name == "model.ts"
     runner = BundleRunner(ts_model, device="cpu")
     volume = load_series(sorted(small_series.glob("*.dcm")))
-    assert np.array_equal(runner.predict(volume), demo_runner.predict(volume))
+    assert np.array_equal(runner.predict(volume).labels, demo_runner.predict(volume).labels)
 
 
 def test_mismatched_weights_are_a_clear_error(tmp_path: Path, models_dir: Path) -> None:
@@ -100,7 +100,7 @@ def test_cuda_amp_prediction_matches_cpu(small_series: Path, models_dir: Path, d
         pytest.skip("no CUDA device")
     gpu = BundleRunner(Registry(models_dir).get("lesion-ct-demo"), device="cuda", amp=True)
     volume = load_series(sorted(small_series.glob("*.dcm")))
-    a, b = gpu.predict(volume), demo_runner.predict(volume)
+    a, b = gpu.predict(volume).labels, demo_runner.predict(volume).labels
     assert (a != b).mean() < 0.001
 
 
@@ -210,7 +210,7 @@ def test_demo_bundle_runs_node_transforms_unless_the_card_says_no(demo_model: An
     assert not any(isinstance(t, BoundedSpacingd) for t in stock.preprocessing.transforms)
     assert any(type(t).__name__ == "Spacingd" for t in stock.preprocessing.transforms)
     volume = load_series(sorted(small_series.glob("*.dcm")))
-    np.testing.assert_array_equal(demo_runner.predict(volume), stock.predict(volume))
+    np.testing.assert_array_equal(demo_runner.predict(volume).labels, stock.predict(volume).labels)
 
 
 def test_bundle_scripts_resolve_to_their_own_bundle(demo_model: Any, tmp_path: Path) -> None:

@@ -41,8 +41,8 @@ def test_series_over_several_associations_is_one_job(make_node: Callable[..., An
         wait_for(lambda: _done_jobs(node), 120, what="the job to finish")
         job = node.store.list_jobs()[0]
         assert len(node.store.list_jobs()) == 1
-        assert job.result and job.result["summary"]["slices"] == len(files)
-        n_objects = len(job.result["files"]) - ("preview" in job.result["files"])
+        assert job.result and job.result.shape[0] == len(files)
+        n_objects = len(job.result.files) - ("preview" in job.result.files)
         wait_for(lambda: len(sink.received) == n_objects, 60, what="the results at the destination")
         # the sink holds the objects before the node has recorded the C-STORE responses: wait for that too
         wait_for(lambda: node.store.outbox_counts()["sent"] == n_objects, 30, what="the deliveries recorded")
@@ -184,7 +184,7 @@ def test_dcmtk_storescu_and_storescp_as_outside_peers(make_node: Callable[..., A
         assert node.store.db.one("SELECT COUNT(*) AS n FROM instances")["n"] == len(files)
         wait_for(lambda: _done_jobs(node), 120, what="the job")
         job = _done_jobs(node)[0]
-        n = len([k for k in job.result["files"] if k != "preview"])
+        n = len([k for k in job.result.files if k != "preview"])
         wait_for(lambda: node.store.outbox_counts()["sent"] == n, 60, what="delivery to storescp")
         got = wait_for(lambda: len(list(received.glob("*"))) == n and list(received.glob("*")), 20,
                        what="files written by storescp")

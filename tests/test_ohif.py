@@ -49,8 +49,8 @@ def test_demo_results_displayed_in_ohif(tmp_path: Path, demo_model: Any, demo_ru
         out = process_series(files, ctx, tmp_path / f"results-{attempt}")
         assert out.rois, "the demo model found nothing on the demo series"
         shots = tmp_path / f"ohif-{attempt}"
-        proc = subprocess.run(["bash", str(TOOL / "check.sh"), str(ROOT / "sample_dicom"), out.files["seg"],
-                               out.files["sr"], str(shots)], capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(["bash", str(TOOL / "check.sh"), str(ROOT / "sample_dicom"), out.result.files["seg"],
+                               out.result.files["sr"], str(shots)], capture_output=True, text=True, timeout=600)
         summary = json.loads((shots / "summary.json").read_text()) if (shots / "summary.json").exists() else {}
         verdict = summary.get("verdict", {})
         if proc.returncode != 2 or not verdict.get("seg_overlay") or verdict.get("viewer_crashed"):

@@ -317,8 +317,8 @@ def test_radiologist_verdicts_come_back_through_orthanc(tmp_path: Path, small_se
         job1 = next(j for j in node.store.list_jobs() if j.series_uid == study1)
         job2 = next(j for j in node.store.list_jobs() if j.series_uid != study1)
         assert job1.result and job2.result
-        seg1, sr1 = Path(job1.result["files"]["seg"]), Path(job1.result["files"]["sr"])
-        seg2, sr2 = Path(job2.result["files"]["seg"]), Path(job2.result["files"]["sr"])
+        seg1, sr1 = Path(job1.result.files["seg"]), Path(job1.result.files["sr"])
+        seg2, sr2 = Path(job2.result.files["seg"]), Path(job2.result.files["sr"])
         sources = sorted((dcmread(p) for p in small_series.glob("*.dcm")), key=lambda d: float(d.ImagePositionPatient[2]))
         out = tmp_path / "radiologist"
         out.mkdir()
@@ -390,7 +390,7 @@ def test_verdicts_fetched_from_the_pacs_on_a_schedule(tmp_path: Path, small_seri
         sources = sorted((dcmread(p) for p in small_series.glob("*.dcm")), key=lambda d: float(d.ImagePositionPatient[2]))
         out = tmp_path / "radiologist"
         out.mkdir()
-        edited, _, _ = edited_seg(Path(job.result["files"]["seg"]), sources, out)
+        edited, _, _ = edited_seg(Path(job.result.files["seg"]), sources, out)
         client.upload(edited.read_bytes())
         wait_for(lambda: node.verdicts.rows(), 90, what="the verdict fetched from the PACS")
         v = node.verdicts.rows()[0]

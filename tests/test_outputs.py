@@ -12,6 +12,7 @@ import pytest
 from pydicom import dcmread
 
 from node.imaging.volume import Volume, load_series
+from node.inference.prediction import LabelMap
 from node.inference.rois import extract_rois
 from node.outputs.equipment import Provenance
 from node.outputs.result import save_dataset
@@ -26,8 +27,8 @@ class FixedRunner:
     def __init__(self, labels: np.ndarray) -> None:
         self.labels = labels
 
-    def predict(self, volume: Volume, *, deadline: float | None = None) -> np.ndarray:
-        return self.labels
+    def predict(self, volume: Volume, *, deadline: float | None = None) -> LabelMap:
+        return LabelMap(self.labels.copy())
 
 
 def _blob_labels(shape: tuple[int, int, int]) -> np.ndarray:
@@ -83,8 +84,8 @@ def test_seg_sr_content_and_references(tmp_path: Path, small_series: Path, demo_
     labels[15:17, 50:55, 60:66] = 1
     prov = Provenance(model=demo_model, device_uid="1.2.826.0.1.3680043.10.1473.98")
     out = process_series(paths, ModelContext(demo_model, FixedRunner(labels), prov), tmp_path / "out", volume=volume)
-    assert out.summary["roi_count"] == 2
-    seg_path, sr_path = Path(out.files["seg"]), Path(out.files["sr"])
+    assert out.result.roi_count == 2
+    seg_path, sr_path = Path(out.result.files["seg"]), Path(out.result.files["sr"])
     assert dciodvfy(seg_path) == []
     assert dciodvfy(sr_path) == []
     seg = dcmread(seg_path)
@@ -144,8 +145,8 @@ def test_no_finding_report(tmp_path: Path, small_series: Path, demo_model: Any,
     prov = Provenance(model=demo_model)
     out = process_series(paths, ModelContext(demo_model, FixedRunner(np.zeros(volume.shape, np.uint8)), prov),
                          tmp_path / "out", volume=volume)
-    assert "seg" not in out.files  # an empty SEG is not produced
-    sr_path = Path(out.files["sr"])
+    assert "seg" not in out.result.files  # an empty SEG is not produced
+    sr_path = Path(out.result.files["sr"])
     assert dciodvfy(sr_path) == []
     sr = hd.sr.srread(sr_path)
     assert sr.content.get_volumetric_roi_measurement_groups() == []
@@ -178,7 +179,7 @@ def test_rois_measurements(tmp_path: Path, demo_model: Any) -> None:
 
 def test_select_findings_floor_then_cap_per_label_keeps_anatomy() -> None:
     from node.inference.rois import ROI
-    from node.processing.pipeline import select_findings
+    from node.processing.findings import select_findings
 
     def roi(label: int, conf: float | None, vol: float, kind: str = "finding") -> ROI:
         return ROI(index=0, label=label, label_name=str(label), voxels=1, volume_mm3=vol, diameter_3d_mm=1,

@@ -65,9 +65,9 @@ def _send(node: Any, series: Path) -> None:
 def _outcome(node: Any) -> dict[str, Any]:
     job = wait_for(lambda: node.store.list_jobs(state="done"), 180, what="the job done")[0]
     assert job.result is not None
-    rois = [{k: r[k] for k in ("label", "voxels", "volume_mm3", "bbox", "key_slice", "confidence")}
-            for r in job.result["rois"]]
-    seg = dcmread(job.result["files"]["seg"])
+    rois = [{k: getattr(r, k) for k in ("label", "voxels", "volume_mm3", "bbox", "key_slice", "confidence")}
+            for r in job.result.findings]
+    seg = dcmread(job.result.files["seg"])
     return {"job": job, "rois": rois, "seg_pixels": seg.PixelData}
 
 
@@ -117,7 +117,7 @@ def test_published_bundle_confidence_comes_back_for_labelled_voxels_identical(
         node, _ = _start(tmp, sink.port)
         try:
             _send(node, small_series)
-            rois = list(_outcome(node)["job"].result["rois"])
+            rois = list(_outcome(node)["job"].result.findings)
             if node.pool is not None:  # this test's own (detached) actors: not left holding the cluster's CPUs
                 import ray
 
@@ -130,9 +130,8 @@ def test_published_bundle_confidence_comes_back_for_labelled_voxels_identical(
     try:
         local = run("local", "")
         on_ray = run("ray", _ray(ray_cluster) + 'namespace = "preannot-spleen"\n')
-        assert local and all(r["confidence"] is not None for r in local)
-        assert [(r["label"], r["voxels"], r["confidence"]) for r in on_ray] == \
-            [(r["label"], r["voxels"], r["confidence"]) for r in local]
+        assert local and all(r.confidence is not None for r in local)
+        assert [(r.label, r.voxels, r.confidence) for r in on_ray] == [(r.label, r.voxels, r.confidence) for r in local]
     finally:
         sink.stop()
 
@@ -162,7 +161,7 @@ def test_actor_killed_mid_job_the_job_completes_once_elsewhere(tmp_path: Path, s
         events = [e["kind"] for e in node.store.db.query("SELECT kind FROM events WHERE job_id = ?", (job.id,))]
         assert "job.requeued" in events and events.count("job.done") == 1
         assert job.attempts == 1  # the lost attempt was not counted
-        n = len([k for k in job.result["files"] if k != "preview"])
+        n = len([k for k in job.result.files if k != "preview"])
         wait_for(lambda: len(sink.received) == n, 60, what="the results at the PACS")
         time.sleep(1)
         assert set(sink.received.values()) == {1}  # each object once
@@ -185,7 +184,7 @@ def test_node_restarted_while_actors_run_loses_and_duplicates_nothing(tmp_path: 
         node, _ = _start(tmp_path / "n", sink.port)
         job = _outcome(node)["job"]
         assert len(node.store.list_jobs()) == 1
-        n = len([k for k in job.result["files"] if k != "preview"])
+        n = len([k for k in job.result.files if k != "preview"])
         wait_for(lambda: len(sink.received) == n, 60, what="the results at the PACS")
         time.sleep(1)
         assert set(sink.received.values()) == {1}

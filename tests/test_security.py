@@ -131,7 +131,7 @@ def test_permissions_and_no_identifiers_in_logs(make_node: Callable[..., Any], s
         assert all(o.ok for o in _send(node, files))
         wait_for(lambda: node.store.list_jobs(state=JobState.DONE), 120, what="the job")
         data = node.config.data_dir
-        preview = Path((node.store.list_jobs()[0].result or {})["files"]["preview"])
+        preview = Path(node.store.list_jobs()[0].result.files["preview"])
         wait_for(preview.exists, 30, what="the preview")
     finally:
         os.umask(previous)

@@ -17,6 +17,7 @@ from node.outputs.result import ResultObject
 from node.schedule.assembler import Assembler
 from node.store.db import Database
 from node.store.jobs import JobState, JobStore, OutboxState
+from node.store.results import JobResult
 from node.store.series import SeriesState, SeriesStore
 
 
@@ -215,9 +216,9 @@ def test_complete_queues_outbox_once(db: Database) -> None:
     jid = _job(store, db)
     store.lease(lease_seconds=60, now=100.0)
     objs = [ResultObject("/x/seg.dcm", "1.2.3.1", "seg"), ResultObject("/x/sr.dcm", "1.2.3.2", "sr")]
-    store.complete(jid, result={"summary": {"roi_count": 1}}, objects=objs, destinations=["pacs"], now=101.0)
+    store.complete(jid, result=JobResult(model={"name": "m"}, series_uid="1.2.3"), objects=objs, destinations=["pacs"], now=101.0)
     with pytest.raises(JobError, match="expected running"):
-        store.complete(jid, result={}, objects=objs, destinations=["pacs"])
+        store.complete(jid, result=JobResult(model={"name": "m"}, series_uid="1.2.3"), objects=objs, destinations=["pacs"])
     due = store.due_deliveries(now=102.0)
     assert [i.sop_uid for i in due["pacs"]] == ["1.2.3.1", "1.2.3.2"]
     assert store.due_deliveries(now=102.0) == {}  # marked sending
@@ -238,7 +239,7 @@ def test_recover_requeues_sending_items(db: Database) -> None:
     store = JobStore(db)
     jid = _job(store, db)
     store.lease(lease_seconds=60, now=100.0)
-    store.complete(jid, result={}, objects=[ResultObject("/x", generate_uid(), "c")], destinations=["pacs"])
+    store.complete(jid, result=JobResult(model={"name": "m"}, series_uid="1.2.3"), objects=[ResultObject("/x", generate_uid(), "c")], destinations=["pacs"])
     assert store.due_deliveries()
     assert store.recover() == (0, 1)
     assert store.outbox_counts()["pending"] == 1
@@ -285,7 +286,7 @@ def test_new_version_supersedes_earlier_results(db: Database) -> None:
     assert store.lease(lease_seconds=60, now=100.0).id == old  # type: ignore[union-attr]
     old_objs = [ResultObject("/o/seg.dcm", "1.9.1", "1.2.840.10008.5.1.4.1.1.66.4", "1.9.10"),
                 ResultObject("/o/sr.dcm", "1.9.2", "1.2.840.10008.5.1.4.1.1.88.34", "1.9.20")]
-    store.complete(old, result={}, objects=old_objs, destinations=["pacs", "web"], now=101.0)
+    store.complete(old, result=JobResult(model={"name": "m"}, series_uid="1.2.3"), objects=old_objs, destinations=["pacs", "web"], now=101.0)
     due = store.due_deliveries(now=102.0)
     for it in due["pacs"]:
         store.delivered(it, "0x0000", now=103.0)  # delivered to the PACS; the web destination fails
@@ -302,7 +303,7 @@ def test_new_version_supersedes_earlier_results(db: Database) -> None:
         (old, "pacs", OutboxState.SENT), (old, "web", OutboxState.PENDING)}
     note = ResultObject("/n/kos.dcm", "1.9.9", "1.2.840.10008.5.1.4.1.1.88.59", "1.9.90")
     new_objs = [ResultObject("/n/seg.dcm", "1.9.3", "1.2.840.10008.5.1.4.1.1.66.4", "1.9.30")]
-    store.complete(new, result={}, objects=new_objs, destinations=["pacs", "web"],
+    store.complete(new, result=JobResult(model={"name": "m"}, series_uid="1.2.3"), objects=new_objs, destinations=["pacs", "web"],
                    supersedes=Supersession((old,), note, frozenset({"pacs", "web"})), now=113.0)
     assert store.get(old).superseded_by == new
     assert {(i.destination, i.state) for i in store.outbox(job_id=old)} == {
@@ -316,7 +317,7 @@ def test_new_version_supersedes_earlier_results(db: Database) -> None:
     with pytest.raises(JobError, match="superseded"):
         store.resend(old)
     # version 2 was still running: it completes last, its results are superseded at once and never queued
-    store.complete(stale, result={}, objects=[ResultObject("/s/seg.dcm", "1.9.5", "x", "y")],
+    store.complete(stale, result=JobResult(model={"name": "m"}, series_uid="1.2.3"), objects=[ResultObject("/s/seg.dcm", "1.9.5", "x", "y")],
                    destinations=["pacs"], now=120.0)
     assert store.get(stale).superseded_by == new and store.outbox(job_id=stale) == []
     assert store.earlier_results(store.get(new)) == []

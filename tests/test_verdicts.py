@@ -18,6 +18,7 @@ from node.devtools.sink import StoreSink
 from node.net.scu import send_files
 from node.store.db import Database
 from node.store.jobs import JobState, JobStore
+from node.store.results import JobResult
 from node.verdicts.judge import Judgement, judge_masks, study_verdict
 from node.verdicts.stats import agreement, alerts
 from node.verdicts.store import VerdictRecord, VerdictStore
@@ -63,7 +64,7 @@ def test_verdicts_come_back_by_c_store_and_are_recorded_once(make_node: Callable
         job = node.store.list_jobs()[0]
         wait_for(lambda: node.store.outbox_counts().get("sent", 0) >= 2, 60, what="the results delivered")
         assert job.result is not None
-        our_seg, our_sr = Path(job.result["files"]["seg"]), Path(job.result["files"]["sr"])
+        our_seg, our_sr = Path(job.result.files["seg"]), Path(job.result.files["sr"])
         sources = sorted((dcmread(p) for p in files), key=lambda d: float(d.ImagePositionPatient[2]))
         out = tmp_path / "radiologist"
         out.mkdir()
@@ -132,12 +133,13 @@ def _month(db: Database, store: VerdictStore) -> None:
                           "updated_at) VALUES (?,?,?,?,?,?,?)", (uid, f"1.2.4.{jid}", "CT", json.dumps(attrs), ts, ts, ts))
                 # a sharper kernel: the same anatomy, a wider spread of values (HU percentiles)
                 spread = 1.3 if new else 1.0
-                result = {"summary": {"intensity": {"p5": round(-900 * spread + rng.normal(0, 10), 1),
-                                                    "p50": round(40 + rng.normal(0, 5), 1),
-                                                    "p95": round(300 * spread + rng.normal(0, 10), 1)}}}
+                intensity = {"p5": round(-900 * spread + rng.normal(0, 10), 1), "p50": round(40 + rng.normal(0, 5), 1),
+                             "p95": round(300 * spread + rng.normal(0, 10), 1)}
+                result = JobResult(model={"name": "m", "version": "1.0"}, series_uid=uid, intensity=intensity)
                 c.execute("INSERT INTO jobs (id, series_uid, series_version, model, route, send_to, state, "
-                          "max_attempts, created_at, updated_at, next_run_at, finished_at, result) VALUES "
-                          "(?,?,1,'m','r','[]','done',3,?,?,?,?,?)", (jid, uid, ts, ts, ts, ts, json.dumps(result)))
+                          "max_attempts, created_at, updated_at, next_run_at, finished_at, result, intensity) VALUES "
+                          "(?,?,1,'m','r','[]','done',3,?,?,?,?,?,?)",
+                          (jid, uid, ts, ts, ts, ts, result.to_json(), json.dumps(intensity)))
             accepted = int(rng.binomial(4, 0.5 if new else 0.9))
             j = Judgement([], study_verdict({"accepted": accepted, "edited": 0, "rejected": 4 - accepted, "added": 0}),
                           None)

@@ -25,7 +25,7 @@ def test_route_with_all_viewer_outputs(make_node: Callable[..., Any], small_seri
         assert all(o.ok for o in send_files([str(p) for p in files], ae_title="PREANNOT", host="127.0.0.1",
                                             port=node.listener.port, calling_ae="TESTSCU"))
         job = wait_for(lambda: node.store.list_jobs(state=JobState.DONE), 120, what="the job")[0]
-        out = job.result["files"]
+        out = job.result.files
         assert {"seg", "sr", "gsps", "kos", "rtstruct"} <= set(out) and any(k.startswith("sc") for k in out)
         sources = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): dcmread(p, stop_before_pixels=True)
                    for p in files}
@@ -39,10 +39,10 @@ def test_route_with_all_viewer_outputs(make_node: Callable[..., Any], small_seri
             assert "UNVERIFIED" in ds.SeriesDescription, name
             eq = ds.ContributingEquipmentSequence[-1].PurposeOfReferenceCodeSequence[0]
             assert eq.CodeMeaning == "Processing Algorithm", name
-        rois = job.result["rois"]
+        rois = job.result.findings
         gsps = dcmread(out["gsps"])
         refs = {r.ReferencedSOPInstanceUID for s in gsps.ReferencedSeriesSequence for r in s.ReferencedImageSequence}
-        assert refs <= set(sources) and len(refs) == len({r["key_slice"] for r in rois})
+        assert refs <= set(sources) and len(refs) == len({r.key_slice for r in rois})
         texts = [t.UnformattedTextValue for a in gsps.GraphicAnnotationSequence for t in a.TextObjectSequence]
         assert all("UNVERIFIED" in t for t in texts) and len(texts) == len(rois)
         caps = [dcmread(v) for k, v in out.items() if k.startswith("sc")]

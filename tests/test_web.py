@@ -235,6 +235,7 @@ def test_purge_removes_only_what_is_allowed(tmp_path: Path, small_series: Path) 
     from node.ingest.spool import Spool
     from node.outputs.result import ResultObject, job_dir
     from node.store.jobs import JobStore
+    from node.store.results import JobResult
     from node.store.series import SeriesStore
 
     cfg = load_config(None, env={}, overrides={"node": {"data_dir": str(tmp_path)},
@@ -268,7 +269,7 @@ def test_purge_removes_only_what_is_allowed(tmp_path: Path, small_series: Path) 
     out_dir = job_dir(tmp_path, done) / "attempt-1"
     out_dir.mkdir(parents=True)
     (out_dir / "sr.dcm").write_bytes(b"x" * 100)
-    store.complete(done, result={}, objects=[ResultObject(str(out_dir / "sr.dcm"), "1.2.3.4", "sr")],
+    store.complete(done, result=JobResult(model={"name": "m"}, series_uid="1.2.3"), objects=[ResultObject(str(out_dir / "sr.dcm"), "1.2.3.4", "sr")],
                    destinations=["pacs"], now=old)
     # a result still waiting for delivery keeps the series and its outputs
     assert plan_purge(series, store, cfg).series == [] and plan_purge(series, store, cfg).job_dirs == {}

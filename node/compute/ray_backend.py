@@ -3,7 +3,8 @@
 The node keeps everything that must survive (the job table, spool, outbox, audit): its worker threads
 lease jobs as with the local backend and run the whole pipeline themselves, except the model call,
 which goes to a :class:`ModelHost` actor. The volume reaches the actor through Ray's object store; only
-the label map (and the confidence map) or the boxes come back.
+the prediction comes back, in its compact form (``Prediction.compact``: the labels and the confidence of
+the labelled voxels, the boxes, the classes).
 
 - **Warm models.** An actor loads a model on first use (the registry's bundle, checked against the
   weights SHA-256 the node knows) and keeps up to ``max_models_per_actor``, evicting the least
@@ -34,9 +35,10 @@ import numpy as np
 from node.config import NodeConfig
 from node.errors import ComputeLostError, ModelError, ModelTimeoutError, PreannotError
 from node.imaging.volume import Volume
+from node.inference.prediction import Prediction
 from node.inference.registry import ModelInfo
 
-__all__ = ["ActorPool", "ModelHost", "RayDetectionRunner", "RaySegmentationRunner", "memory_need", "start_ray"]
+__all__ = ["ActorPool", "ModelHost", "RayRunner", "memory_need", "start_ray"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +102,8 @@ class ModelHost:
         logger.info("actor %d: model %s evicted", os.getpid(), name)
 
     def _runner(self, name: str, sha256: str, need: int) -> Any:
+        from node.inference.kinds import load_runner
         from node.inference.registry import load_model
-        from node.inference.runner import load_runner
 
         key = f"{name}@{sha256[:16]}"
         if key in self.runners:
@@ -125,22 +127,12 @@ class ModelHost:
         self._runner(name, sha256, need)
         return list(self.runners)
 
-    def run(self, name: str, sha256: str, need: int, kind: str, volume: Volume, seconds_left: float | None) -> dict[str, Any]:
-        """The model on the volume: ``{"labels", "confidence"}`` or, for a detector, ``{"rois"}``.
-
-        Only the labels and, for the labelled voxels alone, the confidence come back (in the order of
-        ``labels > 0``): ROIs take their mean confidence over their own voxels, and a full-volume float map
-        would be twice the label map on the wire."""
+    def run(self, name: str, sha256: str, need: int, volume: Volume, seconds_left: float | None) -> Prediction:
+        """The model's prediction on the volume, compact for the trip back (``Prediction.compact``)."""
         runner = self._runner(name, sha256, need)
         deadline = None if seconds_left is None else time.monotonic() + seconds_left
         self.jobs_run += 1
-        if kind == "detection":
-            return {"rois": runner.detect(volume, deadline=deadline)}
-        with_confidence = getattr(runner, "predict_with_confidence", None)
-        if with_confidence is not None:
-            labels, confidence = with_confidence(volume, deadline=deadline)
-            return {"labels": labels, "confidence": None if confidence is None else confidence[labels > 0]}
-        return {"labels": runner.predict(volume, deadline=deadline), "confidence": None}
+        return runner.predict(volume, deadline=deadline).compact()
 
 
 def start_ray(config: NodeConfig) -> bool:
@@ -282,14 +274,14 @@ class ActorPool:
             self._free.add(i)
             self._cond.notify_all()
 
-    def run(self, model: ModelInfo, job_volume: Volume, *, deadline: float | None, job_id: int = 0) -> dict[str, Any]:
+    def run(self, model: ModelInfo, job_volume: Volume, *, deadline: float | None, job_id: int = 0) -> Prediction:
         """Run the model on an actor; its output. Raises ComputeLostError, ModelTimeoutError or ModelError."""
         try:
             return self._run_on(self.acquire(model, job_id), model, job_volume, deadline=deadline)
         finally:
             self.drop_slot()  # the job left the actor: the next one can be leased
 
-    def _run_on(self, i: int, model: ModelInfo, job_volume: Volume, *, deadline: float | None) -> dict[str, Any]:
+    def _run_on(self, i: int, model: ModelInfo, job_volume: Volume, *, deadline: float | None) -> Prediction:
         import ray
 
         lost = _lost_errors()
@@ -297,8 +289,8 @@ class ActorPool:
         try:
             payload = ray.put(_portable(job_volume))
             left = None if deadline is None else max(1.0, deadline - time.monotonic())
-            ref = self.actors[i].run.remote(model.name, model.sha256, memory_need(model), model.kind, payload, left)
-            out: dict[str, Any] = ray.get(ref, timeout=None if left is None else left + 60.0)
+            ref = self.actors[i].run.remote(model.name, model.sha256, memory_need(model), payload, left)
+            out: Prediction = ray.get(ref, timeout=None if left is None else left + 60.0)
             key = f"{model.name}@{model.sha256[:16]}"
             self.release(i, loaded=list(dict.fromkeys([*self._loaded[i], key])))
             return out
@@ -340,31 +332,14 @@ def _portable(volume: Volume) -> Volume:
                   tilt_deg=volume.tilt_deg, uneven=volume.uneven, geometry_note=volume.geometry_note)
 
 
-class RaySegmentationRunner:
-    """A segmentation model run by the pool (the :class:`~node.inference.runner.Runner` interface)."""
+class RayRunner:
+    """A model run by the pool: the :class:`~node.inference.prediction.Runner` interface, whatever its kind."""
 
     def __init__(self, model: ModelInfo, pool: ActorPool, job_id: int = 0) -> None:
         self.model = model
         self.pool = pool
         self.job_id = job_id
 
-    def predict_with_confidence(self, volume: Volume, *, deadline: float | None = None
-                                ) -> tuple[np.ndarray, np.ndarray | None]:
-        out = self.pool.run(self.model, volume, deadline=deadline, job_id=self.job_id)
-        # arrays from Ray's object store are read-only views: the pipeline repaints the label map in place
-        labels = np.array(out["labels"])
-        confidence = None
-        if out["confidence"] is not None:  # back on the grid: the labelled voxels' values, zero elsewhere
-            confidence = np.zeros(labels.shape, dtype=out["confidence"].dtype)
-            confidence[labels > 0] = out["confidence"]
-        return labels, confidence
-
-    def predict(self, volume: Volume, *, deadline: float | None = None) -> np.ndarray:
-        return self.predict_with_confidence(volume, deadline=deadline)[0]
-
-
-class RayDetectionRunner(RaySegmentationRunner):
-    """A detection model run by the pool: its boxes as ROIs."""
-
-    def detect(self, volume: Volume, *, deadline: float | None = None) -> list[Any]:
-        return list(self.pool.run(self.model, volume, deadline=deadline, job_id=self.job_id)["rois"])
+    def predict(self, volume: Volume, *, deadline: float | None = None) -> Prediction:
+        """The prediction as the actor sent it (compact: the caller expands it)."""
+        return self.pool.run(self.model, volume, deadline=deadline, job_id=self.job_id)

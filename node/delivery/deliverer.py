@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 
 from node.config import Destination, NodeConfig
+from node.delivery.notify import NotificationSender, is_notification
 from node.delivery.senders import make_sender
 from node.errors import ConfigError
 from node.metrics import NodeMetrics
@@ -52,13 +53,20 @@ class Deliverer(threading.Thread):
         cfg = self.config.delivery
         delivered = 0
         for dest_name, items in self.store.due_deliveries().items():
-            try:
-                dest = self.config.destination(dest_name)
-            except ConfigError as exc:
-                for it in items:
-                    self.store.delivery_failed(it, str(exc), max_attempts=1, backoff_seconds=0, backoff_max_seconds=0)
-                continue
-            outcomes = self.sender_factory(dest).send([it.path for it in items])
+            sender: Sender
+            if is_notification(dest_name):  # a FHIR / HL7 message announcing a result ([notify])
+                sender, where = NotificationSender(self.config.notify, dest_name), dest_name
+            else:
+                try:
+                    dest = self.config.destination(dest_name)
+                except ConfigError as exc:
+                    for it in items:
+                        self.store.delivery_failed(it, str(exc), max_attempts=1, backoff_seconds=0,
+                                                   backoff_max_seconds=0)
+                    continue
+                sender, where = self.sender_factory(dest), dest.describe()
+            here = 0
+            outcomes = sender.send([it.path for it in items])
             by_path = {o.path: o for o in outcomes}
             if self.metrics is not None:
                 self.metrics.delivery_attempts.labels(dest_name).inc(len(items))
@@ -66,7 +74,7 @@ class Deliverer(threading.Thread):
                 o = by_path.get(it.path)
                 if o is not None and o.ok:
                     self.store.delivered(it, o.status or "")
-                    delivered += 1
+                    here += 1
                     continue
                 reason = o.error if o is not None else "no outcome reported"
                 state = self.store.delivery_failed(it, reason or "failed", max_attempts=cfg.max_attempts,
@@ -78,6 +86,7 @@ class Deliverer(threading.Thread):
                 log = logger.error if state == OutboxState.DEAD else logger.warning
                 log("delivery of %s to %s %s (attempt %d/%d): %s", it.sop_uid, dest_name,
                     "dead" if state == OutboxState.DEAD else "failed", it.attempts, cfg.max_attempts, reason)
-            if delivered:
-                logger.info("delivered %d object(s) to %s (%s)", delivered, dest_name, dest.describe())
+            if here:
+                logger.info("delivered %d object(s) to %s (%s)", here, dest_name, where)
+            delivered += here
         return delivered

@@ -1,73 +1,111 @@
-"""Telling someone that an urgent result is ready: a FHIR DiagnosticReport POST and/or an HL7 v2 ORU^R01
-over MLLP, for jobs of the priorities ``[notify].priorities`` (STAT by default).
+"""Telling someone that a result is ready: a FHIR DiagnosticReport and/or an HL7 v2 ORU^R01 over MLLP,
+for jobs of the priorities ``[notify].priorities`` (STAT by default) and for results a route flags with
+``notify = true``.
+
+Notifications are a delivery like the result objects: when the job completes, :meth:`Notifier.messages`
+writes each message into the job's folder and the job store queues it in the outbox (destination
+``notify:fhir`` or ``notify:hl7``, in the same transaction as the job's completion). The deliverer sends it
+with :class:`NotificationSender`, retries with backoff while the receiver is down, records every attempt in
+the audit trail, and marks it sent once: each notification reaches its receiver once. Both carry a key the
+receiver can de-duplicate on should the node die between the send and its record (FHIR conditional create
+on the report's identifier, ``If-None-Exist``; HL7 message control ID ``PA<job>``).
 
 The message says that an AI pre-annotation (unverified) is available for the study, with the model, its
-version and the findings' labels and count; it identifies the study by its Study Instance UID and
-Accession Number, and (HL7 PID-3 only, as an ORU needs it) the Patient ID. Nothing identifying is logged.
-A failed notification is logged and audited (``notify.failed``); it never fails the job.
+version and the findings' labels and count, or the class; it identifies the study by its Study Instance UID
+and Accession Number, and (HL7 PID-3 only, as an ORU needs it) the Patient ID. Nothing identifying is logged.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import os
 import socket
-import uuid
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 from pydicom import dcmread
 
-from node.config import NotifyConfig
-from node.store.jobs import Job, JobStore
-from node.store.series import SeriesStore
+from node.config import NotifyConfig, Priority
+from node.net.scu import SendOutcome
+from node.outputs.result import write_private
+from node.store.jobs import Job
+from node.store.results import JobResult
 
-__all__ = ["Notifier", "fhir_report", "hl7_oru"]
+__all__ = ["CHANNELS", "Message", "NotificationSender", "Notifier", "fhir_report", "hl7_oru", "is_notification"]
 
 logger = logging.getLogger(__name__)
 
 VT, FS, CR = b"\x0b", b"\x1c", b"\r"
 
+#: outbox destination names of the notification channels
+CHANNELS = ("notify:fhir", "notify:hl7")
 
-def _study(series: SeriesStore, job: Job) -> dict[str, str]:
-    files = series.files(job.series_uid)
+
+def is_notification(destination: str) -> bool:
+    """Whether an outbox destination is a notification channel rather than a configured destination."""
+    return destination in CHANNELS
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A notification to deliver (the outbox's Deliverable): its file and its unique key."""
+
+    path: str
+    sop_uid: str
+    sop_class: str = ""
+    series_uid: str = ""
+
+
+def study_of(files: list[Path]) -> dict[str, str]:
+    """The study identifiers a notification carries, from the series' first header."""
     if not files:
         return {}
     ds = dcmread(files[0], stop_before_pixels=True)
     return {k: str(ds.get(k, "") or "") for k in ("StudyInstanceUID", "AccessionNumber", "PatientID", "StudyDescription")}
 
 
-def _summary(job: Job, result: dict[str, Any]) -> str:
-    model = result.get("model") or {}
-    rois = result.get("rois") or []
-    labels = sorted({str(r.get("label_name", "")) for r in rois if r.get("label_name")})
-    what = f"{len(rois)} finding(s)" + (f" ({', '.join(labels)})" if labels else "")
+def _summary(job: Job, result: JobResult) -> str:
+    model = result.model or {}
+    if result.classes:
+        what = "; ".join(f"{c.concept}: {c.value} (p {c.probability:.2f})" for c in result.classes)
+    else:
+        labels = sorted({f.label_name for f in result.findings})
+        what = f"{result.roi_count} finding(s)" + (f" ({', '.join(labels)})" if labels else "")
+    flags = f"; flagged: {', '.join(result.flags)}" if result.flags else ""
     return (f"AI pre-annotation ready, NOT VERIFIED: {what} proposed by {model.get('name', job.model)} "
-            f"{model.get('version', '')} (priority {job.priority}); SEG and SR sent to the PACS for review.")
+            f"{model.get('version', '')} (priority {result.priority}{flags}); results sent to the PACS for review.")
 
 
-def fhir_report(job: Job, result: dict[str, Any], study: dict[str, str]) -> dict[str, Any]:
+def report_identifier(job: Job) -> dict[str, str]:
+    """The DiagnosticReport's business identifier: one per job (the receiver's de-duplication key)."""
+    return {"system": "urn:preannot:job", "value": str(job.id)}
+
+
+def fhir_report(job: Job, result: JobResult, study: dict[str, str]) -> dict[str, Any]:
     """A FHIR R4 DiagnosticReport (status preliminary) announcing the result."""
     return {
         "resourceType": "DiagnosticReport",
-        "id": str(uuid.uuid4()),
         "status": "preliminary",
         "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD",
                                   "display": "Radiology"}]}],
         "code": {"coding": [{"system": "http://loinc.org", "code": "18748-4", "display": "Diagnostic imaging study"}],
                  "text": "AI pre-annotation (unverified)"},
-        "identifier": [{"system": "urn:preannot:job", "value": str(job.id)}],
+        "identifier": [report_identifier(job)],
         "issued": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "meta": {"tag": [{"system": "urn:preannot:priority", "code": job.priority}]},
+        "meta": {"tag": [{"system": "urn:preannot:priority", "code": str(result.priority)}]
+                 + [{"system": "urn:preannot:flag", "code": f} for f in result.flags]},
         "extension": [{"url": "urn:preannot:study-instance-uid", "valueString": study.get("StudyInstanceUID", "")},
                       {"url": "urn:preannot:accession-number", "valueString": study.get("AccessionNumber", "")}],
         "conclusion": _summary(job, result),
     }
 
 
-def hl7_oru(job: Job, result: dict[str, Any], study: dict[str, str], *, sending: str, receiving: str) -> bytes:
-    """An HL7 v2.5.1 ORU^R01 (result status P, preliminary)."""
+def hl7_oru(job: Job, result: JobResult, study: dict[str, str], *, sending: str, receiving: str) -> bytes:
+    """An HL7 v2.5.1 ORU^R01 (result status P, preliminary); message control ID ``PA<job id>``."""
     now = _dt.datetime.now().strftime("%Y%m%d%H%M%S")
 
     def esc(text: str) -> str:
@@ -75,7 +113,7 @@ def hl7_oru(job: Job, result: dict[str, Any], study: dict[str, str], *, sending:
                 .replace("~", "\\R\\"))
 
     segments = [
-        f"MSH|^~\\&|{esc(sending)}||{esc(receiving)}||{now}||ORU^R01^ORU_R01|PA{job.id}{now}|P|2.5.1",
+        f"MSH|^~\\&|{esc(sending)}||{esc(receiving)}||{now}||ORU^R01^ORU_R01|PA{job.id}|P|2.5.1",
         f"PID|1||{esc(study.get('PatientID', ''))}",
         f"OBR|1||{esc(study.get('AccessionNumber', ''))}|18748-4^Diagnostic imaging study^LN|||{now}"
         + "|" * 17 + "P",
@@ -102,56 +140,74 @@ def send_mllp(host: str, port: int, message: bytes, *, timeout: float) -> str:
 
 
 class Notifier:
-    def __init__(self, config: NotifyConfig, series: SeriesStore, jobs: JobStore) -> None:
+    """Makes a job's notification messages (see the module docstring)."""
+
+    def __init__(self, config: NotifyConfig) -> None:
         self.config = config
-        self.series = series
-        self.jobs = jobs
 
     @property
     def enabled(self) -> bool:
         return bool(self.config.fhir_url or (self.config.hl7_host and self.config.hl7_port))
 
-    def result_ready(self, job: Job, result: dict[str, Any]) -> None:
-        """Notify, when the job's priority asks for it (never raises)."""
-        if not self.enabled or job.priority not in self.config.priorities:
-            return
-        try:
-            study = _study(self.series, job)
-        except (OSError, ValueError) as exc:
-            logger.warning("job %d: notification not sent, the series header cannot be read: %s", job.id, exc)
-            return
+    def wanted(self, priority: Priority | str, *, flagged: bool = False) -> bool:
+        """Whether a result of this priority (or flagged by its route with ``notify``) is announced."""
+        return self.enabled and (flagged or Priority(priority) in self.config.priorities)
+
+    def messages(self, job: Job, result: JobResult, out_dir: Path, study: dict[str, str]) -> dict[str, Message]:
+        """Write the job's messages into ``out_dir`` (0600) and return them by channel, for the outbox."""
+        out: dict[str, Message] = {}
         if self.config.fhir_url:
-            self._attempt(job, "fhir", lambda: self._fhir(job, result, study))
+            path = write_private(out_dir / "notify-fhir.json", json.dumps(fhir_report(job, result, study)))
+            out["notify:fhir"] = Message(str(path), f"notify:{job.id}:fhir")
         if self.config.hl7_host and self.config.hl7_port:
-            self._attempt(job, "hl7", lambda: self._hl7(job, result, study))
+            oru = hl7_oru(job, result, study, sending=self.config.sending_application,
+                          receiving=self.config.receiving_application)
+            path = write_private(out_dir / "notify-hl7.txt", oru.decode())
+            out["notify:hl7"] = Message(str(path), f"notify:{job.id}:hl7")
+        return out
 
-    def _attempt(self, job: Job, channel: str, send: Any) -> None:
+
+class NotificationSender:
+    """Delivers notification messages of one channel (the outbox's Sender)."""
+
+    def __init__(self, config: NotifyConfig, channel: str) -> None:
+        self.config = config
+        self.channel = channel
+
+    def send(self, paths: list[str]) -> list[SendOutcome]:
+        return [self._one(p) for p in paths]
+
+    def _one(self, path: str) -> SendOutcome:
         try:
-            detail = send()
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            return SendOutcome(path, False, None, f"cannot read {path}: {exc.strerror}")
+        try:
+            if self.channel == "notify:fhir":
+                return SendOutcome(path, True, self._fhir(json.loads(data)))
+            if self.channel == "notify:hl7":
+                return SendOutcome(path, True, self._hl7(data))
         except (OSError, httpx.HTTPError) as exc:
-            logger.warning("job %d: %s notification failed: %s", job.id, channel, exc)
-            self.jobs.record("notify.failed", {"channel": channel, "error": str(exc)[:300]},
-                             series_uid=job.series_uid, job_id=job.id)
-            return
-        logger.info("job %d: %s result notified by %s (%s)", job.id, job.priority, channel, detail)
-        self.jobs.record("notify.sent", {"channel": channel, "detail": detail}, series_uid=job.series_uid,
-                         job_id=job.id)
+            return SendOutcome(path, False, None, f"{self.channel}: {type(exc).__name__}: {str(exc)[:300]}")
+        return SendOutcome(path, False, None, f"unknown notification channel {self.channel!r}")
 
-    def _fhir(self, job: Job, result: dict[str, Any], study: dict[str, str]) -> str:
-        headers = {"Content-Type": "application/fhir+json"}
+    def _fhir(self, report: dict[str, Any]) -> str:
+        if not self.config.fhir_url:
+            raise OSError("[notify] fhir_url is no longer configured")
+        ident = report["identifier"][0]
+        headers = {"Content-Type": "application/fhir+json",
+                   "If-None-Exist": f"identifier={ident['system']}|{ident['value']}"}  # conditional create
         if self.config.fhir_token_env:
             headers["Authorization"] = f"Bearer {os.environ.get(self.config.fhir_token_env, '')}"
-        assert self.config.fhir_url
-        r = httpx.post(self.config.fhir_url.rstrip("/") + "/DiagnosticReport", json=fhir_report(job, result, study),
-                       headers=headers, timeout=self.config.timeout)
+        r = httpx.post(self.config.fhir_url.rstrip("/") + "/DiagnosticReport", json=report, headers=headers,
+                       timeout=self.config.timeout)
         r.raise_for_status()
         return f"HTTP {r.status_code}"
 
-    def _hl7(self, job: Job, result: dict[str, Any], study: dict[str, str]) -> str:
-        assert self.config.hl7_host and self.config.hl7_port
-        ack = send_mllp(self.config.hl7_host, self.config.hl7_port,
-                        hl7_oru(job, result, study, sending=self.config.sending_application,
-                                receiving=self.config.receiving_application), timeout=self.config.timeout)
+    def _hl7(self, message: bytes) -> str:
+        if not (self.config.hl7_host and self.config.hl7_port):
+            raise OSError("[notify] hl7_host/hl7_port are no longer configured")
+        ack = send_mllp(self.config.hl7_host, self.config.hl7_port, message, timeout=self.config.timeout)
         if ack != "AA":
             raise OSError(f"the HL7 receiver answered {ack}")
         return "ACK AA"

@@ -12,7 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
-__all__ = ["DETECTION_CARD", "SPLEEN_CARD", "install_detector", "install_segmenter"]
+__all__ = ["DETECTION_CARD", "SPLEEN_CARD", "install_detector", "install_segmenter", "random_weights"]
 
 #: model card for spleen_ct_segmentation: the spleen as anatomy (add a [bundle] table for overrides)
 SPLEEN_CARD = """
@@ -101,3 +101,27 @@ def install_detector(zoo: Path, models_dir: Path, card: str, name: str = "lung_n
     torch.save(state, dst / "models" / "model.pt")
     (dst / "model_card.toml").write_text(card)
     return dst
+
+
+def random_weights(bundle: Path, *, seed: int = 0, overrides: dict[str, object] | None = None) -> Path:
+    """Seeded random weights for the bundle's own ``network_def`` (with ``overrides`` applied to its config,
+    e.g. ``{"network_def#pretrained": False}`` so that building it downloads nothing), saved as
+    ``models/model.pt``; returns the path."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    from node.inference.registry import find_inference_config
+
+    config = find_inference_config(bundle)
+    if config is None:
+        raise FileNotFoundError(f"{bundle}: no inference config")
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    for key, value in (overrides or {}).items():
+        parser[key] = value
+    torch.manual_seed(seed)
+    state = parser.get_parsed_content("network_def").state_dict()
+    (bundle / "models").mkdir(exist_ok=True)
+    path = bundle / "models" / "model.pt"
+    torch.save(state, path)
+    return path

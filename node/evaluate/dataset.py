@@ -1,14 +1,23 @@
-"""Labelled datasets: image series with reference segmentations as DICOM SEG (or NIfTI) beside them.
+"""Labelled datasets: image series with references beside them.
 
 Any nesting is accepted. Every DICOM file under the root is read once (header only): image instances
-are grouped by Series Instance UID; a SEG is matched to the image series its Referenced Series
-Sequence names. A NIfTI label file (``*.nii``, ``*.nii.gz``) is matched to the image series in the same
-folder (or its parent's). Problems (a SEG whose series is missing, an image series without reference,
-two references for one series) are collected, not raised: the report lists them.
+are grouped by Series Instance UID. References:
+
+- **regions** (segmentation and detection models): a DICOM SEG, matched to the image series its
+  Referenced Series Sequence names, or a NIfTI label file (``*.nii``, ``*.nii.gz``) matched to the image
+  series in the same folder (or its parent's);
+- **classes** (classification models): ``classes.csv`` at the dataset's root, one row per series with
+  columns ``series`` (a Series Instance UID, or the series' folder relative to the root) and ``class``
+  (the class name as the model card names it).
+
+A series with either kind of reference is a case. Problems (a SEG whose series is missing, an image
+series without reference, two references for one series, a classes.csv row naming no series) are
+collected, not raised: the report lists them.
 """
 
 from __future__ import annotations
 
+import csv
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +40,10 @@ class Case:
     name: str
     series_uid: str
     image_files: list[Path]
-    reference: Path
+    #: the reference segmentation (SEG or NIfTI), None for a case with a class reference only
+    reference: Path | None = None
+    #: the reference class (classes.csv), None when the case has none
+    reference_class: str | None = None
 
 
 @dataclass
@@ -66,6 +78,7 @@ def discover(root: Path) -> Dataset:
         elif "SeriesInstanceUID" in ds and ds.get("Rows"):
             series[str(ds.SeriesInstanceUID)].append(p)
     folder_of = {uid: files[0].parent for uid, files in series.items()}
+    classes = _read_classes(root, folder_of, out.problems)
     for label in nifti:
         match = [uid for uid, d in folder_of.items() if d in (label.parent, label.parent.parent) or
                  d.parent == label.parent]
@@ -80,15 +93,35 @@ def discover(root: Path) -> Dataset:
     for uid, files in sorted(series.items(), key=lambda kv: str(kv[1][0])):
         refs = segs.get(uid, [])
         rel = files[0].parent.relative_to(root)
-        if not refs:
-            out.problems.append(f"{rel}: image series {uid} has no reference segmentation")
+        if not refs and uid not in classes:
+            out.problems.append(f"{rel}: image series {uid} has no reference (segmentation or class)")
             continue
         if len(refs) > 1:
             out.problems.append(f"{rel}: {len(refs)} references for series {uid}; using {refs[0].name}")
         name = str(rel).replace("/", "_") if str(rel) != "." else uid
         if name.endswith("_image"):
             name = name[: -len("_image")]
-        out.cases.append(Case(name=name, series_uid=uid, image_files=files, reference=refs[0]))
+        out.cases.append(Case(name=name, series_uid=uid, image_files=files, reference=refs[0] if refs else None,
+                              reference_class=classes.get(uid)))
+    return out
+
+
+def _read_classes(root: Path, folder_of: dict[str, Path], problems: list[str]) -> dict[str, str]:
+    """``classes.csv``: series UID -> reference class (rows naming no series of the dataset are problems)."""
+    path = root / "classes.csv"
+    if not path.is_file():
+        return {}
+    by_folder = {str(d.relative_to(root)): uid for uid, d in folder_of.items()}
+    out: dict[str, str] = {}
+    with path.open(newline="") as f:
+        for n, row in enumerate(csv.DictReader(f), start=2):
+            key, value = (row.get("series") or "").strip(), (row.get("class") or "").strip()
+            uid = key if key in folder_of else by_folder.get(key.strip("/"))
+            if uid is None or not value:
+                problems.append(f"classes.csv line {n}: {key!r} names no image series of the dataset"
+                                if uid is None else f"classes.csv line {n}: no class")
+                continue
+            out[uid] = value
     return out
 
 
@@ -102,6 +135,8 @@ def load_reference(case: Case, volume: Volume, *, label_map: dict[str, int] | No
     Raises:
         VolumeError: the reference does not fit the series.
     """
+    if case.reference is None:
+        raise VolumeError(f"case {case.name} has no reference segmentation (a class reference only)")
     if case.reference.name.endswith((".nii", ".nii.gz")):
         return _load_nifti(case.reference, volume)
     import highdicom as hd

@@ -1,10 +1,11 @@
-"""Metrics for one case, with MONAI's implementations where they exist.
+"""Metrics, with MONAI's implementations where they exist.
 
 Voxel-wise per label: Dice, 95th percentile Hausdorff distance, average (symmetric) surface distance,
-normalised surface Dice at a tolerance, volumes and their difference. Lesion-wise: connected
-components matched by overlap or by centroid; per predicted component its volume, so the FROC curve
-can sweep the minimum-volume operating point. Empty cases follow the usual conventions: both empty ->
-Dice 1, distances 0; one empty -> Dice 0, distances undefined (NaN).
+normalised surface Dice at a tolerance, volumes and their difference. Lesion-wise: candidate regions
+(components or boxes) matched to reference lesions by overlap or by centroid (:func:`region_hits`); the
+FROC curve over the candidates' scores (:func:`froc_curve`, :func:`sensitivity_at`). Classes: ROC AUC
+(:func:`roc_auc`) and Wilson intervals for proportions. Empty cases follow the usual conventions: both
+empty -> Dice 1, distances 0; one empty -> Dice 0, distances undefined (NaN).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from monai.metrics import (
     compute_hausdorff_distance,
     compute_surface_dice,
 )
-from scipy import ndimage
+from scipy import ndimage, stats
 
-__all__ = ["LesionMatch", "dice_score", "label_metrics", "lesion_matches"]
+__all__ = ["FrocData", "LesionMatch", "dice_score", "froc_curve", "label_metrics", "lesion_matches", "region_hits",
+           "roc_auc", "sensitivity_at", "wilson"]
 
 
 def _onehot(mask: np.ndarray) -> torch.Tensor:
@@ -121,3 +123,100 @@ def lesion_matches(pred: np.ndarray, ref: np.ndarray, spacing_kji: tuple[float, 
         is_tp.append(bool(targets))
     return LesionMatch(ref_lesions=nr, detected=sum(1 for h in hits if h), pred_volumes_mm3=volumes,
                        pred_is_tp=is_tp, ref_detected_by_min_volume=hits)
+
+
+def region_hits(rois: list[Any], ref: np.ndarray, spacing_kji: tuple[float, float, float], *,
+                rule: str = "overlap", centroid_mm: float = 5.0) -> tuple[list[float], list[list[int]]]:
+    """Match candidate regions (ROIs with masks on the series grid: components or a detector's boxes) to the
+    reference lesions (connected components of ``ref``).
+
+    ``overlap``: a region hits a lesion when they share a voxel. ``centroid``: when the region's centre lies
+    within ``centroid_mm`` of the lesion's centroid, or inside the lesion.
+
+    Returns:
+        (volume of each reference lesion in mm3, the lesions (1-based) each region hits)
+    """
+    structure = np.ones((3, 3, 3), dtype=bool)
+    rl, nr = ndimage.label(ref, structure=structure)
+    sp = np.asarray(spacing_kji, dtype=np.float64)
+    sizes = ndimage.sum_labels(np.ones(rl.shape, dtype=np.uint8), rl, index=np.arange(1, nr + 1)) if nr else []
+    ref_volumes = [float(v) * float(np.prod(sp)) for v in sizes]
+    ref_cent = np.array(ndimage.center_of_mass(ref, rl, range(1, nr + 1))) * sp if nr else np.zeros((0, 3))
+    hits: list[list[int]] = []
+    for r in rois:
+        k0, j0, i0 = r.offset
+        sl = (slice(k0, k0 + r.mask.shape[0]), slice(j0, j0 + r.mask.shape[1]), slice(i0, i0 + r.mask.shape[2]))
+        if rule == "centroid":
+            centre = (np.argwhere(r.mask).mean(axis=0) + np.array([k0, j0, i0])) * sp
+            d = np.linalg.norm(ref_cent - centre, axis=1) if nr else np.array([])
+            c = tuple(round(float(v)) for v in centre / sp)
+            inside = int(rl[c]) if all(0 <= c[i] < rl.shape[i] for i in range(3)) else 0
+            targets = {int(i) + 1 for i in np.nonzero(d <= centroid_mm)[0]} | ({inside} if inside else set())
+        else:
+            targets = {int(v) for v in np.unique(rl[sl][r.mask]) if v}
+        hits.append(sorted(targets))
+    return ref_volumes, hits
+
+
+@dataclass
+class FrocData:
+    """Per case: its reference lesion count, and per candidate its score and the lesions it hits."""
+
+    refs: np.ndarray  # (cases,)
+    #: per case: list of (score, hit lesion ids)
+    candidates: list[list[tuple[float, list[int]]]]
+
+    def matrices(self, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(detected lesions, false positives) per case and threshold, keeping candidates scoring >= it."""
+        det = np.zeros((len(self.candidates), len(thresholds)))
+        fp = np.zeros_like(det)
+        for c, cands in enumerate(self.candidates):
+            best: dict[int, float] = {}
+            for score, targets in cands:
+                if targets:
+                    for t in targets:
+                        best[t] = max(best.get(t, -np.inf), score)
+            lesion_scores = np.array(sorted(best.values()))
+            fp_scores = np.array(sorted(s for s, t in cands if not t))
+            det[c] = len(lesion_scores) - np.searchsorted(lesion_scores, thresholds, side="left")
+            fp[c] = len(fp_scores) - np.searchsorted(fp_scores, thresholds, side="left")
+        return det, fp
+
+
+def froc_curve(data: FrocData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(thresholds from the most to the least strict, sensitivity, false positives per scan) at each."""
+    scores = sorted({s for cands in data.candidates for s, _ in cands}, reverse=True)
+    thresholds = np.array([*scores, -np.inf])
+    det, fp = data.matrices(thresholds)
+    total = data.refs.sum()
+    sens = det.sum(axis=0) / total if total else np.full(len(thresholds), np.nan)
+    return thresholds, sens, fp.sum(axis=0) / max(len(data.candidates), 1)
+
+
+def sensitivity_at(sens: np.ndarray, fp_per_scan: np.ndarray, rate: float) -> float:
+    """The sensitivity at ``rate`` false positives per scan: the best sensitivity of the operating points with at
+    most that many (0 when none has so few)."""
+    ok = fp_per_scan <= rate + 1e-12
+    return float(np.nanmax(sens[ok])) if ok.any() else 0.0
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve (the Mann-Whitney probability that a positive scores above a negative, ties
+    counting one half); NaN when either class is absent."""
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    pos, neg = scores[positive], scores[~positive]
+    if pos.size == 0 or neg.size == 0:
+        return math.nan
+    ranks = stats.rankdata(np.concatenate([pos, neg]))
+    return float((ranks[: pos.size].sum() - pos.size * (pos.size + 1) / 2) / (pos.size * neg.size))
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score 95 % interval of a proportion k/n ((nan, nan) when n is 0)."""
+    if n == 0:
+        return math.nan, math.nan
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -17,17 +17,15 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from node.evaluate.dataset import Case, Dataset, load_reference
 from node.imaging.volume import Volume
+from node.inference.prediction import LabelMap
 from node.inference.registry import ModelInfo
 from node.store.jobs import JobStore
 from node.store.series import SeriesStore
 from node.verdicts.store import VerdictStore
 
 __all__ = ["RecordedRunner", "as_sent", "verdict_dataset"]
-
 
 def verdict_dataset(store: VerdictStore, series: SeriesStore, *, model: str | None = None, version: str | None = None,
                     scanner: str | None = None, since: float | None = None, until: float | None = None) -> Dataset:
@@ -51,7 +49,6 @@ def verdict_dataset(store: VerdictStore, series: SeriesStore, *, model: str | No
         out.cases.append(Case(name=f"job{v['job_id']}", series_uid=v["series_uid"], image_files=files, reference=ref))
     return out
 
-
 class RecordedRunner:
     """A runner that returns what the node sent for each series (its SEG, read back) instead of running a model."""
 
@@ -61,22 +58,21 @@ class RecordedRunner:
         self.label_map = {lab.name.lower(): lab.value for lab in model.card.labels}
         self.label_map.update({lab.type.meaning.lower(): lab.value for lab in model.card.labels})
 
-    def predict(self, volume: Volume, *, deadline: float | None = None) -> np.ndarray:
+    def predict(self, volume: Volume, *, deadline: float | None = None) -> LabelMap:
         from node.errors import ModelError
 
         seg = self.segs.get(volume.series_uid or "")
         if seg is None:
             raise ModelError(f"no result of {self.model.name} was sent for series {volume.series_uid}")
         case = Case(name="sent", series_uid=volume.series_uid or "", image_files=[], reference=seg)
-        return load_reference(case, volume, label_map=self.label_map)
-
+        return LabelMap(load_reference(case, volume, label_map=self.label_map))
 
 def as_sent(jobs: JobStore, model: ModelInfo, dataset: Dataset) -> tuple[ModelInfo, RecordedRunner]:
     """The model "as sent" (its name suffixed) and a runner returning the node's SEG of each case's job."""
     segs: dict[str, Path] = {}
     for case in dataset.cases:
-        result: dict[str, Any] = jobs.get(int(case.name.removeprefix("job"))).result or {}
-        path = (result.get("files") or {}).get("seg")
+        result = jobs.get(int(case.name.removeprefix("job"))).result
+        path = result.files.get("seg") if result is not None else None
         if path:
             segs[case.series_uid] = Path(path)
     sent = dataclasses.replace(model, name=f"{model.name} (as sent)")

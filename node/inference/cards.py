@@ -1,7 +1,9 @@
 """Draft model cards from a bundle's ``metadata.json`` (``preannot models add``).
 
-Each output channel named in ``network_data_format.outputs.pred.channel_def`` becomes a ``[[labels]]``
-table. Names are matched against a table of SNOMED CT codes for common anatomy and findings, chosen from
+Each output named in ``network_data_format.outputs.pred`` (``channel_def``, or ``label_def`` as some
+bundles name the values of a single-channel label map) becomes a ``[[labels]]`` table: for a model whose
+channel 0 is the background (segmentation), channels 1..n are label values 1..n; for a classifier, class
+channel c is label value c + 1 (see ``node.inference.kinds``). Names are matched against a table of SNOMED CT codes for common anatomy and findings, chosen from
 the DICOM content mapping resource (CID 7150 Segmentation Property Categories, CID 7151 Segmentation
 Property Types, CID 4031 Common Anatomic Regions and the anatomic structure codes they draw on). A
 name that is not in the table still gets a table, coded with a local placeholder and marked
@@ -16,8 +18,14 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-__all__ = ["DraftCard", "draft_card"]
+from node.errors import ModelError
+from node.inference.bundle import downloading_args
+from node.inference.kinds import kind_of
+from node.inference.registry import read_inference_config
+
+__all__ = ["DraftCard", "draft_card", "output_names"]
 
 ANATOMY_CATEGORY = ("91723000", "SCT", "Anatomical structure")
 FINDING_CATEGORY = ("49755003", "SCT", "Morphologically abnormal structure")
@@ -99,6 +107,8 @@ class DraftCard:
     no_laterality: list[str] = field(default_factory=list)
     #: bundle config ids the installed MONAI does not accept (removed at load through ``[bundle] remove``)
     removed: list[str] = field(default_factory=list)
+    #: network arguments that would download weights when the network is built (switched off in the card)
+    no_download: list[str] = field(default_factory=list)
 
 
 def unaccepted_network_args(bundle: Path) -> list[str]:
@@ -162,6 +172,40 @@ def _toml_str(s: str) -> str:
     return json.dumps(s)
 
 
+#: the modality words bundles use in their metadata (``network_data_format.inputs.*.modality``) -> DICOM
+_MODALITY_WORDS = {"ct": "CT", "mr": "MR", "mri": "MR", "pet": "PT", "pt": "PT", "mammogram": "MG",
+                   "mammography": "MG", "mg": "MG", "x ray": "DX", "xray": "DX", "dx": "DX", "cr": "CR",
+                   "ultrasound": "US", "us": "US"}
+
+
+def _modality(meta: dict[str, Any], bundle: Path) -> str:
+    """The DICOM modality the bundle's inputs are, from its metadata (its inputs' ``modality``), else from the
+    words of its name and task; "" when nothing says."""
+    fmt = meta.get("network_data_format")
+    inputs = fmt.get("inputs", {}) if isinstance(fmt, dict) else {}
+    for spec in inputs.values() if isinstance(inputs, dict) else []:
+        word = _norm(str(spec.get("modality", ""))) if isinstance(spec, dict) else ""
+        if word in _MODALITY_WORDS:
+            return _MODALITY_WORDS[word]
+    words = _norm(f"{meta.get('name', '')} {meta.get('task', '')} {bundle.name}").split()
+    return next((_MODALITY_WORDS[w] for w in words if w in _MODALITY_WORDS and len(w) > 1), "")
+
+
+def output_names(meta: dict[str, object]) -> dict[int, str]:
+    """The bundle's outputs by channel or value, as its metadata names them: ``channel_def``, else
+    ``label_def`` (the values of a single-channel label map)."""
+    fmt = meta.get("network_data_format") if isinstance(meta, dict) else None
+    outputs = fmt.get("outputs", {}) if isinstance(fmt, dict) else {}
+    pred: object = (outputs.get("pred") or next(iter(outputs.values()), {})) if isinstance(outputs, dict) else {}
+    if not isinstance(pred, dict):
+        return {}
+    for key in ("channel_def", "label_def"):
+        names = pred.get(key)
+        if isinstance(names, dict) and names:
+            return {int(k): str(v) for k, v in names.items() if str(k).strip().isdigit()}
+    return {}
+
+
 def draft_card(bundle: Path) -> DraftCard:
     """A draft ``model_card.toml`` for the bundle at ``bundle``.
 
@@ -173,15 +217,21 @@ def draft_card(bundle: Path) -> DraftCard:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"{meta_path}: {exc}") from exc
-    pred = meta.get("network_data_format", {}).get("outputs", {}).get("pred", {})
-    channels = {int(k): str(v) for k, v in (pred.get("channel_def") or {}).items() if str(k).isdigit()}
-    names = [(v, n) for v, n in sorted(channels.items()) if v > 0 and _norm(n) != "background"]
+    try:
+        kind = kind_of(read_inference_config(bundle), meta)
+    except ModelError as exc:
+        raise ValueError(str(exc)) from exc
+    channels = output_names(meta)
+    if kind.background_channel:
+        names = [(v, n) for v, n in sorted(channels.items()) if v > 0 and _norm(n) != "background"]
+    else:  # a classifier: every channel is a class
+        names = [(v + 1, n) for v, n in sorted(channels.items())]
     if not names:  # a detector: its classes are not named in the metadata; guess from the task
         task = _norm(f"{meta.get('task', '')} {meta.get('name', '')}")
         guess = next((k for k in FINDINGS if k in task), "finding")
         names = [(1, guess)]
     draft = DraftCard(text="", labels=len(names))
-    modality = "CT" if "ct" in _norm(f"{meta.get('name', '')} {meta.get('task', '')} {bundle.name}").split() else ""
+    modality = _modality(meta, bundle)
     lines = ["# Draft made by `preannot models add` from configs/metadata.json: review every label (codes,",
              "# finding or anatomy, colours) before clinical use. See docs/models.md.", "", "[model]",
              f"modality = [{_toml_str(modality)}]" if modality else "modality = []",
@@ -211,13 +261,29 @@ def draft_card(bundle: Path) -> DraftCard:
             lines.append(f'finding_site = {{ code = "{typ[0]}", scheme = "SCT", meaning = {_toml_str(typ[2][:64])} }}')
         lines += [f"color = [{colour[0]}, {colour[1]}, {colour[2]}]", f"finding = {'true' if finding else 'false'}",
                   ""]
-    lines += ["[outputs]", "seg = true", "sr = true", ""]
+    lines += ["[outputs]", f"seg = {'true' if kind.background_channel else 'false'}", "sr = true", ""]
     draft.removed = unaccepted_network_args(bundle)
+    try:
+        draft.no_download = downloading_args(read_inference_config(bundle).get("network_def"))
+    except ModelError:
+        draft.no_download = []
+    bundle_lines = []
+    removals = list(draft.removed) + [d for d in draft.no_download if d.endswith("#weights")]
     if draft.removed:
         import monai
 
-        lines += [f"# {', '.join(draft.removed)}: not accepted by the installed MONAI {monai.__version__} (an argument",
-                  "# removed since the bundle was published); removed from the bundle's config when it loads",
-                  "[bundle]", "remove = [" + ", ".join(_toml_str(r) for r in draft.removed) + "]", ""]
+        bundle_lines += [f"# {', '.join(draft.removed)}: not accepted by the installed MONAI {monai.__version__} (an "
+                         "argument", "# removed since the bundle was published); removed from the bundle's config "
+                         "when it loads"]
+    if draft.no_download:
+        bundle_lines += [f"# {', '.join(draft.no_download)}: the published config downloads weights when the network "
+                         "is built;", "# the node never downloads: the bundle's own weights file replaces them"]
+        flags = [d for d in draft.no_download if not d.endswith("#weights")]
+        if flags:
+            bundle_lines.append("overrides = { " + ", ".join(f"{_toml_str(d)} = false" for d in flags) + " }")
+    if removals:
+        bundle_lines.append("remove = [" + ", ".join(_toml_str(r) for r in removals) + "]")
+    if bundle_lines:
+        lines += ["[bundle]", *bundle_lines, ""]
     draft.text = "\n".join(lines)
     return draft

@@ -27,9 +27,10 @@ from monai.data import MetaTensor
 
 from node.errors import ModelError, ModelTimeoutError
 from node.imaging.volume import Volume
+from node.inference.bundle import LOADERS, LoadedBundle, target_name
+from node.inference.prediction import Boxes
 from node.inference.registry import ModelInfo
 from node.inference.rois import ROI
-from node.inference.runner import _LOADERS, LoadedBundle, _target
 
 __all__ = ["DetectionRunner", "boxes_to_rois"]
 
@@ -43,7 +44,6 @@ class DetectionRunner(LoadedBundle):
         ModelError: the bundle's configuration or weights cannot be loaded.
     """
 
-    kind = "detection"
     what = "detection bundle"
 
     def _parse(self, model: ModelInfo) -> None:
@@ -53,7 +53,7 @@ class DetectionRunner(LoadedBundle):
             raise ModelError(f"model {model.name}: a detection bundle needs {', '.join(missing)} in "
                              f"{model.inference_config.name}")
         transforms = list(parser["preprocessing"]["transforms"])
-        parser["preprocessing"]["transforms"] = [t for t in transforms if _target(t) not in _LOADERS]
+        parser["preprocessing"]["transforms"] = [t for t in transforms if target_name(t) not in LOADERS]
         self.preprocessing = parser.get_parsed_content("preprocessing")
         net = parser.get_parsed_content("network") if "network" in parser else parser.get_parsed_content("network_def")
         self.network = self._load_state(net).eval()
@@ -65,10 +65,7 @@ class DetectionRunner(LoadedBundle):
         self.label_key = getattr(self.detector, "target_label_key", "label")
         self.score_key = getattr(self.detector, "pred_score_key", f"{self.label_key}_scores")
 
-    def predict(self, volume: Volume, *, deadline: float | None = None) -> np.ndarray:
-        raise ModelError(f"model {self.model.name} is a detection model: it gives boxes, not a label map")
-
-    def detect(self, volume: Volume, *, deadline: float | None = None) -> list[ROI]:
+    def predict(self, volume: Volume, *, deadline: float | None = None) -> Boxes:
         """The boxes found in ``volume``, as ROIs on its grid (numbered by decreasing score).
 
         Raises:
@@ -98,7 +95,7 @@ class DetectionRunner(LoadedBundle):
         except Exception as exc:
             raise self._failure(exc) from exc
         # the detector's labels count from 0; the card's label values from 1
-        return boxes_to_rois(boxes, labels + 1, scores, img_affine, volume, self.model.card)
+        return Boxes(tuple(boxes_to_rois(boxes, labels + 1, scores, img_affine, volume, self.model.card)))
 
 
 def boxes_to_rois(boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, box_affine: np.ndarray,

@@ -25,8 +25,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from node.errors import ModelError
+from node.inference.kinds import Kind, kind_of
 
-__all__ = ["CodeSpec", "LabelSpec", "ModelCard", "ModelInfo", "Registry", "scan_models"]
+__all__ = ["CodeSpec", "LabelSpec", "ModelCard", "ModelInfo", "Registry", "read_inference_config", "scan_models"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +118,8 @@ class ModelInfo:
     sha256: str
     card: ModelCard
     metadata: dict = field(default_factory=dict, repr=False)
-    #: "segmentation" (a label map) or "detection" (boxes, labels and scores: the config has a ``detector``)
-    kind: str = "segmentation"
+    #: what kind of model it is (recognised once from its inference config; see node.inference.kinds)
+    kind: Kind = field(default_factory=lambda: kind_of({}, {}))
 
     @property
     def inference_config(self) -> Path:
@@ -174,14 +175,19 @@ def load_model(folder: Path) -> ModelInfo:
         raise ModelError(f"{folder.name}: invalid model_card.toml: {exc}") from exc
     return ModelInfo(name=folder.name,
                      version=str(metadata.get("version", "0")), path=folder.resolve(), weights=weights,
-                     sha256=_sha256(weights), card=card, metadata=metadata, kind=_kind(folder))
+                     sha256=_sha256(weights), card=card, metadata=metadata,
+                     kind=kind_of(read_inference_config(folder), metadata))
 
 
-def _kind(folder: Path) -> str:
-    """A bundle whose inference config defines a ``detector`` is a detection model."""
+def read_inference_config(folder: Path) -> dict[str, Any]:
+    """The bundle's inference config as a dict (JSON or YAML), {} when it has none.
+
+    Raises:
+        ModelError: the file cannot be parsed (named).
+    """
     cfg = find_inference_config(folder)
     if cfg is None:
-        return "segmentation"
+        return {}
     try:
         if cfg.suffix == ".json":
             keys = json.loads(cfg.read_text())
@@ -189,9 +195,9 @@ def _kind(folder: Path) -> str:
             import yaml
 
             keys = yaml.safe_load(cfg.read_text())
-    except Exception as exc:  # any parse error is the bundle's, reported with its file
+    except Exception as exc:  # any read or parse error (OSError, JSON, YAML) is the bundle's, named
         raise ModelError(f"{folder.name}: {cfg.name} cannot be read: {exc}") from exc
-    return "detection" if isinstance(keys, dict) and "detector" in keys else "segmentation"
+    return keys if isinstance(keys, dict) else {}
 
 
 def scan_models(root: Path) -> tuple[dict[str, ModelInfo], dict[str, str]]:

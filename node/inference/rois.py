@@ -20,7 +20,7 @@ from node.imaging.volume import Volume
 from node.inference.contour import mask_outline
 from node.inference.registry import ModelCard
 
-__all__ = ["ROI", "extract_rois", "paint_rois", "relocate_rois"]
+__all__ = ["ROI", "extract_rois", "max_distance", "paint_rois", "relocate_rois"]
 
 
 @dataclass(slots=True)
@@ -51,6 +51,8 @@ class ROI:
     confidence: float | None = None
     #: a box's extent along the series' i, j, k axes (mm)
     size_mm: tuple[float, float, float] | None = None
+    #: the finding's identity in the SR and SEG (and in verdicts and follow-ups), given by the pipeline
+    tracking_uid: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -58,7 +60,7 @@ class ROI:
         return d
 
 
-def _max_distance(points: np.ndarray) -> tuple[float, int, int]:
+def max_distance(points: np.ndarray) -> tuple[float, int, int]:
     """Largest pairwise distance among points (N, D) and the indices of its two ends."""
     if len(points) < 2:
         return 0.0, 0, 0
@@ -92,13 +94,13 @@ def _planar(sub: np.ndarray, off: np.ndarray, sx: float, sy: float, *, outlines:
             continue
         sl2 = sub[kk]
         edge = np.argwhere(sl2 & ~ndimage.binary_erosion(sl2))  # (row, col)
-        d, _, _ = _max_distance(edge[:, ::-1].astype(np.float64) * np.array([sx, sy]))
+        d, _, _ = max_distance(edge[:, ::-1].astype(np.float64) * np.array([sx, sy]))
         best_inplane = max(best_inplane, d)
     # long axis on the key slice (what a radiologist measures)
     key2d = sub[key_local]
     edge = np.argwhere(key2d & ~ndimage.binary_erosion(key2d))
     pts = edge[:, ::-1].astype(np.float64)
-    _, a, b = _max_distance(pts * np.array([sx, sy]))
+    _, a, b = max_distance(pts * np.array([sx, sy]))
     key_axis: tuple[tuple[float, float], tuple[float, float]]
     if len(pts) >= 2:
         pa, pb = pts[a] + off[[2, 1]], pts[b] + off[[2, 1]]
@@ -216,7 +218,7 @@ def _measure(sub: np.ndarray, sl: tuple[slice, ...], spec: Any, volume: Volume, 
                              np.arange(sub.shape[axis]))) / count for axis in range(3)]
     centroid = volume.voxel_to_patient((np.asarray(mean_kji) + off)[::-1])[0]
     surf_ijk = (_surface_points(sub) + off)[:, ::-1].astype(np.float64)
-    d3, _, _ = _max_distance(volume.voxel_to_patient(surf_ijk))
+    d3, _, _ = max_distance(volume.voxel_to_patient(surf_ijk))
     key_local, best_inplane, key_axis, outline = _planar(sub, off, sx, sy, outlines=outlines)
     values = volume.pixels[sl][sub]
     return ROI(

@@ -29,6 +29,7 @@ from pydicom.sr.codedict import codes
 
 from node.errors import OutputError
 from node.imaging.volume import Volume
+from node.inference.prediction import ClassStatement
 from node.inference.registry import ModelCard
 from node.inference.rois import ROI
 from node.outputs.equipment import Provenance, new_uid
@@ -59,11 +60,14 @@ def _source_image(volume: Volume, k: int) -> hd.sr.SourceImageForRegion:
 
 def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Provenance, *,
              seg: hd.seg.Segmentation | None, series_number: int,
-             not_reported: dict[str, int] | None = None) -> hd.sr.Comprehensive3DSR:
+             not_reported: dict[str, int] | None = None,
+             statements: list[ClassStatement] | None = None) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 measurement report.
 
     ``not_reported``: findings the route left out, by reason (``below_min_confidence``,
     ``over_max_findings``): stated in a group of their own, so the reader knows the list is capped.
+    ``statements``: a classifier's classes, each a group with the coded class as a qualitative
+    evaluation and the probability of every class (see :func:`_statement_group`).
 
     Raises:
         OutputError: highdicom refused the content.
@@ -95,7 +99,7 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
                 raise OutputError(f"label {roi.label} is not described in the model card")
             spec = found
             anatomy = roi.kind == "anatomy"  # a whole organ: its volume, not a finding's measures
-            tracking = hd.sr.TrackingIdentifier(uid=new_uid(provenance.uid_root),
+            tracking = hd.sr.TrackingIdentifier(uid=roi.tracking_uid or new_uid(provenance.uid_root),
                                                 identifier=(f"{spec.name} (AI)" if anatomy
                                                             else f"{spec.name} {roi.index} (AI)")[:64])
             finding = coded(spec.type)
@@ -166,8 +170,10 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
                 algorithm_id=algo, qualitative_evaluations=[hd.sr.QualitativeEvaluation(
                     name=hd.sr.CodedConcept("121071", "DCM", "Finding"),
                     value=hd.sr.CodedConcept("NOTREP", "99PREANNOT", f"{n} finding(s) not reported: {why}"[:64]))]))
+        for statement in statements or []:
+            groups.append(_statement_group(statement, volume, provenance, algo))
         no_finding = None
-        if not rois:
+        if not rois and not statements:
             no_finding = [hd.sr.QualitativeEvaluation(
                 name=hd.sr.CodedConcept("121071", "DCM", "Finding"),
                 value=hd.sr.CodedConcept("373572006", "SCT", "Clinical finding absent"))]
@@ -202,6 +208,33 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
         raise OutputError(f"highdicom refused the SR: {type(exc).__name__}: {exc}") from exc
     provenance.stamp(sr)
     return sr
+
+
+def _statement_group(st: ClassStatement, volume: Volume, provenance: Provenance,
+                     algo: hd.sr.AlgorithmIdentification) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """A classifier's statement as a TID 1501 group: the class as a qualitative evaluation ("Breast
+    composition" = "Extremely dense"), the probability of each class as a measurement (a local code per
+    class, documented in docs/outputs.md: no standard code names an AI class probability), the algorithm,
+    and the image it is about when the series holds several images."""
+    concept = hd.sr.CodedConcept(st.concept.code, st.concept.scheme, st.concept.meaning)
+    value = hd.sr.CodedConcept(st.value.code, st.value.scheme, st.value.meaning)
+    probabilities = [hd.sr.Measurement(
+        name=hd.sr.CodedConcept(f"PROB{label}", "99PREANNOT", f"AI probability: {name}"[:64]),
+        value=round(float(p), 4), unit=NO_UNITS) for label, name, _code, p in st.probabilities]
+    sources = None
+    where = ""
+    if st.image_index is not None:
+        ref = volume.frames[st.image_index]
+        ds = volume.sources[ref.source]
+        sources = [hd.sr.SourceImageForMeasurementGroup(
+            referenced_sop_class_uid=ds.SOPClassUID, referenced_sop_instance_uid=ds.SOPInstanceUID,
+            referenced_frame_numbers=[ref.frame] if ref.frame is not None else None)]
+        where = f" image {st.image_index + 1}"
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=new_uid(provenance.uid_root),
+                                                     identifier=f"{st.concept.meaning}{where} (AI)"[:64]),
+        algorithm_id=algo, qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=concept, value=value)],
+        measurements=probabilities, source_images=sources)
 
 
 def _referenced_uids(item: Any) -> set[str]:

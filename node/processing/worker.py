@@ -16,16 +16,18 @@ from typing import TYPE_CHECKING
 
 from pydicom import dcmread
 
-from node.config import NodeConfig
-from node.delivery.notify import Notifier
+from node.config import NodeConfig, Route
+from node.delivery.notify import Notifier, study_of
 from node.errors import ComputeLostError, PreannotError
+from node.inference.kinds import load_runner
+from node.inference.prediction import Runner
 from node.inference.registry import Registry
-from node.inference.runner import Runner, load_runner
 from node.metrics import NodeMetrics
 from node.outputs.equipment import Provenance
 from node.outputs.rejection import Withdrawn, build_rejection_note
 from node.outputs.result import ResultObject, attempt_dir, save_dataset
 from node.processing.pipeline import ModelContext, PipelineOptions, process_series
+from node.schedule.routing import raised_flags
 from node.store.jobs import Job, JobStore, OutboxState, Supersession
 from node.store.series import SeriesStore
 
@@ -48,7 +50,7 @@ class WorkerContext:
     #: the node's Device UID, recorded in every output
     device_uid: str
     metrics: NodeMetrics | None = None
-    #: announces urgent results ([notify]); None: nobody is told
+    #: makes the messages announcing urgent or flagged results ([notify]); None: nobody is told
     notifier: Notifier | None = None
     #: ``[compute] backend = "ray"``: the model actors that run inference instead of this process
     pool: ActorPool | None = None
@@ -81,11 +83,9 @@ class Worker(threading.Thread):
         """The loaded runner of a model (loaded on first use, then reused); with the Ray backend, a handle
         that runs the model on the pool's actors."""
         if self.ctx.pool is not None:
-            from node.compute.ray_backend import RayDetectionRunner, RaySegmentationRunner
+            from node.compute.ray_backend import RayRunner
 
-            info = self.registry.get(model_name)
-            kind = RayDetectionRunner if info.kind == "detection" else RaySegmentationRunner
-            return kind(info, self.ctx.pool, job_id)
+            return RayRunner(self.registry.get(model_name), self.ctx.pool, job_id)
         if model_name not in self.runners:
             info = self.registry.get(model_name)
             self.runners[model_name] = load_runner(info, device=self.config.models.device, amp=self.config.models.amp)
@@ -138,36 +138,36 @@ class Worker(threading.Thread):
             files = self.ctx.series.files(job.series_uid)
             out_dir = attempt_dir(self.config.data_dir, job.id, job.attempts)
             provenance = Provenance.for_node(model, self.config.outputs, device_uid=self.ctx.device_uid)
-            route = next((r for r in self.config.routes if r.name == job.route), None)
-            options = PipelineOptions(outputs=self.config.outputs, extra_outputs=route.extra_outputs if route else (),
-                                      min_confidence=route.min_confidence if route else None,
-                                      max_findings=route.max_findings if route else None,
-                                      timeout_seconds=self.config.jobs.timeout_seconds, fsync=self.config.node.fsync,
-                                      defer_preview=True)
+            route = self._route(job.route)
+            options = PipelineOptions.for_route(route, self.config, defer_preview=True)
             output = process_series(files, ModelContext(model, runner, provenance), out_dir, options=options,
                                     on_stage=self._set_stage)
-            result = output.to_dict()
-            result["model"] = model.identification()
-            result["output_dir"] = str(out_dir)
-            result["priority"] = job.priority
+            flags = raised_flags(route, output.result)
+            priority = flags.priority(job.priority)
+            delivery: dict[str, object] = {"priority": priority, "flags": flags.names}
             received = self.ctx.series.find(job.series_uid)
             if received is not None:  # from the series' last instance to its results ready to go
-                result["time_to_result_s"] = round(time.time() - received.last_received, 2)
-                result["target_s"] = self.config.jobs.targets.get(job.priority)
-                result["target_breached"] = (result["target_s"] is not None
-                                             and result["time_to_result_s"] > result["target_s"])
+                took = round(time.time() - received.last_received, 2)
+                target = self.config.jobs.targets.get(priority)
+                delivery.update(time_to_result_s=took, target_s=target,
+                                target_breached=target is not None and took > target)
+            result = output.result.with_delivery(**delivery)
+            notifications = {}
+            if self.ctx.notifier is not None and self.ctx.notifier.wanted(priority, flagged=flags.notify):
+                notifications = self.ctx.notifier.messages(job, result, out_dir, study_of(files))
             supersedes = self._supersession(job, files, provenance, out_dir)
             self.store.complete(job.id, result=result, objects=output.objects, destinations=job.send_to,
-                                supersedes=supersedes, lease=job.started_at)
+                                supersedes=supersedes, notifications=notifications, priority=priority,
+                                lease=job.started_at)
             if self.metrics is not None:
-                self.metrics.observe_job(job.model, "done", output.timings)
-                if "time_to_result_s" in result:
-                    self.metrics.observe_time_to_result(job.priority, result["time_to_result_s"],
-                                                        breached=bool(result["target_breached"]))
-            if self.ctx.notifier is not None:
-                self.ctx.notifier.result_ready(job, result)
-            logger.info("job %d done in %.1f s: %d ROI(s), %d object(s) queued for %s", job.id, time.time() - t0,
-                        len(output.rois), len(output.objects), job.send_to or "no destination")
+                self.metrics.observe_job(job.model, "done", result.timings)
+                if result.time_to_result_s is not None:
+                    self.metrics.observe_time_to_result(priority, result.time_to_result_s,
+                                                        breached=result.target_breached)
+            logger.info("job %d done in %.1f s: %d ROI(s)%s, %d object(s) queued for %s%s", job.id, time.time() - t0,
+                        result.roi_count, "".join(f", {c.value}" for c in result.classes), len(output.objects),
+                        job.send_to or "no destination",
+                        f"; flagged {', '.join(flags.names)}" if flags.names else "")
             output.finish()  # the preview, once the results are on their way
         except ComputeLostError as exc:  # not the job's fault: again, on another actor, attempt not counted
             logger.warning("job %d: %s; requeued", job.id, exc)
@@ -210,6 +210,9 @@ class Worker(threading.Thread):
         logger.info("job %d supersedes job(s) %s of series %s%s", job.id, ", ".join(str(i) for i in job_ids),
                     job.series_uid, f"; rejection note {rejection.sop_uid}" if rejection else "")
         return Supersession(job_ids, rejection, withdraw_at)
+
+    def _route(self, name: str) -> Route | None:
+        return next((r for r in self.config.routes if r.name == name), None)
 
     def _set_stage(self, stage: str) -> None:
         self.stage = stage

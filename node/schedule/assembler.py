@@ -8,9 +8,9 @@ A series is stable once no instance arrived for ``stable_seconds`` (the node def
    capture, a PDF, too few images) -> ``skipped`` with the reason, never processed, no result sent;
 3. completeness: evidence that instances are missing (refused instances, an association of its sender
    refused while it arrived, holes in InstanceNumber or in the slice positions, fewer instances than the
-   PACS reports by C-FIND) -> ``incomplete``, re-evaluated when instances arrive (they reopen it) and
-   every ``_RECHECK_SECONDS``; once nothing arrived for ``[node].incomplete_hold_minutes`` -> ``failed``
-   with the reason, without a result;
+   PACS reports by C-FIND, asked off this loop by ``schedule/counts.py``) -> ``incomplete``, re-evaluated
+   when instances arrive (they reopen it) and every ``_RECHECK_SECONDS``; once nothing arrived for
+   ``[node].incomplete_hold_minutes`` -> ``failed`` with the reason, without a result;
 4. otherwise one job per (series, series version, model) of each eligible route -> ``dispatched``.
 
 The series' transition and its jobs commit in one transaction.
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from node.config import NodeConfig, Route
 from node.imaging.spacing import classify_spacing
-from node.net.scu import count_series_instances
+from node.schedule.counts import ASKING, InstanceCounter
 from node.schedule.eligibility import ineligibility
 from node.schedule.routing import matching_routes
 from node.store.jobs import JobStore
@@ -57,8 +57,10 @@ class Assembler:
     """Turns stable series into jobs. Call :meth:`tick` periodically (the node does, every ~0.5 s)."""
 
     def __init__(self, config: NodeConfig, series: SeriesStore, jobs: JobStore,
-                 verdicts: VerdictIntake | None = None) -> None:
+                 verdicts: VerdictIntake | None = None, counter: InstanceCounter | None = None) -> None:
         self.config = config
+        #: C-FIND instance counts (expected_count_from), asked off this loop
+        self.counter = counter or InstanceCounter(config)
         #: SEG/SR/KO series of a study with results go there instead of to a model
         self.verdicts = verdicts
         self.series = series
@@ -94,8 +96,9 @@ class Assembler:
                     self._next_check.pop(info.series_uid, None)
         return out
 
-    def _incompleteness(self, info: SeriesInfo, routes: list[Route]) -> str | None:
-        """Why the series looks incomplete, or None (the checks of the eligible routes together)."""
+    def _incompleteness(self, info: SeriesInfo, routes: list[Route]) -> str | object | None:
+        """Why the series looks incomplete, None, or :data:`ASKING` while a PACS is being asked how many
+        instances it has (the checks of the eligible routes together)."""
         checks = {c for r in routes for c in r.completeness_checks}
         uid = info.series_uid
         if "refused" in checks:
@@ -122,14 +125,12 @@ class Assembler:
         for r in routes:
             if r.expected_count_from is None:
                 continue
-            dest = self.config.destination(r.expected_count_from)
-            assert dest.ae_title and dest.host and dest.port  # validated with the configuration
-            expected = count_series_instances(ae_title=dest.ae_title, host=dest.host, port=dest.port,
-                                              calling_ae=dest.calling_ae_title or self.config.node.ae_title,
-                                              study_uid=info.study_uid, series_uid=uid, timeout=dest.timeout)
+            expected = self.counter.expected(r.expected_count_from, info.study_uid, uid)
+            if expected is ASKING:
+                return ASKING
             have = self.series.instance_count(uid)
-            if expected is not None and expected > have:
-                return f"{dest.name} reports {expected} instances by C-FIND; {have} received"
+            if isinstance(expected, int) and expected > have:
+                return f"{r.expected_count_from} reports {expected} instances by C-FIND; {have} received"
         return None
 
     def _decide(self, seen: SeriesInfo, routes: list[Route], now: float) -> Dispatch | None:
@@ -142,7 +143,9 @@ class Assembler:
             why = "; ".join(dict.fromkeys(str(v) for v in reasons.values()))
             return self._commit(seen, now, outcome="skipped", reason=why, routes=routes)
         evidence = self._incompleteness(seen, eligible)
-        if evidence is not None:
+        if evidence is ASKING:
+            return None  # looked at again at the next tick, once the PACS has answered
+        if isinstance(evidence, str):
             hold = self.config.node.incomplete_hold_minutes * 60
             if now - seen.last_received >= hold:
                 return self._commit(seen, now, outcome="failed", reason=(
@@ -185,6 +188,8 @@ class Assembler:
                             job_ids.append(jid)
                 self.series.mark_dispatched(c, info, routes=names, jobs=job_ids, now=now,
                                             skipped_routes=skipped_routes or {})
+        if outcome in ("dispatched", "failed", "skipped", "unmatched"):
+            self.counter.forget(info.series_uid)
         if outcome == "dispatched":
             logger.info("series %s stable (%d instances, version %d): routes %s -> jobs %s", info.series_uid,
                         info.instances, info.version, names, job_ids)

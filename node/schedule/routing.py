@@ -26,10 +26,11 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from node.config import Route
+from node.config import Priority, Route, RouteFlag
 from node.errors import ConfigError
+from node.store.results import JobResult
 
-__all__ = ["match_route", "matching_routes", "validate_route"]
+__all__ = ["RaisedFlags", "match_route", "matching_routes", "raised_flags", "validate_route"]
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
     "<=": operator.le, ">=": operator.ge, "==": operator.eq, "!=": operator.ne, "<": operator.lt, ">": operator.gt,
@@ -122,3 +123,35 @@ def matching_routes(routes: Sequence[Route], attrs: Mapping[str, Any], *, called
                     calling_ae: str = "") -> list[Route]:
     """All routes the series matches, in configuration order."""
     return [r for r in routes if match_route(r, attrs, called_ae=called_ae, calling_ae=calling_ae)]
+
+
+class RaisedFlags:
+    """The flags a route raised on a result: what they say, the highest priority they ask, and whether
+    one asks for a notification."""
+
+    def __init__(self, raised: list[tuple[str, RouteFlag]]) -> None:
+        self.raised = raised
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(what for what, _ in self.raised))
+
+    @property
+    def notify(self) -> bool:
+        return any(f.notify for _, f in self.raised)
+
+    def priority(self, base: Priority) -> Priority:
+        """``base`` raised to the most urgent priority a flag asks (never lowered)."""
+        asked = [f.priority for _, f in self.raised if f.priority is not None]
+        return min([base, *asked], key=lambda p: p.rank)
+
+
+def raised_flags(route: Route | None, result: JobResult) -> RaisedFlags:
+    """The flags of ``route`` that ``result`` raises (``[[routes.flags]]``)."""
+    raised: list[tuple[str, RouteFlag]] = []
+    for flag in route.flags if route is not None else []:
+        wanted = {c.strip().lower() for c in flag.classes}
+        for c in result.classes:  # the class name as the card names it, or its code's meaning
+            if c.value.strip().lower() in wanted or (c.meaning and c.meaning.strip().lower() in wanted):
+                raised.append((f"class {c.value}", flag))
+    return RaisedFlags(raised)

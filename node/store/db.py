@@ -1,9 +1,10 @@
 """The node's SQLite database (WAL): one file, one connection per process, serialised by a lock.
 
-Tables: ``instances``, ``series`` and ``refusals`` (the index of what was received, and of what was
-refused), ``jobs`` (one per series, model
-and series version), ``outbox`` (one row per result object and destination) and ``events`` (the audit
-trail). Every write is a short transaction; ``synchronous=FULL`` so that a committed row survives a
+The spine's tables are created here: ``instances``, ``series`` and ``refusals`` (the index of what was
+received, and of what was refused; owned by ``store/series.py``), ``jobs`` (one per series, model and series
+version) and ``outbox`` (one row per result object and destination; ``store/jobs.py``) and ``events`` (the
+audit trail; ``store/audit.py``). Subsystems own their tables and create them with :meth:`Database.ensure`
+(the verdict tables: ``verdicts/store.py``). Every write is a short transaction; ``synchronous=FULL`` so that a committed row survives a
 power loss, not just a crash of the process.
 """
 
@@ -21,7 +22,7 @@ __all__ = ["Database", "Filter"]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 #: columns added after a release: (table, column, declaration), applied to older databases at open
 _ADDED_COLUMNS = (
@@ -34,6 +35,7 @@ _ADDED_COLUMNS = (
     ("outbox", "series_uid", "TEXT NOT NULL DEFAULT ''"),
     ("outbox", "role", "TEXT NOT NULL DEFAULT 'result'"),
     ("jobs", "priority", "INTEGER NOT NULL DEFAULT 2"),
+    ("jobs", "intensity", "TEXT"),
 )
 
 _SCHEMA = """
@@ -104,6 +106,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     config_version TEXT,
     superseded_by INTEGER,
     priority INTEGER NOT NULL DEFAULT 2,
+    intensity TEXT,
     UNIQUE (series_uid, series_version, model)
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, next_run_at);
@@ -138,44 +141,6 @@ CREATE TABLE IF NOT EXISTS events (
     hash TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_ts ON events(ts);
-CREATE TABLE IF NOT EXISTS verdicts (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_id INTEGER NOT NULL REFERENCES jobs(id),
-    source TEXT NOT NULL,
-    object_uid TEXT NOT NULL,
-    object_path TEXT,
-    study_uid TEXT NOT NULL,
-    series_uid TEXT NOT NULL,
-    model TEXT NOT NULL,
-    model_version TEXT NOT NULL,
-    observer TEXT,
-    study_verdict TEXT NOT NULL,
-    n_ai INTEGER NOT NULL,
-    accepted INTEGER NOT NULL,
-    edited INTEGER NOT NULL,
-    rejected INTEGER NOT NULL,
-    added INTEGER NOT NULL,
-    case_dice REAL,
-    received_at REAL NOT NULL,
-    time_to_verdict_s REAL,
-    scanner TEXT NOT NULL DEFAULT '',
-    detail TEXT NOT NULL DEFAULT '{}',
-    UNIQUE (object_uid, job_id)
-);
-CREATE INDEX IF NOT EXISTS verdicts_model ON verdicts(model, model_version, received_at);
-CREATE TABLE IF NOT EXISTS finding_verdicts (
-    verdict_id INTEGER NOT NULL REFERENCES verdicts(id),
-    finding INTEGER,
-    label INTEGER,
-    outcome TEXT NOT NULL,
-    dice REAL,
-    ai_volume_mm3 REAL,
-    final_volume_mm3 REAL,
-    volume_change_pct REAL,
-    diameter_change_mm REAL,
-    note TEXT
-);
-CREATE INDEX IF NOT EXISTS finding_verdicts_verdict ON finding_verdicts(verdict_id);
 """
 
 
@@ -266,6 +231,12 @@ class Database:
         with self._lock:
             row: sqlite3.Row | None = self._conn.execute(sql, params).fetchone()
             return row
+
+    def ensure(self, schema: str) -> None:
+        """Create a subsystem's own tables and indexes (``CREATE ... IF NOT EXISTS``) in this database: each
+        store that is not part of the node's spine owns its DDL and applies it when it opens."""
+        with self._lock:
+            self._conn.executescript(schema)
 
     def close(self) -> None:
         with self._lock:

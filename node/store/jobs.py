@@ -28,22 +28,20 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
+from node.config import Priority
 from node.errors import JobError, JobNotFoundError
 from node.store.audit import append_event
 from node.store.db import Database, Filter
+from node.store.results import JobResult
 
 __all__ = ["Deliverable", "EarlierObject", "Job", "JobState", "JobStore", "OutboxItem", "OutboxState", "Supersession"]
 
 logger = logging.getLogger(__name__)
-
-
-#: route priorities, highest first (stored as their index)
-PRIORITIES = ("stat", "urgent", "routine")
 
 
 class JobState(StrEnum):
@@ -80,22 +78,28 @@ class Job:
     started_at: float | None
     finished_at: float | None
     error: str | None
-    result: dict[str, Any] | None
+    result: JobResult | None
     #: the job whose results replaced this job's (a later version of the series, same model)
     superseded_by: int | None = None
-    priority: str = "routine"
+    priority: Priority = Priority.ROUTINE
 
     @classmethod
     def from_row(cls, row: Any) -> Job:
+        result = None
+        if row["result"]:
+            try:
+                result = JobResult.from_json(row["result"])
+            except ValueError as exc:  # a row written by a broken release: the job is still listed
+                logger.warning("job %s: its stored result cannot be read (%s)", row["id"], exc)
         return cls(
             id=int(row["id"]), series_uid=row["series_uid"], series_version=int(row["series_version"]),
             model=row["model"], route=row["route"], send_to=json.loads(row["send_to"]),
             state=JobState(row["state"]), attempts=int(row["attempts"]), max_attempts=int(row["max_attempts"]),
             created_at=row["created_at"], updated_at=row["updated_at"], started_at=row["started_at"],
             finished_at=row["finished_at"], error=row["error"],
-            result=json.loads(row["result"]) if row["result"] else None,
+            result=result,
             superseded_by=row["superseded_by"],
-            priority=PRIORITIES[int(row["priority"])],
+            priority=Priority.of_rank(int(row["priority"])),
         )
 
 
@@ -152,7 +156,8 @@ class OutboxItem:
     state: OutboxState
     attempts: int
     error: str | None
-    #: "result" (a SEG, SR... of the job) or "rejection" (the IOCM note withdrawing earlier results)
+    #: "result" (a SEG, SR... of the job), "rejection" (the IOCM note withdrawing earlier results) or
+    #: "notification" (a FHIR/HL7 message announcing the result; destination ``notify:<channel>``)
     role: str = "result"
 
 
@@ -183,19 +188,19 @@ class JobStore:
 
     def create(self, c: Any, *, series_uid: str, series_version: int, model: str, route: str,
                send_to: list[str], max_attempts: int, config_version: str, now: float,
-               priority: str = "routine") -> int | None:
+               priority: Priority = Priority.ROUTINE) -> int | None:
         """Insert a queued job inside the caller's transaction ``c``; None if it already exists."""
         cur = c.execute(
             "INSERT OR IGNORE INTO jobs (series_uid, series_version, model, route, send_to, state, attempts, "
             "max_attempts, created_at, updated_at, next_run_at, config_version, priority) "
             "VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?)",
             (series_uid, series_version, model, route, json.dumps(send_to), max_attempts, now, now, now,
-             config_version, PRIORITIES.index(priority)))
+             config_version, Priority(priority).rank))
         if cur.rowcount == 0:
             return None
         job_id = int(cur.lastrowid)
         append_event(c, "job.queued", {"model": model, "route": route, "series_version": series_version,
-                                      "config_version": config_version, "priority": priority},
+                                      "config_version": config_version, "priority": str(priority)},
                     series_uid=series_uid, job_id=job_id, now=now)
         return job_id
 
@@ -296,13 +301,19 @@ class JobStore:
     def processed_inputs(self) -> list[dict[str, Any]]:
         """Per done job, oldest first: model, creation time, its series' routing attributes and the
         intensity profile of its input (for input drift)."""
-        # only the intensity profile is read out of each result (SQLite's JSON1), not the whole result with
-        # its ROI outlines: this runs at every metrics scrape and dashboard view
-        rows = self.db.query("SELECT j.model, j.created_at, json_extract(j.result, '$.summary.intensity') AS intensity, "
-                             "s.attrs FROM jobs j JOIN series s ON s.series_uid = j.series_uid "
-                             "WHERE j.state = 'done' ORDER BY j.created_at")
-        return [{"model": r["model"], "created_at": r["created_at"], "attrs": json.loads(r["attrs"]),
-                 "intensity": json.loads(r["intensity"]) if r["intensity"] else {}} for r in rows]
+        # the intensity profile has a column of its own (written with the result): this runs at every metrics
+        # scrape and dashboard view, and must not parse whole results
+        rows = self.db.query("SELECT j.model, j.created_at, j.intensity, s.attrs FROM jobs j "
+                             "JOIN series s ON s.series_uid = j.series_uid WHERE j.state = 'done' ORDER BY j.created_at")
+        out = []
+        for r in rows:
+            try:
+                intensity = json.loads(r["intensity"]) if r["intensity"] else {}
+                attrs = json.loads(r["attrs"])
+            except ValueError:  # one unreadable row never blinds the monitoring
+                continue
+            out.append({"model": r["model"], "created_at": r["created_at"], "attrs": attrs, "intensity": intensity})
+        return out
 
     def earlier_jobs(self, job: Job) -> list[int]:
         """Done jobs of earlier versions of ``job``'s series by the same model not superseded yet."""
@@ -322,11 +333,15 @@ class JobStore:
                               sop_uid=r["sop_uid"], sop_class=r["sop_class"], series_uid=r["series_uid"],
                               state=OutboxState(r["state"])) for r in rows]
 
-    def complete(self, job_id: int, *, result: dict[str, Any], objects: Sequence[Deliverable],
+    def complete(self, job_id: int, *, result: JobResult, objects: Sequence[Deliverable],
                  destinations: list[str], supersedes: Supersession | None = None,
+                 notifications: Mapping[str, Deliverable] | None = None, priority: Priority | None = None,
                  now: float | None = None, lease: float | None = None) -> None:
         """Mark a running job done and queue each result object for each destination (one transaction).
 
+        ``notifications``: messages announcing the result (channel destination name, e.g. ``notify:fhir``
+        -> the message file), queued in the outbox like the objects, so they are retried until delivered
+        and sent once. ``priority``: the priority the result is delivered with, when a route flag raised it.
         ``supersedes``: the earlier results this job replaces (see the module doc). A job that completes
         after a newer version of its series already completed is itself superseded at once: its objects
         are kept on disk but never queued. ``lease``: the ``started_at`` of the caller's lease; a caller whose
@@ -344,14 +359,21 @@ class JobStore:
                               "AND state = 'done' ORDER BY series_version DESC LIMIT 1",
                               (row["series_uid"], row["model"], row["series_version"])).fetchone()
             c.execute("UPDATE jobs SET state = 'done', finished_at = ?, updated_at = ?, lease_until = NULL, "
-                      "error = NULL, result = ?, superseded_by = ? WHERE id = ?",
-                      (now, now, json.dumps(result), newer["id"] if newer else None, job_id))
+                      "error = NULL, result = ?, intensity = ?, superseded_by = ?, priority = COALESCE(?, priority) "
+                      "WHERE id = ?",
+                      (now, now, result.to_json(), json.dumps(result.intensity, allow_nan=False),
+                       newer["id"] if newer else None, None if priority is None else Priority(priority).rank, job_id))
             queued_to = [] if newer else destinations
             for dest in queued_to:
                 for obj in objects:
                     self._enqueue(c, job_id, dest, obj, role="result", now=now)
+            announced = {} if newer else dict(notifications or {})
+            for channel, message in announced.items():
+                self._enqueue(c, job_id, channel, message, role="notification", now=now)
             append_event(c, "job.done", {"objects": [o.sop_uid for o in objects], "destinations": queued_to,
-                                        "summary": result.get("summary", {}), "model": result.get("model", {})},
+                                        "findings": result.roi_count, "classes": [x.value for x in result.classes],
+                                        "not_reported": result.not_reported, "flags": list(result.flags),
+                                        "notifications": sorted(announced), "model": result.model},
                         series_uid=row["series_uid"], job_id=job_id, now=now)
             if newer:
                 append_event(c, "job.superseded", {"by": int(newer["id"]), "reason": "a newer version of the "
@@ -367,7 +389,7 @@ class JobStore:
                               "finished_at = ? WHERE id = ?", (job_id, now, now, r["id"]))
                     append_event(c, "job.cancelled", {"reason": f"superseded by job {job_id}"},
                                 series_uid=row["series_uid"], job_id=int(r["id"]), now=now)
-        if queued_to and objects:
+        if (queued_to and objects) or announced:
             self.outbox_waiting.set()
 
     @staticmethod
@@ -502,7 +524,9 @@ class JobStore:
             rows = c.execute("SELECT * FROM outbox o WHERE state = 'pending' AND next_attempt_at <= ? "
                              "AND NOT (role = 'rejection' AND EXISTS (SELECT 1 FROM outbox s WHERE s.job_id = o.job_id "
                              "AND s.destination = o.destination AND s.role = 'result' "
-                             "AND s.state IN ('pending', 'sending'))) ORDER BY id LIMIT ?", (now, limit)).fetchall()
+                             "AND s.state IN ('pending', 'sending'))) "
+                             "ORDER BY (SELECT j.priority FROM jobs j WHERE j.id = o.job_id), id LIMIT ?",
+                             (now, limit)).fetchall()
             for r in rows:
                 c.execute("UPDATE outbox SET state = 'sending', attempts = attempts + 1 WHERE id = ?", (r["id"],))
                 out.setdefault(r["destination"], []).append(OutboxItem(

@@ -137,7 +137,7 @@ class VerdictIntake:
         return [f"{uid}: SOP class {sop} is not a verdict object"]
 
     def _record(self, job: Job, source: str, ds: Dataset, path: Path, judgement: Judgement, received: float) -> str:
-        model = (job.result or {}).get("model") or {}
+        model = job.result.model if job.result else {}
         info = self.series.find(job.series_uid)
         rec = VerdictRecord(
             job_id=job.id, source=source, object_uid=str(ds.SOPInstanceUID), study_uid=str(ds.StudyInstanceUID),
@@ -179,8 +179,10 @@ class VerdictIntake:
     def _seg_against_job(self, final_ds: Dataset, job: Job) -> Judgement:
         import highdicom as hd
 
-        result = job.result or {}
-        ours_path = (result.get("files") or {}).get("seg")
+        result = job.result
+        if result is None:
+            raise ValueError(f"job {job.id} has no stored result")
+        ours_path = result.files.get("seg")
         if not ours_path or not Path(ours_path).is_file():
             raise ValueError(f"job {job.id}'s SEG is no longer on disk (retention): the edit cannot be compared")
         ours = hd.seg.segread(ours_path)
@@ -190,7 +192,7 @@ class VerdictIntake:
         final_uids = _referenced_uids(final_ds, ("ReferencedSeriesSequence",))
         if not final_uids & set(uids):
             raise ValueError("the SEG references none of the source images of the AI result")
-        sx, sy, sz = result["summary"]["spacing_mm"]
+        sx, sy, sz = result.spacing_mm
         spacing = (float(sz), float(sy), float(sx))
         ai_px = self._pixels(ours, uids)
         fin_px = self._pixels(final, uids)
@@ -198,7 +200,7 @@ class VerdictIntake:
                     for n in ours.get_segment_numbers()}
         fin_types = {n: final.get_segment_description(n).SegmentedPropertyTypeCodeSequence[0].CodeValue
                      for n in final.get_segment_numbers()}
-        label_of = {r.get("label_name"): r.get("label") for r in result.get("rois", [])}
+        label_of = {f.label_name: f.label for f in result.findings}
         if set(fin_types.values()) <= set(ai_types.values()):  # the same kinds of finding: judged per label
             findings: list[FindingVerdict] = []
             dice_parts = []
@@ -230,10 +232,9 @@ class VerdictIntake:
     # --- SR and KO ----------------------------------------------------------------------------------
 
     def _findings_of(self, job: Job, outcome: str) -> list[FindingVerdict]:
-        rois = (job.result or {}).get("rois", [])
-        return [FindingVerdict(int(r.get("index", n)), int(r.get("label", 0)), outcome,
-                               dice=1.0 if outcome == "accepted" else 0.0, ai_volume_mm3=r.get("volume_mm3"))
-                for n, r in enumerate(rois, start=1)]
+        findings = job.result.findings if job.result else ()
+        return [FindingVerdict(f.number, f.label, outcome, dice=1.0 if outcome == "accepted" else 0.0,
+                               ai_volume_mm3=f.volume_mm3) for f in findings]
 
     def _judge_sr(self, ds: Dataset) -> Iterator[tuple[Job, Judgement]]:
         if str(ds.get("VerificationFlag", "")).upper() != "VERIFIED":
@@ -245,17 +246,19 @@ class VerdictIntake:
             raise ValueError("the verified SR cites none of the node's SRs")
         kept = set(_tracking_uids(ds))
         for job in jobs:
-            ours_path = ((job.result or {}).get("files") or {}).get("sr")
-            ours = _tracking_uids(dcmread(ours_path)) if ours_path and Path(ours_path).is_file() else []
-            rois = (job.result or {}).get("rois", [])
+            stored = job.result.findings if job.result else ()
+            ours = [f.tracking_uid for f in stored if f.tracking_uid]
+            if len(ours) != len(stored):  # results of an earlier release: the UIDs are read from the SR sent
+                ours_path = job.result.files.get("sr") if job.result else None
+                ours = _tracking_uids(dcmread(ours_path)) if ours_path and Path(ours_path).is_file() else []
             findings: list[FindingVerdict] = []
             if ours and kept & set(ours):  # finding by finding, through the tracking UIDs the viewer kept
-                for n, r in enumerate(rois, start=1):
+                for n, f in enumerate(stored, start=1):
                     uid = ours[n - 1] if n - 1 < len(ours) else None
                     outcome = "accepted" if uid in kept else "rejected"
-                    findings.append(FindingVerdict(int(r.get("index", n)), int(r.get("label", 0)), outcome,
+                    findings.append(FindingVerdict(f.number, f.label, outcome,
                                                    dice=1.0 if outcome == "accepted" else 0.0,
-                                                   ai_volume_mm3=r.get("volume_mm3")))
+                                                   ai_volume_mm3=f.volume_mm3))
                 findings += [FindingVerdict(None, 0, "added") for _ in kept - set(ours)]
             else:  # the document verified as a whole
                 findings = self._findings_of(job, "accepted")
@@ -287,17 +290,17 @@ def http_verdict(intake: VerdictIntake, job: Job, body: dict[str, Any], *, actor
 
     from node.errors import ConflictError
 
-    if job.state != "done" or not job.result:
+    if job.state != "done" or job.result is None:
         raise ConflictError(f"job {job.id} is {job.state}: only a done job's result can be judged")
-    rois = {int(r.get("index", n)): r for n, r in enumerate(job.result.get("rois", []), start=1)}
+    rois = {f.number: f for f in job.result.findings}
     info = intake.series.find(job.series_uid)
     findings = []
     for f in body.get("findings", []):
         if f["finding"] not in rois:
             raise ConflictError(f"job {job.id} has no finding {f['finding']} (it has {len(rois)})")
         r = rois[f["finding"]]
-        findings.append(FindingVerdict(f["finding"], int(r.get("label", 0)), f["outcome"],
-                                       ai_volume_mm3=r.get("volume_mm3"), note=f.get("note")))
+        findings.append(FindingVerdict(f["finding"], r.label, f["outcome"], ai_volume_mm3=r.volume_mm3,
+                                       note=f.get("note")))
     findings += [FindingVerdict(None, 0, "added") for _ in range(int(body.get("added", 0)))]
     j = Judgement(findings, "", None)
     j.study_verdict = study_verdict(j.counts())
@@ -305,7 +308,7 @@ def http_verdict(intake: VerdictIntake, job: Job, body: dict[str, Any], *, actor
     now = time.time()
     rec = VerdictRecord(job_id=job.id, source="http", object_uid=f"http:{digest}",
                         study_uid=info.study_uid if info else "", series_uid=job.series_uid, model=job.model,
-                        model_version=str((job.result.get("model") or {}).get("version", "")), judgement=j,
+                        model_version=str(job.result.model.get("version", "")), judgement=j,
                         observer=f"{body.get('observer_role', 'radiologist')} via token {actor}", received_at=now,
                         time_to_verdict_s=None if job.finished_at is None else round(now - job.finished_at, 1),
                         scanner=scanner_key(info.attrs if info else {}))

@@ -61,11 +61,11 @@ class Judgement:
 
 def _diameter_mm(mask: np.ndarray, spacing_kji: tuple[float, float, float]) -> float:
     """The largest distance between two surface voxels (mm)."""
-    from node.inference.rois import _max_distance
+    from node.inference.rois import max_distance
 
     surface = mask & ~ndimage.binary_erosion(mask)
     pts = np.argwhere(surface).astype(np.float64) * np.asarray(spacing_kji)
-    return _max_distance(pts)[0]
+    return max_distance(pts)[0]
 
 
 def study_verdict(counts: dict[str, int]) -> str:

@@ -30,7 +30,7 @@ __all__ = ["INPUT_ATTRIBUTES", "agreement", "alerts", "mean_ci", "wilson"]
 
 INPUT_ATTRIBUTES = ("Manufacturer", "ManufacturerModelName", "ConvolutionKernel", "SliceThickness", "KVP",
                     "ContrastBolusAgent")
-#: percentiles of each processed series' values (job result ``summary.intensity``) watched for drift
+#: percentiles of each processed series' values (the job result's ``intensity``) watched for drift
 INTENSITY_STATISTICS = ("p5", "p50", "p95")
 _DAY = 86400.0
 

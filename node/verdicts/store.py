@@ -22,6 +22,48 @@ from node.verdicts.judge import Judgement
 
 __all__ = ["VerdictRecord", "VerdictStore", "hash_observer"]
 
+#: the verdict tables, owned here (created when the store opens a database)
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS verdicts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    source TEXT NOT NULL,
+    object_uid TEXT NOT NULL,
+    object_path TEXT,
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    model TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    observer TEXT,
+    study_verdict TEXT NOT NULL,
+    n_ai INTEGER NOT NULL,
+    accepted INTEGER NOT NULL,
+    edited INTEGER NOT NULL,
+    rejected INTEGER NOT NULL,
+    added INTEGER NOT NULL,
+    case_dice REAL,
+    received_at REAL NOT NULL,
+    time_to_verdict_s REAL,
+    scanner TEXT NOT NULL DEFAULT '',
+    detail TEXT NOT NULL DEFAULT '{}',
+    UNIQUE (object_uid, job_id)
+);
+CREATE INDEX IF NOT EXISTS verdicts_model ON verdicts(model, model_version, received_at);
+CREATE TABLE IF NOT EXISTS finding_verdicts (
+    verdict_id INTEGER NOT NULL REFERENCES verdicts(id),
+    finding INTEGER,
+    label INTEGER,
+    outcome TEXT NOT NULL,
+    dice REAL,
+    ai_volume_mm3 REAL,
+    final_volume_mm3 REAL,
+    volume_change_pct REAL,
+    diameter_change_mm REAL,
+    note TEXT
+);
+CREATE INDEX IF NOT EXISTS finding_verdicts_verdict ON finding_verdicts(verdict_id);
+"""
+
 EXPORT_COLUMNS = ("id", "job_id", "source", "object_uid", "study_uid", "series_uid", "model", "model_version",
                   "observer", "study_verdict", "n_ai", "accepted", "edited", "rejected", "added", "case_dice",
                   "received_at", "time_to_verdict_s", "scanner")
@@ -53,6 +95,7 @@ class VerdictRecord:
 class VerdictStore:
     def __init__(self, db: Database) -> None:
         self.db = db
+        db.ensure(SCHEMA)
 
     def observer_salt(self) -> str:
         """This node's salt for observer pseudonyms (made once, kept in the database)."""

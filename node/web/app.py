@@ -51,21 +51,24 @@ class VerdictBody(BaseModel):
 
 
 def _job_dict(job: Job, *, detail: bool = False) -> dict[str, Any]:
-    result = job.result or {}
-    summary = result.get("summary", {})
+    result = job.result
     d: dict[str, Any] = {
         "id": job.id, "state": job.state.value, "model": job.model, "route": job.route,
         "series_uid": job.series_uid, "series_version": job.series_version, "attempts": job.attempts,
         "max_attempts": job.max_attempts, "created_at": job.created_at, "started_at": job.started_at,
-        "finished_at": job.finished_at, "error": job.error, "roi_count": summary.get("roi_count"),
-        "duration_s": result.get("timings", {}).get("total"), "send_to": job.send_to,
-        "superseded_by": job.superseded_by, "priority": job.priority,
-        "time_to_result_s": result.get("time_to_result_s"), "target_breached": result.get("target_breached"),
+        "finished_at": job.finished_at, "error": job.error, "roi_count": result.roi_count if result else None,
+        "duration_s": result.timings.get("total") if result else None, "send_to": job.send_to,
+        "superseded_by": job.superseded_by, "priority": str(job.priority),
+        "time_to_result_s": result.time_to_result_s if result else None,
+        "target_breached": result.target_breached if result else None,
+        "classes": [{"concept": c.concept, "value": c.value, "probability": c.probability} for c in result.classes]
+        if result else [], "flags": list(result.flags) if result else [],
     }
-    if detail:
-        d.update({"timings": result.get("timings", {}), "outputs": result.get("files", {}),
-                  "model_identification": result.get("model"), "rois": summary.get("rois", []),
-                  "output_dir": result.get("output_dir")})
+    if detail and result is not None:
+        full = result.to_dict()
+        d.update({"timings": result.timings, "outputs": result.files, "model_identification": result.model,
+                  "findings": full["findings"], "classes": full["classes"], "not_reported": result.not_reported,
+                  "output_dir": result.output_dir})
     return d
 
 
@@ -165,7 +168,7 @@ def create_app(node: NodeView) -> FastAPI:
     @app.get("/api/jobs/{job_id}/preview.png", tags=["jobs"], dependencies=reads)
     def preview(job_id: int) -> FileResponse:
         j = _get(job_id)
-        path = (j.result or {}).get("files", {}).get("preview")
+        path = j.result.files.get("preview") if j.result else None
         if not path or not Path(path).is_file():
             raise HTTPException(404, f"job {job_id} has no preview")
         return FileResponse(path, media_type="image/png")

@@ -15,7 +15,19 @@ __all__ = ["render_dashboard", "render_judge", "trend_png"]
 
 _ENV = Environment(loader=PackageLoader("node.web", "templates"), autoescape=select_autoescape(["html"]))
 _ENV.filters["when"] = lambda ts: _dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else ""
-_ENV.filters["seconds"] = lambda v: "" if v is None else f"{v:.1f} s"
+
+
+def _seconds(v: Any) -> str:
+    """A duration for the page; anything that is not a finite number (a job still running, one that died
+    before a stage, a broken row) shows as nothing rather than failing the page."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return ""
+    return f"{f:.1f} s" if f == f and abs(f) != float("inf") else ""
+
+
+_ENV.filters["seconds"] = _seconds
 
 
 def _gauges(s: dict[str, Any]) -> list[dict[str, Any]]:
@@ -50,9 +62,10 @@ def _num(v: float | None) -> str:
 def render_judge(node: NodeView, job_id: int) -> str:
     """A page where a radiologist states a verdict on each finding of a done job."""
     job = node.store.get(job_id)
-    result = job.result or {}
-    return _ENV.get_template("judge.html").render(job=job, rois=result.get("rois", []),
-                                                  preview=bool(result.get("files", {}).get("preview")))
+    result = job.result
+    return _ENV.get_template("judge.html").render(job=job, findings=result.findings if result else (),
+                                                  version=result.model.get("version", "") if result else "",
+                                                  preview=bool(result and result.files.get("preview")))
 
 
 def trend_png(node: NodeView) -> bytes:
@@ -96,7 +109,7 @@ def _targets(node: NodeView, jobs: list[Any]) -> list[dict[str, Any]]:
     out = []
     for priority, target in node.config.jobs.targets.items():
         times = [float(t) for j in jobs if j.priority == priority and j.state.value == "done"
-                 and (t := (j.result or {}).get("time_to_result_s")) is not None]
+                 and j.result is not None and (t := j.result.time_to_result_s) is not None]
         out.append({"priority": priority, "target": target, "count": len(times),
                     "late": sum(t > target for t in times), "slowest": max(times) if times else None})
     return out
@@ -116,7 +129,7 @@ def render_dashboard(node: NodeView, now: float) -> str:
         models=", ".join(sorted(node.registry.models)), now=now, gauges=_gauges(s),
         failures=[j for j in jobs if j.state.value in ("failed", "dead")],
         held=sorted(held, key=lambda x: -x.last_received)[:30], jobs=jobs[:30],
-        previews=[j for j in jobs if j.state.value == "done" and (j.result or {}).get("files", {}).get("preview")][:4],
+        previews=[j for j in jobs if j.state.value == "done" and j.result and j.result.files.get("preview")][:4],
         targets=_targets(node, node.store.list_jobs(limit=500)),
         agreement=agree, verdict_alerts=verdict_alerts, by_scanner=agreement(node.verdicts, by="scanner"),
         verdicts=node.verdicts.recent(20), pct=_pct, num=_num)

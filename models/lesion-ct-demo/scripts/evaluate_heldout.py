@@ -58,7 +58,7 @@ def main() -> None:
         ph = make_phantom(seed, geom)
         vol = phantom_volume(ph)
         t = time.time()
-        labels = runner.predict(vol)
+        labels = runner.predict(vol).labels
         infer_s = time.time() - t
         rois = extract_rois(labels, vol, model.card, outlines=False)
         pred = paint_rois(rois, shape=labels.shape) > 0

@@ -1,0 +1,144 @@
+"""What a model gives: the one typed seam between a runner and the rest of the node.
+
+A runner turns a volume into a :class:`Prediction`. Each kind of prediction knows how to become
+findings (regions of interest measured on the images) and study-level statements (a class with its
+probabilities), how to travel compactly between processes (Ray actors) and back, and how to follow the
+series when the model saw a resampled grid. The pipeline, ``preannot run`` and ``preannot evaluate`` use
+predictions only through this interface (see ``node.processing.findings.predict_findings``).
+
+- :class:`LabelMap`: a segmentation (label per voxel, and where the bundle gives one, the winning
+  class's probability per voxel);
+- :class:`Boxes`: a detector's boxes, already ROIs of kind ``box`` on the grid the model saw;
+- classes with probabilities: ``node.inference.classification.ClassScores``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
+
+from node.imaging.volume import Volume
+from node.inference.registry import CodeSpec, ModelCard
+
+if TYPE_CHECKING:
+    from node.inference.rois import ROI
+
+__all__ = ["Boxes", "ClassStatement", "LabelMap", "Prediction", "Runner"]
+
+
+@dataclass(frozen=True, slots=True)
+class ClassStatement:
+    """A study-level (or image-level) coded statement of a model: "Breast composition: Extremely dense",
+    with the probability of every class the model knows, in the card's order."""
+
+    #: what is evaluated (the card labels' category, e.g. "Breast composition")
+    concept: CodeSpec
+    #: the class the model chose (highest probability), coded
+    value: CodeSpec
+    #: the card label value and name of the chosen class
+    label: int
+    name: str
+    probability: float
+    #: (label value, class name, class code, probability) for every class
+    probabilities: tuple[tuple[int, str, CodeSpec, float], ...]
+    #: the source image it is about (multi-image projection series), None for the whole series
+    image_index: int | None = None
+
+
+@runtime_checkable
+class Prediction(Protocol):
+    """What a runner returns; see the module docstring."""
+
+    def regions(self, volume: Volume, card: ModelCard) -> list[ROI]:
+        """Candidate findings, measured on ``volume`` (the grid the model saw), numbered from 1."""
+        ...
+
+    def statements(self, volume: Volume, card: ModelCard) -> list[ClassStatement]:
+        """Study-level coded statements (a classification), empty for the other kinds."""
+        ...
+
+    def buffer(self) -> np.ndarray | None:
+        """A uint8 array of the model grid's shape that the caller may overwrite once it has the regions
+        (the label map itself: the reported regions are painted into it, no second full-size array), or None."""
+        ...
+
+    def compact(self) -> Prediction:
+        """A smaller equivalent for the trip from a model actor back to the node (see :meth:`expand`)."""
+        ...
+
+    def expand(self) -> Prediction:
+        """The full prediction again, from :meth:`compact`'s."""
+        ...
+
+
+class Runner(Protocol):
+    """A loaded model: a volume in, a :class:`Prediction` out.
+
+    ``predict`` raises ModelTimeoutError when ``deadline`` (a ``time.monotonic()`` value) passes, and
+    ModelError when the model fails.
+    """
+
+    def predict(self, volume: Volume, *, deadline: float | None = None) -> Prediction: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LabelMap:
+    """A segmentation: labels ``[k, j, i]`` (uint8, same shape as the volume the model saw) and, when the
+    bundle applies a softmax before its argmax, the winning class's probability per voxel (float16)."""
+
+    labels: np.ndarray
+    confidence: np.ndarray | None = None
+    #: :meth:`compact`'s form: the confidence of the labelled voxels only, in the order of ``labels > 0``
+    labelled_confidence: np.ndarray | None = field(default=None, repr=False)
+
+    def regions(self, volume: Volume, card: ModelCard) -> list[ROI]:
+        from node.inference.rois import extract_rois
+
+        return extract_rois(self.labels, volume, card, confidence=self.confidence)
+
+    def statements(self, volume: Volume, card: ModelCard) -> list[ClassStatement]:
+        return []
+
+    def buffer(self) -> np.ndarray | None:
+        return self.labels if self.labels.dtype == np.uint8 and self.labels.flags.writeable else None
+
+    def compact(self) -> LabelMap:
+        """Only the labels and the confidence of the labelled voxels: a full float map would be twice the
+        label map on the wire, and a finding's confidence is its mean over its own voxels."""
+        if self.confidence is None:
+            return self
+        return LabelMap(self.labels, None, self.confidence[self.labels > 0])
+
+    def expand(self) -> LabelMap:
+        # arrays from Ray's object store are read-only views: the pipeline repaints the label map in place
+        labels = np.array(self.labels)
+        if self.labelled_confidence is None:
+            return LabelMap(labels, None if self.confidence is None else np.array(self.confidence))
+        confidence = np.zeros(labels.shape, dtype=self.labelled_confidence.dtype)
+        confidence[labels > 0] = self.labelled_confidence
+        return LabelMap(labels, confidence)
+
+
+@dataclass(frozen=True, slots=True)
+class Boxes:
+    """A detector's boxes as ROIs of kind ``box`` on the grid the model saw, by decreasing score."""
+
+    rois: tuple[ROI, ...]
+
+    def regions(self, volume: Volume, card: ModelCard) -> list[ROI]:
+        return list(self.rois)
+
+    def statements(self, volume: Volume, card: ModelCard) -> list[ClassStatement]:
+        return []
+
+    def buffer(self) -> np.ndarray | None:
+        return None
+
+    def compact(self) -> Boxes:
+        return self
+
+    def expand(self) -> Boxes:
+        return self
+

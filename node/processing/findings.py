@@ -1,0 +1,155 @@
+"""From a volume to findings: the model's prediction, placed on the series, selected as a route says.
+
+:func:`predict_findings` is the one path from a series to its findings, used by the node's worker,
+``preannot run`` and ``preannot evaluate`` alike, whatever the model's kind:
+
+1. a tilted or unevenly spaced series is resampled to an orthogonal grid for the model
+   (``node.imaging.regrid``);
+2. the runner's :class:`~node.inference.prediction.Prediction` gives candidate regions (measured) and
+   study-level statements (classes);
+3. regions found on a resampled grid are placed back on the original slices;
+4. the route's selection (minimum confidence, cap per label) keeps the reported findings, counting what
+   it leaves out by reason; the findings are numbered from 1 in the model's own order.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from node.config import Route
+from node.errors import ModelTimeoutError
+from node.imaging.regrid import Regridded, regularize
+from node.imaging.volume import Volume
+from node.inference.prediction import ClassStatement, Runner
+from node.inference.registry import ModelInfo
+from node.inference.rois import ROI, paint_rois, relocate_rois
+
+__all__ = ["FindingOptions", "Findings", "predict_findings", "select_findings"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class FindingOptions:
+    """Which findings are reported (a route's settings; the same in the node, ``run`` and ``evaluate``)."""
+
+    #: findings below this confidence are not reported (route ``min_confidence``)
+    min_confidence: float | None = None
+    #: at most this many findings per label (route ``max_findings``), the most confident or largest first
+    max_findings: int | None = None
+
+    @classmethod
+    def for_route(cls, route: Route | None) -> FindingOptions:
+        if route is None:
+            return cls()
+        return cls(min_confidence=route.min_confidence, max_findings=route.max_findings)
+
+
+@dataclass
+class Findings:
+    """What the model found in one series, on the series' own slices."""
+
+    volume: Volume
+    #: the reported findings, numbered from 1
+    rois: list[ROI]
+    #: every candidate region on the series' slices, before the route's selection (``evaluate`` sweeps its
+    #: operating points over them); the reported ROIs are among them
+    candidates: list[ROI]
+    #: study-level statements (a classifier's class with its probabilities)
+    statements: list[ClassStatement]
+    #: findings the model produced that are not reported, by reason
+    not_reported: dict[str, int]
+    #: the reported regions painted on the series grid (for the SEG); None when there are no regions
+    labels: np.ndarray | None
+    #: the orthogonal resampling the model saw (tilted or uneven series), else None
+    grid: Regridded | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def select_findings(rois: list[ROI], min_confidence: float | None, max_findings: int | None
+                    ) -> tuple[list[ROI], dict[str, int]]:
+    """The findings a route reports: those at or above ``min_confidence`` (findings without a confidence
+    are kept), then at most ``max_findings`` per label (most confident first, else largest). Anatomy is
+    never dropped. Returns the kept ROIs, renumbered, and the count left out per reason."""
+    dropped = {"below_min_confidence": 0, "over_max_findings": 0}
+    kept: list[ROI] = []
+    per_label: dict[int, int] = {}
+    ranked = sorted(rois, key=lambda r: (r.kind == "anatomy", -(r.confidence if r.confidence is not None else 1.0),
+                                         -r.volume_mm3))
+    for r in ranked:
+        if r.kind != "anatomy":
+            if min_confidence is not None and r.confidence is not None and r.confidence < min_confidence:
+                dropped["below_min_confidence"] += 1
+                continue
+            if max_findings is not None and per_label.get(r.label, 0) >= max_findings:
+                dropped["over_max_findings"] += 1
+                continue
+            per_label[r.label] = per_label.get(r.label, 0) + 1
+        kept.append(r)
+    order = {id(r): n for n, r in enumerate(rois)}
+    kept.sort(key=lambda r: order[id(r)])  # back in the model's own order (findings by size or score)
+    for n, r in enumerate(kept, start=1):
+        r.index = n
+    return kept, {k: v for k, v in dropped.items() if v}
+
+
+def predict_findings(volume: Volume, runner: Runner, model: ModelInfo, *, options: FindingOptions | None = None,
+                     deadline: float | None = None, stage: Callable[[str], None] | None = None) -> Findings:
+    """Run the model on the series and return its findings on the series' own slices (see the module
+    docstring). ``stage`` is called with each stage's name as it starts (and may raise, e.g. on timeout).
+
+    Raises:
+        VolumeError: the series cannot be resampled for the model.
+        ModelError / ModelTimeoutError: the model failed or passed ``deadline``.
+    """
+    opts = options or FindingOptions()
+    timings: dict[str, float] = {}
+
+    def begin(name: str) -> float:
+        if stage is not None:
+            stage(name)
+        if deadline is not None and time.monotonic() > deadline:
+            raise ModelTimeoutError(f"the job passed its timeout before stage {name}")
+        return time.perf_counter()
+
+    grid = None
+    if volume.irregular:  # tilted or unevenly spaced: the model sees an orthogonal resampling
+        t = begin("resample")
+        grid = regularize(volume)
+        timings["resample"] = time.perf_counter() - t
+        logger.info("series %s: %s; resampled to an orthogonal grid %s for the model", volume.series_uid,
+                    volume.geometry_note, grid.volume.shape if grid else "?")
+    model_volume = grid.volume if grid is not None else volume
+    t = begin("inference")
+    prediction = runner.predict(model_volume, deadline=deadline).expand()
+    timings["inference"] = time.perf_counter() - t
+
+    t = begin("rois")
+    candidates = prediction.regions(model_volume, model.card)
+    statements = prediction.statements(volume, model.card)
+    dropped: dict[str, int] = {}
+    if grid is not None:
+        candidates, lost = relocate_rois(candidates, grid)  # placed on the original slices
+        for r in lost:
+            logger.warning("series %s: ROI %d (%.0f mm3) falls between the original slices; not reported",
+                           volume.series_uid, r.index, r.volume_mm3)
+        if lost:
+            dropped["between_slices"] = len(lost)
+        for n, r in enumerate(candidates, start=1):  # numbered without gaps
+            r.index = n
+    rois, selected_out = select_findings(list(candidates), opts.min_confidence, opts.max_findings)
+    dropped.update(selected_out)
+    labels = None
+    if rois:
+        buffer = prediction.buffer() if grid is None else None  # a label map is ours to repaint: no second copy
+        labels = paint_rois(rois, out=buffer) if buffer is not None and buffer.shape == volume.shape \
+            else paint_rois(rois, shape=volume.shape)
+    del prediction
+    timings["rois"] = time.perf_counter() - t
+    return Findings(volume=volume, rois=rois, candidates=list(candidates), statements=statements,
+                    not_reported=dropped, labels=labels, grid=grid, timings=timings)
