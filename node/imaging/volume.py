@@ -5,6 +5,11 @@ slices along the slice normal, checks the geometry and applies the rescale. Arra
 ``[k, j, i]`` (slice, row, column). :attr:`Volume.affine` maps ``(i, j, k, 1)`` to patient
 coordinates in mm (LPS, DICOM's frame of reference).
 
+Projection images (mammography, digital and computed radiography: :data:`PROJECTION_MODALITIES`) have
+no position in a patient frame: a series of them is read as a stack of 2D images in InstanceNumber
+order (:attr:`Volume.projection`), its k axis the image index, pixel spacing from PixelSpacing or
+ImagerPixelSpacing; MONOCHROME1 images are inverted so that higher values are brighter everywhere.
+
 Refused, with a message that names the values found (:class:`~node.errors.VolumeError`): objects
 without pixel data, mixed frames of reference, orientations or matrix sizes, duplicate positions,
 missing slices (a gap over ``gap_tolerance`` x the usual spacing), uneven spacing, and gantry tilt
@@ -29,7 +34,8 @@ from pydicom.errors import InvalidDicomError
 from node.errors import MissingSlicesError, VolumeError
 from node.imaging.spacing import classify_spacing
 
-__all__ = ["CT_WINDOW", "TILT_TOLERANCE_DEG", "FrameRef", "Volume", "display_window", "load_series", "read_headers"]
+__all__ = ["CT_WINDOW", "PROJECTION_MODALITIES", "TILT_TOLERANCE_DEG", "FrameRef", "Volume", "display_window",
+           "load_series", "read_headers"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +45,9 @@ TILT_TOLERANCE_DEG = 0.5
 
 #: the soft-tissue/lung display window (HU) used for every CT picture the node draws
 CT_WINDOW = (-1000.0, 400.0)
+
+#: modalities whose images are projections (each image stands alone; no slice stack)
+PROJECTION_MODALITIES = frozenset({"MG", "DX", "CR", "IO", "PX", "RG"})
 
 
 def display_window(pixels: np.ndarray, modality: str) -> tuple[float, float]:
@@ -86,6 +95,8 @@ class Volume:
     uneven: bool = False
     #: what makes the volume irregular, in words ("" for a regular stack)
     geometry_note: str = ""
+    #: a stack of 2D projection images (k is the image index, not a position)
+    projection: bool = False
 
     @property
     def irregular(self) -> bool:
@@ -415,6 +426,8 @@ def load_series(paths: Sequence[Path], *, tilt_tolerance_deg: float = TILT_TOLER
         listed = ", ".join(f"{uid} ({n} instance(s))" for uid, n in by_series.items())
         raise VolumeError(f"the files hold {len(by_series)} series: {listed}; expected one")
     series = next(iter(by_series))
+    if all(_is_projection(ds) for ds in headers):
+        return _load_projection(paths, headers, series, t0)
     slices: list[_Slice] = []
     for n, ds in enumerate(headers):
         slices.extend(_slices_of(ds, n, f"series {series}, instance {ds.get('SOPInstanceUID', Path(paths[n]).name)}"))
@@ -469,3 +482,67 @@ def load_series(paths: Sequence[Path], *, tilt_tolerance_deg: float = TILT_TOLER
         timings={"read_headers": t1 - t0, "decode": t2 - t1}, mapping=mapping,
         positions=np.array([s.ipp for s in slices]), tilt_deg=stack.tilt_deg, uneven=stack.uneven,
         geometry_note=stack.note)
+
+
+def _is_projection(ds: Dataset) -> bool:
+    """A projection image without a position in the patient (mammogram, radiograph)."""
+    return str(ds.get("Modality", "")).upper() in PROJECTION_MODALITIES and "ImagePositionPatient" not in ds
+
+
+def _load_projection(paths: Sequence[Path], headers: list[Dataset], series: str, t0: float) -> Volume:
+    """A series of 2D projection images as a stack, in InstanceNumber order (see the module docstring).
+
+    Raises:
+        VolumeError: multi-frame or colour images, or images of different sizes or spacings.
+    """
+    import time
+
+    def number(n: int) -> tuple[float, str]:
+        try:
+            return float(headers[n].get("InstanceNumber") or 0), str(headers[n].get("SOPInstanceUID", ""))
+        except (TypeError, ValueError):
+            return 0.0, str(headers[n].get("SOPInstanceUID", ""))
+
+    order = sorted(range(len(headers)), key=number)
+    first = headers[order[0]]
+    rows, cols = int(first.get("Rows", 0) or 0), int(first.get("Columns", 0) or 0)
+    spacings = set()
+    for n in order:
+        ds = headers[n]
+        where = f"series {series}, instance {ds.get('SOPInstanceUID', Path(paths[n]).name)}"
+        if "PixelData" not in ds and not ds.get("Rows"):
+            raise VolumeError(f"{where}: no pixel data")
+        if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+            raise VolumeError(f"{where}: a multi-frame projection image ({ds.NumberOfFrames} frames, tomosynthesis?) "
+                              "is not read as a 2D image")
+        if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+            raise VolumeError(f"{where}: {ds.SamplesPerPixel} samples per pixel; only greyscale images are supported")
+        if (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)) != (rows, cols):
+            raise VolumeError(f"series {series} mixes image sizes {rows}x{cols} and {ds.Rows}x{ds.Columns}; "
+                              "a series of projection images of one size is expected")
+        spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing") or [1.0, 1.0]
+        spacings.add(tuple(round(float(v), 4) for v in _floats(spacing, 2, "PixelSpacing", where)))
+    if len(spacings) > 1:
+        raise VolumeError(f"series {series} mixes pixel spacings {sorted(spacings)}; one is expected")
+    row_spacing, col_spacing = next(iter(spacings))
+    t1 = time.perf_counter()
+    pixels = np.empty((len(order), rows, cols), dtype=np.float32)
+    for k, n in enumerate(order):
+        ds = dcmread(paths[n])
+        where = f"series {series}, instance {ds.get('SOPInstanceUID', '?')}"
+        arr = _decode(ds, where).astype(np.float32)
+        if arr.shape != (rows, cols):
+            raise VolumeError(f"{where}: decoded pixels are {arr.shape}; Rows x Columns say {rows} x {cols}")
+        slope, intercept = float(ds.get("RescaleSlope", 1.0) or 1.0), float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":  # higher values are darker
+            stored = int(ds.get("BitsStored", 16) or 16)
+            lo, hi = (-(1 << (stored - 1)), (1 << (stored - 1)) - 1) if int(ds.get("PixelRepresentation", 0)) \
+                else (0, (1 << stored) - 1)
+            arr = (lo + hi) - arr
+        pixels[k] = arr * slope + intercept
+    t2 = time.perf_counter()
+    affine = np.diag([col_spacing, row_spacing, 1.0, 1.0])
+    return Volume(pixels=pixels, affine=affine, sources=[headers[n] for n in order],
+                  frames=[FrameRef(k, None) for k in range(len(order))], modality=str(first.get("Modality", "")),
+                  series_uid=series, timings={"read_headers": t1 - t0, "decode": t2 - t1},
+                  geometry_note="projection images", projection=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from node.config import Route
+from node.imaging.volume import PROJECTION_MODALITIES
 
 __all__ = ["ineligibility"]
 
@@ -54,6 +55,7 @@ def ineligibility(route: Route, attrs: dict[str, Any], *, frames: int) -> str | 
     samples = int(str(attrs.get("SamplesPerPixel", "1")) or 1)
     if route.skip_color and (samples > 1 or not photometric.startswith("MONOCHROME")):
         return f"a colour image ({photometric}, {samples} samples per pixel); the models read greyscale"
-    if frames < route.min_slices:
+    projection = str(attrs.get("Modality", "")).upper() in PROJECTION_MODALITIES
+    if frames < route.min_slices and not projection:  # a mammogram or radiograph is one image by nature
         return f"only {frames} image(s); route {route.name} needs at least {route.min_slices} (min_slices)"
     return None

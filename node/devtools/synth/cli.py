@@ -61,3 +61,26 @@ def cases(
             index.append({"case": case_dir.name, "lesions": len(info["lesions"])})  # type: ignore[arg-type]
     (out / "cases.json").write_text(json.dumps(index, indent=2))
     typer.echo(f"wrote {n} cases to {out}")
+
+
+@app.command("mammo")
+def mammo(
+    out: Annotated[Path, typer.Option(help="Output folder: one sub-folder per mammogram, and classes.csv")],
+    n: Annotated[int, typer.Option(help="Number of mammograms (densities A-D in turn)")] = 8,
+    first_seed: Annotated[int, typer.Option(help="Seed of the first; image i uses first_seed + i")] = 3000,
+) -> None:
+    """Write synthetic mammograms of known breast density (BI-RADS A-D) and classes.csv (the reference classes
+    ``preannot evaluate`` reads)."""
+    from node.devtools.synth.mammo import DENSITY_FRACTIONS, write_mammogram
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = ["series,class"]
+    densities = sorted(DENSITY_FRACTIONS)
+    for i in range(n):
+        seed = first_seed + i
+        density = densities[i % len(densities)]
+        folder = f"mg_{seed:05d}"
+        write_mammogram(out / folder, seed=seed, density=density, patient_id=f"SYNTH-MG-{seed}")
+        rows.append(f"{folder},{density}")
+    (out / "classes.csv").write_text("\n".join(rows) + "\n")
+    typer.echo(f"wrote {n} mammograms and classes.csv to {out}")
