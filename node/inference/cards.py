@@ -91,6 +91,14 @@ FINDINGS: dict[str, tuple[str, str]] = {
     "neoplasm": ("108369006", "Neoplasm"),
 }
 
+#: classifiers: (words found in the bundle's task or name, what is classified, its classes by channel name);
+#: ACR BI-RADS breast composition as SNOMED CT codes it (the CID 6000-series breast imaging value sets)
+CLASS_VOCABULARIES: list[tuple[tuple[str, ...], tuple[str, str, str], dict[str, tuple[str, str]]]] = [
+    (("breast density", "breast composition"), ("129715009", "SCT", "Breast composition"), {
+        "a": ("129716005", "Almost entirely fat"), "b": ("129717001", "Scattered fibroglandular densities"),
+        "c": ("129718006", "Heterogeneously dense"), "d": ("129719003", "Extremely dense")}),
+]
+
 _COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
             (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255)]
 
@@ -172,6 +180,26 @@ def _toml_str(s: str) -> str:
     return json.dumps(s)
 
 
+def _class_label(n: int, value: int, name: str, vocabulary: Any, draft: DraftCard, task: str) -> list[str]:
+    """The ``[[labels]]`` table of a classifier's class: ``category`` what is classified, ``type`` the class."""
+    if vocabulary is not None and _norm(name) in vocabulary[2]:
+        cat = vocabulary[1]
+        code, meaning = vocabulary[2][_norm(name)]
+        typ = (code, "SCT", meaning)
+        lines = ["[[labels]]"]
+    else:
+        cat = vocabulary[1] if vocabulary is not None else \
+            (re.sub(r"[^A-Za-z0-9]+", "_", task).upper()[:16] or "CLASS", "99PREANNOT", task[:64] or "Class")
+        draft.unmapped.append(name)
+        typ = (re.sub(r"[^A-Za-z0-9]+", "_", name).upper()[:16] or f"CLASS{value}", "99PREANNOT", name[:64])
+        lines = ["[[labels]]", f"# UNMAPPED: class {name!r} has no code in the node's table; give it one"]
+    colour = _COLOURS[n % len(_COLOURS)]
+    return [*lines, f"value = {value}", f"name = {_toml_str(name[:64])}",
+            f'category = {{ code = "{cat[0]}", scheme = "{cat[1]}", meaning = {_toml_str(cat[2][:64])} }}',
+            f'type = {{ code = "{typ[0]}", scheme = "{typ[1]}", meaning = {_toml_str(typ[2][:64])} }}',
+            f"color = [{colour[0]}, {colour[1]}, {colour[2]}]", "finding = false", ""]
+
+
 #: the modality words bundles use in their metadata (``network_data_format.inputs.*.modality``) -> DICOM
 _MODALITY_WORDS = {"ct": "CT", "mr": "MR", "mri": "MR", "pet": "PT", "pt": "PT", "mammogram": "MG",
                    "mammography": "MG", "mg": "MG", "x ray": "DX", "xray": "DX", "dx": "DX", "cr": "CR",
@@ -232,12 +260,19 @@ def draft_card(bundle: Path) -> DraftCard:
         names = [(1, guess)]
     draft = DraftCard(text="", labels=len(names))
     modality = _modality(meta, bundle)
+    vocabulary = None
+    if not kind.background_channel:  # a classifier: what it classifies, and its classes' codes where known
+        words = _norm(f"{meta.get('task', '')} {meta.get('name', '')} {bundle.name}")
+        vocabulary = next((v for v in CLASS_VOCABULARIES if any(w in words for w in v[0])), None)
     lines = ["# Draft made by `preannot models add` from configs/metadata.json: review every label (codes,",
              "# finding or anatomy, colours) before clinical use. See docs/models.md.", "", "[model]",
              f"modality = [{_toml_str(modality)}]" if modality else "modality = []",
              f"description = {_toml_str(str(meta.get('description', meta.get('name', bundle.name)))[:400])}",
              f"intended_use = {_toml_str(str(meta.get('intended_use', ''))[:400])}", ""]
     for n, (value, name) in enumerate(names):
+        if vocabulary is not None or not kind.background_channel:
+            lines += _class_label(n, value, name, vocabulary, draft, str(meta.get("task", "") or bundle.name))
+            continue
         code, finding, lat_lost = _match(name)
         nice = name.replace("_", " ").strip()
         label = nice[:1].upper() + nice[1:]

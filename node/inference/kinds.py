@@ -47,6 +47,17 @@ def _is_detector(config: dict[str, Any], metadata: dict[str, Any]) -> bool:
     return "detector" in config
 
 
+def _is_classifier(config: dict[str, Any], metadata: dict[str, Any]) -> bool:
+    """One score per class: the task says classification, or the output is a vector ([1, n] or [n])."""
+    task = f"{metadata.get('task', '')} {metadata.get('name', '')}".lower()
+    fmt = metadata.get("network_data_format")
+    pred = (fmt.get("outputs") or {}).get("pred", {}) if isinstance(fmt, dict) else {}
+    shape = pred.get("spatial_shape") if isinstance(pred, dict) else None
+    vector = isinstance(shape, list) and 0 < len(shape) <= 2 and all(isinstance(v, int) for v in shape) \
+        and (len(shape) == 1 or shape[0] == 1)
+    return "classif" in task or vector
+
+
 def _any(config: dict[str, Any], metadata: dict[str, Any]) -> bool:
     return True
 
@@ -54,6 +65,8 @@ def _any(config: dict[str, Any], metadata: dict[str, Any]) -> bool:
 #: every kind, in the order they are tried (the last one recognises anything)
 KINDS: tuple[Kind, ...] = (
     Kind("detection", _is_detector, "node.inference.detection:DetectionRunner", gives="boxes with scores"),
+    Kind("classification", _is_classifier, "node.inference.classification:ClassificationRunner",
+         background_channel=False, gives="a class with the score of each class"),
     Kind("segmentation", _any, "node.inference.runner:BundleRunner", gives="a label map"),
 )
 
