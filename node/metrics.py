@@ -35,7 +35,7 @@ class _StateCollector(Collector):
                                   value=s.get("conflicts", 0))
         yield CounterMetricFamily("preannot_received_bytes", "Bytes of instances stored", value=s["bytes"])
         yield CounterMetricFamily("preannot_associations", "Associations accepted", value=s["associations"])
-        yield CounterMetricFamily("preannot_associations_refused", "Associations refused (unknown calling AE)",
+        yield CounterMetricFamily("preannot_associations_refused", "Associations refused or aborted: unknown calling AE, a host not bound to its AE title, or a limit of open associations",
                                   value=s["refused"])
         f = CounterMetricFamily("preannot_instances_failed", "C-STORE answered with a failure status", labels=["reason"])
         for reason, n in s["failures"].items():

@@ -338,3 +338,60 @@ def test_evaluate_report_directory_is_reusable(tmp_path: Path, labelled: Path) -
     evaluate(labelled, [model], out, options=EvalOptions(bootstrap=50), progress=msgs.append)
     assert sum("already done" in m for m in msgs) == 2 and "classes" in json.loads(first.read_text())
     shutil.rmtree(out)
+
+
+def test_evaluate_from_verdicts_scores_a_detector_as_sent(tmp_path: Path, labelled: Path) -> None:
+    """A detector's result has no SEG: ``evaluate --from-verdicts`` scores its stored boxes, with their scores,
+    lesion-wise against the radiologist's final SEG (one box on a lesion, one elsewhere: 1 of 2 found, 1 FP)."""
+    from scipy import ndimage
+
+    from node.evaluate import discover, evaluate, load_reference
+    from node.evaluate.run import EvalOptions
+    from node.evaluate.verdicts import as_sent, verdict_dataset
+    from node.imaging.volume import load_series
+    from node.inference.registry import Registry
+    from node.ingest.spool import Spool
+    from node.outputs.result import ResultObject
+    from node.store.db import Database
+    from node.store.jobs import JobStore
+    from node.store.results import FindingResult, JobResult
+    from node.store.series import SeriesStore
+    from node.verdicts.judge import Judgement
+    from node.verdicts.store import VerdictRecord, VerdictStore
+
+    case = discover(labelled).cases[0]
+    db = Database(tmp_path / "node.db")
+    series, jobs, verdicts = SeriesStore(db), JobStore(db), VerdictStore(db)
+    spool = Spool(tmp_path / "spool", series)
+    for f in case.image_files:
+        spool.store(f.read_bytes())
+    volume = load_series(case.image_files)
+    ref = load_reference(case, volume, label_map={"nodule": 1}) == 1
+    comps, n = ndimage.label(ref)
+    assert n == 2
+    (kk, jj, ii), *_ = ndimage.find_objects(comps)
+
+    def box(number: int, bbox: tuple[tuple[int, int], ...], score: float) -> FindingResult:
+        return FindingResult(number=number, label=1, label_name="Nodule", kind="box", volume_mm3=1.0,
+                             diameter_3d_mm=1.0, diameter_inplane_mm=1.0, centroid_mm=(0.0, 0.0, 0.0),
+                             key_slice=bbox[0][0], bbox=bbox, mean=0.0, min=0.0, max=0.0, confidence=score)
+
+    on_lesion = ((kk.start, kk.stop - 1), (jj.start, jj.stop - 1), (ii.start, ii.stop - 1))
+    with db.tx() as c:
+        jid = jobs.create(c, series_uid=case.series_uid, series_version=1, model="lesion-ct-demo", route="r",
+                          send_to=[], max_attempts=3, config_version="x", now=time.time())
+    assert jid is not None and jobs.lease(lease_seconds=60) is not None
+    result = JobResult(model={"name": "lesion-ct-demo", "version": "1"}, series_uid=case.series_uid,
+                       findings=(box(1, on_lesion, 0.9), box(2, ((0, 1), (0, 3), (0, 3)), 0.4)))
+    jobs.complete(jid, result=result, objects=[ResultObject("/x/sr.dcm", "1.2.3.4.5", "sr")], destinations=[])
+    verdicts.record(VerdictRecord(job_id=jid, source="seg", object_uid="1.2.3.9", study_uid="1.2", series_uid=case.series_uid,
+                                  model="lesion-ct-demo", model_version="1", judgement=Judgement([], "edited", None),
+                                  object_path=str(case.reference), received_at=time.time()))
+    dataset = verdict_dataset(verdicts, series, model="lesion-ct-demo")
+    assert len(dataset.cases) == 1
+    model = Registry(ROOT / "models").get("lesion-ct-demo")
+    sent, runner = as_sent(jobs, model, dataset)
+    summary = evaluate(dataset, [sent], tmp_path / "out", runners={sent.name: runner}, options=EvalOptions(bootstrap=50))
+    det = summary["models"][sent.name]["labels"]["Nodule"]["detection"]
+    assert (det["lesions"], det["detected"], det["fp_per_scan"]) == (2, 1, 1.0)
+    assert det["scored_by"] == "confidence" and det["sensitivity_at_fp"]["1.0"] == 0.5

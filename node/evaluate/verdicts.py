@@ -5,7 +5,8 @@ spool) becomes a case: the source series the node processed, and that SEG. Two k
 scored on these cases with ``preannot evaluate --from-verdicts``:
 
 - the AI **as it was sent** (:func:`as_sent`): the node's own SEG of that job, read back, not re-run —
-  its Dice against the final SEG is the agreement the verdict measured;
+  its Dice against the final SEG is the agreement the verdict measured; for a detector (no SEG), the boxes
+  of its stored result with their scores, scored lesion-wise (sensitivity, FROC) against the final SEG;
 - any model of the registry (a new version, a shadow or candidate model), run on the same series.
 
 Filters: model (the model whose results were judged), version, scanner, and a period.
@@ -17,15 +18,20 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from node.evaluate.dataset import Case, Dataset, load_reference
 from node.imaging.volume import Volume
-from node.inference.prediction import LabelMap
+from node.inference.prediction import Boxes, LabelMap
 from node.inference.registry import ModelInfo
+from node.inference.rois import ROI
 from node.store.jobs import JobStore
+from node.store.results import FindingResult, JobResult
 from node.store.series import SeriesStore
 from node.verdicts.store import VerdictStore
 
 __all__ = ["RecordedRunner", "as_sent", "verdict_dataset"]
+
 
 def verdict_dataset(store: VerdictStore, series: SeriesStore, *, model: str | None = None, version: str | None = None,
                     scanner: str | None = None, since: float | None = None, until: float | None = None) -> Dataset:
@@ -49,31 +55,54 @@ def verdict_dataset(store: VerdictStore, series: SeriesStore, *, model: str | No
         out.cases.append(Case(name=f"job{v['job_id']}", series_uid=v["series_uid"], image_files=files, reference=ref))
     return out
 
-class RecordedRunner:
-    """A runner that returns what the node sent for each series (its SEG, read back) instead of running a model."""
 
-    def __init__(self, model: ModelInfo, segs: dict[str, Path]) -> None:
+class RecordedRunner:
+    """A runner that returns what the node sent for each series instead of running a model: its SEG read back
+    (segmentation), or the boxes of its stored result with their scores (a detector, whose results have no
+    SEG)."""
+
+    def __init__(self, model: ModelInfo, segs: dict[str, Path], results: dict[str, JobResult] | None = None) -> None:
         self.model = model
         self.segs = segs
+        self.results = results or {}
         self.label_map = {lab.name.lower(): lab.value for lab in model.card.labels}
         self.label_map.update({lab.type.meaning.lower(): lab.value for lab in model.card.labels})
 
-    def predict(self, volume: Volume, *, deadline: float | None = None) -> LabelMap:
+    def predict(self, volume: Volume, *, deadline: float | None = None) -> LabelMap | Boxes:
         from node.errors import ModelError
 
-        seg = self.segs.get(volume.series_uid or "")
-        if seg is None:
-            raise ModelError(f"no result of {self.model.name} was sent for series {volume.series_uid}")
-        case = Case(name="sent", series_uid=volume.series_uid or "", image_files=[], reference=seg)
-        return LabelMap(load_reference(case, volume, label_map=self.label_map))
+        uid = volume.series_uid or ""
+        seg = self.segs.get(uid)
+        if seg is not None:
+            case = Case(name="sent", series_uid=uid, image_files=[], reference=seg)
+            return LabelMap(load_reference(case, volume, label_map=self.label_map))
+        result = self.results.get(uid)
+        if result is not None and result.findings and all(f.kind == "box" for f in result.findings):
+            return Boxes(tuple(_box_roi(f, volume) for f in result.findings))
+        raise ModelError(f"no result of {self.model.name} was sent for series {uid}")
+
+
+def _box_roi(f: FindingResult, volume: Volume) -> ROI:
+    """A box the node reported, as an ROI on the series grid (its mask the box)."""
+    (k0, k1), (j0, j1), (i0, i1) = f.bbox
+    mask = np.ones((k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1), dtype=bool)
+    return ROI(index=f.number, label=f.label, label_name=f.label_name, voxels=int(mask.size), volume_mm3=f.volume_mm3,
+               diameter_3d_mm=f.diameter_3d_mm, diameter_inplane_mm=f.diameter_inplane_mm, centroid_mm=f.centroid_mm,
+               bbox=f.bbox, mean=f.mean, min=f.min, max=f.max, key_slice=f.key_slice, mask=mask, offset=(k0, j0, i0),
+               kind="box", confidence=f.confidence, size_mm=f.size_mm, tracking_uid=f.tracking_uid)
+
 
 def as_sent(jobs: JobStore, model: ModelInfo, dataset: Dataset) -> tuple[ModelInfo, RecordedRunner]:
-    """The model "as sent" (its name suffixed) and a runner returning the node's SEG of each case's job."""
+    """The model "as sent" (its name suffixed) and a runner returning the node's result of each case's job."""
     segs: dict[str, Path] = {}
+    results: dict[str, JobResult] = {}
     for case in dataset.cases:
         result = jobs.get(int(case.name.removeprefix("job"))).result
-        path = result.files.get("seg") if result is not None else None
-        if path:
+        if result is None:
+            continue
+        results[case.series_uid] = result
+        path = result.files.get("seg")
+        if path and not all(f.kind == "box" for f in result.findings):
             segs[case.series_uid] = Path(path)
     sent = dataclasses.replace(model, name=f"{model.name} (as sent)")
-    return sent, RecordedRunner(sent, segs)
+    return sent, RecordedRunner(sent, segs, results)

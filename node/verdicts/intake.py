@@ -10,7 +10,8 @@ AI result it judges and classified finding by finding:
   Matched per label when its segments carry the AI segments' property types, as one mask otherwise.
 - **SR** with VerificationFlag VERIFIED citing the node's SR (predecessor, identical or evidence): the
   findings whose tracking UIDs it keeps are accepted, the others rejected; new tracking UIDs are added.
-- **KO** rejecting the node's SEG or SR (document titles 113001, 113037, 113039): every finding rejected.
+- **KO** rejecting the node's SEG or SR (CID 7011 document titles 113001, 113037, 113039): every finding
+  rejected.
 
 The node's own objects coming back (its SEG, SR and rejection notes) are recognised by SOP Instance UID
 and ignored. An object recorded once is not recorded again (idempotent on re-send).
