@@ -11,11 +11,12 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all bench soak lint typecheck apt-deps clean help
+.PHONY: demo test test-slow test-all bench soak lint typecheck apt-deps clean help
 
 help:
 	@echo "make demo   - start the node, push sample_dicom, receive SEG + SR back, show them"
 	@echo "make test   - run the test suite (sets up .venv and Debian packages when missing)"
+	@echo "make test-slow - the slow tests (real-data corpus, viewer round trips; CI runs them too)"
 	@echo "make lint / typecheck / bench / soak / clean"
 
 $(STAMP): pyproject.toml
@@ -52,6 +53,10 @@ demo: $(STAMP)
 
 test: $(STAMP) apt-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# the slow tests CI also runs (the real-data corpus, the viewer round trips): tens of minutes on 2 cores
+test-slow: $(STAMP) apt-deps
+	$(BIN)/python -m pytest -m "slow and not gpu and not soak" $(PYTEST_ARGS)
 
 test-all: $(STAMP) apt-deps
 	$(BIN)/python -m pytest -m "" $(PYTEST_ARGS)

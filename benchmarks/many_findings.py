@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     from node.devtools.synth.writer import write_series
     from node.imaging.volume import load_series
     from node.inference.registry import Registry
-    from node.inference.rois import extract_rois, paint_rois
+    from node.inference.rois import extract_rois
     from node.outputs.equipment import Provenance
     from node.outputs.seg import build_seg
     from node.outputs.sr import build_sr
@@ -53,9 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             rois = extract_rois(lab, vol, card)
             times["rois"].append(time.perf_counter() - t)
-            kept = paint_rois(rois, shape=vol.shape)
             t = time.perf_counter()
-            seg = build_seg(vol, kept, card, prov, series_number=1, label_values=[1])
+            seg = build_seg(vol, rois, card, prov, series_number=1)
             times["seg"].append(time.perf_counter() - t)
             t = time.perf_counter()
             build_sr(vol, rois, card, prov, seg=seg, series_number=2)

@@ -58,10 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     model = ModelInfo(name="seg-types", version="1", path=Path("."), weights=Path("-"), sha256="0" * 64, card=card)
     print(f"{args.size}x{args.size}x{args.slices} CT, {len(np.unique(lab)) - 1} labels")
     print("| SEG type | frames | file size (MiB) | build time (s) |\n|---|---|---|---|")
+    from node.inference.rois import extract_rois
+
     for kind in ("binary", "labelmap"):
         c = card.model_copy(update={"outputs": card.outputs.model_copy(update={"seg_type": kind})})
+        rois = extract_rois(lab, vol, c)
         t0 = time.perf_counter()
-        seg = build_seg(vol, lab.copy(), c, Provenance(model=model), series_number=1)
+        seg = build_seg(vol, rois, c, Provenance(model=model), series_number=1)
         dt = time.perf_counter() - t0
         p = save_dataset(seg, args.work / f"seg_{kind}.dcm", fsync=False)
         print(f"| {kind} | {int(seg.NumberOfFrames)} | {p.stat().st_size / 2**20:.1f} | {dt:.2f} |")

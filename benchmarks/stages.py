@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
     from node.devtools.sink import StoreSink
     from node.imaging.volume import load_series
     from node.inference.registry import Registry
-    from node.inference.rois import extract_rois, paint_rois
+    from node.inference.rois import extract_rois
     from node.inference.runner import BundleRunner
     from node.net.scu import send_files
     from node.outputs.equipment import Provenance
@@ -73,10 +73,9 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
                 t["inference"] = time.perf_counter() - a
                 a = time.perf_counter()
                 rois = extract_rois(labels, vol, model.card)
-                kept = paint_rois(rois, shape=labels.shape)
                 t["roi"] = time.perf_counter() - a
                 a = time.perf_counter()
-                seg = build_seg(vol, kept, model.card, prov, series_number=outputs.seg_series_number) if rois else None
+                seg = build_seg(vol, rois, model.card, prov, series_number=outputs.seg_series_number) if rois else None
                 paths = []
                 if seg is not None:
                     paths.append(str(save_dataset(seg, Path(tmp) / f"seg{rep}.dcm")))

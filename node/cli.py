@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -34,13 +35,33 @@ logger = logging.getLogger("node.cli")
 
 
 
+def _library_warnings_to_log() -> None:
+    """Libraries' warnings (pydicom's value checks, highdicom's person names, MONAI's deprecations) go to the log at
+    DEBUG, one line per kind (category and place), instead of burying a command's output."""
+    seen: set[tuple[str, str, int]] = set()
+    log = logging.getLogger("py.warnings")
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        key = (category.__name__, filename, lineno)
+        if key in seen:
+            return
+        seen.add(key)
+        log.debug("%s (%s:%d): %s", category.__name__, filename, lineno, str(message).splitlines()[0][:300])
+
+    warnings.showwarning = show
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    # pynetdicom logs every PDU at INFO/DEBUG; keep it to warnings unless debugging
+    _library_warnings_to_log()
+    # pynetdicom logs every PDU at INFO/DEBUG; keep it to warnings unless debugging; pydicom repeats its value
+    # checks' warnings through its logger
     if level.upper() != "DEBUG":
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         logging.getLogger("highdicom").setLevel(logging.WARNING)
+        logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
 def _version(value: bool) -> None:
@@ -115,12 +136,19 @@ def run(
     from node.processing.pipeline import ModelContext, PipelineOptions, process_series
 
     cfg = load_or_exit(config)
+    if not input_dir.exists():
+        raise die(PreannotError(f"{input_dir}: no such file or folder"), 2)
+    try:  # the model first: a wrong name is said before the folder is scanned
+        info = Registry(cfg.models.dir).get(model)
+    except PreannotError as exc:
+        raise die(exc, 2) from exc
     chosen_route = route_for(cfg, model, route)
-    found, left_out = discover_series(input_dir, chosen_route or Route(name="run", models=[model]))
+    found, left_out = discover_series(input_dir, chosen_route or Route(name="run", models=[model]), card=info.card,
+                                      model=model)
     for line in left_out:
         typer.echo(f"  left out {line}", err=True)
     if not found:
-        raise die(PreannotError(f"no DICOM series under {input_dir}"), 2)
+        raise die(PreannotError(f"no DICOM series under {input_dir} ({len(left_out)} file(s) left out)"), 2)
     typer.echo(f"{len(found)} series under {input_dir}:", err=True)
     for f in found:
         typer.echo(f"  {f.describe()}" + (f"  -> skipped: {f.skipped}" if f.skipped else ""), err=True)
@@ -137,34 +165,45 @@ def run(
     options = PipelineOptions.for_route(chosen_route, cfg)
     if chosen_route is not None:
         typer.echo(f"route {chosen_route.name}'s options apply", err=True)
-    results = []
     try:
-        info = Registry(cfg.models.dir).get(model)
         t = time.perf_counter()
         runner = load_runner(info, device=device or cfg.models.device, amp=cfg.models.amp)
         load_s = time.perf_counter() - t
-        provenance = Provenance.for_node(info, cfg.outputs,
-                                         device_uid=device_uid(cfg.outputs, cfg.data_dir, create=False))
-        for f in chosen:
-            stages: list[str] = []
-
-            def on_stage(name: str, _stages: list[str] = stages) -> None:
-                _stages.append(name)
-                typer.echo(f"  [{len(_stages)}] {name} ...", err=True)
-
-            out_dir = output_dir if len(chosen) == 1 else output_dir / safe_uid(f.series_uid)
-            typer.echo(f"processing series {f.series_uid} ({len(f.files)} file(s)) with {info.name} {info.version}",
-                       err=True)
-            results.append(process_series(f.files, ModelContext(info, runner, provenance), out_dir,
-                                          options=options, on_stage=on_stage))
     except PreannotError as exc:
         raise die(exc, 1) from exc
+    provenance = Provenance.for_node(info, cfg.outputs, device_uid=device_uid(cfg.outputs, cfg.data_dir, create=False))
+    results, failures = [], []
+    for f in chosen:  # every series; one that fails is said and the others go on
+        stages: list[str] = []
+
+        def on_stage(name: str, _stages: list[str] = stages) -> None:
+            _stages.append(name)
+            typer.echo(f"  [{len(_stages)}] {name} ...", err=True)
+
+        out_dir = output_dir if len(chosen) == 1 else output_dir / safe_uid(f.series_uid)
+        typer.echo(f"processing series {f.series_uid} ({len(f.files)} file(s)) with {info.name} {info.version}",
+                   err=True)
+        try:
+            results.append(process_series(f.files, ModelContext(info, runner, provenance), out_dir,
+                                          options=options, on_stage=on_stage))
+        except PreannotError as exc:
+            failures.append((f, exc))
+            typer.echo(f"  FAILED: {type(exc).__name__}: {exc}", err=True)
     if as_json:
         docs = [{**out.result.to_dict(), "model_load_s": round(load_s, 3)} for out in results]
+        docs += [{"series_uid": f.series_uid, "error": f"{type(err).__name__}: {err}"} for f, err in failures]
         typer.echo(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2))
-        return
-    for out in results:
-        _print_result(out, load_s)
+    else:
+        for out in results:
+            _print_result(out, load_s)
+    if len(chosen) > 1 or failures:
+        skipped = [f for f in found if f.skipped is not None and f not in chosen]
+        typer.echo(f"\n{len(results)} of {len(chosen)} series processed, {len(failures)} failed, {len(skipped)} "
+                   f"skipped, {len(left_out)} file(s) left out", err=True)
+        for f, err in failures:
+            typer.echo(f"  failed {f.series_uid}: {err}", err=True)
+    if failures:
+        raise typer.Exit(1)
 
 
 def _print_result(out: Any, load_s: float) -> None:
@@ -207,13 +246,32 @@ def send(
     tls_key: Annotated[Path | None, typer.Option(help="Our client key (mutual TLS)")] = None,
 ) -> None:
     """Push DICOM files to a peer by C-STORE (handy for tests and admins)."""
-    from node.net.scu import iter_dicom_files, send_files
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    from node.net.scu import iter_dicom_files, send_files, unsendable
     from node.net.tls import client_context
 
     ae, host, port = _parse_peer(to)
-    files = [str(p) for p in iter_dicom_files(path)]
+    if not path.exists():
+        raise die(PreannotError(f"{path}: no such file or folder"), 2)
+    all_files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    candidates = iter_dicom_files(path)
+    not_dicom = len(all_files) - len(candidates)
+    files, skipped = [], 0
+    for p in candidates:  # what cannot be sent is said once, and the rest goes
+        try:
+            why = unsendable(dcmread(p, stop_before_pixels=True))
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            why = f"unreadable ({exc})"
+        if why is None:
+            files.append(str(p))
+        else:
+            skipped += 1
+            typer.echo(f"  skipped {p}: {why}", err=True)
     if not files:
-        raise die(PreannotError(f"no DICOM files under {path}"), 2)
+        raise die(PreannotError(f"no sendable DICOM instance under {path} ({not_dicom} file(s) not DICOM, "
+                                f"{skipped} skipped)"), 2)
     ctx = client_context(ca=tls_ca, cert=tls_cert, key=tls_key) if tls else None
     ok = failed = 0
     with typer.progressbar(length=len(files), label=f"sending to {ae}@{host}:{port}", file=sys.stderr) as bar:
@@ -227,7 +285,9 @@ def send(
                     failed += 1
                     typer.echo(f"  {o.path}: {o.error}", err=True)
             bar.update(len(outcomes))
-    typer.echo(f"sent {ok} of {len(files)} file(s); {failed} failed")
+    extra = ", ".join(part for part in (f"{not_dicom} file(s) not DICOM" if not_dicom else "",
+                                        f"{skipped} not sendable" if skipped else "") if part)
+    typer.echo(f"sent {ok} of {len(files)} instance(s); {failed} failed" + (f" ({extra}, left out)" if extra else ""))
     if failed:
         raise typer.Exit(1)
 

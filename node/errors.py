@@ -13,6 +13,8 @@ job with its reason, the CLI into a message and exit code 2)::
     │   └── MissingSlicesError   slices are missing from the stack (a hole in the spacing)
     ├── ModelError               a model bundle is missing, broken or failed while running
     │   ├── ModelTimeoutError    inference ran past the job timeout
+    │   ├── ModelRefusedError    the model's card says it is not for this input (modality, inputs): permanent
+    │   ├── BundleError          the bundle's code failed as it will again (a missing key, a wrong type): permanent
     │   └── ComputeLostError     the Ray actor (or its server) running the job went away: requeued, not counted
     ├── OutputError              a DICOM SEG / SR could not be built
     ├── DeliveryError            a destination refused or could not be reached
@@ -29,6 +31,7 @@ fails with a permanent error is dead at its first attempt.
 from __future__ import annotations
 
 __all__ = [
+    "BundleError",
     "ComputeLostError",
     "ConfigError",
     "ConflictError",
@@ -38,6 +41,7 @@ __all__ = [
     "JobNotFoundError",
     "MissingSlicesError",
     "ModelError",
+    "ModelRefusedError",
     "ModelTimeoutError",
     "NotFoundError",
     "OutOfSpaceError",
@@ -91,6 +95,20 @@ class ModelError(PreannotError):
 
 class ModelTimeoutError(ModelError):
     """Inference ran past the job timeout."""
+
+
+class ModelRefusedError(ModelError):
+    """The model's card says it is not for this input (another modality, inputs it does not describe): the same
+    input is refused the same way every time."""
+
+    permanent = True
+
+
+class BundleError(ModelError):
+    """The bundle's own code failed in a way the same input repeats (a key it expects missing, a wrong type or
+    shape): not retried."""
+
+    permanent = True
 
 
 class ComputeLostError(ModelError):

@@ -113,7 +113,7 @@ class Node:
         self.verdict_intake = VerdictIntake(config.verdicts, self.series, self.store, self.verdicts)
         self.counter = InstanceCounter(config)
         self.assembler = Assembler(config, self.series, self.store, verdicts=self.verdict_intake,
-                                   counter=self.counter)
+                                   counter=self.counter, cards=self._card)
         tls = config.node
         self.listener = Listener(self.spool, config.node, ssl_context=server_context(
             tls.tls_cert, tls.tls_key, ca=tls.tls_ca, require_client_cert=tls.tls_require_client_cert)
@@ -142,6 +142,10 @@ class Node:
         self.started_at = 0.0
         self.web: Any = None
         self._web_thread: threading.Thread | None = None
+
+    def _card(self, name: str) -> Any:
+        model = self.registry.models.get(name)
+        return model.card if model is not None else None
 
     # --- state for the API, metrics and readiness ---------------------------------------------
 

@@ -13,7 +13,8 @@ def make_series(out: Path, stored: np.ndarray, *, iop: tuple[float, ...] = (1, 0
                 origin: tuple[float, float, float] = (-100.0, -100.0, -50.0), pixel_spacing: tuple[float, float] = (2.0, 2.0),
                 step: tuple[float, float, float] | None = None, slope: float = 1.0, intercept: float = -1024.0,
                 positions: list[tuple[float, float, float]] | None = None, sizes: list[tuple[int, int]] | None = None,
-                iops: list[tuple[float, ...]] | None = None, sop_class: str = CTImageStorage) -> list[Path]:
+                iops: list[tuple[float, ...]] | None = None, sop_class: str = CTImageStorage,
+                thicknesses: list[float] | None = None) -> list[Path]:
     """Write ``stored[k]`` as slice k (uint16 stored values) and return the paths (slice order).
 
     Slice k is at ``origin + k * step`` (step defaults to 3 mm along the slice normal) unless
@@ -46,7 +47,7 @@ def make_series(out: Path, stored: np.ndarray, *, iop: tuple[float, ...] = (1, 0
         ds.ImagePositionPatient = [f"{v:.4f}" for v in pos]
         ds.ImageOrientationPatient = [f"{v:.6f}" for v in (iops[k] if iops is not None else iop)]
         ds.PixelSpacing = [f"{v:g}" for v in pixel_spacing]
-        ds.SliceThickness = "3"
+        ds.SliceThickness = f"{thicknesses[k]:g}" if thicknesses is not None else "3"
         ds.KVP = "120"
         ds.AcquisitionNumber = 1
         ds.SamplesPerPixel = 1

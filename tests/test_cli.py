@@ -36,11 +36,15 @@ def test_run_offline(small_series: Path, tmp_path: Path) -> None:
 
 
 def test_run_errors(tmp_path: Path, small_series: Path) -> None:
-    r = runner.invoke(app, ["run", "--model", "lesion-ct-demo", str(tmp_path), str(tmp_path / "o")])
+    env = {"PREANNOT_MODELS__DIR": str(ROOT / "models")}
+    r = runner.invoke(app, ["run", "--model", "lesion-ct-demo", str(tmp_path), str(tmp_path / "o")], env=env)
     assert r.exit_code == 2 and "no DICOM series" in r.output
-    r = runner.invoke(app, ["run", "--model", "nope", str(small_series), str(tmp_path / "o")],
-                      env={"PREANNOT_MODELS__DIR": str(ROOT / "models")})
-    assert r.exit_code == 1 and "no model 'nope'" in r.output
+    r = runner.invoke(app, ["run", "--model", "lesion-ct-demo", str(tmp_path / "nowhere"), str(tmp_path / "o")],
+                      env=env)
+    assert r.exit_code == 2 and "no such file or folder" in r.output
+    # a wrong model name is said before the folder is scanned
+    r = runner.invoke(app, ["run", "--model", "nope", str(small_series), str(tmp_path / "o")], env=env)
+    assert r.exit_code == 2 and "no model 'nope'" in r.output and "series under" not in r.output
 
 
 def test_run_on_a_scanner_folder(small_series: Path, tmp_path: Path) -> None:

@@ -172,6 +172,7 @@ def test_route_confidence_floor_and_cap_are_applied_and_stated(tmp_path: Path, s
     from node.config import OutputsConfig
     from node.inference.kinds import load_runner
     from node.inference.registry import load_model
+    from node.inference.rois import NOT_REPORTED
     from node.outputs.equipment import Provenance
     from node.processing.findings import FindingOptions
     from node.processing.pipeline import ModelContext, PipelineOptions, process_series
@@ -190,7 +191,9 @@ def test_route_confidence_floor_and_cap_are_applied_and_stated(tmp_path: Path, s
     assert len(capped.rois) == 1 and capped.rois[0].confidence == pytest.approx(scores[0])
     left = capped.result.not_reported
     assert sum(left.values()) == len(scores) - 1 and left["below_min_confidence"] >= 1
-    assert f"{len(scores) - 1} finding(s) not reported: below the route" in str(dcmread(tmp_path / "capped" / "sr.dcm"))
+    text = str(dcmread(tmp_path / "capped" / "sr.dcm"))
+    for reason, n in left.items():
+        assert f"{n} not reported: {NOT_REPORTED[reason]}"[:64] in text
 
 
 def test_models_add_drafts_a_card_for_the_whole_body_bundle_and_its_organs_come_out(
@@ -211,7 +214,7 @@ def test_models_add_drafts_a_card_for_the_whole_body_bundle_and_its_organs_come_
     r = CliRunner().invoke(app, ["models", "add", str(ZOO / "wholeBody_ct_segmentation"), "--config", str(cfg)])
     # no weights are published with the bundle: copied and carded, but not usable yet, and it says why
     assert r.exit_code == 1 and "draft model_card.toml with 104 label(s)" in r.output, r.output
-    assert "not in the code table" in r.output and "no models/model.ts or models/model.pt" in r.output
+    assert "not in the code table" in r.output and "no weights: its large_files list names models/model.pt" in r.output
     card = tomllib.loads((models / "wholeBody_ct_segmentation" / "model_card.toml").read_text())
     by_name = {lab["name"]: lab for lab in card["labels"]}
     assert by_name["Liver"]["type"]["code"] == "10200004" and by_name["Liver"]["finding"] is False

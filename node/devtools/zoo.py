@@ -104,9 +104,11 @@ def install_detector(zoo: Path, models_dir: Path, card: str, name: str = "lung_n
 
 
 def random_weights(bundle: Path, *, seed: int = 0, overrides: dict[str, object] | None = None) -> Path:
-    """Seeded random weights for the bundle's own ``network_def`` (with ``overrides`` applied to its config,
-    e.g. ``{"network_def#pretrained": False}`` so that building it downloads nothing), saved as
-    ``models/model.pt``; returns the path."""
+    """Seeded random weights for the bundle's own ``network_def`` as the node builds it (the ``[bundle]`` overrides
+    and removals of its model card applied, when it has one, then ``overrides``: e.g. a ``pretrained`` switched
+    off so that building it downloads nothing), saved as ``models/model.pt``; returns the path."""
+    import tomllib
+
     import torch
     from monai.bundle import ConfigParser
 
@@ -117,8 +119,18 @@ def random_weights(bundle: Path, *, seed: int = 0, overrides: dict[str, object] 
         raise FileNotFoundError(f"{bundle}: no inference config")
     parser = ConfigParser()
     parser.read_config(str(config))
-    for key, value in (overrides or {}).items():
-        parser[key] = value
+    card_path = bundle / "model_card.toml"
+    card = tomllib.loads(card_path.read_text()).get("bundle", {}) if card_path.is_file() else {}
+    for key in card.get("remove", []):
+        parent_id, _, last = key.rpartition("#")
+        parent = parser[parent_id] if parent_id else parser.config
+        if isinstance(parent, dict):
+            parent.pop(last, None)
+        if parent_id:
+            parser[parent_id] = parent
+    for key, value in {**card.get("overrides", {}), **(overrides or {})}.items():
+        if key.startswith("network_def"):
+            parser[key] = value
     torch.manual_seed(seed)
     state = parser.get_parsed_content("network_def").state_dict()
     (bundle / "models").mkdir(exist_ok=True)

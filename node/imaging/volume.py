@@ -27,15 +27,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.valuerep import validate_value
 
 from node.errors import MissingSlicesError, VolumeError
 from node.imaging.spacing import classify_spacing
 
-__all__ = ["CT_WINDOW", "PROJECTION_MODALITIES", "TILT_TOLERANCE_DEG", "FrameRef", "Volume", "display_window",
-           "load_series", "read_headers"]
+__all__ = ["CT_WINDOW", "PROJECTION_MODALITIES", "TILT_TOLERANCE_DEG", "FrameRef", "Volume", "clean_copied",
+           "display_window", "invalid_values", "load_series", "read_headers"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +115,22 @@ class Volume:
         if self.mapping is not None:
             self.mapping.madvise(mmap.MADV_DONTNEED)
 
+    def slab_widths(self) -> np.ndarray:
+        """How thick a slab of the patient each slice k stands for (mm, along the slice normal): half-way to
+        each neighbour (the end slices: their one step), so that unevenly spaced or overlapping stacks (two
+        acquisitions meeting) count every millimetre once; a regular stack gives its spacing everywhere. A
+        volume's region measures ``area x slab width`` per slice, as its SEG on these slices does."""
+        n = self.shape[0]
+        if self.positions is None or n < 2 or self.projection:
+            return np.full(n, self.spacing[2] if n else 1.0)
+        normal = np.cross(self.affine[:3, 0], self.affine[:3, 1])
+        normal /= np.linalg.norm(normal)
+        steps = np.abs(np.diff(self.positions @ normal))
+        widths = np.empty(n)
+        widths[0], widths[-1] = steps[0], steps[-1]
+        widths[1:-1] = (steps[:-1] + steps[1:]) / 2
+        return widths
+
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size (i, j, k) in mm."""
@@ -185,18 +203,64 @@ _COPIED_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "
                  "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
+#: attributes the SEG and SR copy from their source images (Patient, General Study, Patient Study, Clinical
+#: Trial Subject and Study modules): each value is checked against its VR before it is copied
+COPIED = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientBirthTime", "PatientSex",
+          "OtherPatientIDs", "EthnicGroup", "PatientComments", "PatientSpeciesDescription", "PatientBreedDescription",
+          "PatientIdentityRemoved", "DeidentificationMethod", "StudyInstanceUID", "StudyDate", "StudyTime",
+          "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDescription", "PatientAge", "PatientSize",
+          "PatientWeight", "Occupation", "AdditionalPatientHistory", "ClinicalTrialSponsorName",
+          "ClinicalTrialProtocolID", "ClinicalTrialSubjectID", "ClinicalTrialSiteID", "ClinicalTrialTimePointID")
+
+
+def invalid_values(ds: Dataset, keywords: Sequence[str] = COPIED) -> list[str]:
+    """Those of ``keywords`` whose value in ``ds`` breaks its VR's rules (a PatientAge of "0Y", a date written
+    2026-01-01, a name longer than its VR allows)."""
+    bad = []
+    for kw in keywords:
+        if kw not in ds:
+            continue
+        elem = ds[kw]  # the element (ds.get gives its value)
+        if elem.VR in ("SQ", "UN"):
+            continue
+        try:
+            values = list(elem.value) if elem.VM > 1 else [elem.value]
+            for v in values:
+                if v not in (None, ""):
+                    validate_value(elem.VR, str(v) if isinstance(v, int | float) else v, pydicom_config.RAISE)
+        except (ValueError, TypeError, KeyError):
+            bad.append(kw)
+    return bad
+
+
+def clean_copied(ds: Dataset) -> list[str]:
+    """Make a source header safe to copy into the node's outputs (in memory only): an element whose value breaks
+    its VR is emptied when the outputs must have it (Type 2 patient and study attributes) and removed
+    otherwise. Returns the keywords fixed (never their values: patient data)."""
+    fixed = invalid_values(ds)
+    for kw in fixed:
+        if kw in _COPIED_TYPE2:
+            setattr(ds, kw, "")
+        elif kw in ds:
+            del ds[kw]
+    return fixed
+
+
 def read_headers(paths: Sequence[Path]) -> list[Dataset]:
     """Read the headers (no pixel data) of the files; raises VolumeError for an unreadable file.
 
     Type 2 patient and study attributes missing from a header are added empty (in memory only), as the
-    SEG and SR that copy them require them present, empty or not.
+    SEG and SR that copy them require them present, empty or not; values that break their VR's rules are
+    not copied (:func:`clean_copied`, logged once per series by keyword).
     """
     out: list[Dataset] = []
+    fixed: set[str] = set()
     for p in paths:
         try:
             ds = dcmread(p, stop_before_pixels=True)
         except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
             raise VolumeError(f"cannot read {Path(p).name}: {exc}") from exc
+        fixed.update(clean_copied(ds))
         for kw in _COPIED_TYPE2:
             if kw not in ds:
                 setattr(ds, kw, "")
@@ -205,6 +269,9 @@ def read_headers(paths: Sequence[Path]) -> list[Dataset]:
             # Type 1C once identity is removed; copied into every output, which would then be invalid
             ds.DeidentificationMethod = "not stated in the source images"
         out.append(ds)
+    if fixed and out:
+        logger.warning("series %s: values that break their VR are not copied into the results: %s",
+                       out[0].get("SeriesInstanceUID", "?"), ", ".join(sorted(fixed)))
     return out
 
 

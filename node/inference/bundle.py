@@ -23,7 +23,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from node.config import ModelsConfig
-from node.errors import ModelError, ModelTimeoutError
+from node.errors import BundleError, ModelError, ModelTimeoutError
 from node.inference.registry import ModelInfo
 
 __all__ = ["LOADERS", "SAVERS", "LoadedBundle", "bundle_code", "configure_torch", "downloading_args", "root_cause",
@@ -236,6 +236,9 @@ class LoadedBundle:
         detail = f"{type(exc).__name__}: {str(exc)[:200]}"
         if root is not exc:
             detail += f" (caused by {type(root).__name__}: {str(root)[:300]})"
+        if isinstance(root, KeyError | TypeError | AttributeError | IndexError | ImportError | NotImplementedError):
+            # the bundle's code meets something it does not handle: the same input fails the same way again
+            return BundleError(f"model {self.model.name} {what}: {detail}")
         return ModelError(f"model {self.model.name} {what}: {detail}")
 
     def _load_state(self, net: torch.nn.Module) -> torch.nn.Module:

@@ -30,7 +30,7 @@ from node.imaging.volume import Volume
 from node.inference.bundle import LOADERS, SAVERS, LoadedBundle, target_name
 from node.inference.prediction import ClassStatement
 from node.inference.registry import ModelCard, ModelInfo
-from node.inference.rois import ROI
+from node.inference.rois import Regions
 
 __all__ = ["ClassScores", "ClassificationRunner"]
 
@@ -46,8 +46,11 @@ class ClassScores:
     #: per row, the image of the series it is about (None: the whole series)
     images: tuple[int | None, ...]
 
-    def regions(self, volume: Volume, card: ModelCard) -> list[ROI]:
-        return []
+    def regions(self, volume: Volume, card: ModelCard) -> Regions:
+        return Regions([])
+
+    def produced(self, card: ModelCard) -> dict[int, int]:
+        return {}
 
     def statements(self, volume: Volume, card: ModelCard) -> list[ClassStatement]:
         classes = sorted(card.labels, key=lambda lab: lab.value)

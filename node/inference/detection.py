@@ -11,8 +11,8 @@ The bundle's ``postprocessing`` (which writes boxes in world coordinates for its
 used.
 
 Each box becomes an :class:`~node.inference.rois.ROI` of kind ``box``: its mask is the box on the
-series grid, its key slice the box centre's slice, its outline the rectangle there, its confidence
-the detector's score. The SEG, SR, presentation state and captures then treat it like any finding.
+series grid, measured as any region (``rois.measure_region``), its key slice the box centre's slice, its
+outline the rectangle there (``rois.describe``), its confidence the detector's score. The SEG, SR, presentation state and captures then treat it like any finding.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from node.imaging.volume import Volume
 from node.inference.bundle import LOADERS, LoadedBundle, target_name
 from node.inference.prediction import Boxes
 from node.inference.registry import ModelInfo
-from node.inference.rois import ROI
+from node.inference.rois import ROI, measure_region
 
 __all__ = ["DetectionRunner", "boxes_to_rois"]
 
@@ -107,7 +107,7 @@ def boxes_to_rois(boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, box
     ras_to_vox = np.linalg.inv(volume.ras_affine())
     to_vol = ras_to_vox @ box_affine
     nk, nj, ni = volume.shape
-    sx, sy, sz = volume.spacing
+    widths = volume.slab_widths()
     rois: list[ROI] = []
     for box, lab, score in zip(boxes, labels, scores, strict=True):
         spec = card.label(int(lab))
@@ -124,25 +124,13 @@ def boxes_to_rois(boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, box
         if i1 < i0 or j1 < j0 or k1 < k0:  # entirely outside the series
             continue
         mask = np.ones((k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1), dtype=bool)
-        count = int(mask.size)
-        centre_ijk = np.array([(i0 + i1) / 2, (j0 + j1) / 2, (k0 + k1) / 2])
-        centroid = volume.voxel_to_patient(centre_ijk)[0]
-        w, h, d = (i1 - i0 + 1) * sx, (j1 - j0 + 1) * sy, (k1 - k0 + 1) * sz
-        values = volume.pixels[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1]
-        key = (k0 + k1) // 2
-        outline = [(float(i0) - 0.5, float(j0) - 0.5), (float(i1) + 0.5, float(j0) - 0.5),
-                   (float(i1) + 0.5, float(j1) + 0.5), (float(i0) - 0.5, float(j1) + 0.5),
-                   (float(i0) - 0.5, float(j0) - 0.5)]
-        axis = ((float(i0), float(j0)), (float(i1), float(j1)))  # the in-plane diagonal
-        rois.append(ROI(
-            index=0, label=spec.value, label_name=spec.name, voxels=count, volume_mm3=round(count * sx * sy * sz, 2),
-            diameter_3d_mm=round(float(np.sqrt(w * w + h * h + d * d)), 2),
-            diameter_inplane_mm=round(float(max(w, h)), 2),
-            centroid_mm=(round(float(centroid[0]), 2), round(float(centroid[1]), 2), round(float(centroid[2]), 2)),
-            bbox=((k0, k1), (j0, j1), (i0, i1)), mean=round(float(values.mean()), 1),
-            min=round(float(values.min()), 1), max=round(float(values.max()), 1), key_slice=key,
-            key_outline_ij=outline, key_axis_ij=axis, mask=mask, offset=(k0, j0, i0), kind="box",
-            confidence=round(float(score), 4), size_mm=(round(w, 2), round(h, 2), round(d, 2))))
+        roi = measure_region(mask, (k0, j0, i0), label=spec.value, name=spec.name, kind="box", volume=volume,
+                             widths=widths, confidence=None)
+        if roi is None:
+            continue
+        roi.key_slice = (k0 + k1) // 2  # the slice through the box's centre
+        roi.confidence = round(float(score), 4)
+        rois.append(roi)
     rois.sort(key=lambda r: -(r.confidence or 0.0))
     for n, r in enumerate(rois, start=1):
         r.index = n

@@ -23,7 +23,7 @@ from node.imaging.volume import Volume
 from node.inference.registry import CodeSpec, ModelCard
 
 if TYPE_CHECKING:
-    from node.inference.rois import ROI
+    from node.inference.rois import ROI, Regions
 
 __all__ = ["Boxes", "ClassStatement", "LabelMap", "Prediction", "Runner"]
 
@@ -51,8 +51,14 @@ class ClassStatement:
 class Prediction(Protocol):
     """What a runner returns; see the module docstring."""
 
-    def regions(self, volume: Volume, card: ModelCard) -> list[ROI]:
-        """Candidate findings, measured on ``volume`` (the grid the model saw), numbered from 1."""
+    def regions(self, volume: Volume, card: ModelCard) -> Regions:
+        """Candidate findings, with their cheap measures on ``volume`` (the grid the model saw), numbered from 1,
+        and what the card's rules left out."""
+        ...
+
+    def produced(self, card: ModelCard) -> dict[int, int]:
+        """What the model produced, by label value (voxels of a label map, boxes of a detector), whether or not
+        the card describes the value: every one must end up in the results or be stated as left out."""
         ...
 
     def statements(self, volume: Volume, card: ModelCard) -> list[ClassStatement]:
@@ -93,10 +99,17 @@ class LabelMap:
     #: :meth:`compact`'s form: the confidence of the labelled voxels only, in the order of ``labels > 0``
     labelled_confidence: np.ndarray | None = field(default=None, repr=False)
 
-    def regions(self, volume: Volume, card: ModelCard) -> list[ROI]:
-        from node.inference.rois import extract_rois
+    def regions(self, volume: Volume, card: ModelCard) -> Regions:
+        from node.inference.rois import Regions, extract_rois
 
-        return extract_rois(self.labels, volume, card, confidence=self.confidence)
+        too_small: dict[int, int] = {}
+        rois = extract_rois(self.labels, volume, card, confidence=self.confidence, too_small=too_small)
+        return Regions(rois, too_small)
+
+    def produced(self, card: ModelCard) -> dict[int, int]:
+        counts = np.bincount(self.labels.ravel(), minlength=2) if self.labels.dtype == np.uint8 \
+            else np.bincount(self.labels.astype(np.int64).ravel())
+        return {v: int(n) for v, n in enumerate(counts) if v and n}
 
     def statements(self, volume: Volume, card: ModelCard) -> list[ClassStatement]:
         return []
@@ -127,8 +140,16 @@ class Boxes:
 
     rois: tuple[ROI, ...]
 
-    def regions(self, volume: Volume, card: ModelCard) -> list[ROI]:
-        return list(self.rois)
+    def regions(self, volume: Volume, card: ModelCard) -> Regions:
+        from node.inference.rois import Regions
+
+        return Regions(list(self.rois))
+
+    def produced(self, card: ModelCard) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for r in self.rois:
+            out[r.label] = out.get(r.label, 0) + 1
+        return out
 
     def statements(self, volume: Volume, card: ModelCard) -> list[ClassStatement]:
         return []

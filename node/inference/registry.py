@@ -27,7 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from node.errors import ModelError
 from node.inference.kinds import Kind, kind_of
 
-__all__ = ["CodeSpec", "LabelSpec", "ModelCard", "ModelInfo", "Registry", "read_inference_config", "scan_models"]
+__all__ = ["CodeSpec", "LabelSpec", "ModelCard", "ModelInfo", "Registry", "bundle_inputs", "find_weights", "large_files",
+           "read_inference_config", "scan_models"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,16 @@ class ModelCard(BaseModel):
     def label(self, value: int) -> LabelSpec | None:
         return next((lab for lab in self.labels if lab.value == value), None)
 
+    def refusal(self, name: str, attrs: Any) -> str | None:
+        """Why the model ``name`` must not run on a series with these attributes (a mapping of DICOM keywords),
+        or None: the card's ``modality`` list, when it has one, decides what it may run on."""
+        wanted = [m.upper() for m in self.model.modality]
+        modality = str(attrs.get("Modality", "") or "").upper()
+        if wanted and modality not in wanted:
+            return (f"model {name} is for {', '.join(wanted)} (its card's modality); the series is "
+                    f"{modality or 'of no modality'}")
+        return None
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -163,9 +174,12 @@ def load_model(folder: Path) -> ModelInfo:
         raise ModelError(f"{folder.name}: configs/metadata.json is not valid JSON: {exc}") from exc
     if find_inference_config(folder) is None:
         raise ModelError(f"{folder.name}: no configs/inference.json or configs/inference.yaml")
-    weights = next((folder / "models" / n for n in ("model.ts", "model.pt") if (folder / "models" / n).is_file()), None)
-    if weights is None:
-        raise ModelError(f"{folder.name}: no models/model.ts or models/model.pt")
+    config = read_inference_config(folder)
+    inputs = bundle_inputs(config, metadata)
+    if len(inputs) > 1:
+        raise ModelError(f"{folder.name}: the bundle takes {len(inputs)} inputs ({', '.join(inputs)}); the node runs a "
+                         "bundle only when its card describes every input it takes ([[inputs]], docs/models.md)")
+    weights = find_weights(folder)
     card_path = folder / "model_card.toml"
     if not card_path.is_file():
         raise ModelError(f"{folder.name}: no model_card.toml (labels and codes for the outputs)")
@@ -175,8 +189,83 @@ def load_model(folder: Path) -> ModelInfo:
         raise ModelError(f"{folder.name}: invalid model_card.toml: {exc}") from exc
     return ModelInfo(name=folder.name,
                      version=str(metadata.get("version", "0")), path=folder.resolve(), weights=weights,
-                     sha256=_sha256(weights), card=card, metadata=metadata,
-                     kind=kind_of(read_inference_config(folder), metadata))
+                     sha256=_sha256(weights), card=card, metadata=metadata, kind=kind_of(config, metadata))
+
+
+#: weights files, in the order they are looked for (a bundle's ``large_files`` list may name others)
+WEIGHTS = ("models/model.ts", "models/model.pt")
+
+
+def large_files(folder: Path) -> list[dict[str, Any]]:
+    """The files a bundle's ``large_files.yml`` / ``.yaml`` / ``.json`` names (path, url, hash), [] without one."""
+    for name in ("large_files.yml", "large_files.yaml", "large_files.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            if path.suffix == ".json":
+                data = json.loads(path.read_text())
+            else:
+                import yaml
+
+                data = yaml.safe_load(path.read_text())
+        except Exception as exc:  # any parse error is the bundle's, named
+            raise ModelError(f"{folder.name}: {name} cannot be read: {exc}") from exc
+        entries = data.get("large_files") if isinstance(data, dict) else None
+        return [e for e in entries or [] if isinstance(e, dict) and e.get("path")]
+    return []
+
+
+def find_weights(folder: Path) -> Path:
+    """The bundle's weights: ``models/model.ts`` or ``models/model.pt``, else a weights file its ``large_files``
+    list names (.ts, .pt, .pth).
+
+    Raises:
+        ModelError: none is there; the message names the file the bundle's list names and where it comes from
+            (the node never downloads).
+    """
+    named = [str(e["path"]) for e in large_files(folder)
+             if str(e["path"]).endswith((".ts", ".pt", ".pth")) and not str(e["path"]).startswith("/")]
+    for rel in (*WEIGHTS, *named):
+        path = (folder / rel).resolve()
+        if path.is_file() and folder.resolve() in path.parents:
+            return path
+    if named:
+        entry = next(e for e in large_files(folder) if str(e["path"]) == named[0])
+        source = f" (the bundle gives its address: {entry['url']})" if entry.get("url") else ""
+        what = named[0] if len(named) == 1 else f"{', '.join(named)}, none of which"
+        raise ModelError(f"{folder.name}: no weights: its large_files list names {what} is there{source}; put the "
+                         "file there by hand (the node never downloads)")
+    raise ModelError(f"{folder.name}: no weights: no models/model.ts or models/model.pt, and no large_files list "
+                     "naming another")
+
+
+def bundle_inputs(config: dict[str, Any], metadata: dict[str, Any]) -> list[str]:
+    """The inputs a bundle takes: the keys its loader reads (its label key aside) when there are several, else the
+    input channels its metadata names when there are several distinct ones (brats: T1c, T1, T2, FLAIR), else one,
+    ``image``. A grey image copied to several channels (``channel_def`` naming one "image") is one input."""
+    pre = config.get("preprocessing")
+    transforms = pre.get("transforms", []) if isinstance(pre, dict) else []
+    first = transforms[0] if transforms and isinstance(transforms[0], dict) else {}
+    if str(first.get("_target_", "")).rsplit(".", 1)[-1] in ("LoadImage", "LoadImaged"):
+        keys = first.get("keys", "image")
+        keys = keys if isinstance(keys, list) else [keys]
+        resolved = []
+        for k in keys:  # "@image_key": a reference to a top-level string of the config
+            if isinstance(k, str) and k.startswith("@") and isinstance(config.get(k[1:]), str):
+                k = config[k[1:]]
+            resolved.append(str(k))
+        resolved = [k for k in resolved if k.lower() not in ("label", "seg", "mask")]
+        if len(resolved) > 1:
+            return resolved
+    fmt = metadata.get("network_data_format") if isinstance(metadata, dict) else None
+    inputs = fmt.get("inputs", {}) if isinstance(fmt, dict) else {}
+    image = inputs.get("image") if isinstance(inputs, dict) else None
+    channels = image.get("channel_def") if isinstance(image, dict) else None
+    names = list(dict.fromkeys(str(v) for v in channels.values())) if isinstance(channels, dict) else []
+    if len(names) > 1:
+        return names
+    return ["image"]
 
 
 def read_inference_config(folder: Path) -> dict[str, Any]:

@@ -1,14 +1,26 @@
-"""Regions of interest: connected components of each label, with their measurements.
+"""Regions of interest: connected components of each finding label, whole organs, a detector's boxes, with
+their measurements on the images the radiologist sees.
 
-Per ROI: voxel count, volume (mm3), longest diameter in 3D and in-plane (on any one slice), centroid
-in patient coordinates, bounding box, mean/min/max intensity (HU for CT), and the key slice (the
-slice of largest in-plane area) with the outline and the long-axis end points on it, which the SR
-uses to draw the finding in viewers.
+Measuring is in two steps, so that a noisy model's thousands of specks cost microseconds each:
+
+1. :func:`extract_rois` (or :func:`on_source`, for a model that saw a resampled grid) finds every region
+   and its **cheap measures** from its own mask, in one pass: voxel count, volume (each slice's area times
+   the slab of the patient it stands for, :meth:`Volume.slab_widths`, as the SEG on those slices gives it),
+   bounding box, centroid in patient coordinates, key slice (largest area), mean/min/max intensity (HU for
+   CT), the mean confidence;
+2. :func:`describe` adds the **costly measures** to the findings that are reported: longest 3D diameter,
+   longest in-plane diameter over the slices, the long axis and the outline on the key slice (what the SR
+   draws in viewers).
+
+Every measure is made on the series' own slices: a tilted or unevenly spaced series is resampled for the
+model only, and its regions are placed back on the original slices (:func:`on_source`) before they are
+measured; a region that covers no original pixel (thinner than the slice spacing, between two slices) is
+counted as lost, never silently dropped.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,12 +32,12 @@ from node.imaging.volume import Volume
 from node.inference.contour import mask_outline
 from node.inference.registry import ModelCard
 
-__all__ = ["ROI", "extract_rois", "max_distance", "paint_rois", "relocate_rois"]
+__all__ = ["NOT_REPORTED", "ROI", "Regions", "describe", "extract_rois", "max_distance", "measure_region", "on_source", "paint_rois"]
 
 
 @dataclass(slots=True)
 class ROI:
-    """One connected region of one label."""
+    """One region of one label."""
 
     index: int
     label: int
@@ -53,11 +65,33 @@ class ROI:
     size_mm: tuple[float, float, float] | None = None
     #: the finding's identity in the SR and SEG (and in verdicts and follow-ups), given by the pipeline
     tracking_uid: str | None = None
+    #: whether :func:`describe` has measured its diameters, long axis and outline
+    described: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("mask")
         return d
+
+
+#: why a finding is not reported, in the words the SR and the API use
+NOT_REPORTED = {
+    "below_min_confidence": "below the route's minimum confidence",
+    "over_max_findings": "over the route's cap per label",
+    "below_min_volume": "below the model card's minimum volume",
+    "between_slices": "between the original slices",
+    "not_in_card": "label value(s) not in the model card",
+}
+
+
+
+@dataclass
+class Regions:
+    """The regions a prediction gives, and those the model card's rules left out."""
+
+    rois: list[ROI]
+    #: label value -> its regions below the card's ``min_volume_mm3`` (left out, stated in the results)
+    too_small: dict[int, int] = field(default_factory=dict)
 
 
 def max_distance(points: np.ndarray) -> tuple[float, int, int]:
@@ -76,91 +110,62 @@ def max_distance(points: np.ndarray) -> tuple[float, int, int]:
     return float(np.sqrt(d2[a, b])), int(cand[a]), int(cand[b])
 
 
-def _surface_points(mask: np.ndarray) -> np.ndarray:
-    eroded = ndimage.binary_erosion(mask)
-    return np.argwhere(mask & ~eroded)
+def _edge(mask2d: np.ndarray) -> np.ndarray:
+    """(row, col) of a 2D mask's boundary pixels."""
+    return np.argwhere(mask2d & ~ndimage.binary_erosion(mask2d))
 
 
-def _planar(sub: np.ndarray, off: np.ndarray, sx: float, sy: float, *, outlines: bool = True
-            ) -> tuple[int, float, tuple[tuple[float, float], tuple[float, float]], list[tuple[float, float]]]:
-    """The in-plane measures of one ROI mask ``sub`` (placed at ``off`` = (k, j, i)): key slice (largest
-    area, local index), longest in-plane diameter over all slices (mm), the long axis on the key slice and
-    its outline (column, row pixel coordinates)."""
-    areas = sub.sum(axis=(1, 2))
-    key_local = int(np.argmax(areas))
-    best_inplane = 0.0
-    for kk in range(sub.shape[0]):
-        if areas[kk] == 0:
-            continue
-        sl2 = sub[kk]
-        edge = np.argwhere(sl2 & ~ndimage.binary_erosion(sl2))  # (row, col)
-        d, _, _ = max_distance(edge[:, ::-1].astype(np.float64) * np.array([sx, sy]))
-        best_inplane = max(best_inplane, d)
-    # long axis on the key slice (what a radiologist measures)
-    key2d = sub[key_local]
-    edge = np.argwhere(key2d & ~ndimage.binary_erosion(key2d))
-    pts = edge[:, ::-1].astype(np.float64)
-    _, a, b = max_distance(pts * np.array([sx, sy]))
-    key_axis: tuple[tuple[float, float], tuple[float, float]]
-    if len(pts) >= 2:
-        pa, pb = pts[a] + off[[2, 1]], pts[b] + off[[2, 1]]
-        key_axis = ((float(pa[0]), float(pa[1])), (float(pb[0]), float(pb[1])))
-    else:
-        c = (float(off[2] + pts[0][0]), float(off[1] + pts[0][1])) if len(pts) else (0.0, 0.0)
-        key_axis = (c, c)
-    outline = [(x + off[2], y + off[1]) for x, y in mask_outline(key2d)] if outlines else []
-    return key_local, best_inplane, key_axis, outline
+def measure_region(sub: np.ndarray, off: tuple[int, int, int], *, label: int, name: str, kind: str, volume: Volume,
+            widths: np.ndarray, confidence: np.ndarray | None, min_volume: float = 0.0) -> ROI | None:
+    """The cheap measures of one region from its mask ``sub`` placed at ``off`` = (k, j, i); None when it is
+    empty or below ``min_volume``."""
+    per_slice = sub.sum(axis=(1, 2), dtype=np.int64)
+    count = int(per_slice.sum())
+    if count == 0:
+        return None
+    k0, j0, i0 = off
+    sx, sy, _ = volume.spacing
+    vol = float(per_slice @ widths[k0:k0 + sub.shape[0]]) * sx * sy
+    if vol < min_volume:
+        return None
+    # the mean voxel index from the mask's three projections (no list of its voxels: organs are millions)
+    mean_kji = [float(np.dot(per_slice, np.arange(sub.shape[0]))) / count,
+                float(np.dot(sub.sum(axis=(0, 2), dtype=np.int64), np.arange(sub.shape[1]))) / count,
+                float(np.dot(sub.sum(axis=(0, 1), dtype=np.int64), np.arange(sub.shape[2]))) / count]
+    centroid = volume.voxel_to_patient((np.asarray(mean_kji) + np.asarray(off))[::-1])[0]
+    sl = (slice(k0, k0 + sub.shape[0]), slice(j0, j0 + sub.shape[1]), slice(i0, i0 + sub.shape[2]))
+    values = volume.pixels[sl][sub]
+    conf = None
+    if confidence is not None:
+        conf = round(float(confidence[sl][sub].astype(np.float32).mean()), 4)
+    return ROI(index=0, label=label, label_name=name, voxels=count, volume_mm3=round(vol, 2),
+               diameter_3d_mm=0.0, diameter_inplane_mm=0.0,
+               centroid_mm=(round(float(centroid[0]), 2), round(float(centroid[1]), 2), round(float(centroid[2]), 2)),
+               bbox=((k0, k0 + sub.shape[0] - 1), (j0, j0 + sub.shape[1] - 1), (i0, i0 + sub.shape[2] - 1)),
+               mean=round(float(values.mean()), 1), min=round(float(values.min()), 1), max=round(float(values.max()), 1),
+               key_slice=k0 + int(np.argmax(per_slice)), mask=sub, offset=off, kind=kind, confidence=conf)
 
 
-def relocate_rois(rois: list[ROI], grid: Regridded) -> tuple[list[ROI], list[ROI]]:
-    """ROIs found on a resampled grid, placed on the source slices for the outputs.
-
-    Measurements (volume, diameters, centroid, intensities) stay those made on the orthogonal grid;
-    the key slice, outline, long axis, bounding box and mask become those of the ROI's voxels on the
-    source slices (labels mapped back by nearest neighbour).
-
-    Returns:
-        (ROIs on the source slices, ROIs that cover no source pixel: thinner than the source spacing)
-    """
-    if not rois:
-        return [], []
-    ids = np.zeros(grid.volume.shape, dtype=np.uint16)
-    for r in rois:
-        if r.mask is None:
-            raise ValueError(f"ROI {r.index} carries no mask")
-        k0, j0, i0 = r.offset
-        ids[k0:k0 + r.mask.shape[0], j0:j0 + r.mask.shape[1], i0:i0 + r.mask.shape[2]][r.mask] = r.index
-    on_source = grid.to_source(ids)
-    del ids
-    sx, sy, _ = grid.source.spacing
-    placed, lost = [], []
-    boxes = ndimage.find_objects(on_source)
-    for r in rois:
-        box = boxes[r.index - 1] if r.index - 1 < len(boxes) else None
-        if box is None:
-            lost.append(r)
-            continue
-        sub = on_source[box] == r.index
-        off = np.array([s.start for s in box])
-        key_local, _, key_axis, outline = _planar(sub, off, sx, sy, outlines=bool(r.key_outline_ij))
-        placed.append(replace(r, key_slice=int(off[0] + key_local), key_outline_ij=outline, key_axis_ij=key_axis,
-                              bbox=tuple((int(s.start), int(s.stop - 1)) for s in box),  # type: ignore[arg-type]
-                              mask=sub, offset=(int(off[0]), int(off[1]), int(off[2]))))
-    return placed, lost
+def _order(rois: list[ROI]) -> list[ROI]:
+    """Findings by decreasing volume, then anatomy; numbered from 1."""
+    rois.sort(key=lambda r: (r.kind != "finding", -r.volume_mm3))
+    for n, r in enumerate(rois, start=1):
+        r.index = n
+    return rois
 
 
-def extract_rois(labels: np.ndarray, volume: Volume, card: ModelCard, *, outlines: bool = True,
-                 confidence: np.ndarray | None = None) -> list[ROI]:
-    """The regions of interest of a label map.
+def extract_rois(labels: np.ndarray, volume: Volume, card: ModelCard, *,
+                 confidence: np.ndarray | None = None, too_small: dict[int, int] | None = None) -> list[ROI]:
+    """The regions of interest of a label map on ``volume``'s grid, with their cheap measures (module doc).
 
     A label the card marks as a finding gives one ROI per connected component (26-connectivity);
     components below the label's ``min_volume_mm3`` are dropped. A label marked ``finding = false``
-    (anatomy: an organ, a vessel) gives one ROI holding all of it, so that the SEG draws it and the SR
-    reports its volume. Findings are numbered from 1 in order of decreasing volume, then anatomy.
-    ``confidence`` (the winning class's probability per voxel, same shape) gives each ROI its mean.
+    (anatomy: an organ, a vessel) gives one ROI holding all of it. Findings are numbered from 1 in order of
+    decreasing volume, then anatomy. ``confidence`` (the winning class's probability per voxel, same
+    shape) gives each ROI its mean. ``too_small`` (when given) counts, per label value, the regions left out
+    for their size.
     """
-    sx, sy, sz = volume.spacing
-    voxel_mm3 = sx * sy * sz
+    widths = volume.slab_widths()
     rois: list[ROI] = []
     structure = np.ones((3, 3, 3), dtype=bool)
     for spec in card.labels:
@@ -176,12 +181,16 @@ def extract_rois(labels: np.ndarray, volume: Volume, card: ModelCard, *, outline
         if not zs.any():
             continue
         crop = tuple(slice(int(np.argmax(a)), len(a) - int(np.argmax(a[::-1]))) for a in (zs, ys, xs))
-        base = np.array([c.start for c in crop])
+        base = tuple(c.start for c in crop)
         hit = labels[crop] == spec.value
+        common = {"label": spec.value, "name": spec.name, "volume": volume, "widths": widths,
+                  "confidence": confidence, "min_volume": spec.min_volume_mm3}
         if not spec.finding:
-            roi = _measure(hit, crop, spec, volume, voxel_mm3, outlines=outlines, kind="anatomy", confidence=confidence)
+            roi = measure_region(hit, base, kind="anatomy", **common)  # type: ignore[arg-type]
             if roi is not None:
                 rois.append(roi)
+            elif too_small is not None:
+                too_small[spec.value] = too_small.get(spec.value, 0) + 1
             continue
         try:  # 16-bit component labels (half the memory of int32) unless there are more than 65535 of them
             comp = np.empty(hit.shape, dtype=np.uint16)
@@ -189,67 +198,127 @@ def extract_rois(labels: np.ndarray, volume: Volume, card: ModelCard, *, outline
         except RuntimeError:
             comp = ndimage.label(hit, structure=structure)[0]
         del hit
-        objects = ndimage.find_objects(comp)
-        for idx, local in enumerate(objects, start=1):
+        for idx, local in enumerate(ndimage.find_objects(comp), start=1):
             if local is None:
                 continue
-            sl = tuple(slice(s.start + b, s.stop + b) for s, b in zip(local, base, strict=True))
-            roi = _measure(comp[local] == idx, sl, spec, volume, voxel_mm3, outlines=outlines, kind="finding",
-                           confidence=confidence)
+            off = (local[0].start + base[0], local[1].start + base[1], local[2].start + base[2])
+            roi = measure_region(comp[local] == idx, off, kind="finding", **common)  # type: ignore[arg-type]
             if roi is not None:
                 rois.append(roi)
-    rois.sort(key=lambda r: (r.kind != "finding", -r.volume_mm3))
+            elif too_small is not None:
+                too_small[spec.value] = too_small.get(spec.value, 0) + 1
+    return _order(rois)
+
+
+def on_source(rois: list[ROI], grid: Regridded, *, confidence: np.ndarray | None = None) -> tuple[list[ROI], list[ROI]]:
+    """Regions found on a resampled grid, placed on the original slices (each original pixel takes the region
+    of the grid voxel nearest to it) and measured there; their label, kind and confidence stay.
+    ``confidence`` (on the grid) gives each placed region its mean over its original pixels instead.
+
+    Returns:
+        (ROIs on the original slices, renumbered; ROIs that cover no original pixel: between two slices)
+    """
+    if not rois:
+        return [], []
+    ids = np.zeros(grid.volume.shape, dtype=np.uint16 if len(rois) < 65535 else np.uint32)
     for n, r in enumerate(rois, start=1):
+        if r.mask is None:
+            raise ValueError(f"ROI {r.index} carries no mask")
+        k0, j0, i0 = r.offset
+        ids[k0:k0 + r.mask.shape[0], j0:j0 + r.mask.shape[1], i0:i0 + r.mask.shape[2]][r.mask] = n
+    placed_ids = grid.to_source(ids)
+    del ids
+    conf_src = grid.to_source(confidence) if confidence is not None else None
+    source = grid.source
+    widths = source.slab_widths()
+    boxes = ndimage.find_objects(placed_ids)
+    placed, lost = [], []
+    for n, r in enumerate(rois, start=1):
+        box = boxes[n - 1] if n - 1 < len(boxes) else None
+        if box is None:
+            lost.append(r)
+            continue
+        off = (box[0].start, box[1].start, box[2].start)
+        region = measure_region(placed_ids[box] == n, off, label=r.label, name=r.label_name, kind=r.kind, volume=source,
+                         widths=widths, confidence=conf_src)
+        if region is None:
+            lost.append(r)
+            continue
+        if conf_src is None:
+            region.confidence = r.confidence
+        region.size_mm = r.size_mm
+        placed.append(region)
+    for n, r in enumerate(placed, start=1):
         r.index = n
-    return rois
+    return placed, lost
 
 
-def _measure(sub: np.ndarray, sl: tuple[slice, ...], spec: Any, volume: Volume, voxel_mm3: float, *,
-             outlines: bool, kind: str, confidence: np.ndarray | None = None) -> ROI | None:
-    """One ROI from its mask ``sub`` placed at ``sl`` (None when below the label's minimum volume)."""
+def describe(rois: list[ROI], volume: Volume, *, outlines: bool = True) -> None:
+    """Add the costly measures to ``rois`` (in place): longest 3D diameter, longest in-plane diameter, the long
+    axis and the outline on the key slice. A detector's box keeps the sizes its box gives; an organ's in-plane
+    diameter is measured on its key slice only (an organ's SR group states its volume, not diameters)."""
     sx, sy, _ = volume.spacing
-    count = int(sub.sum())
-    vol = count * voxel_mm3
-    if vol < spec.min_volume_mm3 or count == 0:
-        return None
-    off = np.array([s.start for s in sl])
-    # the mean voxel index from the mask's three projections (no list of its voxels: organs are millions)
-    mean_kji = [float(np.dot(sub.sum(axis=tuple(a for a in range(3) if a != axis), dtype=np.int64),
-                             np.arange(sub.shape[axis]))) / count for axis in range(3)]
-    centroid = volume.voxel_to_patient((np.asarray(mean_kji) + off)[::-1])[0]
-    surf_ijk = (_surface_points(sub) + off)[:, ::-1].astype(np.float64)
-    d3, _, _ = max_distance(volume.voxel_to_patient(surf_ijk))
-    key_local, best_inplane, key_axis, outline = _planar(sub, off, sx, sy, outlines=outlines)
-    values = volume.pixels[sl][sub]
-    return ROI(
-        index=0, label=spec.value, label_name=spec.name, voxels=count, volume_mm3=round(vol, 2),
-        diameter_3d_mm=round(max(d3, min(sx, sy)), 2), diameter_inplane_mm=round(max(best_inplane, min(sx, sy)), 2),
-        centroid_mm=(round(float(centroid[0]), 2), round(float(centroid[1]), 2), round(float(centroid[2]), 2)),
-        bbox=tuple((int(s.start), int(s.stop - 1)) for s in sl),  # type: ignore[arg-type]
-        mean=round(float(values.mean()), 1), min=round(float(values.min()), 1),
-        max=round(float(values.max()), 1), key_slice=int(off[0] + key_local),
-        key_outline_ij=outline, key_axis_ij=key_axis, mask=sub, offset=(int(off[0]), int(off[1]), int(off[2])),
-        kind=kind,
-        confidence=None if confidence is None else round(float(confidence[sl][sub].astype(np.float32).mean()), 4))
+    for r in rois:
+        if r.described or r.mask is None:
+            continue
+        sub, off = r.mask, np.asarray(r.offset)
+        key_local = r.key_slice - r.offset[0]
+        key2d = sub[key_local]
+        if r.kind == "box":
+            (k0, k1), (j0, j1), (i0, i1) = r.bbox
+            w, h, d = (i1 - i0 + 1) * sx, (j1 - j0 + 1) * sy, float(volume.slab_widths()[k0:k1 + 1].sum())
+            r.size_mm = r.size_mm or (round(w, 2), round(h, 2), round(d, 2))
+            r.diameter_3d_mm = round(float(np.sqrt(w * w + h * h + d * d)), 2)
+            r.diameter_inplane_mm = round(float(max(w, h)), 2)
+            r.key_outline_ij = [(i0 - 0.5, j0 - 0.5), (i1 + 0.5, j0 - 0.5), (i1 + 0.5, j1 + 0.5), (i0 - 0.5, j1 + 0.5),
+                                (i0 - 0.5, j0 - 0.5)]
+            r.key_axis_ij = ((float(i0), float(j0)), (float(i1), float(j1)))  # the in-plane diagonal
+            r.described = True
+            continue
+        surface = np.argwhere(sub & ~ndimage.binary_erosion(sub)) + off
+        d3, _, _ = max_distance(volume.voxel_to_patient(surface[:, ::-1].astype(np.float64)))
+        # long axis on the key slice (what a radiologist measures)
+        edge = _edge(key2d)
+        pts = edge[:, ::-1].astype(np.float64)
+        key_d, a, b = max_distance(pts * np.array([sx, sy]))
+        best_inplane = key_d
+        if r.kind != "anatomy":  # a finding's longest diameter on any of its slices
+            for kk in range(sub.shape[0]):
+                if kk != key_local and sub[kk].any():
+                    e = _edge(sub[kk])
+                    best_inplane = max(best_inplane, max_distance(e[:, ::-1].astype(np.float64) * np.array([sx, sy]))[0])
+        if len(pts) >= 2:
+            pa, pb = pts[a] + off[[2, 1]], pts[b] + off[[2, 1]]
+            r.key_axis_ij = ((float(pa[0]), float(pa[1])), (float(pb[0]), float(pb[1])))
+        else:
+            c = (float(off[2] + pts[0][0]), float(off[1] + pts[0][1])) if len(pts) else (0.0, 0.0)
+            r.key_axis_ij = (c, c)
+        if outlines:
+            r.key_outline_ij = [(x + off[2], y + off[1]) for x, y in mask_outline(key2d)]
+        r.diameter_3d_mm = round(max(d3, min(sx, sy)), 2)
+        r.diameter_inplane_mm = round(max(best_inplane, min(sx, sy)), 2)
+        r.described = True
 
 
 def paint_rois(rois: list[ROI], *, out: np.ndarray | None = None,
-               shape: tuple[int, int, int] | None = None) -> np.ndarray:
-    """A label map holding exactly the given ROIs (each painted with its label value).
+               shape: tuple[int, int, int] | None = None, values: list[int] | None = None) -> np.ndarray:
+    """A map holding exactly the given ROIs, each painted with its label value (or with ``values[n]``, e.g. its
+    segment number, then in the smallest unsigned type that holds them).
 
-    ``out`` is cleared and painted in place (no second full-size array); otherwise a new uint8 array of
-    ``shape`` is made.
+    ``out`` is cleared and painted in place (no second full-size array); otherwise a new array of ``shape``.
     """
     if out is None:
         if shape is None:
             raise ValueError("paint_rois needs out or shape")
-        out = np.zeros(shape, dtype=np.uint8)
+        top = max(values) if values else 255
+        out = np.zeros(shape, dtype=np.uint8 if top < 256 else np.uint16 if top < 65536 else np.uint32)
     else:
         out.fill(0)
-    for r in rois:
+    for n, r in enumerate(rois):
         if r.mask is None:
             raise ValueError(f"ROI {r.index} carries no mask to paint")
         k0, j0, i0 = r.offset
         region = out[k0:k0 + r.mask.shape[0], j0:j0 + r.mask.shape[1], i0:i0 + r.mask.shape[2]]
-        region[r.mask] = r.label
+        region[r.mask] = r.label if values is None else values[n]
     return out
+

@@ -19,7 +19,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.config import Destination
 
-__all__ = ["DicomSender", "SendOutcome", "Sender", "count_series_instances", "echo", "send_files"]
+__all__ = ["DICOMDIR_CLASS", "DicomSender", "SendOutcome", "Sender", "count_series_instances", "echo", "iter_dicom_files",
+           "send_files", "unsendable"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,10 @@ def send_files(paths: list[str], *, ae_title: str, host: str, port: int, calling
             ds = dcmread(p)
         except Exception as exc:
             outcomes.append(SendOutcome(p, False, None, f"cannot read {p}: {exc}"))
+            continue
+        why = unsendable(ds)
+        if why is not None:
+            outcomes.append(SendOutcome(p, False, None, f"not sendable: {why}"))
             continue
         datasets[p] = ds
         contexts.setdefault(str(ds.SOPClassUID), set()).add(str(ds.file_meta.TransferSyntaxUID))
@@ -136,6 +141,25 @@ def echo(*, ae_title: str, host: str, port: int, calling_ae: str = "PREANNOT", t
         return bool(status) and int(status.Status) == 0
     finally:
         assoc.release()
+
+
+#: Media Storage Directory (DICOMDIR): an index of the files on a medium, not an instance
+DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
+
+
+def unsendable(ds: Any) -> str | None:
+    """Why a dataset read from a file cannot be sent by C-STORE (a DICOMDIR, a vendor's index file such as a
+    Philips DIRFILE, an object without SOP Class or Instance UID), or None."""
+    meta = getattr(ds, "file_meta", None)
+    sop_class = str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else ""))
+    if sop_class == DICOMDIR_CLASS or "DirectoryRecordSequence" in ds:
+        return "a DICOMDIR (an index of the files), not an instance"
+    missing = [kw for kw in ("SOPClassUID", "SOPInstanceUID") if not ds.get(kw)]
+    if missing:
+        return f"no {' or '.join(missing)} (an index or vendor file, not a DICOM instance)"
+    if meta is None or not meta.get("TransferSyntaxUID"):
+        return "no transfer syntax in its file meta information"
+    return None
 
 
 def iter_dicom_files(root: Path) -> list[Path]:

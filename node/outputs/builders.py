@@ -70,9 +70,7 @@ def _seg_wanted(r: OutputRequest) -> bool:
 
 
 def _seg(r: OutputRequest) -> list[tuple[str, Dataset]]:
-    assert r.labels is not None
-    return [("seg", build_seg(r.volume, r.labels, r.card, r.provenance, series_number=r.outputs.seg_series_number,
-                              label_values=sorted({x.label for x in r.rois})))]
+    return [("seg", build_seg(r.volume, r.rois, r.card, r.provenance, series_number=r.outputs.seg_series_number))]
 
 
 def _sr(r: OutputRequest) -> list[tuple[str, Dataset]]:

@@ -1,7 +1,9 @@
-"""DICOM SEG (binary) of the ROIs of one job, placed exactly over the source images.
+"""DICOM SEG of the ROIs of one job, placed exactly over the source images.
 
-One segment per label that has at least one ROI; frames reference the source instances (and frames,
-for multi-frame sources) and share their Frame of Reference. Empty frames are omitted.
+One segment per reported finding (a connected component, a box) or organ, carrying the finding's identity:
+its tracking UID (the same as in the SR, the job's result and, later, its verdicts and follow-ups) and its
+tracking identifier, e.g. "Nodule 2 (AI, unverified)". Frames reference the source instances (and frames,
+for multi-frame sources) and share their Frame of Reference. Empty frames are omitted (binary SEG).
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import numpy as np
 
 from node.errors import OutputError
 from node.imaging.volume import Volume
-from node.inference.registry import CodeSpec, ModelCard
+from node.inference.registry import CodeSpec, LabelSpec, ModelCard
+from node.inference.rois import ROI, paint_rois
 from node.outputs.equipment import Provenance, new_uid
 
-__all__ = ["build_seg", "coded"]
+__all__ = ["build_seg", "coded", "segment_label"]
 
 logger = logging.getLogger(__name__)
 
@@ -25,65 +28,63 @@ def coded(spec: CodeSpec) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(spec.code, spec.scheme, spec.meaning)
 
 
-def build_seg(volume: Volume, labels: np.ndarray, card: ModelCard, provenance: Provenance, *,
-              series_number: int, label_values: list[int] | None = None) -> hd.seg.Segmentation:
-    """Build the SEG.
+def segment_label(roi: ROI, spec: LabelSpec) -> str:
+    """A segment's label: "Nodule 2" for a finding or box, "Liver" for an organ."""
+    return (spec.name if roi.kind == "anatomy" else f"{spec.name} {roi.index}")[:64]
+
+
+def build_seg(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Provenance, *,
+              series_number: int) -> hd.seg.Segmentation:
+    """Build the SEG, segment n being ``rois[n - 1]``.
 
     Args:
         volume: the source volume (its sources and frame references place the frames).
-        labels: ``[k, j, i]`` label map after ROI filtering (0 = background).
+        rois: the reported findings, with their masks and tracking UIDs.
         card: the model card (segment codes, colours).
         provenance: model and node identification.
         series_number: the configured SEG series number.
-        label_values: labels to include (default: those present in ``labels``).
 
     Raises:
-        OutputError: no label to encode, or highdicom refused the object.
+        OutputError: no ROI to encode, a label the card does not describe, or highdicom refused the object.
     """
-    present = sorted(int(v) for v in np.unique(labels) if v) if label_values is None else label_values
-    specs = [card.label(v) for v in present]
-    if not present or any(s is None for s in specs):
-        raise OutputError(f"labels {present} are not all described in the model card")
+    if not rois:
+        raise OutputError("a SEG needs at least one region")
     descriptions = []
-    for n, spec in enumerate(specs, start=1):
-        assert spec is not None
+    for n, roi in enumerate(rois, start=1):
+        spec = card.label(roi.label)
+        if spec is None:
+            raise OutputError(f"label {roi.label} is not described in the model card")
+        if roi.tracking_uid is None:  # one identity per finding: the pipeline gives it; made here otherwise
+            roi.tracking_uid = new_uid(provenance.uid_root)
         descriptions.append(hd.seg.SegmentDescription(
-            segment_number=n, segment_label=spec.name[:64],
+            segment_number=n, segment_label=segment_label(roi, spec),
             segmented_property_category=coded(spec.category), segmented_property_type=coded(spec.type),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=provenance.algorithm(),
             anatomic_regions=[coded(spec.finding_site)] if spec.finding_site else None,
-            tracking_uid=new_uid(provenance.uid_root), tracking_id=f"{spec.name} (AI, unverified)"[:64],
+            tracking_uid=roi.tracking_uid,
+            tracking_id=f"{segment_label(roi, spec)} (AI, unverified)"[:64],
             display_color=hd.color.CIELabColor.from_rgb(*spec.color),
         ))
-    # frames in source order: single-frame sources are in slice order; multi-frame sources by frame number
-    multiframe = volume.frames[0].frame is not None
+    numbers = list(range(1, len(rois) + 1))
     labelmap = card.outputs.seg_type == "labelmap"
+    if labelmap and len(rois) > 255:
+        raise OutputError(f"a label map SEG holds at most 255 segments; {len(rois)} regions (use seg_type = \"binary\")")
+    multiframe = volume.frames[0].frame is not None
     if multiframe and labelmap:
         raise OutputError("a label map SEG over multi-frame sources is not supported; use seg_type = \"binary\"")
+    painted = paint_rois(rois, shape=volume.shape, values=numbers)  # segment numbers (regions never overlap)
     if multiframe:
         if len(volume.sources) != 1:
             raise OutputError("a SEG over several multi-frame source images is not supported")
         nframes = int(volume.sources[0].NumberOfFrames)
-        arr = np.zeros((nframes, *labels.shape[1:], len(present)), dtype=bool)
+        arr = np.zeros((nframes, *painted.shape[1:]), dtype=painted.dtype)
         for k, ref in enumerate(volume.frames):
-            for s, v in enumerate(present):
-                arr[ref.frame - 1, :, :, s] = labels[k] == v  # type: ignore[operator]
+            arr[ref.frame - 1] = painted[k]  # type: ignore[operator]
         sources = volume.sources
     else:
         sources = [volume.sources[f.source] for f in volume.frames]
-        if labelmap:  # one plane, segment numbers as values
-            if present == list(range(1, len(present) + 1)) and int(labels.max()) <= len(present):
-                arr = labels
-            else:
-                lut = np.zeros(256, dtype=np.uint8)
-                lut[present] = np.arange(1, len(present) + 1, dtype=np.uint8)
-                arr = lut[labels]
-        elif present == list(range(1, len(present) + 1)) and int(labels.max()) <= len(present):
-            # label values are already the segment numbers: highdicom takes the label map as is (no copy)
-            arr = labels
-        else:
-            arr = np.stack([labels == v for v in present], axis=-1)
+        arr = painted
     try:
         seg = hd.seg.Segmentation(
             source_images=sources,

@@ -13,8 +13,8 @@ Organs (anatomy) get groups 1 and 2 with their volume; a detector's box gets its
 centre (4); over ``COMPACT_ABOVE`` ROIs each keeps groups 1 and 2 only. The document's evidence is
 written here, not by highdicom's document constructor (which copies and searches the whole content).
 
-Observer: the node as a device. CompletionFlag PARTIAL, VerificationFlag UNVERIFIED. When no ROI was
-found, the report says so in a coded finding ("No findings" / "AI: no region of interest found").
+Observer: the node as a device. CompletionFlag PARTIAL, VerificationFlag UNVERIFIED. What is not reported,
+and a study without any finding, are stated in the Qualitative Evaluations container (see ``build_sr``).
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
 
 from node.errors import OutputError
 from node.imaging.volume import Volume
 from node.inference.prediction import ClassStatement
 from node.inference.registry import ModelCard
-from node.inference.rois import ROI
+from node.inference.rois import NOT_REPORTED, ROI, describe
 from node.outputs.equipment import Provenance, new_uid
 from node.outputs.seg import coded
 
@@ -46,6 +47,9 @@ CENTER = hd.sr.CodedConcept("111010", "DCM", "Center")
 #: standard code names an AI confidence in TID 1500, so a local one is used and documented (docs/models.md).
 CONFIDENCE = hd.sr.CodedConcept("CONF", "99PREANNOT", "AI confidence score")
 NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
+#: the local code of each reason a finding is not reported (docs/outputs.md)
+_NOTREP_CODES = {"below_min_confidence": "NOTREP-CONF", "over_max_findings": "NOTREP-CAP",
+                 "below_min_volume": "NOTREP-VOL", "between_slices": "NOTREP-GAP", "not_in_card": "NOTREP-CARD"}
 #: above this many ROIs in one report, each gets two groups (volume; outline with long axis and area), not four
 COMPACT_ABOVE = 100
 
@@ -81,14 +85,10 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
             observer_device_context=hd.sr.ObserverContext(observer_type=codes.DCM.Device,
                                                           observer_identifying_attributes=device))
         groups: list = []
-        seg_numbers = {}
-        if seg is not None:
-            seg_numbers = {int(d.SegmentNumber): d for d in seg.SegmentSequence}
-        label_to_segment = {}
-        for n, d in seg_numbers.items():
-            for spec in card.labels:
-                if spec.name[:64] == d.SegmentLabel:
-                    label_to_segment[spec.value] = n
+        describe([r for r in rois if not r.described], volume)  # outlines and axes, where not measured yet
+        # each finding's own segment, by the identity they share (the tracking UID)
+        segment_of = {str(d.TrackingUID): int(d.SegmentNumber) for d in seg.SegmentSequence
+                      if "TrackingUID" in d} if seg is not None else {}
         algo = provenance.sr_algorithm()
         # many findings (a noisy model): each keeps its volume group and its outline with long axis and area,
         # not the separate long-axis line and centre point, so that the report stays quick to build and read
@@ -99,7 +99,9 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
                 raise OutputError(f"label {roi.label} is not described in the model card")
             spec = found
             anatomy = roi.kind == "anatomy"  # a whole organ: its volume, not a finding's measures
-            tracking = hd.sr.TrackingIdentifier(uid=roi.tracking_uid or new_uid(provenance.uid_root),
+            if roi.tracking_uid is None:  # one identity per finding: the pipeline gives it; made here otherwise
+                roi.tracking_uid = new_uid(provenance.uid_root)
+            tracking = hd.sr.TrackingIdentifier(uid=roi.tracking_uid,
                                                 identifier=(f"{spec.name} (AI)" if anatomy
                                                             else f"{spec.name} {roi.index} (AI)")[:64])
             finding = coded(spec.type)
@@ -113,10 +115,10 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
                                           unit=codes.UCUM.Millimeter)
             confidence = ([hd.sr.Measurement(name=CONFIDENCE, value=float(roi.confidence), unit=NO_UNITS)]
                           if roi.confidence is not None else [])
-            if seg is not None and roi.label in label_to_segment:
+            if seg is not None and roi.tracking_uid in segment_of:
                 ref_seg = hd.sr.ReferencedSegment(
                     sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
-                    segment_number=label_to_segment[roi.label],
+                    segment_number=segment_of[roi.tracking_uid],
                     source_series=hd.sr.SourceSeriesForSegmentation(volume.series_uid))
                 groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                     tracking_identifier=tracking, referenced_segment=ref_seg, finding_type=finding,
@@ -159,35 +161,47 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
                                                           frame_of_reference_uid=for_uid),
                     geometric_purpose=CENTER, finding_type=finding, finding_category=category,
                     algorithm_id=algo))
-        if not_reported:
-            n = sum(not_reported.values())
-            why = " and ".join({"below_min_confidence": "below the route's minimum confidence",
-                                "over_max_findings": "over the route's cap per label"}.get(k, k)
-                               for k in not_reported)
-            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(uid=new_uid(provenance.uid_root),
-                                                             identifier=f"AI: {n} more not reported"[:64]),
-                algorithm_id=algo, qualitative_evaluations=[hd.sr.QualitativeEvaluation(
-                    name=hd.sr.CodedConcept("121071", "DCM", "Finding"),
-                    value=hd.sr.CodedConcept("NOTREP", "99PREANNOT", f"{n} finding(s) not reported: {why}"[:64]))]))
+        # what the report does not list, and a study without any finding, are stated in the document's Qualitative
+        # Evaluations container (TID 1500), not in measurement groups: OHIF 3.13 throws on a measurement group
+        # that references no image region, and takes the whole viewport down with it
+        qualitative: list[Any] = []
+        for reason, n in (not_reported or {}).items():
+            why = NOT_REPORTED.get(reason, reason.replace("_", " "))
+            qualitative.append(hd.sr.CodeContentItem(
+                name=hd.sr.CodedConcept("121071", "DCM", "Finding"),
+                value=hd.sr.CodedConcept(_NOTREP_CODES.get(reason, "NOTREP"), "99PREANNOT",
+                                         f"{n} not reported: {why}"[:64]),
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
         for statement in statements or []:
             groups.append(_statement_group(statement, volume, provenance, algo))
-        no_finding = None
         if not rois and not statements:
-            no_finding = [hd.sr.QualitativeEvaluation(
+            qualitative.append(hd.sr.CodeContentItem(
                 name=hd.sr.CodedConcept("121071", "DCM", "Finding"),
-                value=hd.sr.CodedConcept("373572006", "SCT", "Clinical finding absent"))]
-            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(uid=new_uid(provenance.uid_root),
-                                                             identifier="AI: no region of interest found"),
-                algorithm_id=algo, qualitative_evaluations=no_finding))
+                value=hd.sr.CodedConcept("373572006", "SCT", "Clinical finding absent"),
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+            qualitative.append(hd.sr.TextContentItem(
+                name=hd.sr.CodedConcept("121106", "DCM", "Comment"),
+                value=f"AI: no region of interest found by {provenance.model.name} {provenance.model.version}"[:1024],
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
         def measurement_report(items: list) -> hd.sr.MeasurementReport:
             return hd.sr.MeasurementReport(
                 observation_context=context,
                 procedure_reported=hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure"),
                 imaging_measurements=items, title=codes.DCM.ImagingMeasurementReport)
 
-        report = measurement_report(groups)
+        placeholder = hd.sr.MeasurementsAndQualitativeEvaluations(  # highdicom wants one group; dropped below
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=new_uid(provenance.uid_root), identifier="AI"),
+            algorithm_id=algo)
+        report = measurement_report(groups or [placeholder])
+        if not groups:  # no measurement at all: the Qualitative Evaluations container says why (TID 1500 allows it)
+            report[0].ContentSequence = Sequence([item for item in report[0].ContentSequence
+                                                 if item.ConceptNameCodeSequence[0].CodeValue != "126010"])
+        if qualitative:  # TID 1500 row 12: Qualitative Evaluations, after the imaging measurements
+            container = hd.sr.ContainerContentItem(
+                name=hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations"),
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+            container.ContentSequence = Sequence(qualitative)
+            report[0].ContentSequence.append(container)
         evidence = list(volume.sources)
         if seg is not None:
             evidence.append(seg)
@@ -196,7 +210,7 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
         # document is made around the first group only, then given the full content and its evidence,
         # split as highdicom splits it (referenced instances: current evidence; the others: pertinent).
         sr = hd.sr.Comprehensive3DSR(
-            evidence=evidence, content=measurement_report(groups[:1]),
+            evidence=evidence, content=measurement_report(groups[:1] or [placeholder]),
             series_instance_uid=new_uid(provenance.uid_root),
             series_number=series_number, sop_instance_uid=new_uid(provenance.uid_root), instance_number=1,
             manufacturer=provenance.manufacturer, is_complete=False, is_final=False, is_verified=False,

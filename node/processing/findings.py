@@ -7,7 +7,8 @@
    (``node.imaging.regrid``);
 2. the runner's :class:`~node.inference.prediction.Prediction` gives candidate regions (measured) and
    study-level statements (classes);
-3. regions found on a resampled grid are placed back on the original slices;
+3. regions found on a resampled grid are placed back on the original slices and measured there (what
+   cannot be placed, being thinner than the slice spacing, is counted in ``not_reported``);
 4. the route's selection (minimum confidence, cap per label) keeps the reported findings, counting what
    it leaves out by reason; the findings are numbered from 1 in the model's own order.
 """
@@ -27,9 +28,9 @@ from node.imaging.regrid import Regridded, regularize
 from node.imaging.volume import Volume
 from node.inference.prediction import ClassStatement, Runner
 from node.inference.registry import ModelInfo
-from node.inference.rois import ROI, paint_rois, relocate_rois
+from node.inference.rois import NOT_REPORTED, ROI, describe, on_source, paint_rois
 
-__all__ = ["FindingOptions", "Findings", "predict_findings", "select_findings"]
+__all__ = ["NOT_REPORTED", "FindingOptions", "Findings", "predict_findings", "select_findings"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,21 +63,33 @@ class Findings:
     candidates: list[ROI]
     #: study-level statements (a classifier's class with its probabilities)
     statements: list[ClassStatement]
-    #: findings the model produced that are not reported, by reason
+    #: findings the model produced that are not reported, by reason (``rois.NOT_REPORTED``)
     not_reported: dict[str, int]
     #: the reported regions painted on the series grid (for the SEG); None when there are no regions
     labels: np.ndarray | None
     #: the orthogonal resampling the model saw (tilted or uneven series), else None
     grid: Regridded | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    #: what the model produced, by label value (voxels of a label map, boxes)
+    produced: dict[int, int] = field(default_factory=dict)
+    #: label value -> reason -> regions left out (every produced value is reported or accounted here)
+    left_out: dict[int, dict[str, int]] = field(default_factory=dict)
 
 
-def select_findings(rois: list[ROI], min_confidence: float | None, max_findings: int | None
-                    ) -> tuple[list[ROI], dict[str, int]]:
+def _count(left_out: dict[int, dict[str, int]], label: int, reason: str, n: int = 1) -> None:
+    if n:
+        per = left_out.setdefault(label, {})
+        per[reason] = per.get(reason, 0) + n
+
+
+def select_findings(rois: list[ROI], min_confidence: float | None, max_findings: int | None, *,
+                    left_out: dict[int, dict[str, int]] | None = None) -> tuple[list[ROI], dict[str, int]]:
     """The findings a route reports: those at or above ``min_confidence`` (findings without a confidence
     are kept), then at most ``max_findings`` per label (most confident first, else largest). Anatomy is
-    never dropped. Returns the kept ROIs, renumbered, and the count left out per reason."""
+    never dropped. Returns the kept ROIs, renumbered, and the count left out per reason (also counted per
+    label in ``left_out`` when given)."""
     dropped = {"below_min_confidence": 0, "over_max_findings": 0}
+    book: dict[int, dict[str, int]] = left_out if left_out is not None else {}
     kept: list[ROI] = []
     per_label: dict[int, int] = {}
     ranked = sorted(rois, key=lambda r: (r.kind == "anatomy", -(r.confidence if r.confidence is not None else 1.0),
@@ -85,9 +98,11 @@ def select_findings(rois: list[ROI], min_confidence: float | None, max_findings:
         if r.kind != "anatomy":
             if min_confidence is not None and r.confidence is not None and r.confidence < min_confidence:
                 dropped["below_min_confidence"] += 1
+                _count(book, r.label, "below_min_confidence")
                 continue
             if max_findings is not None and per_label.get(r.label, 0) >= max_findings:
                 dropped["over_max_findings"] += 1
+                _count(book, r.label, "over_max_findings")
                 continue
             per_label[r.label] = per_label.get(r.label, 0) + 1
         kept.append(r)
@@ -130,20 +145,30 @@ def predict_findings(volume: Volume, runner: Runner, model: ModelInfo, *, option
     timings["inference"] = time.perf_counter() - t
 
     t = begin("rois")
-    candidates = prediction.regions(model_volume, model.card)
+    regions = prediction.regions(model_volume, model.card)
+    produced = prediction.produced(model.card)
+    candidates = regions.rois
     statements = prediction.statements(volume, model.card)
-    dropped: dict[str, int] = {}
+    left_out: dict[int, dict[str, int]] = {}
+    for value, n in regions.too_small.items():
+        _count(left_out, value, "below_min_volume", n)
+    for value in produced:
+        if model.card.label(value) is None:
+            _count(left_out, value, "not_in_card")
+            logger.warning("series %s: the model produced label value %d (%d voxel(s) or box(es)), which its card "
+                           "does not describe; stated in the results", volume.series_uid, value, produced[value])
     if grid is not None:
-        candidates, lost = relocate_rois(candidates, grid)  # placed on the original slices
+        candidates, lost = on_source(candidates, grid)  # placed on the original slices, measured there
         for r in lost:
-            logger.warning("series %s: ROI %d (%.0f mm3) falls between the original slices; not reported",
-                           volume.series_uid, r.index, r.volume_mm3)
-        if lost:
-            dropped["between_slices"] = len(lost)
-        for n, r in enumerate(candidates, start=1):  # numbered without gaps
-            r.index = n
-    rois, selected_out = select_findings(list(candidates), opts.min_confidence, opts.max_findings)
-    dropped.update(selected_out)
+            _count(left_out, r.label, "between_slices")
+            logger.warning("series %s: ROI %d (%.0f mm3 on the resampled grid) falls between the original slices; "
+                           "not reported (stated in the results)", volume.series_uid, r.index, r.volume_mm3)
+    rois, _ = select_findings(list(candidates), opts.min_confidence, opts.max_findings, left_out=left_out)
+    dropped: dict[str, int] = {}
+    for per in left_out.values():
+        for reason, n in per.items():
+            dropped[reason] = dropped.get(reason, 0) + n
+    describe(rois, volume)  # the costly measures, for the reported findings only
     labels = None
     if rois:
         buffer = prediction.buffer() if grid is None else None  # a label map is ours to repaint: no second copy
@@ -152,4 +177,5 @@ def predict_findings(volume: Volume, runner: Runner, model: ModelInfo, *, option
     del prediction
     timings["rois"] = time.perf_counter() - t
     return Findings(volume=volume, rois=rois, candidates=list(candidates), statements=statements,
-                    not_reported=dropped, labels=labels, grid=grid, timings=timings)
+                    not_reported=dropped, labels=labels, grid=grid, timings=timings, produced=produced,
+                    left_out=left_out)

@@ -11,16 +11,15 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from node.config import Route
+from node.inference.registry import ModelCard
 from node.ingest.spool import routing_attributes
-from node.net.scu import iter_dicom_files
+from node.net.scu import iter_dicom_files, unsendable
 from node.schedule.eligibility import ineligibility
 
 __all__ = ["FoundSeries", "discover_series"]
 
 logger = logging.getLogger(__name__)
 
-#: Media Storage Directory (DICOMDIR): an index of the files, not an instance of any series
-_DICOMDIR = "1.2.840.10008.1.3.10"
 
 
 @dataclass
@@ -39,28 +38,38 @@ class FoundSeries:
         return f"{self.series_uid}: {what}, {len(self.files)} file(s), {self.frames} image(s)"
 
 
-def discover_series(root: Path, route: Route) -> tuple[list[FoundSeries], list[str]]:
+def discover_series(root: Path, route: Route, *, card: ModelCard | None = None,
+                    model: str = "") -> tuple[list[FoundSeries], list[str]]:
     """The series under ``root`` (a file or a folder, searched recursively), each judged eligible or
-    not for ``route``; and the files that were left out (DICOMDIR, unreadable), with why."""
+    not for ``route`` (and for the model's card, when given: its modality); and the files that were left out
+    (DICOMDIR, vendor index files, unreadable), with why."""
     found: dict[str, FoundSeries] = {}
     left_out: list[str] = []
+    seen: dict[str, Path] = {}
     for path in iter_dicom_files(root):
         try:
             ds = dcmread(path, stop_before_pixels=True)
         except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
             left_out.append(f"{path}: unreadable ({exc})")
             continue
-        sop_class = str(getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", "") or ds.get("SOPClassUID", ""))
-        if sop_class == _DICOMDIR or "DirectoryRecordSequence" in ds:
-            left_out.append(f"{path}: a DICOMDIR (index of the files), not an image")
+        why = unsendable(ds)
+        if why is not None:
+            left_out.append(f"{path}: {why}")
             continue
         uid = str(ds.get("SeriesInstanceUID", ""))
         if not uid:
             left_out.append(f"{path}: no SeriesInstanceUID")
             continue
+        sop = str(ds.get("SOPInstanceUID", ""))
+        if sop in seen:  # the same instance again (a copy, another encoding): the node keeps one too
+            left_out.append(f"{path}: the same SOP Instance UID as {seen[sop].name} (the same instance again)")
+            continue
+        seen[sop] = path
         entry = found.setdefault(uid, FoundSeries(series_uid=uid, attrs=routing_attributes(ds)))
         entry.files.append(path)
         entry.frames += max(int(ds.get("NumberOfFrames", 1) or 1), 1)
     for entry in found.values():
         entry.skipped = ineligibility(route, entry.attrs, frames=entry.frames)
+        if entry.skipped is None and card is not None:
+            entry.skipped = card.refusal(model, entry.attrs)
     return sorted(found.values(), key=lambda s: -s.frames), left_out

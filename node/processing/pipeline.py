@@ -16,14 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from node.config import NodeConfig, OutputsConfig, Route
-from node.errors import ModelTimeoutError, OutputError
+from node.errors import ModelRefusedError, ModelTimeoutError, OutputError
 from node.imaging.volume import Volume, load_series
 from node.inference.prediction import Runner
 from node.inference.registry import ModelInfo
 from node.inference.rois import ROI
 from node.outputs.builders import OUTPUTS, OutputRequest
+from node.outputs.consistency import ConsistencyError, check_results
 from node.outputs.equipment import Provenance, new_uid
 from node.outputs.preview import write_preview
 from node.outputs.result import ResultObject, save_dataset, write_private
@@ -159,6 +161,9 @@ def process_series(files: list[Path], ctx: ModelContext, out_dir: Path, *,
     if volume is None:
         volume = load_series(files, scratch_dir=out_dir)  # a large volume goes to a mapped scratch file
     timings.update({"read": volume.timings.get("read_headers", 0.0), "decode": volume.timings.get("decode", 0.0)})
+    refused = model.card.refusal(model.name, volume.sources[0])
+    if refused is not None:  # what its card says it is for (the node's routes already skip such series)
+        raise ModelRefusedError(f"series {volume.series_uid}: {refused}")
     findings = predict_findings(volume, ctx.runner, model, options=opts.findings, deadline=deadline, stage=stage)
     timings.update(findings.timings)
     for r in findings.rois:  # one identity per finding, in the SR, the SEG, verdicts and follow-ups
@@ -168,8 +173,7 @@ def process_series(files: list[Path], ctx: ModelContext, out_dir: Path, *,
     request = OutputRequest(volume=volume, rois=findings.rois, labels=findings.labels,
                             statements=findings.statements, not_reported=findings.not_reported, card=model.card,
                             provenance=provenance, outputs=outputs, extra=opts.extra_outputs)
-    objects: list[ResultObject] = []
-    files_out: dict[str, str] = {}
+    built: list[tuple[str, Dataset]] = []
     for output in OUTPUTS:
         if not output.wanted(request):
             continue
@@ -177,12 +181,27 @@ def process_series(files: list[Path], ctx: ModelContext, out_dir: Path, *,
         t = time.perf_counter()
         for stem, ds in output.build(request):
             request.made[stem] = ds
-            p = save_dataset(ds, out_dir / f"{stem}.dcm", fsync=opts.fsync)
-            objects.append(ResultObject.of(ds, p))
-            files_out[stem] = str(p)
+            built.append((stem, ds))
         timings[output.name] = time.perf_counter() - t
-    if not objects:
+    if not built:
         raise OutputError(f"model {model.name}: the model card enables no output")
+    stage("check")  # every number against the objects it describes, before anything is written or sent
+    t = time.perf_counter()
+    problems = check_results(volume, findings.rois, request.made, produced=findings.produced,
+                             left_out=findings.left_out, not_reported=findings.not_reported)
+    timings["check"] = time.perf_counter() - t
+    if problems:
+        raise ConsistencyError(f"the results of series {volume.series_uid} fail the consistency check, nothing is "
+                               "sent: " + "; ".join(problems[:10]) + (f" (and {len(problems) - 10} more)"
+                                                                      if len(problems) > 10 else ""))
+    objects: list[ResultObject] = []
+    files_out: dict[str, str] = {}
+    t = time.perf_counter()
+    for stem, ds in built:
+        p = save_dataset(ds, out_dir / f"{stem}.dcm", fsync=opts.fsync)
+        objects.append(ResultObject.of(ds, p))
+        files_out[stem] = str(p)
+    timings["write"] = time.perf_counter() - t
     deferred = None
     if outputs.preview_png and findings.volume.shape[0] > 0:
         preview_path = out_dir / "preview.png"

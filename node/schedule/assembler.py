@@ -21,12 +21,14 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from node.config import NodeConfig, Route
 from node.imaging.spacing import classify_spacing
+from node.inference.registry import ModelCard
 from node.schedule.counts import ASKING, InstanceCounter
-from node.schedule.eligibility import ineligibility
+from node.schedule.eligibility import ineligibility, model_ineligibility
 from node.schedule.routing import matching_routes
 from node.store.jobs import JobStore
 from node.store.series import SeriesInfo, SeriesState, SeriesStore
@@ -57,8 +59,11 @@ class Assembler:
     """Turns stable series into jobs. Call :meth:`tick` periodically (the node does, every ~0.5 s)."""
 
     def __init__(self, config: NodeConfig, series: SeriesStore, jobs: JobStore,
-                 verdicts: VerdictIntake | None = None, counter: InstanceCounter | None = None) -> None:
+                 verdicts: VerdictIntake | None = None, counter: InstanceCounter | None = None,
+                 cards: Callable[[str], ModelCard | None] | None = None) -> None:
         self.config = config
+        #: a model's card by name (None: unknown model, its job fails with the reason); decides what it may run on
+        self.cards = cards or (lambda _name: None)
         #: C-FIND instance counts (expected_count_from), asked off this loop
         self.counter = counter or InstanceCounter(config)
         #: SEG/SR/KO series of a study with results go there instead of to a model
@@ -138,6 +143,12 @@ class Assembler:
             return self._commit(seen, now, outcome="unmatched")
         frames = self.series.frame_count(seen.series_uid)
         reasons = {r.name: ineligibility(r, seen.attrs, frames=frames) for r in routes}
+        for r in routes:  # a route none of whose models may run on the series (the cards' modality) is skipped
+            if reasons[r.name] is None:
+                refused = [model_ineligibility(m, card, seen.attrs) for m in r.models
+                           if (card := self.cards(m)) is not None]
+                if refused and len(refused) == len(r.models) and all(refused):
+                    reasons[r.name] = "; ".join(w for w in refused if w)
         eligible = [r for r in routes if reasons[r.name] is None]
         if not eligible:
             why = "; ".join(dict.fromkeys(str(v) for v in reasons.values()))
@@ -179,6 +190,11 @@ class Assembler:
             else:
                 for route in routes or []:
                     for model in route.models:
+                        card = self.cards(model)
+                        why = model_ineligibility(model, card, info.attrs) if card is not None else None
+                        if why is not None:
+                            logger.info("series %s: %s; no job for it", info.series_uid, why)
+                            continue
                         jid = self.jobs.create(c, series_uid=info.series_uid, series_version=info.version,
                                                model=model, route=route.name, send_to=list(route.send_to),
                                                max_attempts=self.config.jobs.max_attempts,

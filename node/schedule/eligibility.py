@@ -12,8 +12,9 @@ from typing import Any
 
 from node.config import Route
 from node.imaging.volume import PROJECTION_MODALITIES
+from node.inference.registry import ModelCard
 
-__all__ = ["ineligibility"]
+__all__ = ["ineligibility", "model_ineligibility"]
 
 #: SOP classes that hold no image a model reads (prefixes): SR, KOS, presentation states, encapsulated
 #: documents, RT plans/structures/doses/records, SEG/surface/registration, raw data, waveforms, spectroscopy
@@ -59,3 +60,9 @@ def ineligibility(route: Route, attrs: dict[str, Any], *, frames: int) -> str | 
     if frames < route.min_slices and not projection:  # a mammogram or radiograph is one image by nature
         return f"only {frames} image(s); route {route.name} needs at least {route.min_slices} (min_slices)"
     return None
+
+
+
+def model_ineligibility(name: str, card: ModelCard, attrs: dict[str, Any]) -> str | None:
+    """Why the model ``name`` must not run on a series with these attributes (its card decides), or None."""
+    return card.refusal(name, attrs)

@@ -201,17 +201,18 @@ class VerdictIntake:
                     for n in ours.get_segment_numbers()}
         fin_types = {n: final.get_segment_description(n).SegmentedPropertyTypeCodeSequence[0].CodeValue
                      for n in final.get_segment_numbers()}
-        label_of = {f.label_name: f.label for f in result.findings}
-        if set(fin_types.values()) <= set(ai_types.values()):  # the same kinds of finding: judged per label
+        label_of = {f.tracking_uid: f.label for f in result.findings}
+        if set(fin_types.values()) <= set(ai_types.values()):  # the same kinds of finding: judged per kind
             findings: list[FindingVerdict] = []
             dice_parts = []
-            for n_ai, code in ai_types.items():
-                a = ai_px[..., list(ai_types).index(n_ai)]
+            for code in dict.fromkeys(ai_types.values()):  # the AI's segments of one kind (one per finding) together
+                ai_cols = [list(ai_types).index(m) for m, c in ai_types.items() if c == code]
+                a = np.asarray(ai_px[..., ai_cols].any(axis=-1))
                 cols = [list(fin_types).index(m) for m, c in fin_types.items() if c == code]
                 f = np.asarray(fin_px[..., cols].any(axis=-1)) if cols else np.zeros_like(a)
-                name = ours.get_segment_description(n_ai).SegmentLabel
-                j = judge_masks(a, f, spacing, accept_dice=self.config.accept_dice,
-                                label=int(label_of.get(name, n_ai) or n_ai))
+                first = next(m for m, c in ai_types.items() if c == code)
+                uid = str(ours.get_segment_description(first).get("TrackingUID", ""))
+                j = judge_masks(a, f, spacing, accept_dice=self.config.accept_dice, label=int(label_of.get(uid, 1)))
                 findings.extend(j.findings)
                 dice_parts.append((a, f))
             a_all = np.asarray(np.any([p[0] for p in dice_parts], axis=0))
