@@ -111,20 +111,28 @@ def serve(config: ConfigOpt = None) -> None:
 
 @app.command()
 def run(
-    input_dir: Annotated[Path, typer.Argument(help="A series folder, or a scanner/CD folder (DICOMDIR is skipped)")],
-    output_dir: Annotated[Path, typer.Argument(help="Where SEG, SR, preview and result.json go")],
+    paths: Annotated[list[Path], typer.Argument(
+        help="INPUT OUTPUT: a series folder, or a scanner/CD/study folder (DICOMDIR is skipped), and where SEG, SR, "
+             "preview and result.json go; only OUTPUT when every input is given with --input",
+        metavar="[INPUT] OUTPUT")],
     model: Annotated[str, typer.Option("--model", "-m", help="Model (folder name under the models folder)")],
     config: ConfigOpt = None,
     series: Annotated[str | None, typer.Option("--series", help="Process this Series Instance UID only")] = None,
     route: RouteOpt = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: from config)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON")] = False,
+    inputs: Annotated[list[str] | None, typer.Option(
+        "--input", "-i", help="NAME=SERIES_FOLDER: a study-level model's input, named as in its card's [[inputs]] "
+                              "(repeatable)")] = None,
 ) -> None:
     """Process the series of a folder offline (no network): the whole pipeline, with a per-stage summary.
 
     The series found are listed; scouts, secondary captures, non-images and series with too few images
     are skipped with the reason, as a node route would. Several eligible series each get a sub-folder.
     The route options (minimum confidence, cap per label, extra outputs) are those the node applies.
+
+    A model that takes several series of a study ([[inputs]] in its card) takes them from INPUT by its
+    card's match rules (each input's series is said), or from --input NAME=FOLDER, one per input.
     """
     from node.config import Route
     from node.inference.bundle import configure_torch
@@ -136,13 +144,23 @@ def run(
     from node.processing.pipeline import ModelContext, PipelineOptions, process_series
 
     cfg = load_or_exit(config)
-    if not input_dir.exists():
-        raise die(PreannotError(f"{input_dir}: no such file or folder"), 2)
+    if len(paths) not in (1, 2) or (len(paths) == 1 and not inputs):
+        raise die(PreannotError("give INPUT and OUTPUT folders, or only OUTPUT with one --input NAME=FOLDER per "
+                                "input of a study-level model"), 2)
+    output_dir = paths[-1]
+    input_dir = paths[0] if len(paths) == 2 else None
+    for folder in [p for p in (input_dir,) if p is not None]:
+        if not folder.exists():
+            raise die(PreannotError(f"{folder}: no such file or folder"), 2)
     try:  # the model first: a wrong name is said before the folder is scanned
         info = Registry(cfg.models.dir).get(model)
     except PreannotError as exc:
         raise die(exc, 2) from exc
     chosen_route = route_for(cfg, model, route)
+    if info.card.inputs or inputs:
+        _run_study(info, cfg, chosen_route, input_dir, output_dir, inputs or [], device=device, as_json=as_json)
+        return
+    assert input_dir is not None
     found, left_out = discover_series(input_dir, chosen_route or Route(name="run", models=[model]), card=info.card,
                                       model=model)
     for line in left_out:
@@ -204,6 +222,90 @@ def run(
             typer.echo(f"  failed {f.series_uid}: {err}", err=True)
     if failures:
         raise typer.Exit(1)
+
+
+def _run_study(info: Any, cfg: Any, chosen_route: Any, input_dir: Path | None, output_dir: Path,
+               given: list[str], *, device: str | None, as_json: bool) -> None:
+    """``preannot run`` of a study-level model: its inputs from ``--input NAME=FOLDER`` or, by its card's match
+    rules, from the series of one study folder; one result on the reference input's series."""
+    from node.config import Route
+    from node.inference.bundle import configure_torch
+    from node.inference.kinds import load_runner
+    from node.outputs.equipment import Provenance, device_uid
+    from node.processing.offline import FoundSeries, assign_inputs, discover_series
+    from node.processing.pipeline import ModelContext, PipelineOptions, process_series
+
+    card = info.card
+    if not card.inputs:
+        raise die(PreannotError(f"model {info.name} takes one series (its card has no [[inputs]]); --input is for "
+                                "models that take several series of a study"), 2)
+    names = [i.name for i in card.inputs]
+    route = chosen_route or Route(name="run", models=[info.name])
+    chosen: dict[str, FoundSeries] = {}
+    for item in given:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise die(PreannotError(f"--input {item!r}: expected NAME=SERIES_FOLDER"), 2)
+        if name not in names:
+            raise die(PreannotError(f"model {info.name} has no input {name!r} (its inputs: {', '.join(names)})"), 2)
+        path = Path(folder)
+        if not path.exists():
+            raise die(PreannotError(f"--input {name}: {path}: no such file or folder"), 2)
+        found, _left = discover_series(path, route)
+        usable = [f for f in found if f.skipped is None] or found
+        if not usable:
+            raise die(PreannotError(f"--input {name}: no DICOM series under {path}"), 2)
+        if len(usable) > 1:
+            typer.echo(f"  input {name}: {len(usable)} series under {path}; the one with the most images taken",
+                       err=True)
+        chosen[name] = usable[0]
+    if input_dir is not None:
+        found, left_out = discover_series(input_dir, route, card=card, model=info.name)
+        for line in left_out:
+            typer.echo(f"  left out {line}", err=True)
+        typer.echo(f"{len(found)} series under {input_dir}:", err=True)
+        for f in found:
+            typer.echo(f"  {f.describe()}" + (f"  -> skipped: {f.skipped}" if f.skipped else ""), err=True)
+        picked, _missing = assign_inputs(found, card)
+        for name, f in picked.items():
+            chosen.setdefault(name, f)
+    missing = [i for i in card.inputs if i.required and i.name not in chosen]
+    for name in names:
+        if name in chosen:
+            typer.echo(f"input {name} <- series {chosen[name].describe()}", err=True)
+    if missing:
+        raise die(PreannotError("; ".join(f"no series for input {i.name} of model {info.name} (its card's match: "
+                                          f"{i.match or 'none'})" for i in missing)), 2)
+    reference = card.reference_input.name
+    if reference not in chosen:
+        raise die(PreannotError(f"no series for the reference input {reference} of model {info.name}"), 2)
+    configure_torch(cfg.models)
+    try:
+        t = time.perf_counter()
+        runner = load_runner(info, device=device or cfg.models.device, amp=cfg.models.amp)
+        load_s = time.perf_counter() - t
+    except PreannotError as exc:
+        raise die(exc, 1) from exc
+    provenance = Provenance.for_node(info, cfg.outputs, device_uid=device_uid(cfg.outputs, cfg.data_dir, create=False))
+    stages: list[str] = []
+
+    def on_stage(name: str) -> None:
+        stages.append(name)
+        typer.echo(f"  [{len(stages)}] {name} ...", err=True)
+
+    typer.echo(f"processing study with {info.name} {info.version}: results on input {reference} "
+               f"(series {chosen[reference].series_uid})", err=True)
+    try:
+        out = process_series(chosen[reference].files, ModelContext(info, runner, provenance), output_dir,
+                             options=PipelineOptions.for_route(chosen_route, cfg), on_stage=on_stage,
+                             inputs={n: f.files for n, f in chosen.items() if n != reference})
+    except PreannotError as exc:
+        typer.echo(f"  FAILED: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    if as_json:
+        typer.echo(json.dumps({**out.result.to_dict(), "model_load_s": round(load_s, 3)}, indent=2))
+    else:
+        _print_result(out, load_s)
 
 
 def _print_result(out: Any, load_s: float) -> None:

@@ -56,7 +56,10 @@ def models_add(bundle: Annotated[Path, typer.Argument(help="A MONAI bundle folde
                config: ConfigOpt = None,
                name: Annotated[str | None, typer.Option(help="Folder name in the models folder (default: the "
                                                           "bundle's)")] = None,
-               force: Annotated[bool, typer.Option(help="Replace a model of the same name")] = False) -> None:
+               force: Annotated[bool, typer.Option(help="Replace a model of the same name")] = False,
+               trial: Annotated[bool, typer.Option("--try/--no-try", help="Run it once on a tiny synthetic input, as "
+                                                   "the node will (finds missing packages and the like)")] = True,
+               ) -> None:
     """Copy a bundle into the models folder and write a draft model_card.toml from its metadata.json
     (label names mapped to SNOMED CT codes where the node's table knows them); then validate it."""
     import shutil
@@ -93,16 +96,53 @@ def models_add(bundle: Annotated[Path, typer.Argument(help="A MONAI bundle folde
         if draft.removed:
             typer.echo(f"  not accepted by the installed MONAI, removed from the config at load ([bundle] remove): "
                        f"{', '.join(draft.removed)}")
+        if draft.inputs:
+            typer.echo(f"  takes {len(draft.inputs)} series of a study ({', '.join(draft.inputs)}): one [[inputs]] table "
+                       "each, matched by series attributes; review the rules"
+                       + (f" (by name only: {', '.join(draft.unmatched_inputs)})" if draft.unmatched_inputs else ""))
         if draft.no_download:
             typer.echo(f"  would download weights when the network is built, switched off in the card ([bundle]): "
                        f"{', '.join(draft.no_download)}")
+    tried_ok = True
+    if trial:
+        tried_ok = _try(dest)
     try:
         model = load_model(dest)
     except PreannotError as exc:
         typer.echo(f"not usable yet: {exc}")
         raise typer.Exit(1) from exc
+    if not tried_ok:
+        raise typer.Exit(1)
     typer.echo(f"valid: {model.name} {model.kind} version {model.version}, weights sha256 {model.sha256[:16]}; "
                "review the card, then name the model in a route")
+
+
+def _try(folder: Path) -> bool:
+    """Run the bundle once on a tiny input as the node will (node.inference.smoke); say what it found."""
+    import tomllib
+
+    from pydantic import ValidationError
+
+    from node.inference.registry import ModelCard, bundle_inputs, read_inference_config
+    from node.inference.smoke import try_bundle
+
+    try:
+        card = ModelCard.model_validate(tomllib.loads((folder / "model_card.toml").read_text()))
+        metadata = json.loads((folder / "configs" / "metadata.json").read_text())
+        if len(bundle_inputs(read_inference_config(folder), metadata)) > 1:
+            return True  # refused below with the reason (its card must describe each input)
+    except (OSError, ValueError, ValidationError, PreannotError):
+        return True  # the card or config problem is reported below, by load_model
+    typer.echo("  trying it once on a tiny synthetic input, as the node will run it ...")
+    result = try_bundle(folder, card, metadata)
+    weights = " (random weights: the bundle's own are not there yet)" if result.random_weights else ""
+    if result.ok:
+        typer.echo(f"  tried: it runs{weights} ({result.seconds:.1f} s)")
+        return True
+    typer.echo(f"  tried: it FAILS{weights}: {result.problem}")
+    if result.fix:
+        typer.echo(f"  fix: {result.fix}")
+    return False
 
 
 @config_app.command("check")

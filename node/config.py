@@ -293,6 +293,10 @@ class JobsConfig(_Section):
     stop_timeout_seconds: float = Field(30.0, ge=0)
     #: a waiting job rises one priority level per this many minutes (routine work is never starved)
     priority_aging_minutes: float = Field(30.0, gt=0)
+    #: a study-level model (``[[inputs]]`` in its card): how long its job waits, from its reference series'
+    #: last instance, for the study's other input series to arrive and be stable; then a required input still
+    #: missing fails the job with the input's name
+    inputs_wait_seconds: float = Field(600.0, ge=0)
     #: time-to-result targets per priority (seconds from the series' last instance to the result's
     #: delivery); a result later than its target counts as a breach (metric, dashboard)
     targets: dict[Priority, float] = Field(default_factory=lambda: {Priority.STAT: 300.0, Priority.URGENT: 1800.0,

@@ -15,6 +15,7 @@ job with its reason, the CLI into a message and exit code 2)::
     │   ├── ModelTimeoutError    inference ran past the job timeout
     │   ├── ModelRefusedError    the model's card says it is not for this input (modality, inputs): permanent
     │   ├── BundleError          the bundle's code failed as it will again (a missing key, a wrong type): permanent
+    │   ├── InputsPendingError   a study-level model's input series has not arrived yet: the job waits, not counted
     │   └── ComputeLostError     the Ray actor (or its server) running the job went away: requeued, not counted
     ├── OutputError              a DICOM SEG / SR could not be built
     ├── DeliveryError            a destination refused or could not be reached
@@ -36,6 +37,7 @@ __all__ = [
     "ConfigError",
     "ConflictError",
     "DeliveryError",
+    "InputsPendingError",
     "InvalidInstanceError",
     "JobError",
     "JobNotFoundError",
@@ -109,6 +111,16 @@ class BundleError(ModelError):
     shape): not retried."""
 
     permanent = True
+
+
+class InputsPendingError(ModelError):
+    """A study-level model's input series is not there yet (or still arriving): the job waits and runs again
+    without counting the attempt, until its inputs are there or the wait (``[jobs] inputs_wait_seconds``) ends."""
+
+    def __init__(self, message: str, *, retry_in: float = 5.0) -> None:
+        super().__init__(message)
+        #: seconds until it is worth looking again
+        self.retry_in = retry_in
 
 
 class ComputeLostError(ModelError):

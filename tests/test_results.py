@@ -332,9 +332,12 @@ def test_a_bundle_naming_its_outputs_in_label_def_gives_every_organ(tmp_path: Pa
 
 
 @needs_zoo
-def test_a_bundle_with_inputs_its_card_does_not_describe_is_refused_before_any_job(tmp_path: Path) -> None:
-    """A 3-input bundle (loads artery, vein, excret as renalStructures_CECT_segmentation does) is refused by
-    `models add` and `config check`, not at its first job with a raw KeyError."""
+def test_a_bundle_with_inputs_gets_them_drafted_and_a_card_without_them_is_refused(tmp_path: Path) -> None:
+    """A 3-input bundle (loads artery, vein, excret as renalStructures_CECT_segmentation does): `models add` drafts
+    one [[inputs]] table per key, in the bundle's order; a card that does not describe them is refused by
+    `config check`, not at its first job with a raw KeyError."""
+    import tomllib
+
     src = tmp_path / "src" / "three_phase"
     shutil.copytree(ZOO / "spleen_ct_segmentation", src)
     cfg_path = src / "configs" / "inference.json"
@@ -344,11 +347,18 @@ def test_a_bundle_with_inputs_its_card_does_not_describe_is_refused_before_any_j
     models = tmp_path / "models"
     config = _config(tmp_path, models)
     config.write_text(config.read_text().replace("pediatric_style", "three_phase"))
-    r = CliRunner().invoke(app, ["models", "add", str(src), "--config", str(config)])
-    assert r.exit_code == 1 and "takes 3 inputs (artery, vein, excret)" in r.output, r.output
+    r = CliRunner().invoke(app, ["models", "add", str(src), "--config", str(config), "--no-try"])
+    assert "takes 3 series of a study (artery, vein, excret)" in r.output, r.output
+    card_path = models / "three_phase" / "model_card.toml"
+    card = tomllib.loads(card_path.read_text())
+    assert [i["name"] for i in card["inputs"]] == ["artery", "vein", "excret"]
+    assert card["inputs"][0]["match"]["SeriesDescription"].startswith("re:")
     zoo.random_weights(models / "three_phase")
     r = CliRunner().invoke(app, ["config", "check", "--config", str(config)])
-    assert r.exit_code == 2 and "takes 3 inputs" in r.output
+    assert r.exit_code == 0, r.output
+    card_path.write_text(card_path.read_text().split("# The series of a study")[0])  # the [[inputs]] tables gone
+    r = CliRunner().invoke(app, ["config", "check", "--config", str(config)])
+    assert r.exit_code == 2 and "takes 3 inputs (artery, vein, excret)" in r.output, r.output
 
 
 @needs_zoo

@@ -35,7 +35,7 @@ import numpy as np
 from node.config import NodeConfig
 from node.errors import ComputeLostError, ModelError, ModelTimeoutError, PreannotError
 from node.imaging.volume import Volume
-from node.inference.prediction import Prediction
+from node.inference.prediction import ModelInputs, Prediction
 from node.inference.registry import ModelInfo
 
 __all__ = ["ActorPool", "ModelHost", "RayRunner", "memory_need", "start_ray"]
@@ -127,7 +127,8 @@ class ModelHost:
         self._runner(name, sha256, need)
         return list(self.runners)
 
-    def run(self, name: str, sha256: str, need: int, volume: Volume, seconds_left: float | None) -> Prediction:
+    def run(self, name: str, sha256: str, need: int, volume: Volume | ModelInputs,
+            seconds_left: float | None) -> Prediction:
         """The model's prediction on the volume, compact for the trip back (``Prediction.compact``)."""
         runner = self._runner(name, sha256, need)
         deadline = None if seconds_left is None else time.monotonic() + seconds_left
@@ -274,14 +275,16 @@ class ActorPool:
             self._free.add(i)
             self._cond.notify_all()
 
-    def run(self, model: ModelInfo, job_volume: Volume, *, deadline: float | None, job_id: int = 0) -> Prediction:
+    def run(self, model: ModelInfo, job_volume: Volume | ModelInputs, *, deadline: float | None,
+            job_id: int = 0) -> Prediction:
         """Run the model on an actor; its output. Raises ComputeLostError, ModelTimeoutError or ModelError."""
         try:
             return self._run_on(self.acquire(model, job_id), model, job_volume, deadline=deadline)
         finally:
             self.drop_slot()  # the job left the actor: the next one can be leased
 
-    def _run_on(self, i: int, model: ModelInfo, job_volume: Volume, *, deadline: float | None) -> Prediction:
+    def _run_on(self, i: int, model: ModelInfo, job_volume: Volume | ModelInputs, *,
+                deadline: float | None) -> Prediction:
         import ray
 
         lost = _lost_errors()
@@ -325,8 +328,16 @@ class ActorPool:
                 logger.warning("model %s not preloaded on actor %d: %s", model.name, i, exc)
 
 
-def _portable(volume: Volume) -> Volume:
-    """The volume as the model needs it (pixels in memory, geometry), without the source headers."""
+def _portable(volume: Volume | ModelInputs) -> Volume | ModelInputs:
+    """The volume (or a study's inputs) as the model needs it (pixels in memory, geometry), without the source
+    headers."""
+    if isinstance(volume, ModelInputs):
+        return ModelInputs({name: _portable_volume(v) for name, v in volume.volumes.items()}, volume.reference,
+                           volume.mode)
+    return _portable_volume(volume)
+
+
+def _portable_volume(volume: Volume) -> Volume:
     return Volume(pixels=np.ascontiguousarray(volume.pixels), affine=volume.affine, sources=[], frames=[],
                   modality=volume.modality, series_uid=volume.series_uid, positions=volume.positions,
                   tilt_deg=volume.tilt_deg, uneven=volume.uneven, geometry_note=volume.geometry_note)
@@ -340,6 +351,6 @@ class RayRunner:
         self.pool = pool
         self.job_id = job_id
 
-    def predict(self, volume: Volume, *, deadline: float | None = None) -> Prediction:
+    def predict(self, volume: Volume | ModelInputs, *, deadline: float | None = None) -> Prediction:
         """The prediction as the actor sent it (compact: the caller expands it)."""
         return self.pool.run(self.model, volume, deadline=deadline, job_id=self.job_id)

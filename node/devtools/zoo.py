@@ -12,7 +12,10 @@ import json
 import shutil
 from pathlib import Path
 
-__all__ = ["DETECTION_CARD", "SPLEEN_CARD", "install_detector", "install_segmenter", "random_weights"]
+__all__ = ["DETECTION_CARD", "PHASE_CARD", "SPLEEN_CARD", "install_detector", "install_segmenter", "random_weights",
+           "set_output_bias", "write_phase_bundle"]
+
+from node.inference.smoke import random_weights
 
 #: model card for spleen_ct_segmentation: the spleen as anatomy (add a [bundle] table for overrides)
 SPLEEN_CARD = """
@@ -103,37 +106,105 @@ def install_detector(zoo: Path, models_dir: Path, card: str, name: str = "lung_n
     return dst
 
 
-def random_weights(bundle: Path, *, seed: int = 0, overrides: dict[str, object] | None = None) -> Path:
-    """Seeded random weights for the bundle's own ``network_def`` as the node builds it (the ``[bundle]`` overrides
-    and removals of its model card applied, when it has one, then ``overrides``: e.g. a ``pretrained`` switched
-    off so that building it downloads nothing), saved as ``models/model.pt``; returns the path."""
-    import tomllib
+#: model card of the three-phase bundle :func:`write_phase_bundle` makes: its inputs matched by series description
+PHASE_CARD = """
+[model]
+modality = ["CT"]
+# a bundle that loads each phase under its own key and resamples them itself, as the Zoo's
+# renalStructures_CECT_segmentation does
+description = "Three-phase contrast CT kidney segmenter (synthetic, random weights)"
 
+[[labels]]
+value = 1
+name = "Kidney"
+category = { code = "91723000", scheme = "SCT", meaning = "Anatomical structure" }
+type = { code = "64033007", scheme = "SCT", meaning = "Kidney" }
+finding_site = { code = "64033007", scheme = "SCT", meaning = "Kidney" }
+color = [200, 120, 60]
+finding = false
+
+[[inputs]]
+name = "artery"
+match = { Modality = "CT", SeriesDescription = "re:(?i)arter" }
+
+[[inputs]]
+name = "vein"
+match = { Modality = "CT", SeriesDescription = "re:(?i)ven|portal" }
+
+[[inputs]]
+name = "excret"
+match = { Modality = "CT", SeriesDescription = "re:(?i)excret|delay" }
+"""
+
+
+def write_phase_bundle(dst: Path, *, card: str | None = PHASE_CARD, bias: tuple[float, float] = (-3.0, 3.0),
+                       seed: int = 0) -> Path:
+    """A MONAI bundle taking three CT phases as separate keys (``artery``, ``vein``, ``excret``): its own
+    ``Spacingd`` on each, ``ResampleToMatchd`` onto the arterial grid, ``ConcatItemsd`` into a 3-channel image, a
+    small UNet, and ``Invertd`` back to the arterial series (the pattern of the Zoo's renalStructures_CECT bundle).
+    Its weights are random with the last layer's bias set to ``bias`` (the default labels the whole arterial grid
+    kidney: one region whose volume is the grid's, a number a test can check). ``card=None`` writes no card."""
+    keys = ["artery", "vein", "excret"]
+    config = {
+        "imports": ["$import torch"],
+        "bundle_root": ".",
+        "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
+        "phase_keys": keys,
+        "network_def": {"_target_": "UNet", "spatial_dims": 3, "in_channels": 3, "out_channels": 2,
+                        "channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 0},
+        "network": "$@network_def.to(@device)",
+        "preprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "LoadImaged", "keys": "@phase_keys"},
+            {"_target_": "EnsureChannelFirstd", "keys": "@phase_keys"},
+            {"_target_": "Orientationd", "keys": "@phase_keys", "axcodes": "RAS"},
+            {"_target_": "Spacingd", "keys": "@phase_keys", "pixdim": [3.0, 3.0, 3.0], "mode": "bilinear"},
+            {"_target_": "ResampleToMatchd", "keys": ["vein", "excret"], "key_dst": "artery", "mode": "bilinear"},
+            {"_target_": "ScaleIntensityRanged", "keys": "@phase_keys", "a_min": -100, "a_max": 400, "b_min": 0.0,
+             "b_max": 1.0, "clip": True},
+            {"_target_": "ConcatItemsd", "keys": "@phase_keys", "name": "image"},
+            {"_target_": "EnsureTyped", "keys": "image"}]},
+        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [64, 64, 32], "sw_batch_size": 1,
+                    "overlap": 0.25},
+        "postprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "artery",
+             "nearest_interp": False, "to_tensor": True},
+            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True}]},
+    }
+    channel = {"type": "image", "format": "hounsfield", "modality": "CT", "num_channels": 1,
+               "spatial_shape": ["*", "*", "*"], "dtype": "float32", "value_range": [-1024, 3071],
+               "is_patch_data": False}
+    metadata = {
+        "version": "0.1.0", "name": "three_phase_kidney_ct", "task": "kidney segmentation on three-phase CT",
+        "description": "Three-phase contrast CT kidney segmenter (synthetic test bundle, random weights)",
+        "authors": "preannot", "intended_use": "Tests of study-level jobs; not for clinical use",
+        "network_data_format": {
+            "inputs": {k: dict(channel) for k in keys},
+            "outputs": {"pred": {"type": "image", "format": "segmentation", "num_channels": 2,
+                                 "spatial_shape": ["*", "*", "*"], "dtype": "float32", "value_range": [0, 1],
+                                 "is_patch_data": False, "channel_def": {"0": "background", "1": "kidney"}}}},
+    }
+    (dst / "configs").mkdir(parents=True, exist_ok=True)
+    (dst / "configs" / "inference.json").write_text(json.dumps(config, indent=1))
+    (dst / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=1))
+    if card is not None:
+        (dst / "model_card.toml").write_text(card)
+    random_weights(dst, seed=seed)
+    return set_output_bias(dst, bias)
+
+
+def set_output_bias(bundle: Path, bias: tuple[float, ...]) -> Path:
+    """Make the network in ``bundle``'s ``models/model.pt`` output the constant ``bias`` per channel: the last
+    convolution's weights zeroed and its bias set. Every voxel then gets the same outputs, so what the bundle's
+    postprocessing makes of them is known (brats with ``(-6, 6, -6)``: "whole tumour" over the whole grid)."""
     import torch
-    from monai.bundle import ConfigParser
 
-    from node.inference.registry import find_inference_config
-
-    config = find_inference_config(bundle)
-    if config is None:
-        raise FileNotFoundError(f"{bundle}: no inference config")
-    parser = ConfigParser()
-    parser.read_config(str(config))
-    card_path = bundle / "model_card.toml"
-    card = tomllib.loads(card_path.read_text()).get("bundle", {}) if card_path.is_file() else {}
-    for key in card.get("remove", []):
-        parent_id, _, last = key.rpartition("#")
-        parent = parser[parent_id] if parent_id else parser.config
-        if isinstance(parent, dict):
-            parent.pop(last, None)
-        if parent_id:
-            parser[parent_id] = parent
-    for key, value in {**card.get("overrides", {}), **(overrides or {})}.items():
-        if key.startswith("network_def"):
-            parser[key] = value
-    torch.manual_seed(seed)
-    state = parser.get_parsed_content("network_def").state_dict()
-    (bundle / "models").mkdir(exist_ok=True)
     path = bundle / "models" / "model.pt"
+    state = torch.load(path, weights_only=True)
+    last = [k for k, v in state.items() if k.endswith("weight") and v.ndim >= 4
+            and state.get(k.removesuffix("weight") + "bias") is not None
+            and tuple(state[k.removesuffix("weight") + "bias"].shape) == (len(bias),)][-1]
+    state[last].zero_()
+    state[last.removesuffix("weight") + "bias"].copy_(torch.tensor(bias))
     torch.save(state, path)
-    return path
+    return bundle

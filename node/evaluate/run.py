@@ -110,7 +110,7 @@ def _case(case: Case, model: ModelInfo, runner: Runner, opts: EvalOptions, out: 
     except ImportError:  # pragma: no cover
         cuda = False
     t0 = time.perf_counter()
-    volume = load_series(case.image_files)
+    volume = load_series(case.image_files, volume=model.card.model.volume)
     t1 = time.perf_counter()
     ref = load_reference(case, volume, label_map=_label_map(model)) if case.reference is not None else None
     t2 = time.perf_counter()

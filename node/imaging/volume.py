@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import mmap
+import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -99,6 +100,8 @@ class Volume:
     geometry_note: str = ""
     #: a stack of 2D projection images (k is the image index, not a position)
     projection: bool = False
+    #: for a series holding several volumes, the one read ("DiffusionBValue = 1000 (of 0, 500, 1000)")
+    selected: str = ""
 
     @property
     def irregular(self) -> bool:
@@ -185,6 +188,81 @@ class _Slice:
     intercept: float
     for_uid: str
     thickness: float | None = None
+    #: what may tell this slice's volume from others at the same position (see :data:`SEPARATORS`)
+    tags: dict[str, Any] = field(default_factory=dict)
+
+
+#: attributes that tell apart the volumes of a series holding several at the same slice positions (diffusion
+#: b-values, echoes, dynamics, magnitude/phase), in the order they are tried
+SEPARATORS = ("DiffusionBValue", "EchoTime", "TemporalPosition", "ImageComponent", "TriggerTime", "AcquisitionNumber")
+
+#: private b-value attributes of vendors that do not write DiffusionBValue (0018,9087) in classic images
+_PRIVATE_BVALUES = ((0x0043, 0x1039), (0x0019, 0x100C), (0x2001, 0x1003))
+
+
+def _number(v: Any) -> float | None:
+    try:
+        if isinstance(v, list | tuple) or (hasattr(v, "__len__") and not isinstance(v, str | bytes)):
+            v = next(iter(v))
+        if isinstance(v, bytes):
+            v = v.decode(errors="ignore").strip("\x00 ")
+        f = float(v)
+        return f if np.isfinite(f) else None
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _classic_tags(ds: Dataset) -> dict[str, Any]:
+    tags: dict[str, Any] = {}
+    b = _number(ds.get("DiffusionBValue"))
+    for tag in _PRIVATE_BVALUES:
+        if b is None and tag in ds:
+            b = _number(ds[tag].value)
+            if b is not None and tag == (0x0043, 0x1039):
+                b = b % 1e9  # GE writes 1000000000 + b
+    if b is not None:
+        tags["DiffusionBValue"] = b
+    for kw, name in (("EchoTime", "EchoTime"), ("TemporalPositionIdentifier", "TemporalPosition"),
+                     ("TriggerTime", "TriggerTime"), ("AcquisitionNumber", "AcquisitionNumber")):
+        v = _number(ds.get(kw))
+        if v is not None:
+            tags[name] = v
+    image_type = list(ds.get("ImageType", []) or [])
+    if len(image_type) > 2:
+        tags["ImageComponent"] = str(image_type[2])
+    return tags
+
+
+def _frame_tags(fg: Dataset, shared: Dataset, ds: Dataset) -> dict[str, Any]:
+    def item(seq_kw: str) -> Dataset | None:
+        for src in (fg, shared):
+            seq = src.get(seq_kw)
+            if seq:
+                return seq[0]
+        return None
+
+    tags: dict[str, Any] = {}
+    diffusion = item("MRDiffusionSequence")
+    if diffusion is not None and _number(diffusion.get("DiffusionBValue")) is not None:
+        tags["DiffusionBValue"] = _number(diffusion.get("DiffusionBValue"))
+    echo = item("MREchoSequence")
+    if echo is not None and _number(echo.get("EffectiveEchoTime")) is not None:
+        tags["EchoTime"] = _number(echo.get("EffectiveEchoTime"))
+    content = item("FrameContentSequence")
+    if content is not None and _number(content.get("TemporalPositionIndex")) is not None:
+        tags["TemporalPosition"] = _number(content.get("TemporalPositionIndex"))
+    frame_type = item("MRImageFrameTypeSequence")
+    if frame_type is not None:
+        kind = frame_type.get("ComplexImageComponent") or (list(frame_type.get("FrameType", []))[2:3] or [None])[0]
+        if kind:
+            tags["ImageComponent"] = str(kind) + "/" + "\\".join(str(v) for v in frame_type.get("FrameType", [])[2:])
+    cardiac = item("CardiacSynchronizationSequence")
+    if cardiac is not None and _number(cardiac.get("NominalCardiacTriggerDelayTime")) is not None:
+        tags["TriggerTime"] = _number(cardiac.get("NominalCardiacTriggerDelayTime"))
+    acquisition = _number(ds.get("AcquisitionNumber"))
+    if acquisition is not None:
+        tags["AcquisitionNumber"] = acquisition
+    return tags
 
 
 def _floats(v: Any, n: int, what: str, where: str) -> np.ndarray:
@@ -315,8 +393,13 @@ def _slices_of(ds: Dataset, index: int, where: str) -> list[_Slice]:
                 rows=rows, cols=cols,
                 slope=float(get("PixelValueTransformationSequence", "RescaleSlope")),
                 intercept=float(get("PixelValueTransformationSequence", "RescaleIntercept")),
-                for_uid=for_uid))
+                for_uid=for_uid, tags=_frame_tags(fg, sh, ds)))
         return out
+    image_type = [str(v).upper() for v in ds.get("ImageType", []) or []]
+    if "MOSAIC" in image_type or "VFRAME" in image_type:
+        raise VolumeError(f"{where}: a mosaic ({'Siemens MOSAIC' if 'MOSAIC' in image_type else 'United Imaging VFRAME'}"
+                          ": several slices tiled in one image); the node does not unpack mosaics, as its results could "
+                          "not reference the slices: export the series as single slices or enhanced MR")
     if nframes > 1:
         raise VolumeError(f"{where}: a legacy multi-frame image ({nframes} frames) without per-frame geometry")
     if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
@@ -331,7 +414,7 @@ def _slices_of(ds: Dataset, index: int, where: str) -> list[_Slice]:
         spacing=tuple(_floats(spacing, 2, "PixelSpacing", where)),  # type: ignore[arg-type]
         rows=rows, cols=cols,
         slope=float(ds.get("RescaleSlope", 1.0) or 1.0), intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
-        for_uid=for_uid, thickness=_thickness(ds))]
+        for_uid=for_uid, thickness=_thickness(ds), tags=_classic_tags(ds))]
 
 
 def _thickness(ds: Dataset) -> float | None:
@@ -340,6 +423,77 @@ def _thickness(ds: Dataset) -> float | None:
         return float(v) if v not in (None, "") else None
     except (TypeError, ValueError):
         return None
+
+
+def _describe_value(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def split_volumes(slices: list[_Slice], series: str) -> tuple[str, dict[Any, list[_Slice]]] | None:
+    """The volumes of a series holding several at the same slice positions: (the attribute that tells them apart,
+    its value -> that volume's slices), or None when every position holds one slice.
+
+    Raises:
+        VolumeError: several slices at a position and no attribute of :data:`SEPARATORS` tells them apart.
+    """
+    normal = np.cross(slices[0].iop[:3], slices[0].iop[3:])
+    pos = np.round(np.array([float(s.ipp @ normal) for s in slices]) * 100).astype(np.int64)
+    if len(np.unique(pos)) == len(pos):
+        return None
+    for attr in SEPARATORS:
+        values = [s.tags.get(attr) for s in slices]
+        if any(v is None for v in values) or len(set(values)) < 2:
+            continue
+        groups: dict[Any, list[int]] = {}
+        for n, v in enumerate(values):
+            groups.setdefault(v, []).append(n)
+        if all(len(np.unique(pos[idx])) == len(idx) for idx in groups.values()):
+            order = sorted(groups, key=lambda v: (0, v, "") if isinstance(v, float) else (1, 0.0, str(v)))
+            return attr, {v: [slices[n] for n in groups[v]] for v in order}
+    where, counts = np.unique(pos, return_counts=True)
+    raise VolumeError(f"series {series} has {int(counts.max())} slices at position {float(where[counts.argmax()]) / 100:.2f} "
+                      f"mm along the normal and none of "
+                      f"{', '.join(SEPARATORS)} tells them apart; expected one volume (several phases or echoes "
+                      "in one series?)")
+
+
+VOLUME_CHOICE = re.compile(r"^(first|last|(max|min):(\w+)|(\w+)=(.+))$")
+
+
+def choose_volume(attr: str, volumes: dict[Any, list[_Slice]], choice: str | None, series: str) -> tuple[Any, list[_Slice]]:
+    """The volume ``choice`` names (a model card's ``[model] volume``): "first", "last", "max:<attribute>",
+    "min:<attribute>" or "<attribute>=<value>".
+
+    Raises:
+        VolumeError: no choice given, or it names another attribute or a value the series does not hold (the
+            message names the attribute and its values).
+    """
+    values = list(volumes)
+    listed = ", ".join(_describe_value(v) for v in values)
+    if choice is None:
+        raise VolumeError(f"series {series} holds {len(values)} volumes at the same positions, told apart by {attr} "
+                          f"({listed}); the model card's [model] volume must say which one the model takes "
+                          f'(e.g. "max:{attr}", "first", "{attr}={_describe_value(values[-1])}")')
+    m = VOLUME_CHOICE.match(choice.strip())
+    if m is None:
+        raise VolumeError(f"[model] volume = {choice!r}: expected first, last, max:<attribute>, min:<attribute> or "
+                          "<attribute>=<value>")
+    if m.group(1) in ("first", "last"):
+        key = values[0] if m.group(1) == "first" else values[-1]
+        return key, volumes[key]
+    wanted = m.group(3) or m.group(4)
+    if wanted != attr:
+        raise VolumeError(f"series {series} holds {len(values)} volumes told apart by {attr} ({listed}), not by "
+                          f"{wanted} ([model] volume = {choice!r})")
+    if m.group(2):
+        numeric = [v for v in values if isinstance(v, float)]
+        key = (max if m.group(2) == "max" else min)(numeric or values)
+        return key, volumes[key]
+    target = m.group(5)
+    for v in values:
+        if _describe_value(v) == target or (isinstance(v, float) and _number(target) == v):
+            return v, volumes[v]
+    raise VolumeError(f"series {series} holds no volume with {attr} = {target} (it has {listed})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,7 +614,8 @@ def _scratch_array(folder: Path, shape: tuple[int, ...], dtype: np.dtype) -> tup
 
 
 def load_series(paths: Sequence[Path], *, tilt_tolerance_deg: float = TILT_TOLERANCE_DEG,
-                scratch_dir: Path | None = None, map_above_bytes: int = 256 * 2**20) -> Volume:
+                scratch_dir: Path | None = None, map_above_bytes: int = 256 * 2**20,
+                volume: str | None = None) -> Volume:
     """Read a series into a :class:`Volume`.
 
     A tilted or unevenly spaced stack is read as it is, with :attr:`Volume.geometry_note` saying so (the
@@ -472,6 +627,8 @@ def load_series(paths: Sequence[Path], *, tilt_tolerance_deg: float = TILT_TOLER
         scratch_dir: where a volume larger than ``map_above_bytes`` is decoded into an unlinked
             scratch file mapped into memory, so :meth:`Volume.release_memory` can hand its pages
             back while the model runs (None: always in ordinary memory).
+        volume: for a series holding several volumes at the same positions (b-values, echoes, dynamics), which
+            one to read (:func:`choose_volume`; a model card's ``[model] volume``).
 
     Returns:
         The volume, slices sorted along the normal (increasing position).
@@ -498,6 +655,12 @@ def load_series(paths: Sequence[Path], *, tilt_tolerance_deg: float = TILT_TOLER
     slices: list[_Slice] = []
     for n, ds in enumerate(headers):
         slices.extend(_slices_of(ds, n, f"series {series}, instance {ds.get('SOPInstanceUID', Path(paths[n]).name)}"))
+    selected = ""
+    split = split_volumes(slices, series) if len(slices) > 1 else None
+    if split is not None:
+        attr, volumes = split
+        key, slices = choose_volume(attr, volumes, volume, series)
+        selected = f"{attr} = {_describe_value(key)} (of {', '.join(_describe_value(v) for v in volumes)})"
     stack = _check_and_sort(slices, series, tilt_tolerance_deg=tilt_tolerance_deg)
     slices, step = stack.slices, stack.step
     t1 = time.perf_counter()
@@ -548,7 +711,7 @@ def load_series(paths: Sequence[Path], *, tilt_tolerance_deg: float = TILT_TOLER
         modality=str(headers[0].get("Modality", "")), series_uid=series,
         timings={"read_headers": t1 - t0, "decode": t2 - t1}, mapping=mapping,
         positions=np.array([s.ipp for s in slices]), tilt_deg=stack.tilt_deg, uneven=stack.uneven,
-        geometry_note=stack.note)
+        geometry_note=stack.note, selected=selected)
 
 
 def _is_projection(ds: Dataset) -> bool:

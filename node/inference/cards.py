@@ -23,7 +23,7 @@ from typing import Any
 from node.errors import ModelError
 from node.inference.bundle import downloading_args
 from node.inference.kinds import kind_of
-from node.inference.registry import read_inference_config
+from node.inference.registry import bundle_inputs, read_inference_config
 
 __all__ = ["DraftCard", "draft_card", "output_names"]
 
@@ -117,6 +117,10 @@ class DraftCard:
     removed: list[str] = field(default_factory=list)
     #: network arguments that would download weights when the network is built (switched off in the card)
     no_download: list[str] = field(default_factory=list)
+    #: inputs of a study-level bundle matched by their name only (the card's rule needs a person's review)
+    unmatched_inputs: list[str] = field(default_factory=list)
+    #: the inputs drafted as ``[[inputs]]`` tables (none for a one-series bundle)
+    inputs: list[str] = field(default_factory=list)
 
 
 def unaccepted_network_args(bundle: Path) -> list[str]:
@@ -173,6 +177,9 @@ def _match(name: str) -> tuple[tuple[str, str] | None, bool, bool]:
     base = re.sub(r"\s+", " ", base).strip()
     if base in ANATOMY:
         return ANATOMY[base], False, base != n and bool(re.search(r"\b(left|right)\b", n))
+    word = next((w for w in n.split() if w in FINDINGS), None)  # "enhancing tumor", "tumor core": a kind of finding
+    if word is not None:
+        return FINDINGS[word], True, False
     return None, False, False
 
 
@@ -234,6 +241,24 @@ def output_names(meta: dict[str, object]) -> dict[int, str]:
     return {}
 
 
+_WHERE_RE = re.compile(r"x\[\[?(\d+)\]?\]\s*>\s*0(?:\.0*)?\s*,\s*(\d+)")
+
+
+def postprocessed_values(config: dict[str, object]) -> dict[int, int]:
+    """Output channel -> label value, where the bundle's postprocessing turns per-channel (sigmoid) outputs into one
+    label map with a ``Lambdad`` of nested ``torch.where(x[[c]] > 0, value, ...)`` (brats: channel 2 -> 4, 0 -> 1,
+    1 -> 2); empty when it does not."""
+    post = config.get("postprocessing")
+    transforms = post.get("transforms", []) if isinstance(post, dict) else []
+    out: dict[int, int] = {}
+    for t in transforms if isinstance(transforms, list) else []:
+        if isinstance(t, dict) and str(t.get("_target_", "")).split(".")[-1] == "Lambdad":
+            found = _WHERE_RE.findall(str(t.get("func", "")))
+            if found:
+                out = {int(c): int(v) for c, v in found}
+    return out
+
+
 def draft_card(bundle: Path) -> DraftCard:
     """A draft ``model_card.toml`` for the bundle at ``bundle``.
 
@@ -250,7 +275,10 @@ def draft_card(bundle: Path) -> DraftCard:
     except ModelError as exc:
         raise ValueError(str(exc)) from exc
     channels = output_names(meta)
-    if kind.background_channel:
+    values = postprocessed_values(read_inference_config(bundle))
+    if values and set(values) <= set(channels):  # sigmoid channels made one label map by the bundle's own code
+        names = sorted((v, channels[c]) for c, v in values.items() if v > 0)
+    elif kind.background_channel:
         names = [(v, n) for v, n in sorted(channels.items()) if v > 0 and _norm(n) != "background"]
     else:  # a classifier: every channel is a class
         names = [(v + 1, n) for v, n in sorted(channels.items())]
@@ -320,5 +348,50 @@ def draft_card(bundle: Path) -> DraftCard:
         bundle_lines.append("remove = [" + ", ".join(_toml_str(r) for r in removals) + "]")
     if bundle_lines:
         lines += ["[bundle]", *bundle_lines, ""]
+    inputs = bundle_inputs(read_inference_config(bundle), meta)
+    if len(inputs) > 1:
+        draft.inputs = list(inputs.names)
+        lines += _input_tables(inputs.names, modality, draft)
+        if any(n.strip().lower() == "adc" for n in inputs.names):  # a derived map: the card must say it takes one
+            at = next(n for n, line in enumerate(lines) if line.startswith("modality ="))
+            lines.insert(at + 1, 'derived = ["ADC"]')
     draft.text = "\n".join(lines)
     return draft
+
+
+#: what a study-level model's input is called -> the conditions a series of it meets (drafted in its card); the
+#: first entry whose pattern matches the input's name wins
+INPUT_MATCHES: tuple[tuple[str, dict[str, str], str | None], ...] = (
+    (r"^t1(c|ce|gd|\+c|_?post|_?contrast)$", {"SeriesDescription": "re:(?i)t1.*(post|gd|\\+c|ce\\b|contrast)|mprage.*gd"},
+     None),
+    (r"^t1(w|n|_?pre)?$", {"SeriesDescription": "re:(?i)t1", "ContrastBolusAgent": "!"}, None),
+    (r"^flair$", {"SeriesDescription": "re:(?i)flair"}, None),
+    (r"^t2(w)?$", {"SeriesDescription": "re:(?i)^(?!.*flair).*t2"}, None),
+    (r"^adc$", {"ImageType": "contains:ADC"}, None),
+    (r"^(hbv|dwi|b\d+|highb|high_b)$", {"ImageType": "contains:DIFFUSION"}, "max:DiffusionBValue"),
+    (r"^(artery|arterial|art)$", {"SeriesDescription": "re:(?i)arter"}, None),
+    (r"^(vein|venous|portal|pv)$", {"SeriesDescription": "re:(?i)ven|portal"}, None),
+    (r"^(excret|excretory|delayed|delay|urographic)$", {"SeriesDescription": "re:(?i)excret|delay|urogra"}, None),
+)
+
+
+def _input_tables(names: tuple[str, ...], modality: str, draft: DraftCard) -> list[str]:
+    """One ``[[inputs]]`` table per input of a study-level bundle, in its order, with the conditions a series of
+    it is likely to meet (by the input's name; a name the table does not know is matched by SeriesDescription)."""
+    lines = ["# The series of a study this model takes, in the bundle's order (the first is the reference: the SEG is",
+             "# made on it). Review each match rule against your scanners' series descriptions (docs/models.md).", ""]
+    for name in names:
+        norm = name.strip().lower().replace(" ", "")
+        found = next(((m, v) for pattern, m, v in INPUT_MATCHES if re.match(pattern, norm)), None)
+        match = dict(found[0]) if found else {"SeriesDescription": f"re:(?i){re.escape(name)}"}
+        if modality:
+            match = {"Modality": modality, **match}
+        if found is None:
+            draft.unmatched_inputs.append(name)
+            lines.append(f"# REVIEW: no rule known for an input named {name!r}; matched by its name in SeriesDescription")
+        lines += ["[[inputs]]", f"name = {_toml_str(name)}",
+                  "match = { " + ", ".join(f"{k} = {_toml_str(v)}" for k, v in match.items()) + " }"]
+        if found is not None and found[1]:
+            lines.append(f"volume = {_toml_str(found[1])}")
+        lines.append("")
+    return lines

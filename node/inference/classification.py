@@ -28,7 +28,7 @@ from monai.data import MetaTensor
 from node.errors import ModelError, ModelTimeoutError
 from node.imaging.volume import Volume
 from node.inference.bundle import LOADERS, SAVERS, LoadedBundle, target_name
-from node.inference.prediction import ClassStatement
+from node.inference.prediction import ClassStatement, ModelInputs
 from node.inference.registry import ModelCard, ModelInfo
 from node.inference.rois import Regions
 
@@ -107,13 +107,15 @@ class ClassificationRunner(LoadedBundle):
         self.channels = int(image.get("num_channels", 1) or 1) if isinstance(image, dict) else 1
         self.network = self._load_network(parser)
 
-    def predict(self, volume: Volume, *, deadline: float | None = None) -> ClassScores:
+    def predict(self, volume: Volume | ModelInputs, *, deadline: float | None = None) -> ClassScores:
         """The class scores of each image of the series (2D bundle) or of the volume (3D bundle).
 
         Raises:
             ModelTimeoutError: the deadline passed.
             ModelError: the bundle failed.
         """
+        if isinstance(volume, ModelInputs):
+            raise ModelError(f"model {self.model.name}: a classification bundle takes one series, not a study's inputs")
         rows: list[np.ndarray] = []
         images: list[int | None] = []
         if self.dims == 2:

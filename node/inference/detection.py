@@ -28,7 +28,7 @@ from monai.data import MetaTensor
 from node.errors import ModelError, ModelTimeoutError
 from node.imaging.volume import Volume
 from node.inference.bundle import LOADERS, LoadedBundle, target_name
-from node.inference.prediction import Boxes
+from node.inference.prediction import Boxes, ModelInputs
 from node.inference.registry import ModelInfo
 from node.inference.rois import ROI, measure_region
 
@@ -65,13 +65,15 @@ class DetectionRunner(LoadedBundle):
         self.label_key = getattr(self.detector, "target_label_key", "label")
         self.score_key = getattr(self.detector, "pred_score_key", f"{self.label_key}_scores")
 
-    def predict(self, volume: Volume, *, deadline: float | None = None) -> Boxes:
+    def predict(self, volume: Volume | ModelInputs, *, deadline: float | None = None) -> Boxes:
         """The boxes found in ``volume``, as ROIs on its grid (numbered by decreasing score).
 
         Raises:
             ModelTimeoutError: the deadline passed.
             ModelError: the bundle failed.
         """
+        if isinstance(volume, ModelInputs):
+            raise ModelError(f"model {self.model.name}: a detection bundle takes one series, not a study's inputs")
         if deadline is not None and time.monotonic() > deadline:
             raise ModelTimeoutError(f"model {self.model.name}: the job passed its timeout before inference")
         arr, affine = volume.to_monai(dtype=np.float32)

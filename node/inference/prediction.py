@@ -25,7 +25,7 @@ from node.inference.registry import CodeSpec, ModelCard
 if TYPE_CHECKING:
     from node.inference.rois import ROI, Regions
 
-__all__ = ["Boxes", "ClassStatement", "LabelMap", "Prediction", "Runner"]
+__all__ = ["Boxes", "ClassStatement", "LabelMap", "ModelInputs", "Prediction", "Runner"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,14 +79,32 @@ class Prediction(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class ModelInputs:
+    """The series a study-level model takes, by input name in the bundle's order, and the input the results are
+    made on (``reference``). ``mode`` says how the bundle takes them (``BundleInputs.mode``): ``channels`` (one
+    image whose channels are the inputs, all on the reference grid: ``channels`` holds them stacked, float32
+    ``[c, i, j, k]`` in MONAI's axis order) or ``keys`` (each volume on its own grid, under its own key: the bundle
+    resamples them itself)."""
+
+    volumes: dict[str, Volume]
+    reference: str
+    mode: str = "channels"
+    channels: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def reference_volume(self) -> Volume:
+        return self.volumes[self.reference]
+
+
 class Runner(Protocol):
-    """A loaded model: a volume in, a :class:`Prediction` out.
+    """A loaded model: a volume (or a study's :class:`ModelInputs`) in, a :class:`Prediction` out.
 
     ``predict`` raises ModelTimeoutError when ``deadline`` (a ``time.monotonic()`` value) passes, and
     ModelError when the model fails.
     """
 
-    def predict(self, volume: Volume, *, deadline: float | None = None) -> Prediction: ...
+    def predict(self, volume: Volume | ModelInputs, *, deadline: float | None = None) -> Prediction: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from node.errors import ModelError
 from node.inference.kinds import Kind, kind_of
 
-__all__ = ["CodeSpec", "LabelSpec", "ModelCard", "ModelInfo", "Registry", "bundle_inputs", "find_weights", "large_files",
+__all__ = ["BundleInputs", "CardInput", "CodeSpec", "LabelSpec", "ModelCard", "ModelInfo", "Registry", "bundle_inputs", "find_weights", "large_files",
            "read_inference_config", "scan_models"]
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,13 @@ class CardModel(BaseModel):
     intended_use: str = ""
     #: memory the model needs to run (MB, on the GPU or for CPU actors in RAM); 0: estimated from the weights
     memory_mb: float = Field(0.0, ge=0)
+    #: for a series holding several volumes at the same positions (b-values, echoes, dynamics), which one the model
+    #: takes: "first", "last", "max:<attribute>", "min:<attribute>" or "<attribute>=<value>" (attributes:
+    #: DiffusionBValue, EchoTime, TemporalPosition, ImageComponent, TriggerTime, AcquisitionNumber)
+    volume: str | None = None
+    #: derived images (ImageType DERIVED: ADC or FA maps, subtractions, ...) the model reads, by ImageType value
+    #: (e.g. ["ADC"]); by default a model runs on original images only
+    derived: list[str] = Field(default_factory=list)
     #: the algorithm family recorded in the SEG's Algorithm Identification (CID 7162)
     family: CodeSpec = CodeSpec(code="123110", scheme="DCM", meaning="Artificial Intelligence")
 
@@ -95,6 +102,22 @@ class CardBundle(BaseModel):
     substitute_transforms: bool = True
 
 
+class CardInput(BaseModel):
+    """``[[inputs]]``: one input of a model that takes several series of a study (in the bundle's order)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    #: the bundle's key for it (a multi-phase bundle's "artery"), or its input channel's name (brats' "FLAIR")
+    name: str
+    #: which series of the study it is: conditions on the series' attributes, as a route's ``match``
+    #: (Modality, SeriesDescription = "re:(?i)flair", ImageType = "contains:ADC", ...)
+    match: dict[str, Any] = Field(default_factory=dict)
+    required: bool = True
+    #: the series the results are made on (their SEG on its slices); default: the first input
+    reference: bool = False
+    #: of a series holding several volumes (b-values, echoes), which one (see ``[model] volume``)
+    volume: str | None = None
+
+
 class ModelCard(BaseModel):
     """The node's model card (``model_card.toml``)."""
 
@@ -103,6 +126,31 @@ class ModelCard(BaseModel):
     labels: list[LabelSpec] = Field(min_length=1)
     outputs: CardOutputs = Field(default_factory=CardOutputs)
     bundle: CardBundle = Field(default_factory=CardBundle)
+    #: the series a study-level model takes (none: the model takes the one series it is routed)
+    inputs: list[CardInput] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_reference(self) -> ModelCard:
+        refs = [i.name for i in self.inputs if i.reference]
+        if len(refs) > 1:
+            raise ValueError(f"[[inputs]]: one reference input, not {refs}")
+        names = [i.name for i in self.inputs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"[[inputs]]: names must be unique ({names})")
+        if self.inputs and not self.reference_input.required:
+            raise ValueError(f"[[inputs]]: the reference input {self.reference_input.name!r} must be required")
+        return self
+
+    @property
+    def reference_input(self) -> CardInput:
+        """The input the results are made on (the one marked ``reference``, else the first)."""
+        return next((i for i in self.inputs if i.reference), self.inputs[0])
+
+    def input_of(self, attrs: Any) -> CardInput | None:
+        """The input a series with these attributes is (the first whose conditions hold), or None."""
+        from node.conditions import matches
+
+        return next((i for i in self.inputs if matches(i.match, attrs)), None)
 
     def label(self, value: int) -> LabelSpec | None:
         return next((lab for lab in self.labels if lab.value == value), None)
@@ -115,6 +163,14 @@ class ModelCard(BaseModel):
         if wanted and modality not in wanted:
             return (f"model {name} is for {', '.join(wanted)} (its card's modality); the series is "
                     f"{modality or 'of no modality'}")
+        image_type = attrs.get("ImageType") or []
+        image_type = [str(v).upper() for v in (str(image_type).split("\\") if isinstance(image_type, str)
+                                               else list(image_type))]
+        if modality == "MR" and image_type[:1] == ["DERIVED"]:  # an ADC or FA map, a subtraction, a reformat
+            taken = {d.upper() for d in self.model.derived}
+            if not taken & set(image_type[1:]):
+                return (f"a derived image (ImageType {'/'.join(image_type)}); model {name} reads original images "
+                        "(its card's [model] derived lists the derived ones it takes)")
         return None
 
 
@@ -129,6 +185,8 @@ class ModelInfo:
     sha256: str
     card: ModelCard
     metadata: dict = field(default_factory=dict, repr=False)
+    #: what the bundle takes (several inputs: in the card's ``[[inputs]]``)
+    inputs: BundleInputs = field(default_factory=lambda: BundleInputs(("image",)))
     #: what kind of model it is (recognised once from its inference config; see node.inference.kinds)
     kind: Kind = field(default_factory=lambda: kind_of({}, {}))
 
@@ -176,9 +234,6 @@ def load_model(folder: Path) -> ModelInfo:
         raise ModelError(f"{folder.name}: no configs/inference.json or configs/inference.yaml")
     config = read_inference_config(folder)
     inputs = bundle_inputs(config, metadata)
-    if len(inputs) > 1:
-        raise ModelError(f"{folder.name}: the bundle takes {len(inputs)} inputs ({', '.join(inputs)}); the node runs a "
-                         "bundle only when its card describes every input it takes ([[inputs]], docs/models.md)")
     weights = find_weights(folder)
     card_path = folder / "model_card.toml"
     if not card_path.is_file():
@@ -187,9 +242,19 @@ def load_model(folder: Path) -> ModelInfo:
         card = ModelCard.model_validate(tomllib.loads(card_path.read_text()))
     except (tomllib.TOMLDecodeError, ValidationError) as exc:
         raise ModelError(f"{folder.name}: invalid model_card.toml: {exc}") from exc
+    described = [i.name for i in card.inputs]
+    if len(inputs) > 1 and sorted(described) != sorted(inputs.names):
+        missing = [n for n in inputs.names if n not in described]
+        raise ModelError(f"{folder.name}: the bundle takes {len(inputs)} inputs ({', '.join(inputs)}); its card "
+                         + (f"does not describe {', '.join(missing)}" if missing else f"describes {described}")
+                         + ": one [[inputs]] table per input, with the series it is (docs/models.md)")
+    if len(inputs) == 1 and card.inputs:
+        raise ModelError(f"{folder.name}: its card describes {len(card.inputs)} inputs ({', '.join(described)}); "
+                         "the bundle takes one")
     return ModelInfo(name=folder.name,
                      version=str(metadata.get("version", "0")), path=folder.resolve(), weights=weights,
-                     sha256=_sha256(weights), card=card, metadata=metadata, kind=kind_of(config, metadata))
+                     sha256=_sha256(weights), card=card, metadata=metadata, kind=kind_of(config, metadata),
+                     inputs=inputs)
 
 
 #: weights files, in the order they are looked for (a bundle's ``large_files`` list may name others)
@@ -233,14 +298,30 @@ def find_weights(folder: Path) -> Path:
     if named:
         entry = next(e for e in large_files(folder) if str(e["path"]) == named[0])
         source = f" (the bundle gives its address: {entry['url']})" if entry.get("url") else ""
-        what = named[0] if len(named) == 1 else f"{', '.join(named)}, none of which"
-        raise ModelError(f"{folder.name}: no weights: its large_files list names {what} is there{source}; put the "
+        what = f"{named[0]}, which is not" if len(named) == 1 else f"{', '.join(named)}, none of which is"
+        raise ModelError(f"{folder.name}: no weights: its large_files list names {what} there{source}; put the "
                          "file there by hand (the node never downloads)")
     raise ModelError(f"{folder.name}: no weights: no models/model.ts or models/model.pt, and no large_files list "
                      "naming another")
 
 
-def bundle_inputs(config: dict[str, Any], metadata: dict[str, Any]) -> list[str]:
+@dataclass(frozen=True)
+class BundleInputs:
+    """What a bundle takes: its inputs' names, and how: ``keys`` (its loader reads each as a key of its own and the
+    bundle resamples and combines them itself) or ``channels`` (one image whose channels are the inputs: the node
+    resamples them onto the reference series' grid and stacks them)."""
+
+    names: tuple[str, ...]
+    mode: str = "channels"
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __iter__(self) -> Any:
+        return iter(self.names)
+
+
+def bundle_inputs(config: dict[str, Any], metadata: dict[str, Any]) -> BundleInputs:
     """The inputs a bundle takes: the keys its loader reads (its label key aside) when there are several, else the
     input channels its metadata names when there are several distinct ones (brats: T1c, T1, T2, FLAIR), else one,
     ``image``. A grey image copied to several channels (``channel_def`` naming one "image") is one input."""
@@ -249,6 +330,8 @@ def bundle_inputs(config: dict[str, Any], metadata: dict[str, Any]) -> list[str]
     first = transforms[0] if transforms and isinstance(transforms[0], dict) else {}
     if str(first.get("_target_", "")).rsplit(".", 1)[-1] in ("LoadImage", "LoadImaged"):
         keys = first.get("keys", "image")
+        if isinstance(keys, str) and keys.startswith("@") and isinstance(config.get(keys[1:]), list):
+            keys = config[keys[1:]]  # "@phase_keys": a reference to a top-level list of keys
         keys = keys if isinstance(keys, list) else [keys]
         resolved = []
         for k in keys:  # "@image_key": a reference to a top-level string of the config
@@ -257,15 +340,15 @@ def bundle_inputs(config: dict[str, Any], metadata: dict[str, Any]) -> list[str]
             resolved.append(str(k))
         resolved = [k for k in resolved if k.lower() not in ("label", "seg", "mask")]
         if len(resolved) > 1:
-            return resolved
+            return BundleInputs(tuple(resolved), "keys")
     fmt = metadata.get("network_data_format") if isinstance(metadata, dict) else None
     inputs = fmt.get("inputs", {}) if isinstance(fmt, dict) else {}
     image = inputs.get("image") if isinstance(inputs, dict) else None
     channels = image.get("channel_def") if isinstance(image, dict) else None
     names = list(dict.fromkeys(str(v) for v in channels.values())) if isinstance(channels, dict) else []
     if len(names) > 1:
-        return names
-    return ["image"]
+        return BundleInputs(tuple(names), "channels")
+    return BundleInputs(("image",), "channels")
 
 
 def read_inference_config(folder: Path) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from node.errors import ModelError, ModelTimeoutError
 from node.imaging.volume import Volume
 from node.inference.bundle import LOADERS, SAVERS, LoadedBundle, target_name
 from node.inference.postops import channel_argmax, channel_max
-from node.inference.prediction import LabelMap
+from node.inference.prediction import LabelMap, ModelInputs
 from node.inference.registry import ModelInfo
 
 __all__ = ["BundleRunner"]
@@ -46,6 +46,9 @@ class BundleRunner(LoadedBundle):
         pre = parser["preprocessing"]
         transforms = list(pre["transforms"]) if isinstance(pre, dict) else []
         self._has_loader = bool(transforms) and target_name(transforms[0]) in LOADERS
+        #: the keys the bundle's loader read (the node gives its image, or each input, under them)
+        self.loader_keys = list(self.model.inputs.names) if self.model.inputs.mode == "keys" else [_loader_key(
+            transforms[0], parser) if self._has_loader else "image"]
         #: the dtype the bundle's loader would have produced (LoadImage's default is float32;
         #: ``"dtype": null`` keeps the stored type, which bounded transforms can use to save memory)
         self.input_dtype: np.dtype | None = np.dtype(np.float32)
@@ -72,12 +75,39 @@ class BundleRunner(LoadedBundle):
             getattr(self.preprocessing, "transforms", ()))
         self.network = self._load_network(parser)
 
-    def predict(self, volume: Volume, *, deadline: float | None = None) -> LabelMap:
-        """The label map (and confidence) of ``volume``; see :meth:`predict_with_confidence`."""
+    def predict(self, volume: Volume | ModelInputs, *, deadline: float | None = None) -> LabelMap:
+        """The label map (and confidence) of ``volume`` (or of a study's inputs, on the reference input's
+        grid); see :meth:`predict_with_confidence`."""
         labels, confidence = self.predict_with_confidence(volume, deadline=deadline)
         return LabelMap(labels, confidence)
 
-    def predict_with_confidence(self, volume: Volume, *, deadline: float | None = None
+    def _images(self, volume: Volume | ModelInputs) -> tuple[dict[str, MetaTensor], Volume]:
+        """The bundle's input(s) as its loader would have made them, and the volume the labels must come back on:
+        one image under the loader's key; a study's inputs as the channels of one image (on the reference grid),
+        or each under its own key (``ModelInputs.mode``)."""
+        if isinstance(volume, ModelInputs):
+            ref = volume.reference_volume
+            if volume.mode == "keys":
+                return {name: self._image(v, v.series_uid) for name, v in volume.volumes.items()}, ref
+            _, affine = ref.to_monai(dtype=None)
+            stacked = volume.channels if volume.channels is not None else np.stack(
+                [v.to_monai(dtype=np.float32)[0] for v in volume.volumes.values()])
+            meta = {"original_affine": torch.as_tensor(affine), "spatial_shape": np.array(stacked.shape[1:]),
+                    "original_channel_dim": 0, "filename_or_obj": ref.series_uid or "study"}
+            image = MetaTensor(torch.from_numpy(stacked), affine=torch.as_tensor(affine), meta=meta)
+            return {self.loader_keys[0]: image}, ref
+        return {self.loader_keys[0]: self._image(volume, volume.series_uid)}, volume
+
+    def _image(self, volume: Volume, name: str) -> MetaTensor:
+        stored = volume.pixels.dtype
+        keep = self._keep_stored and (stored.kind in "iu" or stored == np.float32)
+        arr, affine = volume.to_monai(dtype=None if keep else self.input_dtype)
+        meta = {"original_affine": torch.as_tensor(affine),
+                "spatial_shape": np.array(arr.shape), "original_channel_dim": "no_channel",
+                "filename_or_obj": name or "volume"}
+        return MetaTensor(torch.from_numpy(arr), affine=torch.as_tensor(affine), meta=meta)
+
+    def predict_with_confidence(self, source: Volume | ModelInputs, *, deadline: float | None = None
                                 ) -> tuple[np.ndarray, np.ndarray | None]:
         """Label volume (uint8, ``[k, j, i]``, same shape as ``volume.pixels``) and, when the bundle's
         postprocessing applies a softmax and then an argmax, the winning class's probability per voxel
@@ -87,19 +117,12 @@ class BundleRunner(LoadedBundle):
             ModelTimeoutError: the deadline (``time.monotonic()`` value) passed during inference.
             ModelError: the bundle failed, or returned a label map of another shape.
         """
-        stored = volume.pixels.dtype
-        keep = self._keep_stored and (stored.kind in "iu" or stored == np.float32)
-        arr, affine = volume.to_monai(dtype=None if keep else self.input_dtype)
-        meta = {"original_affine": torch.as_tensor(affine),
-                "spatial_shape": np.array(arr.shape), "original_channel_dim": "no_channel",
-                "filename_or_obj": volume.series_uid or "volume"}
-        image = MetaTensor(torch.from_numpy(arr), affine=torch.as_tensor(affine), meta=meta)
-        del arr  # the image holds it; dropped with the image once preprocessing has made its own copy
+        images, volume = self._images(source)
         try:
-            data = self._preprocess(image)
-            del image
+            data = self._preprocess(images)
+            del images  # dropped once preprocessing has made its own copies
             volume.release_memory()  # a mapped volume's pages go back to the page cache while the model runs
-            inp = data["image"]
+            inp = data["image"] if "image" in data else data[self.loader_keys[0]]
             if not isinstance(inp, torch.Tensor):
                 inp = torch.as_tensor(inp)
             inp = inp.unsqueeze(0).to(self.device)
@@ -141,20 +164,31 @@ class BundleRunner(LoadedBundle):
             conf = np.ascontiguousarray(conf.transpose(2, 1, 0)) if conf.shape[::-1] == labels.shape else None
         return np.ascontiguousarray(labels), conf
 
-    def _preprocess(self, image: MetaTensor) -> dict[str, Any]:
+    def _preprocess(self, images: dict[str, MetaTensor]) -> dict[str, Any]:
         """The bundle's preprocessing, on the GPU when the model runs there (resampling included), so that
         only the series itself crosses to the device. A bundle transform that cannot run on the GPU makes it
         run on the CPU from then on (logged once)."""
         if self.device.type == "cuda" and self._pre_on_device:
             try:
-                return dict(self.preprocessing({"image": image.to(self.device)}))
+                return dict(self.preprocessing({k: v.to(self.device) for k, v in images.items()}))
             except torch.cuda.OutOfMemoryError:
                 raise
             except Exception as exc:  # a transform written for numpy/CPU tensors: run it where it works
                 self._pre_on_device = False
                 logger.warning("model %s: preprocessing fails on %s (%s: %s); it runs on the CPU from now on",
                                self.model.name, self.device, type(exc).__name__, str(exc)[:200])
-        return dict(self.preprocessing({"image": image}))
+        return dict(self.preprocessing(dict(images)))
+
+
+def _loader_key(loader: Any, parser: ConfigParser) -> str:
+    """The key a single-input bundle's loader reads ("image", or what ``@image_key`` names)."""
+    keys = loader.get("keys", "image") if isinstance(loader, dict) else "image"
+    key = keys[0] if isinstance(keys, list) and keys else keys
+    for _ in range(4):  # "@image_key" -> its raw value (parsing here would freeze the config before its edits)
+        if not (isinstance(key, str) and key.startswith("@")):
+            break
+        key = parser.get(key[1:], "image")
+    return key if isinstance(key, str) and not key.startswith(("@", "$")) else "image"
 
 
 #: transforms that neither read nor change the voxel type (the affine and axes only)

@@ -49,6 +49,8 @@ class OutputRequest:
     extra: Sequence[str] = ()
     #: objects made by the builders before this one, by name (the SR references the SEG)
     made: dict[str, Dataset] = field(default_factory=dict)
+    #: the headers of a study-level model's other input series (the SR cites them as evidence)
+    evidence: Sequence[Dataset] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +80,7 @@ def _sr(r: OutputRequest) -> list[tuple[str, Dataset]]:
     return [("sr", build_sr(r.volume, r.rois, r.card, r.provenance, seg=seg if isinstance(seg, hd.seg.Segmentation)
                             else None,
                             series_number=r.outputs.sr_series_number, not_reported=r.not_reported,
-                            statements=r.statements))]
+                            statements=r.statements, inputs=r.evidence))]
 
 
 def _gsps(r: OutputRequest) -> list[tuple[str, Dataset]]:

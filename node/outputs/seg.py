@@ -12,6 +12,8 @@ import logging
 
 import highdicom as hd
 import numpy as np
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
 
 from node.errors import OutputError
 from node.imaging.volume import Volume
@@ -26,6 +28,25 @@ logger = logging.getLogger(__name__)
 
 def coded(spec: CodeSpec) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(spec.code, spec.scheme, spec.meaning)
+
+
+def _shared_orientation(sources: list[Dataset]) -> list[Dataset]:
+    """The sources as highdicom must see them: one orientation for all. Real scanners write orientations that
+    differ slice to slice by about 1e-8 (an oblique GE 3D T1: 32 distinct values); the volume reader accepts
+    differences up to 1e-3 per direction cosine (``imaging.volume``) and the SEG states the first slice's.
+    Header copies are changed, never the received files; the SEG still references each original instance."""
+    first = [float(v) for v in sources[0].ImageOrientationPatient] if "ImageOrientationPatient" in sources[0] else None
+    if first is None or all([float(v) for v in ds.get("ImageOrientationPatient", first)] == first for ds in sources):
+        return sources
+    out = []
+    for ds in sources:
+        copy = Dataset()
+        copy.update(ds)  # a shallow copy of the header: its elements shared, its orientation replaced
+        copy[0x00200037] = DataElement(0x00200037, "DS", list(sources[0].ImageOrientationPatient))  # a new element
+        if hasattr(ds, "file_meta"):
+            copy.file_meta = ds.file_meta
+        out.append(copy)
+    return out
 
 
 def segment_label(roi: ROI, spec: LabelSpec) -> str:
@@ -83,7 +104,7 @@ def build_seg(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prov
             arr[ref.frame - 1] = painted[k]  # type: ignore[operator]
         sources = volume.sources
     else:
-        sources = [volume.sources[f.source] for f in volume.frames]
+        sources = _shared_orientation([volume.sources[f.source] for f in volume.frames])
         arr = painted
     try:
         seg = hd.seg.Segmentation(

@@ -20,6 +20,7 @@ and a study without any finding, are stated in the Qualitative Evaluations conta
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import highdicom as hd
@@ -65,13 +66,16 @@ def _source_image(volume: Volume, k: int) -> hd.sr.SourceImageForRegion:
 def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Provenance, *,
              seg: hd.seg.Segmentation | None, series_number: int,
              not_reported: dict[str, int] | None = None,
-             statements: list[ClassStatement] | None = None) -> hd.sr.Comprehensive3DSR:
+             statements: list[ClassStatement] | None = None,
+             inputs: Iterable[Dataset] = ()) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 measurement report.
 
     ``not_reported``: findings the route left out, by reason (``below_min_confidence``,
     ``over_max_findings``): stated in a group of their own, so the reader knows the list is capped.
     ``statements``: a classifier's classes, each a group with the coded class as a qualitative
     evaluation and the probability of every class (see :func:`_statement_group`).
+    ``inputs``: the other series a study-level model read (headers): evidence the model used, listed with the
+    reference series' instances in the Current Requested Procedure Evidence.
 
     Raises:
         OutputError: highdicom refused the content.
@@ -217,7 +221,8 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
             institution_name=provenance.institution_name,
             series_description=provenance.series_description("SR"))
         sr.ContentSequence = report[0].ContentSequence
-        _set_evidence(sr, evidence, _referenced_uids(report[0]))
+        read = list(inputs)
+        _set_evidence(sr, [*evidence, *read], _referenced_uids(report[0]) | {str(ds.SOPInstanceUID) for ds in read})
     except (ValueError, TypeError, AttributeError) as exc:
         raise OutputError(f"highdicom refused the SR: {type(exc).__name__}: {exc}") from exc
     provenance.stamp(sr)

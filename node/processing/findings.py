@@ -17,20 +17,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from node.config import Route
-from node.errors import ModelTimeoutError
+from node.errors import ModelTimeoutError, VolumeError
+from node.imaging.onto import resample_onto, same_frame
 from node.imaging.regrid import Regridded, regularize
 from node.imaging.volume import Volume
-from node.inference.prediction import ClassStatement, Runner
+from node.inference.prediction import ClassStatement, ModelInputs, Runner
 from node.inference.registry import ModelInfo
 from node.inference.rois import NOT_REPORTED, ROI, describe, on_source, paint_rois
 
-__all__ = ["NOT_REPORTED", "FindingOptions", "Findings", "predict_findings", "select_findings"]
+__all__ = ["NOT_REPORTED", "FindingOptions", "Findings", "model_inputs", "predict_findings", "select_findings"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,13 +114,66 @@ def select_findings(rois: list[ROI], min_confidence: float | None, max_findings:
     return kept, {k: v for k, v in dropped.items() if v}
 
 
+#: the pixels of an input whose values went into a stacked image (its headers stay, for the SR's evidence)
+_RELEASED = np.zeros((0, 0, 0), dtype=np.float32)
+
+
+def model_inputs(grid: Volume, model: ModelInfo, inputs: Mapping[str, Volume]) -> ModelInputs:
+    """A study-level model's inputs as its bundle takes them (``model.inputs``): each volume under its own key
+    (``keys``: the bundle resamples), or stacked as channels on ``grid``, the grid the model sees of the
+    reference input (``channels``). Stacking consumes the other inputs' pixels (each is released once it is on
+    the grid, so the peak is the stack and one input; their headers stay, the SR cites them). An optional input
+    that is missing is a channel of zeros.
+
+    Raises:
+        VolumeError: an input is in another frame of reference than the reference input, or misses the grid.
+    """
+    card = model.card
+    ref = card.reference_input.name
+    names = list(model.inputs.names)
+    if model.inputs.mode == "keys":
+        volumes = {}
+        for name in names:
+            if name == ref:
+                volumes[name] = grid
+            elif name in inputs:
+                v = inputs[name]
+                regular = regularize(v) if v.irregular else None  # the bundle's own resampling assumes a regular grid
+                volumes[name] = regular.volume if regular is not None else v
+        return ModelInputs(volumes, ref, "keys")
+    for name in names:
+        if name != ref and name in inputs:
+            why = same_frame(inputs[name], grid, name=name, reference_name=ref)
+            if why is not None:
+                raise VolumeError(why)
+    k_n, rows, cols = grid.shape
+    stacked = np.zeros((len(names), cols, rows, k_n), dtype=np.float32)  # MONAI's [c, i, j, k]
+    volumes = {}
+    for c, name in enumerate(names):
+        slot = stacked[c].transpose(2, 1, 0)  # a [k, j, i] view of channel c
+        if name == ref:
+            slot[...] = grid.pixels
+            volumes[name] = grid
+        elif name in inputs:
+            v = inputs[name]
+            resample_onto(v, grid, out=slot)
+            v.release_memory()
+            v.pixels, v.mapping = _RELEASED, None  # the stack holds its values now
+            volumes[name] = v
+    return ModelInputs(volumes, ref, "channels", channels=stacked)
+
+
 def predict_findings(volume: Volume, runner: Runner, model: ModelInfo, *, options: FindingOptions | None = None,
-                     deadline: float | None = None, stage: Callable[[str], None] | None = None) -> Findings:
+                     deadline: float | None = None, stage: Callable[[str], None] | None = None,
+                     inputs: Mapping[str, Volume] | None = None) -> Findings:
     """Run the model on the series and return its findings on the series' own slices (see the module
     docstring). ``stage`` is called with each stage's name as it starts (and may raise, e.g. on timeout).
 
+    A study-level model (``[[inputs]]`` in its card) takes ``volume`` as its reference input and ``inputs`` (the
+    other inputs by name; see :func:`model_inputs`): the findings are on the reference series.
+
     Raises:
-        VolumeError: the series cannot be resampled for the model.
+        VolumeError: the series cannot be resampled for the model, or an input cannot be placed on its grid.
         ModelError / ModelTimeoutError: the model failed or passed ``deadline``.
     """
     opts = options or FindingOptions()
@@ -140,8 +194,14 @@ def predict_findings(volume: Volume, runner: Runner, model: ModelInfo, *, option
         logger.info("series %s: %s; resampled to an orthogonal grid %s for the model", volume.series_uid,
                     volume.geometry_note, grid.volume.shape if grid else "?")
     model_volume = grid.volume if grid is not None else volume
+    given: Volume | ModelInputs = model_volume
+    if len(model.inputs) > 1:
+        t = begin("inputs")
+        given = model_inputs(model_volume, model, inputs or {})
+        timings["inputs"] = time.perf_counter() - t
     t = begin("inference")
-    prediction = runner.predict(model_volume, deadline=deadline).expand()
+    prediction = runner.predict(given, deadline=deadline).expand()
+    del given
     timings["inference"] = time.perf_counter() - t
 
     t = begin("rois")

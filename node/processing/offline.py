@@ -14,9 +14,9 @@ from node.config import Route
 from node.inference.registry import ModelCard
 from node.ingest.spool import routing_attributes
 from node.net.scu import iter_dicom_files, unsendable
-from node.schedule.eligibility import ineligibility
+from node.schedule.eligibility import ineligibility, model_ineligibility
 
-__all__ = ["FoundSeries", "discover_series"]
+__all__ = ["FoundSeries", "assign_inputs", "discover_series"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,5 +71,26 @@ def discover_series(root: Path, route: Route, *, card: ModelCard | None = None,
     for entry in found.values():
         entry.skipped = ineligibility(route, entry.attrs, frames=entry.frames)
         if entry.skipped is None and card is not None:
-            entry.skipped = card.refusal(model, entry.attrs)
+            entry.skipped = model_ineligibility(model, card, entry.attrs)
     return sorted(found.values(), key=lambda s: -s.frames), left_out
+
+
+def _series_number(s: FoundSeries) -> float:
+    try:
+        return float(str(s.attrs.get("SeriesNumber", "0")))
+    except ValueError:
+        return 0.0
+
+
+def assign_inputs(found: list[FoundSeries], card: ModelCard) -> tuple[dict[str, FoundSeries], list[str]]:
+    """The series a study-level model takes for each of its card's ``[[inputs]]`` among ``found`` (by the inputs'
+    match rules; of several series one input matches, the last acquired: the highest SeriesNumber), and the
+    required inputs no series matches."""
+    chosen: dict[str, FoundSeries] = {}
+    for spec in card.inputs:
+        candidates = [s for s in found if s.skipped is None and (role := card.input_of(s.attrs)) is not None
+                      and role.name == spec.name]
+        if candidates:
+            chosen[spec.name] = max(candidates, key=_series_number)
+    missing = [i.name for i in card.inputs if i.required and i.name not in chosen]
+    return chosen, missing

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
 
 from node.config import NodeConfig, OutputsConfig, Route
-from node.errors import ModelRefusedError, ModelTimeoutError, OutputError
+from node.errors import ModelRefusedError, ModelTimeoutError, OutputError, VolumeError
 from node.imaging.volume import Volume, load_series
 from node.inference.prediction import Runner
 from node.inference.registry import ModelInfo
@@ -32,7 +33,7 @@ from node.outputs.result import ResultObject, save_dataset, write_private
 from node.processing.findings import FindingOptions, Findings, predict_findings
 from node.store.results import ClassResult, FindingResult, JobResult
 
-__all__ = ["JobOutput", "ModelContext", "PipelineOptions", "intensity_profile", "process_series"]
+__all__ = ["JobOutput", "ModelContext", "PipelineOptions", "intensity_profile", "load_inputs", "process_series"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,13 +129,57 @@ def _class_results(findings: Findings) -> tuple[ClassResult, ...]:
     return tuple(out)
 
 
+def load_inputs(model: ModelInfo, inputs: Mapping[str, Sequence[Path]], scratch_dir: Path | None = None
+                ) -> dict[str, Volume]:
+    """The other inputs of a study-level model (its card's ``[[inputs]]`` but the reference), read from their files
+    (each input's ``volume`` choice for series holding several volumes).
+
+    Raises:
+        ModelRefusedError: a required input has no series, or a series is given for an input the card lacks.
+        VolumeError: an input's series cannot be read as a volume.
+    """
+    card = model.card
+    known = {i.name for i in card.inputs}
+    unknown = sorted(set(inputs) - known)
+    if unknown:
+        raise ModelRefusedError(f"model {model.name} has no input {', '.join(unknown)} (its inputs: "
+                                f"{', '.join(sorted(known))})")
+    out: dict[str, Volume] = {}
+    ref = card.reference_input.name
+    for spec in card.inputs:
+        if spec.name == ref:
+            continue
+        files = list(inputs.get(spec.name) or ())
+        if not files:
+            if spec.required:
+                raise ModelRefusedError(f"no series for input {spec.name} of model {model.name} (its card's match: "
+                                        f"{spec.match or 'none'})")
+            logger.info("model %s: optional input %s not given; a channel of zeros", model.name, spec.name)
+            continue
+        try:
+            out[spec.name] = load_series(files, scratch_dir=scratch_dir, volume=spec.volume or model.card.model.volume)
+        except VolumeError as exc:
+            raise VolumeError(f"input {spec.name}: {exc}") from exc
+    return out
+
+
+def _input_summary(name: str, volume: Volume, reference: bool) -> dict[str, Any]:
+    ds = volume.sources[0]
+    return {"name": name, "series_uid": volume.series_uid, "reference": reference,
+            "description": str(ds.get("SeriesDescription", "") or ""), "modality": volume.modality,
+            "instances": len(volume.sources), "selected": volume.selected}
+
+
 def process_series(files: list[Path], ctx: ModelContext, out_dir: Path, *,
                    options: PipelineOptions | None = None, volume: Volume | None = None,
-                   on_stage: Callable[[str], None] | None = None) -> JobOutput:
+                   on_stage: Callable[[str], None] | None = None,
+                   inputs: Mapping[str, Sequence[Path]] | None = None) -> JobOutput:
     """Run the whole processing of one series with one model, writing the results into ``out_dir``.
 
     ``volume`` skips reading the files (when the caller already holds it); ``on_stage`` is called with
-    each stage's name as it starts.
+    each stage's name as it starts. A study-level model (``[[inputs]]`` in its card) takes ``files`` as its
+    reference input and ``inputs`` (the files of each other input, by name): the SEG is on the reference series,
+    the SR cites every input series.
 
     Returns:
         The result objects (for the outbox), the typed result, the findings.
@@ -158,13 +203,24 @@ def process_series(files: list[Path], ctx: ModelContext, out_dir: Path, *,
             raise ModelTimeoutError(f"job passed its timeout of {timeout_seconds:.0f} s before stage {name}")
 
     stage("load")
+    study_level = bool(model.card.inputs)
+    choice = (model.card.reference_input.volume if study_level else None) or model.card.model.volume
     if volume is None:
-        volume = load_series(files, scratch_dir=out_dir)  # a large volume goes to a mapped scratch file
+        # a large volume goes to a mapped scratch file; of a series holding several volumes, the one the card names
+        volume = load_series(files, scratch_dir=out_dir, volume=choice)
     timings.update({"read": volume.timings.get("read_headers", 0.0), "decode": volume.timings.get("decode", 0.0)})
     refused = model.card.refusal(model.name, volume.sources[0])
     if refused is not None:  # what its card says it is for (the node's routes already skip such series)
         raise ModelRefusedError(f"series {volume.series_uid}: {refused}")
-    findings = predict_findings(volume, ctx.runner, model, options=opts.findings, deadline=deadline, stage=stage)
+    others: dict[str, Volume] = {}
+    if study_level:
+        others = load_inputs(model, inputs or {}, scratch_dir=out_dir)
+    input_list = [_input_summary(model.card.reference_input.name, volume, True)] + [
+        _input_summary(name, v, False) for name, v in others.items()] if study_level else []
+    evidence = [ds for v in others.values() for ds in v.sources]
+    findings = predict_findings(volume, ctx.runner, model, options=opts.findings, deadline=deadline, stage=stage,
+                                inputs=others)
+    del others  # a stacked input's pixels are gone already; its headers stay in ``evidence``
     timings.update(findings.timings)
     for r in findings.rois:  # one identity per finding, in the SR, the SEG, verdicts and follow-ups
         r.tracking_uid = new_uid(provenance.uid_root)
@@ -172,7 +228,7 @@ def process_series(files: list[Path], ctx: ModelContext, out_dir: Path, *,
     out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     request = OutputRequest(volume=volume, rois=findings.rois, labels=findings.labels,
                             statements=findings.statements, not_reported=findings.not_reported, card=model.card,
-                            provenance=provenance, outputs=outputs, extra=opts.extra_outputs)
+                            provenance=provenance, outputs=outputs, extra=opts.extra_outputs, evidence=evidence)
     built: list[tuple[str, Dataset]] = []
     for output in OUTPUTS:
         if not output.wanted(request):
@@ -229,7 +285,8 @@ def process_series(files: list[Path], ctx: ModelContext, out_dir: Path, *,
         spacing_mm=(round(sx, 4), round(sy, 4), round(sz, 4)),
         findings=tuple(finding_result(r) for r in findings.rois), classes=_class_results(findings),
         not_reported=dict(findings.not_reported), intensity=intensity_profile(volume.pixels), resampled=resampled,
-        timings={k: round(v, 4) for k, v in timings.items()}, files=files_out, output_dir=str(out_dir))
+        timings={k: round(v, 4) for k, v in timings.items()}, files=files_out, output_dir=str(out_dir),
+        inputs=tuple(input_list))
     write_private(out_dir / "result.json", result.to_json(indent=2))
     logger.info("series %s: %d ROI(s)%s, %s in %.1f s (inference %.1f s)", volume.series_uid, len(findings.rois),
                 "".join(f", {c.concept}: {c.value}" for c in result.classes),

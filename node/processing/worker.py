@@ -10,7 +10,8 @@ import logging
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,10 +19,10 @@ from pydicom import dcmread
 
 from node.config import NodeConfig, Route
 from node.delivery.notify import Notifier, study_of
-from node.errors import ComputeLostError, PreannotError
+from node.errors import ComputeLostError, InputsPendingError, ModelRefusedError, PreannotError
 from node.inference.kinds import load_runner
 from node.inference.prediction import Runner
-from node.inference.registry import Registry
+from node.inference.registry import ModelInfo, Registry
 from node.metrics import NodeMetrics
 from node.outputs.equipment import Provenance
 from node.outputs.rejection import Withdrawn, build_rejection_note
@@ -29,7 +30,7 @@ from node.outputs.result import ResultObject, attempt_dir, save_dataset
 from node.processing.pipeline import ModelContext, PipelineOptions, process_series
 from node.schedule.routing import raised_flags
 from node.store.jobs import Job, JobStore, OutboxState, Supersession
-from node.store.series import SeriesStore
+from node.store.series import SeriesInfo, SeriesState, SeriesStore
 
 if TYPE_CHECKING:
     from node.compute.ray_backend import ActorPool
@@ -140,8 +141,9 @@ class Worker(threading.Thread):
             provenance = Provenance.for_node(model, self.config.outputs, device_uid=self.ctx.device_uid)
             route = self._route(job.route)
             options = PipelineOptions.for_route(route, self.config, defer_preview=True)
+            inputs, versions = self._study_inputs(job, model)
             output = process_series(files, ModelContext(model, runner, provenance), out_dir, options=options,
-                                    on_stage=self._set_stage)
+                                    on_stage=self._set_stage, inputs=inputs)
             flags = raised_flags(route, output.result)
             priority = flags.priority(job.priority)
             delivery: dict[str, object] = {"priority": priority, "flags": flags.names}
@@ -152,6 +154,10 @@ class Worker(threading.Thread):
                 delivery.update(time_to_result_s=took, target_s=target,
                                 target_breached=target is not None and took > target)
             result = output.result.with_delivery(**delivery)
+            if result.inputs:  # which version of each input series it was made on (a new one supersedes it)
+                result = replace(result, inputs=tuple({**i, "version": versions.get(i.get("series_uid", ""),
+                                                                                     job.series_version)}
+                                                      for i in result.inputs))
             notifications = {}
             if self.ctx.notifier is not None and self.ctx.notifier.wanted(priority, flagged=flags.notify):
                 notifications = self.ctx.notifier.messages(job, result, out_dir, study_of(files))
@@ -169,6 +175,9 @@ class Worker(threading.Thread):
                         job.send_to or "no destination",
                         f"; flagged {', '.join(flags.names)}" if flags.names else "")
             output.finish()  # the preview, once the results are on their way
+        except InputsPendingError as exc:  # the study's other series are not all there yet: later, not counted
+            self.store.defer(job.id, reason=str(exc), until=time.time() + exc.retry_in, lease=job.started_at)
+            logger.info("job %d waits: %s", job.id, exc)
         except ComputeLostError as exc:  # not the job's fault: again, on another actor, attempt not counted
             logger.warning("job %d: %s; requeued", job.id, exc)
             self.store.requeue(job.id, reason=str(exc), lease=job.started_at)
@@ -183,6 +192,60 @@ class Worker(threading.Thread):
         finally:
             self.current = None
             self.stage = ""
+
+    def _study_inputs(self, job: Job, model: ModelInfo) -> tuple[dict[str, Sequence[Path]], dict[str, int]]:
+        """A study-level model's other inputs: for each, the files of the study's series its match rule takes
+        (the most recently received, when several do), and each series' version.
+
+        Raises:
+            InputsPendingError: an input's series is still arriving, or a required one is not there, and the
+                wait (``[jobs] inputs_wait_seconds`` from the reference series' last instance) is not over.
+            ModelRefusedError: the wait is over: a required input has no series (named), or is still arriving.
+        """
+        card = model.card
+        if not card.inputs:
+            return {}, {}
+        ref = self.ctx.series.find(job.series_uid)
+        if ref is None:
+            return {}, {}
+        reference = card.reference_input.name
+        study = [s for s in self.ctx.series.study_series(ref.study_uid) if s.series_uid != ref.series_uid]
+        usable = (SeriesState.DISPATCHED, SeriesState.UNMATCHED, SeriesState.SKIPPED)
+        arriving = (SeriesState.RECEIVING, SeriesState.INCOMPLETE)
+        inputs: dict[str, Sequence[Path]] = {}
+        versions: dict[str, int] = {}
+        pending: list[str] = []
+        missing: list[str] = []
+        for spec in card.inputs:
+            if spec.name == reference:
+                continue
+            candidates = [s for s in study if (role := card.input_of(s.attrs)) is not None and role.name == spec.name]
+            ready: list[SeriesInfo] = [s for s in candidates if s.state in usable]
+            if any(s.state in arriving for s in candidates):
+                pending.append(spec.name)
+            elif ready:
+                chosen = ready[0]  # most recently received first
+                inputs[spec.name] = self.ctx.series.files(chosen.series_uid)
+                versions[chosen.series_uid] = chosen.version
+                if len(ready) > 1:
+                    logger.info("job %d: input %s from series %s, the latest of %d that match", job.id, spec.name,
+                                chosen.series_uid, len(ready))
+            elif spec.required:
+                missing.append(spec.name)
+        if not pending and not missing:
+            return inputs, versions
+        wait = self.config.jobs.inputs_wait_seconds
+        waited = time.time() - max([ref.last_received, *(s.last_received for s in study)])
+        what = "; ".join(filter(None, [
+            f"no series for input {', '.join(missing)}" if missing else "",
+            f"input {', '.join(pending)} still arriving" if pending else ""]))
+        if waited < wait:
+            raise InputsPendingError(f"model {model.name} waits for the study's series: {what} "
+                                     f"(up to {wait:.0f} s after the study's last instance)",
+                                     retry_in=min(max(wait - waited, 1.0), 5.0))
+        rules = "; ".join(f"{i.name}: {i.match or 'none'}" for i in card.inputs if i.name in missing + pending)
+        raise ModelRefusedError(f"{what} of model {model.name} after waiting {wait:.0f} s (inputs_wait_seconds); "
+                                f"its card's match rules: {rules}")
 
     def _supersession(self, job: Job, files: list[Path], provenance: Provenance, out_dir: Path) -> Supersession | None:
         """What this job replaces: earlier results of the same series and model, and the rejection note

@@ -11,7 +11,11 @@ A series is stable once no instance arrived for ``stable_seconds`` (the node def
    PACS reports by C-FIND, asked off this loop by ``schedule/counts.py``) -> ``incomplete``, re-evaluated
    when instances arrive (they reopen it) and every ``_RECHECK_SECONDS``; once nothing arrived for
    ``[node].incomplete_hold_minutes`` -> ``failed`` with the reason, without a result;
-4. otherwise one job per (series, series version, model) of each eligible route -> ``dispatched``.
+4. otherwise one job per (series, series version, model) of each eligible route -> ``dispatched``. A
+   study-level model (``[[inputs]]`` in its card) gets its job on the series of its reference input only;
+   the series of its other inputs are dispatched without a job (the worker gathers them from the study when
+   the job runs, waiting for them a bounded time). A new version of such an input series after the model's
+   result was made sends the reference series through again, so a new result supersedes the old one.
 
 The series' transition and its jobs commit in one transaction.
 """
@@ -19,10 +23,12 @@ The series' transition and its jobs commit in one transaction.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from node.config import NodeConfig, Route
 from node.imaging.spacing import classify_spacing
@@ -161,17 +167,45 @@ class Assembler:
             if now - seen.last_received >= hold:
                 return self._commit(seen, now, outcome="failed", reason=(
                     f"incomplete: {evidence}; nothing arrived for {hold / 60:.0f} min (incomplete_hold_minutes)"))
-            self._next_check[seen.series_uid] = now + _RECHECK_SECONDS
+            # looked at again in a while, or when the hold runs out if that comes first
+            left = hold - (now - seen.last_received)
+            self._next_check[seen.series_uid] = now + max(min(_RECHECK_SECONDS, left), 0.5)
             if seen.state == SeriesState.INCOMPLETE and seen.note == evidence:
                 return None  # still held for the same reason
             return self._commit(seen, now, outcome="incomplete", reason=evidence)
         skipped = {name: why for name, why in reasons.items() if why is not None}
         return self._commit(seen, now, outcome="dispatched", routes=eligible, skipped_routes=skipped)
 
+    @staticmethod
+    def _stale_results(c: Any, info: SeriesInfo, model: str) -> list[str]:
+        """Reference series of ``info``'s study whose latest done result of ``model`` was made without this
+        version of ``info`` (an earlier version of it, or without it at all): they run again."""
+        rows = c.execute(
+            "SELECT j.series_uid, j.result FROM jobs j JOIN series s ON s.series_uid = j.series_uid "
+            "WHERE s.study_uid = ? AND j.model = ? AND j.state = 'done' AND j.superseded_by IS NULL "
+            "AND s.state = 'dispatched'", (info.study_uid, model)).fetchall()
+        out = []
+        # a job that gave up waiting for an input runs again once one arrives
+        out += [str(r[0]) for r in c.execute(
+            "SELECT DISTINCT j.series_uid FROM jobs j JOIN series s ON s.series_uid = j.series_uid "
+            "WHERE s.study_uid = ? AND j.model = ? AND j.state = 'dead' AND j.error LIKE '%no series for input%' "
+            "AND s.state = 'dispatched' AND NOT EXISTS (SELECT 1 FROM jobs k WHERE k.series_uid = j.series_uid "
+            "AND k.model = j.model AND k.id > j.id)", (info.study_uid, model)).fetchall()]
+        for r in rows:
+            try:
+                used = json.loads(r["result"] or "{}").get("inputs") or []
+            except ValueError:
+                continue
+            versions = {u.get("series_uid"): u.get("version") for u in used if isinstance(u, dict)}
+            if versions.get(info.series_uid) != info.version:
+                out.append(str(r["series_uid"]))
+        return out
+
     def _commit(self, seen: SeriesInfo, now: float, *, outcome: str, reason: str = "",
                 routes: list[Route] | None = None, skipped_routes: dict[str, str] | None = None) -> Dispatch | None:
         job_ids: list[int] = []
         names = [r.name for r in routes or []]
+        rerun: set[str] = set()  # reference series whose study-level results this series' new version outdates
         with self.series.db.tx() as c:
             info = self.series.claim_stable(c, seen.series_uid, version=seen.version,
                                             last_received=seen.last_received)
@@ -195,6 +229,12 @@ class Assembler:
                         if why is not None:
                             logger.info("series %s: %s; no job for it", info.series_uid, why)
                             continue
+                        role = card.input_of(info.attrs) if card is not None and card.inputs else None
+                        if card is not None and role is not None and role.name != card.reference_input.name:
+                            logger.info("series %s is input %s of model %s: its job runs on the study's %s series",
+                                        info.series_uid, role.name, model, card.reference_input.name)
+                            rerun.update(self._stale_results(c, info, model))
+                            continue
                         jid = self.jobs.create(c, series_uid=info.series_uid, series_version=info.version,
                                                model=model, route=route.name, send_to=list(route.send_to),
                                                max_attempts=self.config.jobs.max_attempts,
@@ -204,6 +244,10 @@ class Assembler:
                             job_ids.append(jid)
                 self.series.mark_dispatched(c, info, routes=names, jobs=job_ids, now=now,
                                             skipped_routes=skipped_routes or {})
+        for ref in sorted(rerun):
+            version = self.series.reopen_for_reprocess(ref, actor="assembler", now=now)
+            logger.info("series %s: new version %d, its study-level results made without series %s version %d",
+                        ref, version, info.series_uid, info.version)
         if outcome in ("dispatched", "failed", "skipped", "unmatched"):
             self.counter.forget(info.series_uid)
         if outcome == "dispatched":

@@ -64,5 +64,13 @@ def ineligibility(route: Route, attrs: dict[str, Any], *, frames: int) -> str | 
 
 
 def model_ineligibility(name: str, card: ModelCard, attrs: dict[str, Any]) -> str | None:
-    """Why the model ``name`` must not run on a series with these attributes (its card decides), or None."""
-    return card.refusal(name, attrs)
+    """Why the model ``name`` must not run on a series with these attributes (its card decides), or None.
+
+    A study-level model (``[[inputs]]`` in its card) may use any series one of its inputs matches; the
+    assembler makes its job on the reference input's series only.
+    """
+    why = card.refusal(name, attrs)
+    if why is None and card.inputs and card.input_of(attrs) is None:
+        names = ", ".join(i.name for i in card.inputs)
+        return f"not one of model {name}'s inputs ({names}; their match rules are in its card)"
+    return why

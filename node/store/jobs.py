@@ -482,6 +482,30 @@ class JobStore:
             append_event(c, "job.requeued", {"reason": reason}, series_uid=row["series_uid"], job_id=job_id, now=now)
         return True
 
+    def defer(self, job_id: int, *, reason: str, until: float, now: float | None = None,
+              lease: float | None = None) -> bool:
+        """Put a running job back in the queue until ``until`` without counting its attempt: it waits for
+        something that is not there yet (a study-level model's other input series). The reason is kept as the
+        job's note. Returns False when the caller's lease passed on (see :meth:`requeue`)."""
+        now = time.time() if now is None else now
+        with self.db.tx() as c:
+            row = c.execute("SELECT series_uid, error FROM jobs WHERE id = ? AND state = 'running' AND started_at IS "
+                            "COALESCE(?, started_at)", (job_id, lease)).fetchone()
+            if row is None:
+                return False
+            c.execute("UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0), lease_until = NULL, "
+                      "next_run_at = ?, updated_at = ?, error = ? WHERE id = ?", (until, now, reason[:4000], job_id))
+            if row["error"] != reason[:4000]:  # one event per new reason, not one per look
+                append_event(c, "job.waiting", {"reason": reason[:4000], "until": until},
+                             series_uid=row["series_uid"], job_id=job_id, now=now)
+        return True
+
+    def study_jobs(self, study_uid: str, model: str) -> list[Job]:
+        """Jobs of ``model`` on any series of a study (the series table joined), newest first."""
+        return [Job.from_row(r) for r in self.db.query(
+            "SELECT j.* FROM jobs j JOIN series s ON s.series_uid = j.series_uid WHERE s.study_uid = ? "
+            "AND j.model = ? ORDER BY j.id DESC", (study_uid, model))]
+
     def cancel(self, job_id: int, *, actor: str | None = None, now: float | None = None) -> None:
         """Cancel a queued or failed job."""
         now = time.time() if now is None else now

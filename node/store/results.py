@@ -131,6 +131,8 @@ class JobResult:
     target_breached: bool = False
     #: what a route flagged in the result (e.g. "class:D"), and what it did about it
     flags: tuple[str, ...] = ()
+    #: a study-level model's input series: name, series_uid, reference, description, modality, instances, selected
+    inputs: tuple[dict[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         for f in ("timings", "intensity", "spacing_mm"):
@@ -176,6 +178,7 @@ class JobResult:
         kw["shape"] = tuple(kw.get("shape") or (0, 0, 0))
         kw["spacing_mm"] = tuple(kw.get("spacing_mm") or (1.0, 1.0, 1.0))
         kw["flags"] = tuple(kw.get("flags") or ())
+        kw["inputs"] = tuple(kw.get("inputs") or ())
         return cls(**kw)
 
     @classmethod

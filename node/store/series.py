@@ -411,6 +411,11 @@ class SeriesStore:
         row = self.db.one("SELECT * FROM series WHERE series_uid = ?", (series_uid,))
         return None if row is None else SeriesInfo.from_row(row)
 
+    def study_series(self, study_uid: str) -> list[SeriesInfo]:
+        """Every series of a study the node received, most recently received first."""
+        return [SeriesInfo.from_row(r) for r in self.db.query(
+            "SELECT * FROM series WHERE study_uid = ? ORDER BY last_received DESC", (study_uid,))]
+
     def files(self, series_uid: str) -> list[Path]:
         """The spooled files of a series, in arrival order."""
         rows = self.db.query("SELECT path FROM instances WHERE series_uid = ? ORDER BY received_at, sop_uid",

@@ -84,3 +84,38 @@ def mammo(
         rows.append(f"{folder},{density}")
     (out / "classes.csv").write_text("\n".join(rows) + "\n")
     typer.echo(f"wrote {n} mammograms and classes.csv to {out}")
+
+
+@app.command("mr")
+def mr(
+    out: Annotated[Path, typer.Option(help="Output folder: one sub-folder per series, and truth.json")],
+    seed: Annotated[int, typer.Option(help="Random seed (lesion places and sizes, noise)")] = 4100,
+    lesions: Annotated[int, typer.Option(help="Number of tumours")] = 1,
+    without: Annotated[list[str] | None, typer.Option(
+        help="Leave out a series (T1, T1c, T2, FLAIR, localizer, DWI); repeatable")] = None,
+) -> None:
+    """Write a synthetic brain MR study: T1 sagittal, T1 after gadolinium axial, T2 coronal, FLAIR axial oblique,
+    a three-plane localizer and a diffusion series of three b-values, one frame of reference, known tumours."""
+    from node.devtools.synth.study import write_mr_study
+
+    series = write_mr_study(out, seed=seed, lesions=lesions, without=tuple(without or ()))
+    for s in series:
+        typer.echo(f"  {s.folder.name}: {s.description} ({s.plane}, {s.files} images)")
+    typer.echo(f"wrote {len(series)} series to {out} (lesions in {out / 'truth.json'})")
+
+
+@app.command("phases")
+def phases(
+    out: Annotated[Path, typer.Option(help="Output folder: one sub-folder per phase, and truth.json")],
+    seed: Annotated[int, typer.Option(help="Random seed")] = 5200,
+    without: Annotated[list[str] | None, typer.Option(
+        help="Leave out a phase (artery, vein, excret); repeatable")] = None,
+) -> None:
+    """Write a synthetic three-phase contrast CT of the abdomen (arterial, portal venous, excretory: three grids,
+    one frame of reference)."""
+    from node.devtools.synth.study import write_phase_study
+
+    series = write_phase_study(out, seed=seed, without=tuple(without or ()))
+    for s in series:
+        typer.echo(f"  {s.folder.name}: {s.description} ({s.files} images)")
+    typer.echo(f"wrote {len(series)} series to {out}")
