@@ -129,7 +129,7 @@ def _try(folder: Path) -> bool:
     try:
         card = ModelCard.model_validate(tomllib.loads((folder / "model_card.toml").read_text()))
         metadata = json.loads((folder / "configs" / "metadata.json").read_text())
-        if len(bundle_inputs(read_inference_config(folder), metadata)) > 1:
+        if len(bundle_inputs(read_inference_config(folder), metadata)) > 1 and not card.inputs:
             return True  # refused below with the reason (its card must describe each input)
     except (OSError, ValueError, ValidationError, PreannotError):
         return True  # the card or config problem is reported below, by load_model

@@ -15,6 +15,9 @@ bind = "0.0.0.0"                 # listening address
 port = 11112                     # DICOM port
 data_dir = "/var/lib/preannot"   # spool, database, outputs (mode 0700)
 allowed_callers = ["ORTHANC"]    # calling AE titles accepted; ["*"] accepts any; [] refuses all
+# The PACS's address(es): its AE title is refused from anywhere else, and its connections are never held back by
+# the limits on not-yet-identified connections (max_pending_*), so slow or hostile hosts cannot lock it out.
+caller_hosts = { ORTHANC = ["127.0.0.1/32"] }
 max_associations = 10            # concurrent associations
 max_pdu = 262144                 # maximum PDU size we receive (bytes; 0 = unlimited)
 acse_timeout = 30                # seconds
@@ -65,6 +68,7 @@ timeout_seconds = 1800           # a job running longer fails with a timeout
 backoff_seconds = 10             # first retry delay (doubles each attempt)
 backoff_max_seconds = 600
 stop_timeout_seconds = 30        # on SIGTERM: a running job may finish this long, then is requeued
+inputs_wait_seconds = 600        # study-level models: how long a job waits for the study's other input series
 
 [delivery]
 max_attempts = 8                 # attempts per object and destination before it is dead-lettered

@@ -113,7 +113,7 @@ class Node:
         self.verdict_intake = VerdictIntake(config.verdicts, self.series, self.store, self.verdicts)
         self.counter = InstanceCounter(config)
         self.assembler = Assembler(config, self.series, self.store, verdicts=self.verdict_intake,
-                                   counter=self.counter, cards=self._card)
+                                   counter=self.counter, cards=self._card, started=time.time())
         tls = config.node
         self.listener = Listener(self.spool, config.node, ssl_context=server_context(
             tls.tls_cert, tls.tls_key, ca=tls.tls_ca, require_client_cert=tls.tls_require_client_cert)
@@ -183,16 +183,17 @@ class Node:
 
     def readiness(self) -> dict[str, bool]:
         """Checks behind GET /ready."""
-        try:
+        try:  # a real write: a database on a full disk, or locked for good, is not ready
             with self.db.tx() as c:
-                c.execute("SELECT 1")
+                c.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('ready_probe', ?)", (str(time.time()),))
             writable = True
         except Exception:
             writable = False
         needed = {m for r in self.config.routes for m in r.models}
         return {"dicom_listener": self.listener.listening, "store_writable": writable,
                 "models_loaded": needed <= set(self.registry.models),
-                "disk_reserve_ok": self.spool.free_bytes() >= self.spool.reserve_bytes}
+                "disk_reserve_ok": self.spool.free_bytes() >= self.spool.reserve_bytes,
+                "workers_alive": self.stop_event.is_set() or all(w.is_alive() for w in self.workers)}
 
     def reprocess(self, series_uid: str, *, actor: str | None = None) -> int:
         """Queue a series through its routes again as a new version (NotFoundError when it has no
@@ -228,6 +229,7 @@ class Node:
                 logger.exception("verdict fetch error")
 
     def _assemble_loop(self) -> None:
+        last_error, pause = "", 0.5
         while not self.stop_event.is_set():
             try:
                 decided = self.assembler.tick()
@@ -237,11 +239,18 @@ class Node:
                     self.metrics.series_stable.labels("routed" if d.outcome == "dispatched" else d.outcome).inc()
                     if d.outcome == "verdict":
                         self._verdict_series.put(d.series_uid)
-            except PreannotError as exc:
-                logger.error("assembler: %s", exc)
-            except Exception:
-                logger.exception("assembler error")
-            self.stop_event.wait(0.5)
+                if last_error:
+                    logger.warning("assembler: working again after: %s", last_error)
+                last_error, pause = "", 0.5
+            except Exception as exc:  # a full disk, a locked database: said once, not every half second
+                what = f"{type(exc).__name__}: {exc}"
+                if what != last_error:
+                    if isinstance(exc, PreannotError):
+                        logger.error("assembler: %s", exc)
+                    else:
+                        logger.exception("assembler error")
+                last_error, pause = what, min(pause * 2, 10.0)
+            self.stop_event.wait(pause)
 
     def _retention_loop(self) -> None:
         """Remove what is past its retention every ``[retention].interval_minutes`` (its own thread: a purge of

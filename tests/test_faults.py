@@ -377,3 +377,72 @@ def test_fuzz_scp_with_hypothesis(make_node: Callable[..., Any], small_series: P
     fuzz()
     assert echo(ae_title="PREANNOT", host="127.0.0.1", port=node.listener.port, calling_ae="TESTSCU")
     report("fuzz_scp", examples=sent["n"], node_crashes=0)
+
+
+# --- the disk fills up during a job ----------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Any:
+    """A 64 MB tmpfs of its own (root only: skipped elsewhere), unmounted afterwards."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_disk_full_during_a_job_heals_when_space_returns(tmp_path: Path, small_series: Path, small_disk: Path) -> None:
+    """The series is received, then the disk fills before its job writes anything: the job's writes (and the
+    database's) fail, the worker survives, readiness says the node is not ready, no partial file is left; once
+    space is back the same job completes and its results reach the PACS once, without a restart."""
+    from node.config import load_config
+    from node.devtools.sink import StoreSink
+    from node.service import Node
+
+    models = tmp_path / "models"
+    models.mkdir()  # the demo model, taking 5 s in its postprocessing: the disk fills while it runs
+    _failing_bundle(models, "slow", "$lambda x: (__import__('time').sleep(5), x)[1]")
+    sink = StoreSink(tmp_path / "pacs", ae_title="SINK")
+    port = free_port()
+    text = node_toml(small_disk / "data", port, sink_port=sink.port, stable=1.0, models=models)
+    (tmp_path / "node.toml").write_text(text.replace('models = ["lesion-ct-demo"]', 'models = ["slow"]'))
+    node = Node(load_config(tmp_path / "node.toml"))
+    node.start()
+    filler = small_disk / "filler"
+    try:
+        assert all(o.ok for o in send_files([str(p) for p in sorted(small_series.glob("*.dcm"))],
+                                             ae_title="PREANNOT", host="127.0.0.1", port=port, calling_ae="TESTSCU"))
+        wait_for(lambda: node.store.list_jobs(state="running"), 30, what="the job running")
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)  # fill the disk while the model runs
+        for block in (1 << 20, 4096, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * block)
+            except OSError:
+                pass
+        os.close(fd)
+        time.sleep(8)  # the job runs into the full disk
+        assert all(w.is_alive() for w in node.workers)
+        assert sink.files() == []
+        assert node.readiness()["store_writable"] is False
+        assert node.store.list_jobs()[0].state != "done"
+        filler.unlink()  # space is back
+        job = wait_for(lambda: node.store.list_jobs(state="done"), 120, what="the job once space returned")[0]
+        files = wait_for(lambda: len(sink.files()) >= 2 and sink.files(), 60, what="the results")
+        time.sleep(2)
+        assert len(sink.files()) == len(files) == 2  # once each: a SEG and an SR
+        assert sum(sink.received.values()) == 2
+        assert len(node.store.list_jobs()) == 1 and job.state == "done"
+        assert all(w.is_alive() for w in node.workers)
+        assert node.readiness()["store_writable"] is True
+        assert not [p for p in (small_disk / "data").rglob("*.part")]  # no partial file left behind
+        report("disk_full_during_job", job_attempts=node.store.get(job.id).attempts, results_received=2,
+               worker_alive=True)
+    finally:
+        filler.unlink(missing_ok=True)
+        node.stop()
+        sink.stop()

@@ -323,3 +323,23 @@ def test_new_version_supersedes_earlier_results(db: Database) -> None:
     assert store.earlier_results(store.get(new)) == []
     kinds = [r["kind"] for r in db.query("SELECT kind FROM events WHERE kind = 'job.superseded'")]
     assert len(kinds) == 2
+
+
+def test_after_a_restart_a_series_cut_off_while_arriving_waits_a_full_quiet_period(tmp_path: Path, db: Database,
+                                                                                   small_series: Path) -> None:
+    """Killed while a series arrived: at the restart its downtime is not counted as quiet, so the PACS re-sending
+    the rest within the quiet period gets the whole series processed, not the part that was there."""
+    cfg = _config(tmp_path)
+    store = JobStore(db)
+    spool = Spool(tmp_path / "spool", SeriesStore(db))
+    files = sorted(small_series.glob("*.dcm"))
+    for f in files[:5]:
+        spool.store(f.read_bytes(), now=1000.0)  # then the node was killed; it restarts an hour later
+    asm = Assembler(cfg, SeriesStore(db), store, started=4600.0)
+    assert asm.tick(now=4601.0) == []  # the downtime is not quiet time
+    for f in files[5:]:
+        spool.store(f.read_bytes(), now=4603.0)  # the PACS sends the rest
+    assert asm.tick(now=4607.0) == []
+    (d,) = asm.tick(now=4609.0)
+    assert d.outcome == "dispatched"
+    assert SeriesStore(db).get(d.series_uid).instances == len(files)

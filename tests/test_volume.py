@@ -183,3 +183,16 @@ def test_real_mr_series_load(folder: str) -> None:
     assert vol.pixels.ndim == 3 and vol.pixels.shape[0] > 1
     assert np.isfinite(vol.pixels).all()
     assert all(s > 0 for s in vol.spacing)
+
+
+@pytest.mark.parametrize(("slope", "intercept", "message"), [
+    (float("nan"), -1024.0, "RescaleSlope is nan"),
+    (1.0, float("inf"), "RescaleIntercept is inf"),
+    (0.0, 0.0, "RescaleSlope is 0"),
+])
+def test_a_rescale_that_is_not_a_finite_number_is_refused_by_name(tmp_path: Path, slope: float, intercept: float,
+                                                                  message: str) -> None:
+    """A NaN slope would make every voxel NaN and every statistic after it (the stored result, the drift metrics)."""
+    stored = np.full((3, 4, 4), 10, dtype=np.uint16)
+    with pytest.raises(VolumeError, match=message):
+        load_series(make_series(tmp_path, stored, slope=slope, intercept=intercept))

@@ -85,6 +85,8 @@ def test_api_metrics_actions(served) -> None:  # type: ignore[no-untyped-def]
     assert httpx.get(f"{base}/api/series").json()[0]["instances"] == 24
     assert httpx.get(f"{base}/api/jobs", params={"state": "bogus"}).status_code == 422
     assert httpx.get(f"{base}/api/jobs/9999").status_code == 404
+    for huge in ("99999999999999999999999", str(2**63), "-1"):  # beyond an SQLite integer: refused, never a 500
+        assert httpx.get(f"{base}/api/jobs/{huge}").status_code == 422
     # actions need the token
     assert httpx.post(f"{base}/api/jobs/{job_id}/retry").status_code == 401
     bad = httpx.post(f"{base}/api/jobs/{job_id}/retry", headers={"Authorization": "Bearer wrong-token-xxxxxxxx"})

@@ -19,6 +19,7 @@ missing slices (a gap over ``gap_tolerance`` x the usual spacing), uneven spacin
 from __future__ import annotations
 
 import logging
+import math
 import mmap
 import re
 import tempfile
@@ -391,8 +392,9 @@ def _slices_of(ds: Dataset, index: int, where: str) -> list[_Slice]:
                             where),
                 spacing=tuple(_floats(get("PixelMeasuresSequence", "PixelSpacing"), 2, "PixelSpacing", where)),  # type: ignore[arg-type]
                 rows=rows, cols=cols,
-                slope=float(get("PixelValueTransformationSequence", "RescaleSlope")),
-                intercept=float(get("PixelValueTransformationSequence", "RescaleIntercept")),
+                slope=_rescale(get("PixelValueTransformationSequence", "RescaleSlope"), "RescaleSlope", where),
+                intercept=_rescale(get("PixelValueTransformationSequence", "RescaleIntercept"), "RescaleIntercept",
+                                   where),
                 for_uid=for_uid, tags=_frame_tags(fg, sh, ds)))
         return out
     image_type = [str(v).upper() for v in ds.get("ImageType", []) or []]
@@ -413,8 +415,26 @@ def _slices_of(ds: Dataset, index: int, where: str) -> list[_Slice]:
         iop=_floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient", where),
         spacing=tuple(_floats(spacing, 2, "PixelSpacing", where)),  # type: ignore[arg-type]
         rows=rows, cols=cols,
-        slope=float(ds.get("RescaleSlope", 1.0) or 1.0), intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
+        slope=_rescale(ds.get("RescaleSlope", 1.0), "RescaleSlope", where),
+        intercept=_rescale(ds.get("RescaleIntercept", 0.0), "RescaleIntercept", where),
         for_uid=for_uid, thickness=_thickness(ds), tags=_classic_tags(ds))]
+
+
+def _rescale(value: Any, name: str, where: str) -> float:
+    """RescaleSlope / RescaleIntercept as a number; absent or empty: the identity. A value that is not a finite number
+    (``nan``, ``inf``, text) or a slope of 0 would make every voxel meaningless and poison every statistic computed
+    from them: refused, named."""
+    default = 1.0 if name == "RescaleSlope" else 0.0
+    if value is None or value == "":
+        return default
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise VolumeError(f"{where}: {name} {str(value)[:32]!r} is not a number") from None
+    if not math.isfinite(v) or (name == "RescaleSlope" and v == 0.0):
+        raise VolumeError(f"{where}: {name} is {value}; a finite{' non-zero' if name == 'RescaleSlope' else ''} "
+                          "number is required to turn stored values into real ones")
+    return v
 
 
 def _thickness(ds: Dataset) -> float | None:
@@ -763,7 +783,8 @@ def _load_projection(paths: Sequence[Path], headers: list[Dataset], series: str,
         arr = _decode(ds, where).astype(np.float32)
         if arr.shape != (rows, cols):
             raise VolumeError(f"{where}: decoded pixels are {arr.shape}; Rows x Columns say {rows} x {cols}")
-        slope, intercept = float(ds.get("RescaleSlope", 1.0) or 1.0), float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        slope = _rescale(ds.get("RescaleSlope", 1.0), "RescaleSlope", where)
+        intercept = _rescale(ds.get("RescaleIntercept", 0.0), "RescaleIntercept", where)
         if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":  # higher values are darker
             stored = int(ds.get("BitsStored", 16) or 16)
             lo, hi = (-(1 << (stored - 1)), (1 << (stored - 1)) - 1) if int(ds.get("PixelRepresentation", 0)) \

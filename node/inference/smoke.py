@@ -26,7 +26,8 @@ import numpy as np
 
 from node.errors import ModelError
 from node.imaging.volume import FrameRef, Volume
-from node.inference.registry import ModelCard, ModelInfo, find_weights, read_inference_config
+from node.inference.prediction import ModelInputs
+from node.inference.registry import ModelCard, ModelInfo, bundle_inputs, find_weights, read_inference_config
 
 __all__ = ["Trial", "random_weights", "try_bundle"]
 
@@ -149,12 +150,21 @@ def try_bundle(folder: Path, card: ModelCard, metadata: dict[str, object], *, de
             random = True
         else:
             folder_used = folder
+        inputs = bundle_inputs(config, dict(metadata))
         model = ModelInfo(name=folder.name, version=str(metadata.get("version", "0")), path=folder_used.resolve(),
                           weights=weights, sha256=hashlib.sha256(b"trial").hexdigest(), card=card,
-                          metadata=dict(metadata), kind=kind)
+                          metadata=dict(metadata), kind=kind, inputs=inputs)
         runner = load_runner(model, device=device)
+        tiny = _tiny_volume(model)
+        given: Volume | ModelInputs = tiny
+        if len(inputs) > 1:  # a study-level bundle: the tiny volume as each of its inputs
+            volumes = {name: tiny for name in inputs.names}
+            channels = None
+            if inputs.mode == "channels":
+                channels = np.ascontiguousarray(np.stack([tiny.pixels.transpose(2, 1, 0)] * len(inputs)))
+            given = ModelInputs(volumes, inputs.names[0], inputs.mode, channels=channels)
         with torch.no_grad():
-            runner.predict(_tiny_volume(model), deadline=time.monotonic() + 600)
+            runner.predict(given, deadline=time.monotonic() + 600)
         return Trial(True, time.perf_counter() - t0, random_weights=random)
     except Exception as exc:  # whatever the bundle does wrong is reported, never raised to the operator
         problem, fix = _explain(exc)

@@ -43,22 +43,30 @@ def save_dataset(ds: Dataset, path: Path, *, fsync: bool = True) -> Path:
     """Write a dataset atomically (temp file, fsync, rename); the file is readable by its owner only."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_suffix(path.suffix + ".part")
-    ds.save_as(tmp, enforce_file_format=True)
-    os.chmod(tmp, 0o600)
-    if fsync:
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    os.replace(tmp, path)
+    try:
+        ds.save_as(tmp, enforce_file_format=True)
+        os.chmod(tmp, 0o600)
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:  # the disk filled up, or anything else: no partial file is left behind
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
 def write_private(path: Path, text: str) -> Path:
     """Write a small text file readable by its owner only (mode 0600 whatever the umask)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    except BaseException:  # a half-written file is worse than none
+        path.unlink(missing_ok=True)
+        raise
     os.chmod(path, 0o600)
     return path

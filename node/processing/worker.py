@@ -112,15 +112,22 @@ class Worker(threading.Thread):
         if self.config.models.preload:
             self.preload()
         pool = self.ctx.pool
+        trouble = 0.0  # seconds to wait after the queue itself failed (a full disk, a locked database)
         while not self.stop_event.is_set():
             if pool is not None and not pool.claim_slot(timeout=self.poll_seconds):
                 continue  # every actor has its job: lease none yet (a STAT job queued meanwhile goes next)
             self.store.jobs_waiting.clear()  # cleared before leasing: a job queued meanwhile sets it again
+            job = None
             try:
                 job = self.store.lease(lease_seconds=self.config.jobs.lease_seconds,
                                        aging_seconds=self.config.jobs.priority_aging_minutes * 60)
                 if job is not None:
                     self.execute(job)
+                trouble = 0.0
+            except Exception as exc:  # the worker outlives anything: the job's lease expires and it runs again
+                trouble = min(max(trouble * 2, 1.0), 30.0)
+                logger.error("worker %s: %s: %s; going on in %.0f s", self.name, type(exc).__name__, exc, trouble)
+                self.stop_event.wait(trouble)
             finally:
                 if pool is not None:
                     pool.drop_slot()  # no job, or one that ended before reaching an actor
@@ -186,6 +193,8 @@ class Worker(threading.Thread):
             self._fail(job, f"{type(exc).__name__}: {exc}", permanent=exc.permanent)
         except MemoryError as exc:
             self._fail(job, f"out of memory: {exc}")
+        except OSError as exc:  # a full disk, a lost mount: retried after the backoff, when space may be back
+            self._fail(job, f"cannot write its results: {type(exc).__name__}: {exc}")
         except Exception as exc:
             logger.error("job %d: unexpected error\n%s", job.id, traceback.format_exc())
             self._fail(job, f"unexpected {type(exc).__name__}: {exc}")
@@ -281,9 +290,22 @@ class Worker(threading.Thread):
         self.stage = stage
 
     def _fail(self, job: Job, reason: str, *, permanent: bool = False) -> None:
-        state = self.store.fail(job.id, reason, backoff_seconds=self.config.jobs.backoff_seconds,
-                                backoff_max_seconds=self.config.jobs.backoff_max_seconds, permanent=permanent,
-                                lease=job.started_at)
+        """Record the failed attempt. When that cannot be written either (the disk that failed the job is the
+        database's too), it is tried again until it is written or the node stops: the job is never left
+        ``running`` by a worker that gave up on it."""
+        wait = 1.0
+        while True:
+            try:
+                state = self.store.fail(job.id, reason, backoff_seconds=self.config.jobs.backoff_seconds,
+                                        backoff_max_seconds=self.config.jobs.backoff_max_seconds, permanent=permanent,
+                                        lease=job.started_at)
+                break
+            except Exception as exc:
+                logger.error("job %d: its failure cannot be recorded (%s: %s); again in %.0f s", job.id,
+                             type(exc).__name__, exc, wait)
+                if self.stop_event.wait(wait):
+                    return  # the job stays running; the next start requeues it (JobStore.recover)
+                wait = min(wait * 2, 30.0)
         if self.metrics is not None:
             self.metrics.observe_job(job.model, state.value)
         logger.warning("job %d %s (attempt %d/%d%s): %s", job.id, state.value, job.attempts, job.max_attempts,

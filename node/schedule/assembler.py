@@ -66,8 +66,12 @@ class Assembler:
 
     def __init__(self, config: NodeConfig, series: SeriesStore, jobs: JobStore,
                  verdicts: VerdictIntake | None = None, counter: InstanceCounter | None = None,
-                 cards: Callable[[str], ModelCard | None] | None = None) -> None:
+                 cards: Callable[[str], ModelCard | None] | None = None, started: float | None = None) -> None:
         self.config = config
+        #: when this node process started (the node passes it): a series counts as quiet only from then on, so one
+        #: cut off by a stop or a kill -9 while it arrived waits a full quiet period after the restart (for the
+        #: PACS to send the rest) instead of being dispatched at once with the downtime counted as quiet
+        self._started = started if started is not None else float("-inf")
         #: a model's card by name (None: unknown model, its job fails with the reason); decides what it may run on
         self.cards = cards or (lambda _name: None)
         #: C-FIND instance counts (expected_count_from), asked off this loop
@@ -88,7 +92,8 @@ class Assembler:
         for info in self.series.waiting(last_received_before=now - self._min_wait):
             if info.state == SeriesState.INCOMPLETE and now < self._next_check.get(info.series_uid, 0.0):
                 continue
-            if self.verdicts is not None and now - info.last_received >= self.config.node.stable_seconds \
+            quiet = now - max(info.last_received, self._started)
+            if self.verdicts is not None and quiet >= self.config.node.stable_seconds \
                     and self.verdicts.is_candidate(info):
                 d = self._commit(info, now, outcome="verdict")
                 if d is not None:
@@ -98,7 +103,7 @@ class Assembler:
                                      calling_ae=info.calling_ae)
             waits = [r.stable_seconds if r.stable_seconds is not None else self.config.node.stable_seconds
                      for r in routes] or [self.config.node.stable_seconds]
-            if now - info.last_received < max(waits):
+            if quiet < max(waits):
                 continue
             d = self._decide(info, routes, now)
             if d is not None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Path as UrlPath
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
@@ -32,6 +33,9 @@ from node.web.view import NodeView
 __all__ = ["create_app"]
 
 logger = logging.getLogger(__name__)
+
+#: a job id in a URL: an SQLite integer (a larger number is a 422, never a 500 from the database)
+JobId = Annotated[int, UrlPath(ge=1, le=2**63 - 1, description="job id")]
 
 
 class FindingJudgement(BaseModel):
@@ -155,18 +159,20 @@ def create_app(node: NodeView) -> FastAPI:
         return node.store.get(job_id)  # JobNotFoundError -> 404 by the handler above
 
     @app.get("/api/jobs/{job_id}", tags=["jobs"], dependencies=reads)
-    def job(job_id: int) -> dict[str, Any]:
+    def job(job_id: JobId) -> dict[str, Any]:
         """One job: stage timings, inputs, outputs, deliveries, errors and its audit events."""
         j = _get(job_id)
         d = _job_dict(j, detail=True)
         d["inputs"] = {"instances": node.series.instance_count(j.series_uid)}
+        if j.result is not None and j.result.inputs:  # a study-level model: every series it read
+            d["inputs"]["series"] = [dict(i) for i in j.result.inputs]
         d["deliveries"] = [{"destination": o.destination, "sop_uid": o.sop_uid, "state": o.state.value,
                             "attempts": o.attempts, "error": o.error} for o in node.store.outbox(job_id=job_id)]
         d["events"] = [{k: e[k] for k in ("ts", "kind", "actor", "detail")} for e in events(node.db, job_id=job_id)]
         return d
 
     @app.get("/api/jobs/{job_id}/preview.png", tags=["jobs"], dependencies=reads)
-    def preview(job_id: int) -> FileResponse:
+    def preview(job_id: JobId) -> FileResponse:
         j = _get(job_id)
         path = j.result.files.get("preview") if j.result else None
         if not path or not Path(path).is_file():
@@ -189,17 +195,17 @@ def create_app(node: NodeView) -> FastAPI:
         return _job_dict(node.store.get(job_id))
 
     @app.post("/api/jobs/{job_id}/retry", tags=["actions"])
-    def retry(job_id: int, actor: str = Depends(require_token)) -> dict[str, Any]:
+    def retry(job_id: JobId, actor: str = Depends(require_token)) -> dict[str, Any]:
         """Queue a failed, dead or cancelled job again (a done job: 409; reprocess its series instead)."""
         return _transition(node.store.retry, job_id, actor)
 
     @app.post("/api/jobs/{job_id}/cancel", tags=["actions"])
-    def cancel(job_id: int, actor: str = Depends(require_token)) -> dict[str, Any]:
+    def cancel(job_id: JobId, actor: str = Depends(require_token)) -> dict[str, Any]:
         """Cancel a queued or failed job."""
         return _transition(node.store.cancel, job_id, actor)
 
     @app.post("/api/jobs/{job_id}/resend", tags=["actions"])
-    def resend(job_id: int, actor: str = Depends(require_token)) -> dict[str, Any]:
+    def resend(job_id: JobId, actor: str = Depends(require_token)) -> dict[str, Any]:
         """Queue the job's result objects for delivery again."""
         _get(job_id)
         n = node.store.resend(job_id, actor=actor)  # wakes the deliverer
@@ -212,7 +218,7 @@ def create_app(node: NodeView) -> FastAPI:
         return {"series_uid": series_uid, "version": version}
 
     @app.post("/api/jobs/{job_id}/verdict", tags=["verdicts"])
-    def post_verdict(job_id: int, body: VerdictBody, actor: str = Depends(require_token)) -> dict[str, Any]:
+    def post_verdict(job_id: JobId, body: VerdictBody, actor: str = Depends(require_token)) -> dict[str, Any]:
         """Record the radiologist's verdict on a result, finding by finding (audited; the same body
         posted twice is recorded once)."""
         vid, new = node.record_http_verdict(job_id, body.model_dump(), actor=actor)
@@ -245,7 +251,7 @@ def create_app(node: NodeView) -> FastAPI:
         return Response(trend_png(node), media_type="image/png")
 
     @app.get("/judge/{job_id}", response_class=HTMLResponse, include_in_schema=False, dependencies=reads)
-    def judge_page(job_id: int) -> HTMLResponse:
+    def judge_page(job_id: JobId) -> HTMLResponse:
         _get(job_id)
         return HTMLResponse(render_judge(node, job_id))
 
