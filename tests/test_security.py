@@ -185,3 +185,80 @@ def test_half_open_connections_cannot_lock_out_the_pacs(make_node: Callable[...,
     finally:
         for s in held:
             s.close()
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@pytest.mark.parametrize("pdu_type", [0x01, 0x04])
+def test_a_huge_announced_pdu_is_never_buffered(make_node: Callable[..., Any], small_series: Path,
+                                                pdu_type: int) -> None:
+    """An unknown host announces a 4 GiB A-ASSOCIATE-RQ (or P-DATA-TF) and streams zeros: the node closes the
+    connection after the 6-byte header, its memory does not grow, and the PACS is served right after."""
+    import struct
+
+    node = make_node()
+    before = _rss_mb()
+    s = socket.create_connection(("127.0.0.1", node.listener.port), timeout=5)
+    s.sendall(struct.pack(">BBL", pdu_type, 0, 0xFFFFFFF0))
+    sent, t0, closed = 0, time.monotonic(), False
+    block = b"\0" * (1 << 20)
+    while time.monotonic() - t0 < 4:
+        try:
+            s.sendall(block)
+            sent += len(block)
+        except OSError:
+            closed = True
+            break
+    s.close()
+    grown = _rss_mb() - before
+    assert closed, f"the node kept reading: {sent >> 20} MiB sent"
+    assert grown < 200, f"the node grew by {grown:.0f} MB"
+    t1 = time.monotonic()
+    assert all(o.ok for o in _send(node, sorted(small_series.glob("*.dcm"))[:2]))
+    assert time.monotonic() - t1 < 5
+
+
+def test_broken_dimse_from_a_known_caller_never_locks_it_out(make_node: Callable[..., Any],
+                                                            small_series: Path) -> None:
+    """A known caller opens 20 associations, each sending one P-DATA whose command set is 16 zero bytes (which ends
+    pynetdicom's handling of it without a release or an abort event), and leaves them open: the per-caller limit
+    (4) is not used up by them, and the same caller is served within a second after."""
+    from tests.pdufuzz import (
+        CT_STORAGE,
+        EXPLICIT_LE,
+        IMPLICIT_LE,
+        VERIFICATION,
+        _read_pdu,
+        assoc_rq,
+        pdu,
+        pdv,
+        presentation_context,
+    )
+
+    node = make_node()
+    held = []
+    try:
+        for _ in range(20):
+            s = socket.create_connection(("127.0.0.1", node.listener.port), timeout=5)
+            held.append(s)
+            ctxs = [presentation_context(1, VERIFICATION, [IMPLICIT_LE]),
+                    presentation_context(3, CT_STORAGE, [EXPLICIT_LE, IMPLICIT_LE])]
+            s.sendall(assoc_rq(called=b"PREANNOT", calling=b"TESTSCU", contexts=ctxs))
+            reply = _read_pdu(s)
+            if reply is not None and reply[0] == 0x02:
+                s.sendall(pdu(0x04, pdv(1, 0x03, bytes(16))))
+            time.sleep(0.05)
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        outcomes = _send(node, sorted(small_series.glob("*.dcm"))[:2])
+        assert all(o.ok for o in outcomes), [o.status for o in outcomes]
+        assert time.monotonic() - t0 < 5
+        assert node.listener.active_associations("TESTSCU") == 0
+    finally:
+        for s in held:
+            s.close()

@@ -343,3 +343,47 @@ def test_after_a_restart_a_series_cut_off_while_arriving_waits_a_full_quiet_peri
     (d,) = asm.tick(now=4609.0)
     assert d.outcome == "dispatched"
     assert SeriesStore(db).get(d.series_uid).instances == len(files)
+
+
+@pytest.mark.parametrize("number", ["1e400", "99999999999999999999", "-99999999999999999999"])
+def test_an_instance_number_no_integer_can_hold_leaves_no_orphan(tmp_path: Path, db: Database, small_series: Path,
+                                                                 number: str) -> None:
+    """InstanceNumber 1e400 or 20 digits: the instance is stored and indexed without it (the completeness checks
+    cannot use it), or refused with nothing left in the spool; never a file the index does not know."""
+    import pydicom
+
+    spool = Spool(tmp_path / "spool", SeriesStore(db))
+    placeholder = "7" * len(number)  # written as a valid number, then its bytes replaced by the hostile value
+    with pydicom.config.disable_value_validation():
+        raw = _raw(sorted(small_series.glob("*.dcm"))[0], InstanceNumber=placeholder)
+    assert raw.count(placeholder.encode()) == 1
+    raw = raw.replace(placeholder.encode(), number.encode())
+    try:
+        result = spool.store(raw)
+    except InvalidInstanceError:
+        result = None
+    files = [p for p in (tmp_path / "spool").rglob("*.dcm")]
+    if result is None:
+        assert files == []
+    else:
+        assert files == [result.path] and SeriesStore(db).instance_count(result.series_uid) == 1
+    assert [p for p in (tmp_path / "spool").rglob("*.part")] == []
+
+
+def test_a_series_whose_other_instances_were_refused_is_held_not_skipped_as_too_small(
+        tmp_path: Path, db: Database, small_series: Path) -> None:
+    """11 of 12 instances refused for space: one image arrived. The series is not "only 1 image" (a scout) but
+    incomplete, waiting for the refused ones."""
+    cfg = _config(tmp_path)
+    store = JobStore(db)
+    series = SeriesStore(db)
+    spool = Spool(tmp_path / "spool", series)
+    files = sorted(small_series.glob("*.dcm"))
+    first = spool.store(files[0].read_bytes(), now=1000.0)
+    for f in files[1:12]:
+        ds = dcmread(f, stop_before_pixels=True)
+        series.record_refusal(reason="out of resources", series_uid=first.series_uid, sop_uid=str(ds.SOPInstanceUID),
+                              calling_ae="TESTSCU", now=1000.0)
+    (d,) = Assembler(cfg, series, store).tick(now=1010.0)
+    assert d.outcome == "incomplete", d
+    assert "refused" in d.reason and store.list_jobs() == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -92,6 +93,20 @@ def test_api_metrics_actions(served) -> None:  # type: ignore[no-untyped-def]
     bad = httpx.post(f"{base}/api/jobs/{job_id}/retry", headers={"Authorization": "Bearer wrong-token-xxxxxxxx"})
     assert bad.status_code == 403
     # a done job is not retried (it would put a second AI result beside the first): 409, by error type
+    # bodies: refused before they are read (no token: 401; too large: 413), answered while the client is still
+    # sending; a verdict's counts bounded
+    host, port = base.removeprefix("http://").split(":")
+    for auth, expected in (("", b" 401 "), (f"Authorization: Bearer {TOKEN}\r\n", b" 413 ")):
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall((f"POST /api/jobs/{job_id}/verdict HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: "
+                          f"application/json\r\nContent-Length: {300 << 20}\r\n\r\n").encode() + b"{" * 65536)
+            t0 = time.monotonic()
+            answer = sock.recv(4096)  # the 300 MB never come: the answer must not wait for them
+            assert expected in answer.split(b"\r\n")[0], answer[:200]
+            assert time.monotonic() - t0 < 3
+    huge = httpx.post(f"{base}/api/jobs/{job_id}/verdict", json={"added": 10**12},
+                      headers={"Authorization": f"Bearer {TOKEN}"})
+    assert huge.status_code == 422
     done_retry = httpx.post(f"{base}/api/jobs/{job_id}/retry", headers={"Authorization": f"Bearer {TOKEN}"})
     assert done_retry.status_code == 409 and "reprocess" in done_retry.json()["detail"]
     conflict = httpx.post(f"{base}/api/jobs/{job_id}/cancel", headers={"Authorization": f"Bearer {TOKEN}"})

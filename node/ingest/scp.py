@@ -15,6 +15,7 @@ status    meaning                                      cause
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import ssl
@@ -34,6 +35,7 @@ from node.config import NodeSection
 from node.errors import InvalidInstanceError, OutOfSpaceError, PreannotError
 from node.ingest.guard import ConnectionGuard, GuardedServer, SharedContexts
 from node.ingest.spool import Spool
+from node.net import bounds
 
 __all__ = ["STATUS", "Listener", "ListenerStats", "configure_pynetdicom"]
 
@@ -53,6 +55,7 @@ def configure_pynetdicom() -> None:
     identifiers (patient name, ID) in C-FIND/C-MOVE requests and responses never reach the logs."""
     pynetdicom._config.LOG_REQUEST_IDENTIFIERS = False
     pynetdicom._config.LOG_RESPONSE_IDENTIFIERS = False
+    bounds.install()  # a PDU's announced length checked before its body is read (node.net.bounds)
     if not getattr(threading.excepthook, "_preannot", False):
         threading.excepthook = _protocol_error_hook(threading.excepthook)
 
@@ -131,7 +134,11 @@ class Listener:
             max_pending=settings.max_pending_connections, max_per_host=settings.max_pending_per_host,
             timeout=settings.association_request_timeout,
             reserved=[n for nets in self.caller_hosts.values() for n in nets])
-        self._active: dict[str, int] = {}
+        #: accepted associations open now: id -> (association, calling AE). Kept by the association's own
+        #: lifetime: an entry goes with its release or abort event, or, when the peer's PDUs killed pynetdicom's
+        #: protocol thread so that no such event ever fires, with the sweep that finds the thread dead (its
+        #: connection is closed then): a broken peer can never hold slots it no longer uses
+        self._active: dict[int, tuple[Any, str]] = {}
         self._refused_assocs: set[int] = set()
         #: per open association: refused instances by status, and the first reason of each (summarised
         #: in one line when the association ends)
@@ -167,7 +174,7 @@ class Listener:
     def active_associations(self, calling_ae: str) -> int:
         """Associations of a calling AE open now (those counted against its per-caller limit)."""
         with self.stats.lock:
-            return self._active.get(calling_ae, 0)
+            return sum(1 for _a, c in self._active.values() if c == calling_ae)
 
     @property
     def listening(self) -> bool:
@@ -208,6 +215,7 @@ class Listener:
         while self._server is not None:
             self.guard.sweep()
             self._reap_unrequested()
+            self._reap_dead()
             time.sleep(0.2)
 
     # A connection whose peer vanished (or whose protocol machine failed on a malformed PDU) before its
@@ -235,6 +243,28 @@ class Listener:
         if not getattr(assoc, "_preannot_woken", False):
             assoc._preannot_woken = True
             assoc.dul.to_user_queue.put(None)
+
+    def _reap_dead(self) -> None:
+        """Free the slots of accepted associations whose protocol machine died without a release or an abort
+        (a malformed DIMSE message pynetdicom cannot handle ends its thread): their connection is closed."""
+        with self.stats.lock:
+            tracked = list(self._active.items())
+        for key, (assoc, calling) in tracked:
+            dul = getattr(assoc, "dul", None)
+            dul_dead = dul is not None and dul.ident is not None and not dul.is_alive()
+            if assoc.is_alive() and not dul_dead:
+                continue
+            with self.stats.lock:
+                if self._active.pop(key, None) is None:
+                    continue  # its release or abort came first
+            sock = getattr(dul, "socket", None) if dul is not None else None
+            with contextlib.suppress(Exception):  # the peer's connection goes with the slot
+                if sock is not None:
+                    sock.close()
+            with contextlib.suppress(Exception):
+                assoc.kill()
+            logger.warning("association %s of %s ended without a release or an abort (its protocol machine "
+                           "failed); its slot is free", assoc.name, calling)
 
     def _reap_unrequested(self) -> None:
         with self.stats.lock:
@@ -264,7 +294,7 @@ class Listener:
 
     def _policy_refusal(self, calling: str, address: str) -> str | None:
         """Why an accepted association must be dropped (host binding, node or per-caller limit), or None."""
-        if sum(self._active.values()) >= self.settings.max_associations:
+        if len(self._active) >= self.settings.max_associations:
             return f"the node already has its maximum of {self.settings.max_associations} associations open"
         nets = self.caller_hosts.get(calling)
         if nets is not None:
@@ -274,7 +304,7 @@ class Listener:
                 return f"calling AE {calling!r} from unparseable address {address!r}"
             if not any(ip in n for n in nets):
                 return f"calling AE {calling!r} is bound to {[str(n) for n in nets]}, not {address}"
-        if self.max_per_caller and self._active.get(calling, 0) >= self.max_per_caller:
+        if self.max_per_caller and sum(1 for _a, c in self._active.values() if c == calling) >= self.max_per_caller:
             return f"calling AE {calling!r} already has {self.max_per_caller} associations open"
         return None
 
@@ -284,7 +314,7 @@ class Listener:
         with self.stats.lock:
             reason = self._policy_refusal(calling, str(event.assoc.requestor.address))
             if reason is None:
-                self._active[calling] = self._active.get(calling, 0) + 1
+                self._active[id(event.assoc)] = (event.assoc, calling)
                 self.stats.associations += 1
             else:
                 self.stats.associations_refused += 1
@@ -311,12 +341,11 @@ class Listener:
         logger.warning("association refused: calling AE %r from %s: %s", calling, event.assoc.requestor.address, why)
 
     def _closed(self, event: Any) -> None:
-        calling = str(event.assoc.requestor.ae_title).strip()
         with self.stats.lock:
             if id(event.assoc) in self._refused_assocs:
                 self._refused_assocs.discard(id(event.assoc))
-            elif self._active.get(calling, 0) > 0:
-                self._active[calling] -= 1
+            else:
+                self._active.pop(id(event.assoc), None)
             refusals = self._refusals.pop(id(event.assoc), None)
         if refusals and sum(n for n, _ in refusals.values()) > 1:
             parts = [f"{n} x {status} ({first})" for status, (n, first) in refusals.items()]

@@ -96,7 +96,9 @@ def _placement(ds: Dataset) -> dict[str, Any]:
     out: dict[str, Any] = {"instance_number": None, "position": None, "orientation": None, "frames": 1}
     try:
         if ds.get("InstanceNumber") not in (None, ""):
-            out["instance_number"] = int(ds.InstanceNumber)
+            number = int(ds.InstanceNumber)
+            # beyond an SQLite integer ("99999999999999999999"): not a number the completeness checks can use
+            out["instance_number"] = number if -(2**63) <= number < 2**63 else None
         out["frames"] = max(int(ds.get("NumberOfFrames", 1) or 1), 1)
         ipp, iop = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
         if ipp is not None and iop is not None and len(ipp) == 3 and len(iop) == 6:
@@ -105,7 +107,7 @@ def _placement(ds: Dataset) -> dict[str, Any]:
                       row[0] * col[1] - row[1] * col[0])
             out["position"] = sum(float(p) * n for p, n in zip(ipp, normal, strict=True))
             out["orientation"] = ",".join(f"{v:.3f}" for v in (*row, *col))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError, ArithmeticError):  # "1e400" is infinite, int() of it overflows
         pass  # a malformed value only weakens the completeness checks; the volume reader reports it
     return out
 
@@ -263,12 +265,12 @@ class Spool:
             self.series.record_conflict(sop_uid, series_uid=series_uid, kept="new", calling_ae=calling_ae)
             logger.warning("instance %s (series %s) received again with different content from %s: the new copy "
                            "replaces it (node.on_conflict = replace)", sop_uid, series_uid, calling_ae)
-        rec = InstanceRecord(sop_uid=sop_uid, series_uid=series_uid, study_uid=study_uid, sop_class=sop_class,
-                             transfer_syntax=ts, path=target, size=len(raw), calling_ae=calling_ae,
-                             called_ae=called_ae, modality=str(ds.get("Modality", "")),
-                             routing_attrs=lambda: routing_attributes(ds), content_hash=digest,
-                             **_placement(ds))
         try:
+            rec = InstanceRecord(sop_uid=sop_uid, series_uid=series_uid, study_uid=study_uid, sop_class=sop_class,
+                                 transfer_syntax=ts, path=target, size=len(raw), calling_ae=calling_ae,
+                                 called_ae=called_ae, modality=str(ds.get("Modality", "")),
+                                 routing_attrs=lambda: routing_attributes(ds), content_hash=digest,
+                                 **_placement(ds))
             indexed = self.series.index_instance(rec, late_policy="reprocess" if replacing else self.late_instances,
                                                  now=now)
         except sqlite3.Error as exc:  # the file is written but not indexed: remove it, answer a failure
@@ -277,6 +279,10 @@ class Spool:
             if "full" in str(exc).lower():
                 raise OutOfSpaceError(f"database full while indexing {target.name} ({exc})") from exc
             raise SpoolError(f"could not index {target.name}: {exc}") from exc
+        except Exception as exc:  # a value the index cannot hold: no orphan file, and the sender is told why
+            if not replacing:
+                target.unlink(missing_ok=True)
+            raise InvalidInstanceError(f"cannot index the instance: {type(exc).__name__}: {exc}") from exc
         if indexed.late:
             logger.info("late instance %s for already processed series %s (late_instances=%s)",
                         sop_uid, series_uid, self.late_instances)

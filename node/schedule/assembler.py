@@ -161,6 +161,11 @@ class Assembler:
                 if refused and len(refused) == len(r.models) and all(refused):
                     reasons[r.name] = "; ".join(w for w in refused if w)
         eligible = [r for r in routes if reasons[r.name] is None]
+        if not eligible and self.series.unresolved_refusals(seen.series_uid):
+            # too few images *because* the others were refused (a full disk, malformed copies): not a scout
+            # but a series with missing instances, held for them like any other
+            eligible = [r for r in routes if "refused" in r.completeness_checks
+                        and "(min_slices)" in str(reasons[r.name] or "")]
         if not eligible:
             why = "; ".join(dict.fromkeys(str(v) for v in reasons.values()))
             return self._commit(seen, now, outcome="skipped", reason=why, routes=routes)

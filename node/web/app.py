@@ -47,9 +47,9 @@ class FindingJudgement(BaseModel):
 
 
 class VerdictBody(BaseModel):
-    findings: list[FindingJudgement] = Field(default_factory=list)
+    findings: list[FindingJudgement] = Field(default_factory=list, max_length=10_000)
     #: findings the model missed, as a count (each one an "added" finding)
-    added: int = Field(0, ge=0)
+    added: int = Field(0, ge=0, le=10_000)
     #: who judged, as a role (never a name: names are not stored)
     observer_role: str = Field("radiologist", max_length=64)
 
@@ -76,6 +76,56 @@ def _job_dict(job: Job, *, detail: bool = False) -> dict[str, Any]:
     return d
 
 
+#: the largest request body read (bytes): verdicts and actions are small JSON documents
+MAX_BODY = 1 << 20
+
+
+class BodyGuard:
+    """Requests that change something (any method but GET/HEAD/OPTIONS): without a valid token, refused (401/403)
+    before a byte of their body is read; with one, a body over :data:`MAX_BODY` refused (413) as soon as its
+    Content-Length says so or, sent in chunks, once that much has come. A hostile client can no longer make the
+    node parse or hold hundreds of megabytes."""
+
+    def __init__(self, app: Any, *, authorised: Callable[[Any], str | None]) -> None:
+        self.app = app
+        self.authorised = authorised
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        from starlette.datastructures import Headers
+
+        headers = Headers(scope=scope)
+        name = self.authorised(headers)
+        if name is None or name == "":
+            status, detail = (401, "a bearer token is required for this action") if name is None else \
+                (403, "the token is not valid")
+            await JSONResponse({"detail": detail}, status_code=status,
+                               headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)(scope, receive, send)
+            return
+        try:
+            declared = int(headers.get("content-length", "0") or 0)
+        except ValueError:
+            declared = MAX_BODY + 1
+        if declared > MAX_BODY:
+            await JSONResponse({"detail": f"request body over {MAX_BODY} bytes"}, status_code=413)(scope, receive,
+                                                                                                   send)
+            return
+        seen = 0
+
+        async def bounded() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > MAX_BODY:
+                    raise HTTPException(413, f"request body over {MAX_BODY} bytes")
+            return message
+
+        await self.app(scope, bounded, send)
+
+
 def create_app(node: NodeView) -> FastAPI:
     """The FastAPI application bound to a running node."""
     cfg = node.config.web
@@ -84,6 +134,7 @@ def create_app(node: NodeView) -> FastAPI:
                   description="Imaging pre-annotation DICOM node: status, metrics, jobs and actions.")
 
     app.mount("/static", StaticFiles(packages=[("node.web", "static")]), name="static")
+    app.add_middleware(BodyGuard, authorised=lambda headers: _token_name_of(headers))
 
     @app.exception_handler(PreannotError)
     def _preannot_error(_request: Request, exc: PreannotError) -> JSONResponse:
@@ -91,7 +142,10 @@ def create_app(node: NodeView) -> FastAPI:
         return JSONResponse({"detail": str(exc)}, status_code=exc.http_status)
 
     def _token_name(request: Request) -> str | None:
-        header = request.headers.get("authorization", "")
+        return _token_name_of(request.headers)
+
+    def _token_name_of(headers: Any) -> str | None:
+        header = headers.get("authorization", "")
         if not header.lower().startswith("bearer "):
             return None
         given = header[7:].strip().encode()
