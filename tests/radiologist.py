@@ -4,6 +4,7 @@ node's own results with highdicom and pydicom, as a viewer or a PACS would make 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -54,8 +55,12 @@ def edited_seg(our_seg: Path, sources: list[Dataset], out: Path) -> tuple[Path, 
     return path, ai, final
 
 
-def verified_sr(our_sr: Path, out: Path) -> Path:
+def verified_sr(our_sr: Path, out: Path, *, edit: Any = None, name: str = "verified_sr.dcm") -> Path:
+    """The radiologist signs the AI's SR (its predecessor); ``edit(ds)`` changes its content first (deletes the
+    findings, re-issues their tracking UIDs, as viewers do)."""
     ds = dcmread(our_sr)
+    if edit is not None:
+        edit(ds)
     ref = Dataset()
     ref.StudyInstanceUID = ds.StudyInstanceUID
     series = Dataset()
@@ -76,19 +81,20 @@ def verified_sr(our_sr: Path, out: Path) -> Path:
     obs.VerificationDateTime = "20261126120000"
     obs.VerifyingObserverIdentificationCodeSequence = DicomSequence([])
     ds.VerifyingObserverSequence = DicomSequence([obs])
-    path = out / "verified_sr.dcm"
+    path = out / name
     ds.save_as(path)
     return path
 
 
-def rejection(our_seg: Path, our_sr: Path, out: Path) -> Path:
+def rejection(our_seg: Path, our_sr: Path, out: Path, *, title: tuple[str, str] = (
+        "113001", "Rejected for Quality Reasons")) -> Path:
     seg, sr = dcmread(our_seg), dcmread(our_sr)
     ko = hd.ko.KeyObjectSelectionDocument(
         evidence=[seg, sr], content=hd.ko.KeyObjectSelection(
-            document_title=hd.sr.CodedConcept("113001", "DCM", "Rejected for Quality Reasons"),
+            document_title=hd.sr.CodedConcept(title[0], "DCM", title[1]),
             referenced_objects=[seg, sr]),
         series_instance_uid=hd.UID(), series_number=301, sop_instance_uid=hd.UID(), instance_number=1,
         manufacturer="PACS", institution_name="Hospital", institutional_department_name="Radiology")
-    path = out / "rejection.dcm"
+    path = out / f"rejection-{title[0]}.dcm"
     ko.save_as(path)
     return path

@@ -107,9 +107,44 @@ def test_verdicts_come_back_by_c_store_and_are_recorded_once(make_node: Callable
         csv_text = node.verdicts.export("csv")
         assert csv_text.splitlines()[0].startswith("id,job_id,source") and len(csv_text.splitlines()) == 4
         # an HTTP verdict, idempotent on the same body
-        body = {"findings": [{"finding": 1, "outcome": "accepted"}], "added": 0, "observer_role": "radiologist"}
+        every = [{"finding": f.number, "outcome": "accepted"} for f in job.result.findings]
+        body = {"findings": every, "added": 0, "observer_role": "radiologist"}
         vid, new = node.record_http_verdict(job.id, body, actor="ris")
         assert new and node.record_http_verdict(job.id, body, actor="ris") == (vid, False)
+        # an HTTP verdict judges each of the job's findings once: a partial, repeated or empty one is refused
+        from node.verdicts.intake import VerdictBodyError
+
+        bad = [{"findings": every[:-1] + every[:1]}, {"findings": every + every[:1]}, {}]
+        if len(every) > 1:
+            bad.append({"findings": every[1:]})
+        for body in bad:
+            with pytest.raises(VerdictBodyError):
+                node.record_http_verdict(job.id, body, actor="ris")
+        n_ai = len(every)
+        intake = node.verdict_intake
+        # a PACS purging the study (113039) or a worklist correction (113038) is not a judgement
+        for title in (("113039", "Data Retention Policy Expired"), ("113038", "Incorrect Modality Worklist Entry")):
+            with pytest.raises(ValueError, match="administrative"):
+                intake.examine_file(rejection(our_seg, our_sr, out, title=title))
+        # signed with every AI finding deleted: each rejected, not accepted
+        def delete_findings(ds: Any) -> None:
+            for item in ds.ContentSequence:
+                if item.ConceptNameCodeSequence[0].CodeValue == "126010":  # Imaging Measurements
+                    item.ContentSequence = []
+        lines = intake.examine_file(verified_sr(our_sr, out, edit=delete_findings, name="deleted.dcm"))
+        assert f"0 accepted, 0 edited, {n_ai} rejected, 0 added" in lines[0], lines
+        # signed by a viewer that re-issued the tracking UIDs (identifiers kept): each accepted, none added
+        def reissue(ds: Any) -> None:
+            from pydicom.uid import generate_uid
+
+            def walk(items: Any) -> None:
+                for item in items or []:
+                    if item.get("ValueType") == "UIDREF" and item.ConceptNameCodeSequence[0].CodeValue == "112040":
+                        item.UID = generate_uid()
+                    walk(item.get("ContentSequence"))
+            walk(ds.ContentSequence)
+        lines = intake.examine_file(verified_sr(our_sr, out, edit=reissue, name="reissued.dcm"))
+        assert f"{n_ai} accepted, 0 edited, 0 rejected, 0 added" in lines[0], lines
     finally:
         sink.stop()
 

@@ -154,7 +154,9 @@ def test_verdict_over_http_judge_page_exports_and_metrics(served) -> None:  # ty
     assert n >= 1
     page = httpx.get(f"{base}/judge/{job_id}").text
     assert f"verdict on job {job_id}" in page and page.count('data-finding="') == n
-    body = {"findings": [{"finding": 1, "outcome": "rejected", "note": "a vessel"}], "added": 1}
+    assert "checked" not in page  # nothing pre-selected: an unjudged finding is never sent as accepted
+    body = {"findings": [{"finding": 1, "outcome": "rejected", "note": "a vessel"}]
+            + [{"finding": k, "outcome": "rejected"} for k in range(2, n + 1)], "added": 1}
     url = f"{base}/api/jobs/{job_id}/verdict"
     assert httpx.post(url, json=body).status_code == 401
     assert httpx.post(url, json={"findings": [{"finding": 99, "outcome": "accepted"}]},
@@ -166,7 +168,9 @@ def test_verdict_over_http_judge_page_exports_and_metrics(served) -> None:  # ty
     assert first["new"] and not again["new"] and first["verdict"] == again["verdict"]
     rows = httpx.get(f"{base}/api/verdicts").json()
     assert len(rows) == 1 and rows[0]["source"] == "http" and rows[0]["study_verdict"] == "edited"
-    assert [f["outcome"] for f in rows[0]["findings"]] == ["rejected", "added"]
+    assert [f["outcome"] for f in rows[0]["findings"]] == ["rejected"] * n + ["added"]
+    named = dict(body, observer_role="Dr Jane Doe")  # a role from the list, never a name
+    assert httpx.post(url, json=named, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 422
     assert rows[0]["findings"][0]["note"] == "a vessel"
     csv_text = httpx.get(f"{base}/api/verdicts", params={"format": "csv"}).text
     assert csv_text.splitlines()[0].startswith("id,job_id,source") and len(csv_text.splitlines()) == 2
@@ -183,7 +187,7 @@ def test_verdict_over_http_judge_page_exports_and_metrics(served) -> None:  # ty
     from node.cli import app as cli_app
 
     r = CliRunner().invoke(cli_app, ["verdicts", "list", "--config", str(cfg)])
-    assert r.exit_code == 0 and f"job {job_id}" in r.output and "rejected 1" in r.output, r.output
+    assert r.exit_code == 0 and f"job {job_id}" in r.output and f"rejected {n}" in r.output, r.output
     r = CliRunner().invoke(cli_app, ["verdicts", "agreement", "--config", str(cfg)])
     assert r.exit_code == 0 and "acceptance 0%" in r.output, r.output
     r = CliRunner().invoke(cli_app, ["verdicts", "export", "--format", "json", "--config", str(cfg)])

@@ -10,8 +10,10 @@ AI result it judges and classified finding by finding:
   Matched per label when its segments carry the AI segments' property types, as one mask otherwise.
 - **SR** with VerificationFlag VERIFIED citing the node's SR (predecessor, identical or evidence): the
   findings whose tracking UIDs it keeps are accepted, the others rejected; new tracking UIDs are added.
-- **KO** rejecting the node's SEG or SR (CID 7011 document titles 113001, 113037, 113039): every finding
-  rejected.
+- **KO** rejecting the node's SEG or SR for a clinical reason (CID 7011 document titles 113001 quality,
+  113037 patient safety): every finding rejected. An administrative withdrawal (113038 incorrect modality
+  worklist entry, 113039 data retention policy expired: a PACS purging old studies) is not a judgement: not
+  recorded, said why.
 
 The node's own objects coming back (its SEG, SR and rejection notes) are recognised by SOP Instance UID
 and ignored. An object recorded once is not recorded again (idempotent on re-send).
@@ -30,21 +32,23 @@ import numpy as np
 from pydicom import Dataset, dcmread
 
 from node.config import VerdictsConfig
+from node.errors import PreannotError
 from node.store.jobs import Job, JobStore
 from node.store.series import SeriesInfo, SeriesStore
 from node.verdicts.judge import FindingVerdict, Judgement, judge_masks, study_verdict
 from node.verdicts.store import VerdictRecord, VerdictStore, hash_observer
 
-__all__ = ["REJECTION_TITLES", "VerdictIntake", "http_verdict", "scanner_key"]
+__all__ = ["REJECTION_TITLES", "WITHDRAWAL_TITLES", "VerdictBodyError", "VerdictIntake", "http_verdict", "scanner_key"]
 
 logger = logging.getLogger(__name__)
 
 SEG_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
 KO_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
 SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
-#: KOS document titles that reject instances (CID 7011): quality, patient safety, incorrect modality worklist
-REJECTION_TITLES = {"113001": "Rejected for Quality Reasons", "113037": "Rejected for Patient Safety Reasons",
-                    "113039": "Data Retention Policy Expired"}
+#: KOS document titles that reject instances for a clinical reason (CID 7011): a verdict on the AI result
+REJECTION_TITLES = {"113001": "Rejected for Quality Reasons", "113037": "Rejected for Patient Safety Reasons"}
+#: KOS document titles that withdraw instances for an administrative reason: no judgement of the AI result
+WITHDRAWAL_TITLES = {"113038": "Incorrect Modality Worklist Entry", "113039": "Data Retention Policy Expired"}
 
 
 def scanner_key(attrs: dict[str, Any]) -> str:
@@ -87,6 +91,42 @@ def _tracking_uids(ds: Dataset) -> list[str]:
 
     walk(ds.get("ContentSequence"))
     return list(seen)
+
+
+def _tracking_ids(ds: Dataset) -> dict[str, str]:
+    """Tracking UID -> Tracking Identifier (code 112039) of each measurement group of an SR that has both."""
+    out: dict[str, str] = {}
+
+    def walk(items: Any) -> None:
+        for item in items or []:
+            children = item.get("ContentSequence") or []
+            uid = name = None
+            for c in children:
+                code = c.get("ConceptNameCodeSequence")
+                code = code[0].CodeValue if code else ""
+                if code == "112040" and c.get("ValueType") == "UIDREF":
+                    uid = str(c.UID)
+                elif code == "112039" and c.get("ValueType") == "TEXT":
+                    name = str(c.TextValue)
+            if uid and name:
+                out[uid] = name
+            walk(children)
+
+    walk(ds.get("ContentSequence"))
+    return out
+
+
+def _has_findings(ds: Dataset) -> bool:
+    """Whether an SR holds any measurement group (TID 1500's "Imaging Measurements" with content)."""
+    def walk(items: Any) -> bool:
+        for item in items or []:
+            code = item.get("ConceptNameCodeSequence")
+            if code and code[0].CodeValue in ("125007", "125008") and item.get("ContentSequence"):
+                return True
+            if walk(item.get("ContentSequence")):
+                return True
+        return False
+    return walk(ds.get("ContentSequence"))
 
 
 class VerdictIntake:
@@ -262,7 +302,20 @@ class VerdictIntake:
                                                    dice=1.0 if outcome == "accepted" else 0.0,
                                                    ai_volume_mm3=f.volume_mm3))
                 findings += [FindingVerdict(None, 0, "added") for _ in kept - set(ours)]
-            else:  # the document verified as a whole
+            elif not kept and not _has_findings(ds):  # verified with every AI finding removed
+                findings = self._findings_of(job, "rejected")
+            elif kept and ours:  # findings with other tracking UIDs: the viewer re-issued them; matched by identifier
+                ids = _tracking_ids(ds)
+                names = {f.tracking_id for f in stored if getattr(f, "tracking_id", "")}
+                if not names & set(ids.values()):
+                    raise ValueError("the verified SR keeps none of the AI findings' tracking UIDs or identifiers: "
+                                     "which findings it judges cannot be told")
+                kept_names = set(ids.values())
+                findings = [FindingVerdict(f.number, f.label, "accepted" if f.tracking_id in kept_names else "rejected",
+                                           dice=1.0 if f.tracking_id in kept_names else 0.0,
+                                           ai_volume_mm3=f.volume_mm3) for f in stored]
+                findings += [FindingVerdict(None, 0, "added") for u, name in ids.items() if name not in names]
+            else:  # the document verified as a whole (no finding of its own: the AI's report signed as it is)
                 findings = self._findings_of(job, "accepted")
             j = Judgement(findings, "", None)
             j.study_verdict = study_verdict(j.counts())
@@ -271,6 +324,9 @@ class VerdictIntake:
     def _judge_ko(self, ds: Dataset) -> Iterator[tuple[Job, Judgement]]:
         title = ds.get("ConceptNameCodeSequence")
         code = str(title[0].CodeValue) if title else ""
+        if code in WITHDRAWAL_TITLES:
+            raise ValueError(f"the KO withdraws objects for an administrative reason ({code} "
+                             f"{WITHDRAWAL_TITLES[code]}), not a judgement of the AI result")
         if code not in REJECTION_TITLES:
             raise ValueError(f"the KO's title ({code or 'none'}) is not a rejection")
         cited = _referenced_uids(ds, ("CurrentRequestedProcedureEvidenceSequence",))
@@ -282,6 +338,12 @@ class VerdictIntake:
             for f in j.findings:
                 f.note = REJECTION_TITLES[code]
             yield job, j
+
+
+class VerdictBodyError(PreannotError):
+    """A verdict stated over HTTP that does not judge the job's findings each once."""
+
+    http_status = 422
 
 
 def http_verdict(intake: VerdictIntake, job: Job, body: dict[str, Any], *, actor: str) -> tuple[int, bool]:
@@ -296,6 +358,21 @@ def http_verdict(intake: VerdictIntake, job: Job, body: dict[str, Any], *, actor
         raise ConflictError(f"job {job.id} is {job.state}: only a done job's result can be judged")
     rois = {f.number: f for f in job.result.findings}
     info = intake.series.find(job.series_uid)
+    listed = [f["finding"] for f in body.get("findings", [])]
+    unknown = [n for n in listed if n not in rois]
+    if unknown:
+        raise ConflictError(f"job {job.id} has no finding {unknown[0]} (it has {len(rois)})")
+    repeated = sorted({n for n in listed if listed.count(n) > 1})
+    if repeated:
+        raise VerdictBodyError(f"finding(s) {', '.join(map(str, repeated))} listed more than once")
+    missing = sorted(set(rois) - set(listed))
+    if missing and listed:
+        raise VerdictBodyError(f"job {job.id} has {len(rois)} finding(s); the verdict must state each once (missing: "
+                               f"{', '.join(map(str, missing))})")
+    if not listed and rois:
+        raise VerdictBodyError(f"job {job.id} has {len(rois)} finding(s); the verdict states none")
+    if not listed and not body.get("added"):
+        raise VerdictBodyError("an empty verdict: no finding judged, none added")
     findings = []
     for f in body.get("findings", []):
         if f["finding"] not in rois:

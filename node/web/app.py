@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as UrlPath
@@ -50,8 +50,9 @@ class VerdictBody(BaseModel):
     findings: list[FindingJudgement] = Field(default_factory=list, max_length=10_000)
     #: findings the model missed, as a count (each one an "added" finding)
     added: int = Field(0, ge=0, le=10_000)
-    #: who judged, as a role (never a name: names are not stored)
-    observer_role: str = Field("radiologist", max_length=64)
+    #: who judged, as a role from a fixed list (never a name: names are not stored)
+    observer_role: Literal["radiologist", "resident", "fellow", "physicist", "technologist", "clinician",
+                           "other"] = "radiologist"
 
 
 def _job_dict(job: Job, *, detail: bool = False) -> dict[str, Any]:

@@ -6,6 +6,9 @@ async function act(path){
 }
 async function judge(job){
   const rows=[...document.querySelectorAll('tr[data-finding]')];
+  const open=rows.filter(r=>!document.querySelector(`input[name=f${r.dataset.finding}]:checked`));
+  if(open.length){document.getElementById('msg').textContent='judge every finding first (not yet: '+
+    open.map(r=>r.dataset.finding).join(', ')+')';return;}
   const findings=rows.map(r=>{const n=+r.dataset.finding;
     return {finding:n,outcome:document.querySelector(`input[name=f${n}]:checked`).value,
             note:document.querySelector(`input[name=note${n}]`).value||null}});
