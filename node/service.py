@@ -264,6 +264,17 @@ class Node:
                 logger.exception("retention error")
             self.stop_event.wait(self.config.retention.interval_minutes * 60)
 
+    def _unexamined_verdict_series(self) -> list[str]:
+        """Series in state ``verdict`` with no ``verdict.examined`` event since they were handed over."""
+        rows = self.db.query(
+            "SELECT s.series_uid FROM series s WHERE s.state = 'verdict' AND NOT EXISTS (SELECT 1 FROM events e "
+            "WHERE e.kind = 'verdict.examined' AND e.series_uid = s.series_uid AND e.ts >= s.updated_at)")
+        uids = [str(r[0]) for r in rows]
+        if uids:
+            logger.warning("%d verdict series handed over but not examined before the last stop: examined now",
+                           len(uids))
+        return uids
+
     def _verdict_loop(self) -> None:
         """Examine the verdict series the assembler hands over, off its loop: reading and matching the SEGs
         of a large study takes seconds, which would hold back every other series' routing. At a stop, the
@@ -276,8 +287,12 @@ class Node:
                     return
                 continue
             try:
-                for line in self.verdict_intake.examine(series_uid):
+                lines = self.verdict_intake.examine(series_uid)
+                for line in lines:
                     logger.info("verdict series %s: %s", series_uid, line)
+                # what was examined and how, in the audit trail (objects not judged included, with why); a series
+                # handed over without this event (a kill -9 between the two) is examined again at the next start
+                self.store.record("verdict.examined", {"objects": lines[:200]}, series_uid=series_uid)
             except PreannotError as exc:
                 logger.error("verdict series %s: %s", series_uid, exc)
             except Exception:
@@ -296,6 +311,8 @@ class Node:
         self.counter.start(self.stop_event)
         self._assembler_thread.start()
         self._retention_thread.start()
+        for uid in self._unexamined_verdict_series():  # handed over before a kill -9, never examined
+            self._verdict_series.put(uid)
         self._verdict_thread.start()
         if self._fetch_thread is not None:
             self._fetch_thread.start()

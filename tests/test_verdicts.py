@@ -206,3 +206,36 @@ def test_a_month_of_verdicts_with_a_scanner_change_raises_the_alerts(tmp_path: P
     # before the change: no alert on agreement
     config_early = VerdictsConfig(alert_acceptance_floor=0.7, alert_window=30, baseline_days=40)
     assert not [x for x in alerts(store, JobStore(db), config_early) if x["kind"] == "acceptance_drop"]
+
+
+def test_a_verdict_handed_over_before_a_kill_is_examined_at_the_restart(make_node: Callable[..., Any],
+                                                                         small_series: Path, tmp_path: Path) -> None:
+    """The assembler hands a verdict series over (state ``verdict``) and the node dies before examining it: at the
+    next start it is examined (before: it stayed unexamined for good, and the PACS re-sending it was a duplicate)."""
+    node = make_node(stable=1.0)
+    files = sorted(small_series.glob("*.dcm"))
+    _send(node, files)
+    wait_for(lambda: node.store.list_jobs(state=JobState.DONE), 120, what="the job")
+    job = node.store.list_jobs()[0]
+    assert job.result is not None
+    sources = sorted((dcmread(p) for p in files), key=lambda d: float(d.ImagePositionPatient[2]))
+    out = tmp_path / "radiologist"
+    out.mkdir()
+    edited, _ai, _final = edited_seg(Path(job.result.files["seg"]), sources, out)
+    node.stop()
+    # what a node killed right after the hand-over leaves: the SEG spooled, its series in state verdict
+    stored = node.spool.store(edited.read_bytes(), calling_ae="TESTSCU")
+    info = node.series.get(stored.series_uid)
+    with node.db.tx() as c:
+        claimed = node.series.claim_stable(c, info.series_uid, version=info.version, last_received=info.last_received)
+        assert claimed is not None
+        node.series.mark_verdict(c, claimed, now=time.time())
+    assert node.verdicts.rows() == []
+    again = make_node(stable=1.0)
+    wait_for(lambda: again.verdicts.rows(), 60, what="the verdict examined after the restart")
+    assert again.verdicts.rows()[0]["source"] == "seg"
+    again.stop()
+    third = make_node(stable=1.0)  # examined once: not again at the next start
+    time.sleep(2)
+    assert len(third.verdicts.rows()) == 1
+    assert third.db.one("SELECT COUNT(*) AS n FROM events WHERE kind = 'verdict.examined'")["n"] == 1
