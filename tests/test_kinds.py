@@ -395,3 +395,70 @@ def test_evaluate_from_verdicts_scores_a_detector_as_sent(tmp_path: Path, labell
     det = summary["models"][sent.name]["labels"]["Nodule"]["detection"]
     assert (det["lesions"], det["detected"], det["fp_per_scan"]) == (2, 1, 1.0)
     assert det["scored_by"] == "confidence" and det["sensitivity_at_fp"]["1.0"] == 0.5
+
+
+@needs_zoo
+def test_evaluate_from_verdicts_scores_a_classifier_as_sent(tmp_path: Path) -> None:
+    """Radiologists state the class of six classified mammograms over HTTP (``class_value``); ``evaluate
+    --from-verdicts`` scores the classes and scores the node sent against theirs: the confusion matrix and the
+    accuracy checked against a direct computation; a class not among the model's is refused."""
+    from node.config import VerdictsConfig
+    from node.evaluate import evaluate
+    from node.evaluate.run import EvalOptions
+    from node.evaluate.verdicts import as_sent, verdict_dataset
+    from node.inference.registry import Registry
+    from node.ingest.spool import Spool
+    from node.outputs.result import ResultObject
+    from node.store.db import Database
+    from node.store.jobs import JobStore
+    from node.store.results import ClassResult, JobResult
+    from node.store.series import SeriesStore
+    from node.verdicts.intake import VerdictBodyError, VerdictIntake, http_verdict
+    from node.verdicts.store import VerdictStore
+
+    models = tmp_path / "models"
+    _add_classifier(tmp_path, models)
+    db = Database(tmp_path / "node.db")
+    series, jobs, verdicts = SeriesStore(db), JobStore(db), VerdictStore(db)
+    spool = Spool(tmp_path / "spool", series)
+    intake = VerdictIntake(VerdictsConfig(), series, jobs, verdicts)
+    names = ["A", "B", "C", "D"]
+    # (the node's class scores, the radiologist's class) per mammogram
+    cases = [((0.7, 0.1, 0.1, 0.1), "A"), ((0.1, 0.6, 0.2, 0.1), "B"), ((0.1, 0.5, 0.3, 0.1), "C"),
+             ((0.05, 0.05, 0.8, 0.1), "C"), ((0.1, 0.1, 0.2, 0.6), "D"), ((0.4, 0.3, 0.2, 0.1), "D")]
+    for n, (scores, stated) in enumerate(cases):
+        mg = write_mammogram(tmp_path / "in" / str(n), seed=500 + n, density="B", patient_id=f"P{n}")
+        stored = spool.store(mg.read_bytes())
+        with db.tx() as c:
+            jid = jobs.create(c, series_uid=stored.series_uid, series_version=1, model=BREAST, route="r", send_to=[],
+                              max_attempts=3, config_version="x", now=time.time())
+        assert jid is not None and jobs.lease(lease_seconds=60) is not None
+        probabilities = dict(zip(names, scores, strict=True))
+        best = max(names, key=lambda k: probabilities[k])
+        result = JobResult(model={"name": BREAST, "version": "1"}, series_uid=stored.series_uid, classes=(
+            ClassResult(concept="Breast composition", value=best, label=names.index(best) + 1,
+                        probability=probabilities[best], probabilities=probabilities),))
+        jobs.complete(jid, result=result, objects=[ResultObject(f"/x/sr{n}.dcm", f"1.2.3.4.{n}", "sr")],
+                      destinations=[])
+        job = jobs.get(jid)
+        if n == 0:
+            for bad in ({"findings": [], "added": 0}, {"class_value": "E"}):
+                with pytest.raises(VerdictBodyError):
+                    http_verdict(intake, job, bad, actor="ris")
+        http_verdict(intake, job, {"findings": [], "added": 0, "class_value": stated}, actor="ris")
+    dataset = verdict_dataset(verdicts, series, model=BREAST)
+    assert len(dataset.cases) == len(cases) and all(c.reference_class for c in dataset.cases)
+    sent, runner = as_sent(jobs, Registry(models).get(BREAST), dataset)
+    summary = evaluate(dataset, [sent], tmp_path / "out", runners={sent.name: runner},
+                       options=EvalOptions(bootstrap=50))
+    c = summary["models"][sent.name]["classification"]["Breast composition"]
+    predicted = [max(names, key=lambda k: dict(zip(names, s, strict=True))[k]) for s, _ in cases]
+    confusion = [[sum(1 for (_s, ref), p in zip(cases, predicted, strict=True) if ref == a and p == b) for b in names]
+                 for a in names]
+    assert c["cases"] == len(cases) and c["confusion"] == confusion
+    assert c["accuracy"] == pytest.approx(sum(ref == p for (_s, ref), p in zip(cases, predicted, strict=True))
+                                          / len(cases))
+    # the verdicts count in the agreement too: a changed class is an edit
+    rows = verdicts.rows(model=BREAST)
+    assert sorted(r["study_verdict"] for r in rows).count("accepted") == sum(
+        ref == p for (_s, ref), p in zip(cases, predicted, strict=True))

@@ -1,12 +1,14 @@
-"""The verdict store as an evaluation dataset: the radiologists' final SEGs as the reference.
+"""The verdict store as an evaluation dataset: the radiologists' final SEGs (or classes) as the reference.
 
 Each judged result whose latest verdict is a SEG (the radiologist's final segmentation, still in the
-spool) becomes a case: the source series the node processed, and that SEG. Two kinds of model can be
+spool) becomes a case: the source series the node processed, and that SEG. A classification result judged
+over HTTP (the class the radiologist gave, ``class_value``) becomes a case with that class as its reference. Two kinds of model can be
 scored on these cases with ``preannot evaluate --from-verdicts``:
 
 - the AI **as it was sent** (:func:`as_sent`): the node's own SEG of that job, read back, not re-run —
   its Dice against the final SEG is the agreement the verdict measured; for a detector (no SEG), the boxes
-  of its stored result with their scores, scored lesion-wise (sensitivity, FROC) against the final SEG;
+  of its stored result with their scores, scored lesion-wise (sensitivity, FROC) against the final SEG; for a
+  classifier, the class scores it stated (AUC, confusion matrix against the radiologists' classes);
 - any model of the registry (a new version, a shadow or candidate model), run on the same series.
 
 Filters: model (the model whose results were judged), version, scanner, and a period.
@@ -15,6 +17,7 @@ Filters: model (the model whose results were judged), version, scanner, and a pe
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -39,21 +42,41 @@ def verdict_dataset(store: VerdictStore, series: SeriesStore, *, model: str | No
     out = Dataset(root=store.db.path.parent / "verdicts")
     latest: dict[int, dict[str, Any]] = {}  # the latest final SEG of each judged result (a later SR does not replace it)
     for v in store.rows(model=model):
-        if v["source"] == "seg":
+        if v["source"] == "seg" or _detail(v).get("reference_class") is not None:
             latest[v["job_id"]] = v
     for v in latest.values():
         if (version and v["model_version"] != version) or (scanner and v["scanner"] != scanner):
             continue
         if (since is not None and v["received_at"] < since) or (until is not None and v["received_at"] > until):
             continue
-        ref = Path(v["object_path"] or "")
         files = series.files(v["series_uid"])
+        stated = _detail(v).get("reference_class")
+        if stated is not None:  # a classification: the radiologist's class is the reference
+            if not files:
+                out.problems.append(f"verdict {v['id']} (job {v['job_id']}): its source series is no longer in the "
+                                    "spool (retention)")
+                continue
+            out.cases.append(Case(name=f"job{v['job_id']}", series_uid=v["series_uid"], image_files=files,
+                                  reference_class=str(stated)))
+            continue
+        ref = Path(v["object_path"] or "")
         if not ref.is_file() or not files:
             out.problems.append(f"verdict {v['id']} (job {v['job_id']}): its final SEG or source series is no longer "
                                 "in the spool (retention)")
             continue
         out.cases.append(Case(name=f"job{v['job_id']}", series_uid=v["series_uid"], image_files=files, reference=ref))
     return out
+
+
+def _detail(v: dict[str, Any]) -> dict[str, Any]:
+    """A verdict row's ``detail`` (stored as JSON text)."""
+    d = v.get("detail") or {}
+    if isinstance(d, str):
+        try:
+            d = json.loads(d)
+        except ValueError:
+            return {}
+    return d if isinstance(d, dict) else {}
 
 
 class RecordedRunner:
@@ -68,7 +91,7 @@ class RecordedRunner:
         self.label_map = {lab.name.lower(): lab.value for lab in model.card.labels}
         self.label_map.update({lab.type.meaning.lower(): lab.value for lab in model.card.labels})
 
-    def predict(self, volume: Volume, *, deadline: float | None = None) -> LabelMap | Boxes:
+    def predict(self, volume: Volume, *, deadline: float | None = None) -> Any:
         from node.errors import ModelError
 
         uid = volume.series_uid or ""
@@ -79,6 +102,12 @@ class RecordedRunner:
         result = self.results.get(uid)
         if result is not None and result.findings and all(f.kind == "box" for f in result.findings):
             return Boxes(tuple(_box_roi(f, volume) for f in result.findings))
+        if result is not None and result.classes:  # a classification: the scores it stated, in the card's order
+            from node.inference.classification import ClassScores
+
+            names = [lab.name for lab in sorted(self.model.card.labels, key=lambda lab: lab.value)]
+            scores = np.array([[c.probabilities.get(n, 0.0) for n in names] for c in result.classes], dtype=np.float64)
+            return ClassScores(scores, tuple(None for _ in result.classes))
         raise ModelError(f"no result of {self.model.name} was sent for series {uid}")
 
 

@@ -371,7 +371,17 @@ def http_verdict(intake: VerdictIntake, job: Job, body: dict[str, Any], *, actor
                                f"{', '.join(map(str, missing))})")
     if not listed and rois:
         raise VerdictBodyError(f"job {job.id} has {len(rois)} finding(s); the verdict states none")
-    if not listed and not body.get("added"):
+    stated = body.get("class_value")
+    ai_class = job.result.classes[0] if job.result.classes else None
+    if stated is not None and ai_class is None:
+        raise VerdictBodyError(f"job {job.id} made no classification: class_value does not apply")
+    if ai_class is not None and stated is None:
+        raise VerdictBodyError(f"job {job.id} is a classification ({ai_class.concept}): state the class (class_value: "
+                               f"one of {', '.join(ai_class.probabilities)})")
+    if ai_class is not None and stated not in ai_class.probabilities:
+        raise VerdictBodyError(f"class {stated!r} is not one of model {job.model}'s classes "
+                               f"({', '.join(ai_class.probabilities)})")
+    if not listed and not body.get("added") and stated is None:
         raise VerdictBodyError("an empty verdict: no finding judged, none added")
     findings = []
     for f in body.get("findings", []):
@@ -381,6 +391,13 @@ def http_verdict(intake: VerdictIntake, job: Job, body: dict[str, Any], *, actor
         findings.append(FindingVerdict(f["finding"], r.label, f["outcome"], ai_volume_mm3=r.volume_mm3,
                                        note=f.get("note")))
     findings += [FindingVerdict(None, 0, "added") for _ in range(int(body.get("added", 0)))]
+    detail: dict[str, Any] = {}
+    if ai_class is not None:  # the class: accepted as the model gave it, or changed by the radiologist
+        same = stated == ai_class.value
+        findings.append(FindingVerdict(None, ai_class.label, "accepted" if same else "edited",
+                                       dice=1.0 if same else 0.0,
+                                       note=None if same else f"{ai_class.concept}: {ai_class.value} -> {stated}"))
+        detail = {"concept": ai_class.concept, "ai_class": ai_class.value, "reference_class": stated}
     j = Judgement(findings, "", None)
     j.study_verdict = study_verdict(j.counts())
     digest = hashlib.sha256(json.dumps({"job": job.id, **body}, sort_keys=True).encode()).hexdigest()[:32]
@@ -390,5 +407,5 @@ def http_verdict(intake: VerdictIntake, job: Job, body: dict[str, Any], *, actor
                         model_version=str(job.result.model.get("version", "")), judgement=j,
                         observer=f"{body.get('observer_role', 'radiologist')} via token {actor}", received_at=now,
                         time_to_verdict_s=None if job.finished_at is None else round(now - job.finished_at, 1),
-                        scanner=scanner_key(info.attrs if info else {}))
+                        scanner=scanner_key(info.attrs if info else {}), detail=detail)
     return intake.verdicts.record(rec)

@@ -50,6 +50,8 @@ class VerdictBody(BaseModel):
     findings: list[FindingJudgement] = Field(default_factory=list, max_length=10_000)
     #: findings the model missed, as a count (each one an "added" finding)
     added: int = Field(0, ge=0, le=10_000)
+    #: a classification result: the class the radiologist gives (one of the model's classes, e.g. "C")
+    class_value: str | None = Field(None, max_length=64)
     #: who judged, as a role from a fixed list (never a name: names are not stored)
     observer_role: Literal["radiologist", "resident", "fellow", "physicist", "technologist", "clinician",
                            "other"] = "radiologist"
