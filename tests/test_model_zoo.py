@@ -196,6 +196,7 @@ def test_route_confidence_floor_and_cap_are_applied_and_stated(tmp_path: Path, s
         assert f"{n} not reported: {NOT_REPORTED[reason]}"[:64] in text
 
 
+@pytest.mark.slow  # minutes of CPU: `make test-slow` (CI runs it too)
 def test_models_add_drafts_a_card_for_the_whole_body_bundle_and_its_organs_come_out(
         tmp_path: Path, small_series: Path, dciodvfy: Callable[[Path], list[str]]) -> None:
     """`preannot models add`: the 104 wholeBody labels get a draft card (SNOMED CT codes where the table has them,
@@ -247,6 +248,7 @@ def test_models_add_drafts_a_card_for_the_whole_body_bundle_and_its_organs_come_
     assert sorted(segs) == sorted(x["label_name"] for x in rois)
 
 
+@pytest.mark.slow  # minutes of CPU: `make test-slow` (CI runs it too)
 def test_two_workers_run_a_segmentation_and_a_detection_bundle_interleaved(tmp_path: Path, small_series: Path) -> None:
     """A node with two workers and one route naming the spleen segmenter and the nodule detector (its own
     scripts package): two series, four interleaved jobs, each with its own model's kind of result."""
@@ -286,6 +288,7 @@ def test_two_workers_run_a_segmentation_and_a_detection_bundle_interleaved(tmp_p
         node.stop()
 
 
+@pytest.mark.slow  # minutes of CPU: `make test-slow` (CI runs it too)
 def test_swin_unetr_bundle_runs_after_models_add_removes_an_argument_monai_dropped(
         tmp_path: Path, small_series: Path, dciodvfy: Callable[[Path], list[str]]) -> None:
     """swin_unetr_btcv_segmentation as published passes SwinUNETR an ``img_size`` that MONAI 1.5+ no longer

@@ -95,6 +95,7 @@ def test_results_identical_to_the_local_backend(tmp_path: Path, small_series: Pa
         sink.stop()
 
 
+@pytest.mark.slow  # minutes of CPU: `make test-slow` (CI runs it too)
 def test_published_bundle_confidence_comes_back_for_labelled_voxels_identical(
         tmp_path: Path, small_series: Path, ray_cluster: str) -> None:
     """A bundle with a softmax (the Zoo's spleen): its confidence travels for the labelled voxels only,

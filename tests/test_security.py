@@ -87,6 +87,7 @@ def test_mutual_tls(make_node: Callable[..., Any], pki: Path, small_series: Path
         node.stop()
 
 
+@pytest.mark.slow  # minutes of CPU: `make test-slow` (CI runs it too)
 def test_calling_ae_bound_to_hosts(make_node: Callable[..., Any], small_series: Path) -> None:
     node = make_node(extra="")
     node.listener.caller_hosts = {"TESTSCU": [ipaddress.ip_network("10.1.2.0/24")],
