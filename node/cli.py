@@ -135,11 +135,8 @@ def run(
     card's match rules (each input's series is said), or from --input NAME=FOLDER, one per input.
     """
     from node.config import Route
-    from node.inference.bundle import configure_torch
-    from node.inference.kinds import load_runner
     from node.inference.registry import Registry
     from node.ingest.uids import safe_uid
-    from node.outputs.equipment import Provenance, device_uid
     from node.processing.offline import discover_series
     from node.processing.pipeline import ModelContext, PipelineOptions, process_series
 
@@ -179,17 +176,10 @@ def run(
         if not chosen:
             raise die(PreannotError("no series can be processed (see the reasons above); name one with --series "
                                      "to force it"), 2)
-    configure_torch(cfg.models)
     options = PipelineOptions.for_route(chosen_route, cfg)
     if chosen_route is not None:
         typer.echo(f"route {chosen_route.name}'s options apply", err=True)
-    try:
-        t = time.perf_counter()
-        runner = load_runner(info, device=device or cfg.models.device, amp=cfg.models.amp)
-        load_s = time.perf_counter() - t
-    except PreannotError as exc:
-        raise die(exc, 1) from exc
-    provenance = Provenance.for_node(info, cfg.outputs, device_uid=device_uid(cfg.outputs, cfg.data_dir, create=False))
+    runner, load_s, provenance = _load_for_run(info, cfg, device)
     results, failures = [], []
     for f in chosen:  # every series; one that fails is said and the others go on
         stages: list[str] = []
@@ -224,14 +214,29 @@ def run(
         raise typer.Exit(1)
 
 
+def _load_for_run(info: Any, cfg: Any, device: str | None) -> tuple[Any, float, Any]:
+    """`preannot run`'s model: torch set up, the runner loaded (its load time), and the provenance its outputs
+    carry; a model that cannot be loaded ends the command with the reason."""
+    from node.inference.bundle import configure_torch
+    from node.inference.kinds import load_runner
+    from node.outputs.equipment import Provenance, device_uid
+
+    configure_torch(cfg.models)
+    try:
+        t = time.perf_counter()
+        runner = load_runner(info, device=device or cfg.models.device, amp=cfg.models.amp)
+        load_s = time.perf_counter() - t
+    except PreannotError as exc:
+        raise die(exc, 1) from exc
+    return runner, load_s, Provenance.for_node(info, cfg.outputs, device_uid=device_uid(cfg.outputs, cfg.data_dir,
+                                                                                        create=False))
+
+
 def _run_study(info: Any, cfg: Any, chosen_route: Any, input_dir: Path | None, output_dir: Path,
                given: list[str], *, device: str | None, as_json: bool) -> None:
     """``preannot run`` of a study-level model: its inputs from ``--input NAME=FOLDER`` or, by its card's match
     rules, from the series of one study folder; one result on the reference input's series."""
     from node.config import Route
-    from node.inference.bundle import configure_torch
-    from node.inference.kinds import load_runner
-    from node.outputs.equipment import Provenance, device_uid
     from node.processing.offline import FoundSeries, assign_inputs, discover_series
     from node.processing.pipeline import ModelContext, PipelineOptions, process_series
 
@@ -279,14 +284,7 @@ def _run_study(info: Any, cfg: Any, chosen_route: Any, input_dir: Path | None, o
     reference = card.reference_input.name
     if reference not in chosen:
         raise die(PreannotError(f"no series for the reference input {reference} of model {info.name}"), 2)
-    configure_torch(cfg.models)
-    try:
-        t = time.perf_counter()
-        runner = load_runner(info, device=device or cfg.models.device, amp=cfg.models.amp)
-        load_s = time.perf_counter() - t
-    except PreannotError as exc:
-        raise die(exc, 1) from exc
-    provenance = Provenance.for_node(info, cfg.outputs, device_uid=device_uid(cfg.outputs, cfg.data_dir, create=False))
+    runner, load_s, provenance = _load_for_run(info, cfg, device)
     stages: list[str] = []
 
     def on_stage(name: str) -> None:

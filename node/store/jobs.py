@@ -473,14 +473,25 @@ class JobStore:
         leased again since."""
         now = time.time() if now is None else now
         with self.db.tx() as c:
-            row = c.execute("SELECT series_uid FROM jobs WHERE id = ? AND state = 'running' AND started_at IS "
-                            "COALESCE(?, started_at)", (job_id, lease)).fetchone()
+            row = self._unlease(c, job_id, lease=lease, run_at=now, now=now)
             if row is None:
                 return False
-            c.execute("UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0), lease_until = NULL, "
-                      "next_run_at = ?, updated_at = ? WHERE id = ?", (now, now, job_id))
             append_event(c, "job.requeued", {"reason": reason}, series_uid=row["series_uid"], job_id=job_id, now=now)
         return True
+
+    @staticmethod
+    def _unlease(c: Any, job_id: int, *, lease: float | None, run_at: float, now: float,
+                 note: str | None = None) -> Any:
+        """Inside ``c``: a running job (still the caller's lease, when given) back to queued without counting its
+        attempt, to run from ``run_at`` (``note``: its error text meanwhile). Returns its row as it was, or None
+        when it is no longer the caller's to give back."""
+        row = c.execute("SELECT series_uid, error FROM jobs WHERE id = ? AND state = 'running' AND started_at IS "
+                        "COALESCE(?, started_at)", (job_id, lease)).fetchone()
+        if row is not None:
+            c.execute("UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0), lease_until = NULL, "
+                      "next_run_at = ?, updated_at = ?, error = COALESCE(?, error) WHERE id = ?",
+                      (run_at, now, note, job_id))
+        return row
 
     def defer(self, job_id: int, *, reason: str, until: float, now: float | None = None,
               lease: float | None = None) -> bool:
@@ -489,12 +500,9 @@ class JobStore:
         job's note. Returns False when the caller's lease passed on (see :meth:`requeue`)."""
         now = time.time() if now is None else now
         with self.db.tx() as c:
-            row = c.execute("SELECT series_uid, error FROM jobs WHERE id = ? AND state = 'running' AND started_at IS "
-                            "COALESCE(?, started_at)", (job_id, lease)).fetchone()
+            row = self._unlease(c, job_id, lease=lease, run_at=until, now=now, note=reason[:4000])
             if row is None:
                 return False
-            c.execute("UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0), lease_until = NULL, "
-                      "next_run_at = ?, updated_at = ?, error = ? WHERE id = ?", (until, now, reason[:4000], job_id))
             if row["error"] != reason[:4000]:  # one event per new reason, not one per look
                 append_event(c, "job.waiting", {"reason": reason[:4000], "until": until},
                              series_uid=row["series_uid"], job_id=job_id, now=now)
