@@ -241,18 +241,15 @@ def scenario_concurrency(studies: int = 8, associations: int = 4, repeat: int = 
     return "\n".join(lines) + "\n"
 
 
-_LARGE_CODE = """
-import json, sys, threading, time
+#: the start of a child process that measures its own memory stage by stage (benchmarks e2e and study):
+#: ``rss_mb(key)``, and ``sample()`` keeping the peak RSS of the stage named in ``current[0]`` every 20 ms
+RSS_SAMPLER = """
+import json, sys, tempfile, threading, time
 from pathlib import Path
-from node.inference.registry import Registry
-from node.inference.runner import BundleRunner
-from node.outputs.equipment import Provenance
-from node.processing.pipeline import ModelContext, process_series
-import tempfile
 
-def rss_mb():
+def rss_mb(key='VmRSS:'):
     for line in open('/proc/self/status'):
-        if line.startswith('VmRSS:'):
+        if line.startswith(key):
             return int(line.split()[1]) / 1024
     return 0.0
 
@@ -261,6 +258,13 @@ def sample():  # the peak RSS of each stage, sampled every 20 ms
     while not stop.is_set():
         peaks[current[0]] = max(peaks.get(current[0], 0.0), rss_mb())
         time.sleep(0.02)
+"""
+
+_LARGE_CODE = RSS_SAMPLER + """
+from node.inference.registry import Registry
+from node.inference.runner import BundleRunner
+from node.outputs.equipment import Provenance
+from node.processing.pipeline import ModelContext, process_series
 threading.Thread(target=sample, daemon=True).start()
 def on_stage(name):
     current[0] = name

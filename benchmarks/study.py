@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.e2e import RSS_SAMPLER
 from benchmarks.results_file import machine, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,26 +29,12 @@ WORK = ROOT / "benchmarks" / "work" / "study"
 ZOO = ROOT.parent / "shared" / "data" / "model_zoo"
 BRATS = "brats_mri_segmentation"
 
-_CODE = """
-import json, sys, tempfile, threading, time
-from pathlib import Path
+_CODE = RSS_SAMPLER + """
 import numpy as np
 from node.inference.kinds import load_runner
 from node.inference.registry import Registry
 from node.outputs.equipment import Provenance
 from node.processing.pipeline import ModelContext, process_series
-
-def rss_mb(key='VmRSS:'):
-    for line in open('/proc/self/status'):
-        if line.startswith(key):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-peaks, current, stop = {}, ['start'], threading.Event()
-def sample():  # the peak RSS of each stage, sampled every 20 ms
-    while not stop.is_set():
-        peaks[current[0]] = max(peaks.get(current[0], 0.0), rss_mb())
-        time.sleep(0.02)
 models, study = Path(sys.argv[1]), Path(sys.argv[2])
 m = Registry(models).get(sys.argv[3])
 runner = load_runner(m, device='cpu', amp=False)
