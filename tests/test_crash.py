@@ -3,15 +3,21 @@ resume after restart, and the destination receives each result object once."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from node.devtools.sink import StoreSink
 from node.net.scu import echo, send_files
 from tests.conftest import ROOT, free_port, node_toml, query_db, wait_for
+from tests.test_faults import report
 
 
 def _serve(cfg: Path, log: Path) -> subprocess.Popen:
@@ -115,3 +121,77 @@ def test_sigterm_mid_job_exits_cleanly_and_the_job_runs_once(tmp_path: Path) -> 
             proc.kill()
             proc.wait(30)
         sink.stop()
+
+
+def _fresh_series(src: Path, out: Path) -> list[str]:
+    """A copy of a series with new series and instance UIDs (one per trial: each its own cut-off series)."""
+    from pydicom import dcmread
+    from pydicom.uid import generate_uid
+
+    out.mkdir(parents=True)
+    series = generate_uid()
+    for f in sorted(src.glob("*.dcm")):
+        ds = dcmread(f)
+        ds.SeriesInstanceUID = series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(out / f.name)
+    return sorted(str(p) for p in out.glob("*.dcm"))
+
+
+@pytest.mark.slow  # 20 node starts: about 3 min on 2 cores
+@pytest.mark.timeout(1200)
+def test_20_kills_during_receive_leave_no_partial_result(tmp_path: Path, small_series: Path) -> None:
+    """Issue 29: a node killed while a series arrives must not, once restarted, process the slices it had
+    (the quiet period counts from the restart, not across the downtime); the PACS re-sending the series gets
+    one result on the whole series. 20 kills at random moments of a receive, each followed by a restart and the
+    sender's retry, then the next series' receive is cut: every series ends with exactly one job, done, on all
+    of its slices, and no job ever ran on fewer."""
+    import random
+    import threading
+
+    port = free_port()
+    data = tmp_path / "data"
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(node_toml(data, port, stable=6.0))
+    log = tmp_path / "node.log"
+    db = data / "node.db"
+    rng = random.Random(2029)
+    n_slices = len(list(small_series.glob("*.dcm")))
+    trials = 20
+    series = [_fresh_series(small_series, tmp_path / f"s{k}") for k in range(trials)]
+    cut = 0
+    proc = None
+    try:
+        for k in range(trials + 1):
+            proc = _serve(cfg, log)
+            wait_for(lambda: echo(ae_title="PREANNOT", host="127.0.0.1", port=port, calling_ae="TESTSCU",
+                                  timeout=1), 60, what="the node to listen")
+            if k > 0:  # the PACS retries the series whose transfer failed, in full
+                assert all(o.ok for o in send_files(series[k - 1], ae_title="PREANNOT", host="127.0.0.1", port=port,
+                                                    calling_ae="TESTSCU"))
+            if k == trials:
+                break
+            outcomes: list[Any] = []
+            sender = threading.Thread(target=lambda k=k, into=outcomes: into.extend(send_files(
+                series[k], ae_title="PREANNOT", host="127.0.0.1", port=port, calling_ae="TESTSCU", timeout=5)))
+            sender.start()
+            time.sleep(rng.uniform(0.02, 0.3))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            sender.join(30)
+            cut += sum(1 for o in outcomes if o.ok) < n_slices
+        wait_for(lambda: _q(db, "SELECT COUNT(*) FROM jobs WHERE state = 'done'") == [(trials,)], 600,
+                 what="one done job per series")
+        time.sleep(8)  # longer than the quiet period: any late (wrong) dispatch would show now
+        rows = _q(db, "SELECT series_uid, state, result FROM jobs")
+        assert len(rows) == trials, rows
+        for uid, state, result in rows:
+            assert state == "done", (uid, state)
+            assert n_slices in json.loads(result)["shape"], (uid, json.loads(result)["shape"])
+        assert cut >= trials // 2, f"only {cut} of {trials} receives were cut by the kill: the test proves little"
+        report("kill9_during_receive_with_jobs", kills=trials, receives_cut=cut, series=trials, jobs=len(rows),
+               partial_results=0, duplicate_results=0)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            proc.wait(30)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import logging
 import os
 import random
 import shutil
@@ -26,6 +27,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
+from pynetdicom.sop_class import CTImageStorage as CT_IMAGE_STORAGE  # type: ignore[attr-defined]
 
 from node.net.scu import echo, send_files
 from node.store.jobs import JobState
@@ -190,7 +192,8 @@ def _store_raw(port: int, items: list[tuple[str, bytes]], tmp: Path) -> list[tup
         try:
             status = assoc.send_c_store(str(p)) if assoc.is_established else None
             results.append((kind, int(status.Status) if status else None))
-        except Exception:  # the SCU itself may refuse to send a broken file: that is an outcome too
+        except Exception as exc:  # the SCU itself may refuse to send a broken file: that is an outcome too
+            logging.getLogger(__name__).warning("the SCU did not send %s: %s", kind, exc)
             results.append((kind, -1))
     if assoc is not None and assoc.is_established:
         assoc.release()
@@ -273,6 +276,129 @@ def test_bad_input_corpus(make_node: Callable[..., Any], small_series: Path, tmp
     assert all(spool in p.resolve().parents for p in spool.rglob("*"))  # nothing escaped the spool
     report("bad_input_corpus", instances=len(corpus), series=len(bad_series), by_kind=by_kind,
            node_crashes=0, job_messages=messages)
+
+
+def _malformed(source: Path) -> list[tuple[str, bytes]]:
+    """(kind, file bytes) of datasets broken below the element level (nesting, compression, lengths), each
+    with fresh UIDs and a valid file meta, so that a chunked SCU sends the broken bytes as they are."""
+    import zlib
+
+    from pydicom.filewriter import write_file_meta_info
+
+    def fresh() -> tuple[bytes, bytes, bytes]:
+        ds = dcmread(source)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        raw = _encode(ds)
+        meta_end = 132 + 12 + int.from_bytes(raw[140:144], "little")
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"
+        meta = io.BytesIO()
+        meta.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
+        return raw[:meta_end], raw[meta_end:], meta.getvalue()
+
+    sq = b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff"  # (0008,1115) SQ, undefined length
+    item = b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
+    end_item, end_sq = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00", b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+    cases: list[tuple[str, Callable[[bytes, bytes, bytes], bytes]]] = [
+        ("deep-nesting", lambda h, b, z: h + (sq + item) * 3000 + (end_item + end_sq) * 3000 + b),
+        ("deflate-garbage", lambda h, b, z: z + b"\x78\x9c" + bytes(range(256)) * 4),
+        ("deflate-truncated", lambda h, b, z: z + zlib.compress(b)[2:-4][: len(b) // 50]),
+        ("deflate-not-deflated", lambda h, b, z: z + b),
+        ("length-beyond-end", lambda h, b, z: h + b"\x08\x00\x18\x00UI\xff\x7f" + b[:50]),
+        ("item-longer-than-sequence", lambda h, b, z: h + b"\x08\x00\x15\x11SQ\x00\x00\x10\x00\x00\x00"
+         + b"\xfe\xff\x00\xe0\x20\x00\x00\x00" + b"\x00" * 8 + b),
+        ("sequence-length-huge", lambda h, b, z: h + b"\x08\x00\x15\x11SQ\x00\x00\xf0\xff\xff\xff" + item + b),
+        ("stray-item-delimiter", lambda h, b, z: h + end_item + b),
+        ("stray-sequence-delimiter", lambda h, b, z: h + end_sq + b),
+    ]
+    return [(kind, make(*fresh())) for kind, make in cases]
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_malformed_datasets_get_cannot_understand_and_leave_nothing(
+        make_node: Callable[..., Any], small_series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dataset the node cannot parse is the sender's error: 0xC000 (cannot understand), never 0x0110 (our own
+    processing failure), one log line, and nothing of it stays in the spool; the same association then stores a
+    good instance. What pydicom reads leniently (a stray delimiter it skips) may be stored, whole and indexed."""
+    import pynetdicom
+
+    # the SCU sends each file's bytes after its meta without parsing them (as a PACS forwarding them would)
+    monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)
+    node = make_node(stable=30)
+    good = sorted(small_series.glob("*.dcm"))
+    cases = _malformed(good[0])
+    ae = AE(ae_title="TESTSCU")
+    for ts in ALL_TRANSFER_SYNTAXES[:3]:  # one context per transfer syntax, so that each file goes as it is
+        ae.add_requested_context(CT_IMAGE_STORAGE, ts)
+    assoc = ae.associate("127.0.0.1", node.listener.port, ae_title="PREANNOT")
+    assert assoc.is_established
+    statuses: dict[str, int] = {}
+    for n, (kind, data) in enumerate([*cases, ("good", good[1].read_bytes())]):
+        (tmp_path / f"{n}.dcm").write_bytes(data)
+        statuses[kind] = int(assoc.send_c_store(tmp_path / f"{n}.dcm").Status)
+    assoc.release()
+    lenient = {"item-longer-than-sequence", "stray-item-delimiter"}
+    wrong = {kind: hex(s) for kind, s in statuses.items() if kind != "good" and s != 0xC000
+             and not (kind in lenient and s == 0)}
+    assert not wrong, f"expected 0xC000 for every malformed dataset, got {wrong}"
+    assert statuses["good"] == 0
+    stored = sum(1 for s in statuses.values() if s == 0)
+    assert _q(node.config.data_dir / "node.db", "SELECT COUNT(*) FROM instances") == [(stored,)]
+    spooled = [p for p in (node.config.data_dir / "spool").rglob("*") if p.is_file()]
+    assert len(spooled) == stored, spooled  # the stored instances only: no orphan, no .part
+    failures = node.listener.stats.failures
+    assert failures.get("cannot_understand") == len(cases) - stored + 1, failures
+    assert not failures.get("processing_failure"), failures
+    report("malformed_datasets", cases=len(cases), refused_0xC000=len(cases) - stored + 1,
+           stored_lenient=stored - 1, processing_failures=0, orphans=0, statuses={k: hex(v) for k, v in statuses.items()})
+
+
+def _send_store_request(assoc: Any, path: Path, affected_sop_uid: str) -> tuple[int | None, float]:
+    """A C-STORE request sent as a broken SCU would, with whatever Affected SOP Instance UID it is given (even
+    an empty one, which pynetdicom's own ``send_c_store`` would never send). Returns (status or None when no
+    answer came within the DIMSE timeout, seconds waited)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+    from pynetdicom.dimse_primitives import C_STORE
+
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, True
+    write_dataset(buf, dcmread(path))
+    req = C_STORE()
+    req.MessageID, req.Priority, req.AffectedSOPClassUID = 7, 2, CT_IMAGE_STORAGE
+    req._affected_sop_instance_uid = affected_sop_uid  # type: ignore[assignment]  # past the setter's checks
+    req.DataSet = io.BytesIO(buf.getvalue())
+    context = assoc._get_valid_context(CT_IMAGE_STORAGE, "1.2.840.10008.1.2", "scu")
+    assoc._reactor_checkpoint.clear()  # as send_c_store does: the reactor must not take the answer
+    while not assoc._is_paused:
+        time.sleep(0.0001)
+    t0 = time.monotonic()
+    assoc.dimse.send_msg(req, context.context_id)
+    _, rsp = assoc.dimse.get_msg(block=True)
+    assoc._reactor_checkpoint.set()
+    return (int(rsp.Status) if rsp is not None else None), time.monotonic() - t0
+
+
+def test_store_request_without_affected_sop_instance_uid_is_answered_at_once(
+        make_node: Callable[..., Any], small_series: Path) -> None:
+    """pynetdicom drops a C-STORE request lacking a mandatory command element without an answer, so the sender
+    waited its whole DIMSE timeout (60 s by default). The node answers 0xC000 at once, stores nothing, and the
+    association goes on."""
+    node = make_node(stable=30)
+    files = sorted(small_series.glob("*.dcm"))
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CT_IMAGE_STORAGE, "1.2.840.10008.1.2")
+    ae.dimse_timeout = 10
+    assoc = ae.associate("127.0.0.1", node.listener.port, ae_title="PREANNOT")
+    assert assoc.is_established
+    status, waited = _send_store_request(assoc, files[0], "")
+    assert status == 0xC000 and waited < 2, (status, waited)
+    assert _q(node.config.data_dir / "node.db", "SELECT COUNT(*) FROM instances") == [(0,)]
+    status, _ = _send_store_request(assoc, files[1], str(dcmread(files[1]).SOPInstanceUID))
+    assert status == 0x0000 and assoc.is_established
+    assoc.release()
+    assert _q(node.config.data_dir / "node.db", "SELECT COUNT(*) FROM instances") == [(1,)]
+    assert len([p for p in (node.config.data_dir / "spool").rglob("*") if p.is_file()]) == 1
 
 
 # --- model failures -------------------------------------------------------------------------------

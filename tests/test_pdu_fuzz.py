@@ -28,6 +28,13 @@ SEED = int(os.environ.get("PREANNOT_FUZZ_SEED", "20261125"))
 CASES = 1200 if SOAK else 150
 
 
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def _echo_seconds(ae: AE, port: int) -> float | None:
     """Seconds from a known caller's connection to its C-ECHO answered (association + echo; the release
     follows, untimed), or None when it is not answered."""
@@ -59,6 +66,7 @@ def test_malformed_pdus_never_lock_out_a_known_caller(make_node: Callable[..., A
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 1.0
     assert _echo_seconds(ae, port) is not None
     threads_before = threading.active_count()
+    rss_start = rss_max = _rss_mb()
 
     kinds: collections.Counter[str] = collections.Counter()
     slow: list[tuple[int, str, float | None]] = []
@@ -72,6 +80,7 @@ def test_malformed_pdus_never_lock_out_a_known_caller(make_node: Callable[..., A
         if took is None or took > 1.0:
             slow.append((n, case.name, took))
         times.append(took if took is not None else 99.0)
+        rss_max = max(rss_max, _rss_mb())
     from node.ingest.scp import PROTOCOL_ERRORS
 
     assert not slow, f"known caller not answered within 1 s after case(s) (index, kind, s) {slow[:10]}, seed {SEED}"
@@ -90,4 +99,7 @@ def test_malformed_pdus_never_lock_out_a_known_caller(make_node: Callable[..., A
     report("pdu_fuzz", seed=SEED, cases=CASES, pdus_written=int(pdus), by_kind=dict(sorted(kinds.items())),
            lockouts=len(slow), crashes=0, echo_s_median=round(sorted(times)[len(times) // 2], 3),
            echo_s_p99=round(sorted(times)[int(len(times) * 0.99)], 3), echo_s_worst=round(max(times), 3),
-           stored_by_fuzz=0, pynetdicom_protocol_thread_errors=dict(PROTOCOL_ERRORS))
+           stored_by_fuzz=0, pynetdicom_protocol_thread_errors=dict(PROTOCOL_ERRORS),
+           rss_mb_start=round(rss_start), rss_mb_max=round(rss_max))
+    # the node's memory stays bounded whatever the peers announce (its process is this one)
+    assert rss_max - rss_start < 300, f"the process grew by {rss_max - rss_start:.0f} MB under the fuzz"

@@ -22,6 +22,7 @@ from node.net.scu import send_files
 from node.net.tls import client_context
 from node.store.jobs import JobState
 from tests.conftest import wait_for
+from tests.test_faults import report
 
 
 def _openssl(*args: str) -> None:
@@ -221,7 +222,10 @@ def test_a_huge_announced_pdu_is_never_buffered(make_node: Callable[..., Any], s
     assert grown < 200, f"the node grew by {grown:.0f} MB"
     t1 = time.monotonic()
     assert all(o.ok for o in _send(node, sorted(small_series.glob("*.dcm"))[:2]))
-    assert time.monotonic() - t1 < 5
+    served = time.monotonic() - t1
+    assert served < 5
+    report("huge_announced_pdu", pdu_type=f"0x{pdu_type:02X}", announced_bytes=0xFFFFFFF0, sent_mib=sent >> 20,
+           closed=closed, rss_growth_mb=round(grown, 1), pacs_served_s=round(served, 2))
 
 
 def test_broken_dimse_from_a_known_caller_never_locks_it_out(make_node: Callable[..., Any],
@@ -258,8 +262,11 @@ def test_broken_dimse_from_a_known_caller_never_locks_it_out(make_node: Callable
         t0 = time.monotonic()
         outcomes = _send(node, sorted(small_series.glob("*.dcm"))[:2])
         assert all(o.ok for o in outcomes), [o.status for o in outcomes]
-        assert time.monotonic() - t0 < 5
+        served = time.monotonic() - t0
+        assert served < 5
         assert node.listener.active_associations("TESTSCU") == 0
+        report("broken_dimse_associations", associations=20, lockouts=0, caller_slots_left_open=0,
+               pacs_served_s=round(served, 2))
     finally:
         for s in held:
             s.close()

@@ -27,6 +27,8 @@ from typing import Any, cast
 
 import pynetdicom
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -56,8 +58,50 @@ def configure_pynetdicom() -> None:
     pynetdicom._config.LOG_REQUEST_IDENTIFIERS = False
     pynetdicom._config.LOG_RESPONSE_IDENTIFIERS = False
     bounds.install()  # a PDU's announced length checked before its body is read (node.net.bounds)
+    _answer_incomplete_requests()
     if not getattr(threading.excepthook, "_preannot", False):
         threading.excepthook = _protocol_error_hook(threading.excepthook)
+
+
+#: C-STORE requests refused because their command lacked a mandatory element: {element name: count}
+INCOMPLETE_REQUESTS: dict[str, int] = {}
+
+
+def _answer_incomplete_requests() -> None:
+    """A C-STORE request whose command set lacks a mandatory element (an empty Affected SOP Instance UID from a
+    broken SCU, say) is one pynetdicom drops with a log line and no answer, so the sender waits for its DIMSE
+    timeout (60 s by default) and then aborts. Such a request is answered at once: 0xC000 (cannot understand)
+    naming what is missing, without storing the data set (there is no UID to check it against), or, without a
+    Message ID to answer to, the association is aborted. Installed once, process-wide."""
+    if getattr(Association._serve_request, "_preannot", False):
+        return
+    original = Association._serve_request
+
+    def serve(self: Association, msg: Any, context_id: int) -> None:
+        if not isinstance(msg, C_STORE) or msg.is_valid_request or self._sent_release:
+            return original(self, msg, context_id)
+        missing = [k for k in msg.REQUEST_KEYWORDS if getattr(msg, k, None) is None]
+        for k in missing:
+            INCOMPLETE_REQUESTS[k] = INCOMPLETE_REQUESTS.get(k, 0) + 1
+        peer = f"{self.requestor.ae_title}@{self.requestor.address}"
+        if msg.MessageID is None or context_id not in self._accepted_cx:
+            logger.warning("association %s: C-STORE request from %s without %s: association aborted", self.name,
+                           peer, ", ".join(missing))
+            self.abort()
+            return None
+        rsp = C_STORE()
+        rsp.MessageIDBeingRespondedTo = msg.MessageID
+        if msg.AffectedSOPClassUID is not None:
+            rsp.AffectedSOPClassUID = msg.AffectedSOPClassUID
+        rsp.Status = STATUS["cannot_understand"]
+        rsp.ErrorComment = f"request lacks {', '.join(missing)}"[:64]
+        logger.warning("association %s: C-STORE request from %s without %s -> 0x%04X, nothing stored", self.name,
+                       peer, ", ".join(missing), rsp.Status)
+        self.dimse.send_msg(rsp, context_id)
+        return None
+
+    serve._preannot = True  # type: ignore[attr-defined]
+    Association._serve_request = serve  # type: ignore[method-assign]
 
 
 #: exceptions that ended a pynetdicom protocol-machine thread (a peer's PDU sequence it cannot handle)

@@ -21,7 +21,6 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
 from node.errors import InvalidInstanceError, OutOfSpaceError, SpoolError
 from node.ingest.uids import check_uid, is_valid_uid, safe_uid
@@ -190,8 +189,13 @@ class Spool:
         now = time.time() if now is None else now
         try:
             ds = dcmread(BytesIO(raw))  # the whole dataset: a truncated or corrupt one is refused here
-        except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, OverflowError) as exc:
-            raise InvalidInstanceError(f"cannot parse the dataset: {exc}") from exc
+        except MemoryError:
+            raise
+        except Exception as exc:  # whatever the parser raises on these bytes is about the bytes, not about us:
+            # truncation (EOFError), bad lengths (ValueError), deflate streams that are not (zlib.error),
+            # nesting deeper than the interpreter's stack (RecursionError), ... -> 0xC000, not 0x0110
+            raise InvalidInstanceError(f"cannot parse the dataset: {type(exc).__name__}: "
+                                       f"{str(exc)[:200] or 'no detail'}") from exc
         try:
             _check_pixel_data(ds)
         except InvalidInstanceError as exc:
