@@ -73,11 +73,14 @@ class _VerdictCollector(Collector):
     def collect(self) -> Iterator[Any]:
         rows, alerts = self.read()
         acc = GaugeMetricFamily("preannot_verdict_acceptance",
-                                "Share of AI findings the radiologists accepted (latest verdict per result)",
+                                "Share of AI findings the radiologists accepted, over the last alert_window judged "
+                                "studies (verdicts merged per result)",
                                 labels=["model", "version"])
-        studies = GaugeMetricFamily("preannot_verdict_studies", "Judged results by study verdict",
+        studies = GaugeMetricFamily("preannot_verdict_studies",
+                                    "Judged results by study verdict, over the last alert_window judged studies",
                                     labels=["model", "version", "verdict"])
-        added = GaugeMetricFamily("preannot_verdict_added_per_study", "Findings the radiologists added per study",
+        added = GaugeMetricFamily("preannot_verdict_added_per_study",
+                                  "Findings the radiologists added per study, over the last alert_window judged studies",
                                   labels=["model", "version"])
         for r in rows:
             if r["acceptance"] is not None:

@@ -131,7 +131,7 @@ class Node:
         self.workers = [Worker(f"worker-{n}", worker_ctx, stop=self.stop_event) for n in range(n_workers)]
         self.deliverer = Deliverer(config=config, store=self.store, stop=self.stop_event, metrics=self.metrics)
         self.metrics.attach_state(self._metric_state)
-        self.metrics.attach_verdicts(self.verdict_summary)
+        self.metrics.attach_verdicts(lambda: self.verdict_summary(window=config.verdicts.alert_window))
         self._assembler_thread = threading.Thread(target=self._assemble_loop, name="assembler", daemon=True)
         self._retention_thread = threading.Thread(target=self._retention_loop, name="retention", daemon=True)
         #: verdict series handed over by the assembler, examined by their own thread
@@ -207,11 +207,12 @@ class Node:
 
         return http_verdict(self.verdict_intake, self.store.get(job_id), body, actor=actor)
 
-    def verdict_summary(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """Agreement per model and version, and the drift alerts holding now."""
+    def verdict_summary(self, *, window: int | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Agreement per model and version (over each one's last ``window`` judged studies, or all), and the drift
+        alerts holding now."""
         from node.verdicts.stats import agreement, alerts
 
-        return agreement(self.verdicts), alerts(self.verdicts, self.store, self.config.verdicts)
+        return agreement(self.verdicts, window=window), alerts(self.verdicts, self.store, self.config.verdicts)
 
     def _verdict_fetch_loop(self) -> None:
         """``[verdicts].fetch_from``: look for verdict objects in the PACS every ``fetch_minutes``."""

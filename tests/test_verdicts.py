@@ -93,6 +93,11 @@ def test_verdicts_come_back_by_c_store_and_are_recorded_once(make_node: Callable
         wait_for(lambda: len(node.verdicts.rows()) == 2, 60, what="the SR verdict")
         sr_v = node.verdicts.rows()[-1]
         assert sr_v["source"] == "sr" and sr_v["study_verdict"] == "accepted" and sr_v["accepted"] == sr_v["n_ai"]
+        # "save the SEG, then sign the SR": the signature does not undo the edit (evidence merged per finding)
+        merged = agreement(node.verdicts)[0]
+        assert merged["study_verdicts"] == {"edited": 1} and merged["accepted"] == n_ai - 2
+        assert merged["edited"] == 1 and merged["rejected_per_study"] == 1 and merged["added_per_study"] == 1
+        assert merged["edit_dice"] == pytest.approx(edited_f[0]["dice"])
         _send(node, [rejection(our_seg, our_sr, out)])
         wait_for(lambda: len(node.verdicts.rows()) == 3, 60, what="the KO verdict")
         ko_v = node.verdicts.rows()[-1]
@@ -101,9 +106,10 @@ def test_verdicts_come_back_by_c_store_and_are_recorded_once(make_node: Callable
         assert len(node.store.list_jobs()) == 1
         kinds = [r["kind"] for r in node.store.db.query("SELECT kind FROM events")]
         assert kinds.count("verdict.recorded") == 3
-        # latest verdict per result counts: the rejection
+        # a clinical rejection note rejects every AI finding; the radiologist's added finding stays a miss
         rows = agreement(node.verdicts)
-        assert rows[0]["studies"] == 1 and rows[0]["study_verdicts"] == {"rejected": 1}
+        assert rows[0]["studies"] == 1 and rows[0]["study_verdicts"] == {"edited": 1}
+        assert rows[0]["accepted"] == 0 and rows[0]["rejected_per_study"] == n_ai and rows[0]["added_per_study"] == 1
         csv_text = node.verdicts.export("csv")
         assert csv_text.splitlines()[0].startswith("id,job_id,source") and len(csv_text.splitlines()) == 4
         # an HTTP verdict, idempotent on the same body
@@ -203,6 +209,10 @@ def test_a_month_of_verdicts_with_a_scanner_change_raises_the_alerts(tmp_path: P
     per_scanner = {r["scanner"]: r for r in agreement(store, by="scanner")}
     a, b = per_scanner["A | B30f | 1.0 mm"], per_scanner["B | Br40 | 1.0 mm"]
     assert a["acceptance_ci"][0] > b["acceptance_ci"][1]  # the intervals do not overlap
+    # the gauges cover the alert window (the last 30 judged studies: all on scanner B), not all time
+    whole, recent = agreement(store)[0], agreement(store, window=30)[0]
+    assert whole["studies"] == 120 and recent["studies"] == 30
+    assert recent["acceptance"] == pytest.approx(b["acceptance"], abs=0.05) and whole["acceptance"] > 0.6
     # before the change: no alert on agreement
     config_early = VerdictsConfig(alert_acceptance_floor=0.7, alert_window=30, baseline_days=40)
     assert not [x for x in alerts(store, JobStore(db), config_early) if x["kind"] == "acceptance_drop"]

@@ -94,7 +94,7 @@ def _answer_incomplete_requests() -> None:
         if msg.AffectedSOPClassUID is not None:
             rsp.AffectedSOPClassUID = msg.AffectedSOPClassUID
         rsp.Status = STATUS["cannot_understand"]
-        rsp.ErrorComment = f"request lacks {', '.join(missing)}"[:64]
+        rsp.ErrorComment = f"request lacks {', '.join(missing)}"[:64]  # type: ignore[assignment]
         logger.warning("association %s: C-STORE request from %s without %s -> 0x%04X, nothing stored", self.name,
                        peer, ", ".join(missing), rsp.Status)
         self.dimse.send_msg(rsp, context_id)

@@ -32,6 +32,7 @@ from node.outputs.preview import write_preview
 from node.outputs.result import ResultObject, save_dataset, write_private
 from node.processing.findings import FindingOptions, Findings, predict_findings
 from node.store.results import ClassResult, FindingResult, JobResult
+from node.verdicts.regions import AIRegions
 
 __all__ = ["JobOutput", "ModelContext", "PipelineOptions", "intensity_profile", "load_inputs", "process_series"]
 
@@ -48,6 +49,9 @@ class JobOutput:
     rois: list[ROI]
     #: work left for after the results are queued (the preview, when deferred)
     deferred: Callable[[], None] | None = field(default=None, repr=False)
+    #: the findings' regions on the source images, compact (:class:`node.verdicts.regions.AIRegions`), kept
+    #: with the job to judge the radiologist's verdicts
+    regions: bytes | None = field(default=None, repr=False)
 
     def finish(self) -> None:
         """Run the deferred work (a failure is logged: the preview is a convenience, not a result)."""
@@ -291,4 +295,11 @@ def process_series(files: list[Path], ctx: ModelContext, out_dir: Path, *,
     logger.info("series %s: %d ROI(s)%s, %s in %.1f s (inference %.1f s)", volume.series_uid, len(findings.rois),
                 "".join(f", {c.concept}: {c.value}" for c in result.classes),
                 "+".join(k for k in ("seg", "sr") if k in files_out), timings["total"], timings.get("inference", 0.0))
-    return JobOutput(objects=objects, result=result, rois=findings.rois, deferred=deferred)
+    regions = None
+    if findings.volume.shape[0] > 0 and not findings.volume.projection:
+        codes = {}
+        for r in findings.rois:
+            spec = model.card.label(r.label)
+            codes[r.label] = spec.type.code if spec is not None else ""
+        regions = AIRegions.of_rois(findings.volume, findings.rois, codes).to_bytes()
+    return JobOutput(objects=objects, result=result, rois=findings.rois, deferred=deferred, regions=regions)

@@ -171,7 +171,7 @@ class Worker(threading.Thread):
             supersedes = self._supersession(job, files, provenance, out_dir)
             self.store.complete(job.id, result=result, objects=output.objects, destinations=job.send_to,
                                 supersedes=supersedes, notifications=notifications, priority=priority,
-                                lease=job.started_at)
+                                lease=job.started_at, regions=output.regions)
             if self.metrics is not None:
                 self.metrics.observe_job(job.model, "done", result.timings)
                 if result.time_to_result_s is not None:

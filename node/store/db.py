@@ -36,6 +36,7 @@ _ADDED_COLUMNS = (
     ("outbox", "role", "TEXT NOT NULL DEFAULT 'result'"),
     ("jobs", "priority", "INTEGER NOT NULL DEFAULT 2"),
     ("jobs", "intensity", "TEXT"),
+    ("jobs", "regions", "BLOB"),
 )
 
 _SCHEMA = """

@@ -270,6 +270,12 @@ class JobStore:
                              "WHERE j.state = 'done' AND j.finished_at >= ?", (finished_since,))
         return [str(r[0]) for r in rows]
 
+    def regions(self, job_id: int) -> bytes | None:
+        """The done job's findings' regions (:class:`node.verdicts.regions.AIRegions` bytes), None for jobs of
+        releases that did not keep them."""
+        row = self.db.one("SELECT regions FROM jobs WHERE id = ?", (job_id,))
+        return None if row is None or row[0] is None else bytes(row[0])
+
     def made_object(self, sop_uid: str) -> bool:
         """Whether the node made this instance (a result or rejection note in the outbox)."""
         return self.db.one("SELECT 1 FROM outbox WHERE sop_uid = ? LIMIT 1", (sop_uid,)) is not None
@@ -336,7 +342,7 @@ class JobStore:
     def complete(self, job_id: int, *, result: JobResult, objects: Sequence[Deliverable],
                  destinations: list[str], supersedes: Supersession | None = None,
                  notifications: Mapping[str, Deliverable] | None = None, priority: Priority | None = None,
-                 now: float | None = None, lease: float | None = None) -> None:
+                 now: float | None = None, lease: float | None = None, regions: bytes | None = None) -> None:
         """Mark a running job done and queue each result object for each destination (one transaction).
 
         ``notifications``: messages announcing the result (channel destination name, e.g. ``notify:fhir``
@@ -345,7 +351,9 @@ class JobStore:
         ``supersedes``: the earlier results this job replaces (see the module doc). A job that completes
         after a newer version of its series already completed is itself superseded at once: its objects
         are kept on disk but never queued. ``lease``: the ``started_at`` of the caller's lease; a caller whose
-        lease passed on (expired, or requeued and leased again by a restarted node) is refused.
+        lease passed on (expired, or requeued and leased again by a restarted node) is refused. ``regions``: the
+        findings' regions on the source images, compact, kept with the job to judge verdicts (retention of the
+        output folder does not remove them).
         """
         now = time.time() if now is None else now
         with self.db.tx() as c:
@@ -359,10 +367,11 @@ class JobStore:
                               "AND state = 'done' ORDER BY series_version DESC LIMIT 1",
                               (row["series_uid"], row["model"], row["series_version"])).fetchone()
             c.execute("UPDATE jobs SET state = 'done', finished_at = ?, updated_at = ?, lease_until = NULL, "
-                      "error = NULL, result = ?, intensity = ?, superseded_by = ?, priority = COALESCE(?, priority) "
-                      "WHERE id = ?",
+                      "error = NULL, result = ?, intensity = ?, superseded_by = ?, priority = COALESCE(?, priority), "
+                      "regions = ? WHERE id = ?",
                       (now, now, result.to_json(), json.dumps(result.intensity, allow_nan=False),
-                       newer["id"] if newer else None, None if priority is None else Priority(priority).rank, job_id))
+                       newer["id"] if newer else None, None if priority is None else Priority(priority).rank,
+                       regions, job_id))
             queued_to = [] if newer else destinations
             for dest in queued_to:
                 for obj in objects:

@@ -30,12 +30,14 @@ from typing import Any
 
 import numpy as np
 from pydicom import Dataset, dcmread
+from scipy import ndimage
 
 from node.config import VerdictsConfig
 from node.errors import PreannotError
 from node.store.jobs import Job, JobStore
 from node.store.series import SeriesInfo, SeriesStore
-from node.verdicts.judge import FindingVerdict, Judgement, judge_masks, study_verdict
+from node.verdicts.judge import FindingVerdict, Judgement, judge_regions, study_verdict
+from node.verdicts.regions import AIRegions, Grid, Region, read_seg
 from node.verdicts.store import VerdictRecord, VerdictStore, hash_observer
 
 __all__ = ["REJECTION_TITLES", "WITHDRAWAL_TITLES", "VerdictBodyError", "VerdictIntake", "http_verdict", "scanner_key"]
@@ -159,7 +161,19 @@ class VerdictIntake:
             except Exception as exc:  # one bad object never stops the others, nor the assembler
                 logger.warning("verdict object %s not judged: %s: %s", path.name, type(exc).__name__, exc)
                 lines.append(f"{path.name}: not judged ({type(exc).__name__}: {exc})")
+                self._not_judged(path, series_uid, f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError)
+                                 else str(exc))
         return lines
+
+    def _not_judged(self, path: Path, series_uid: str, reason: str) -> None:
+        try:
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID", "SOPClassUID",
+                                                                       "StudyInstanceUID"])
+            uid, sop, study = str(ds.SOPInstanceUID), str(ds.get("SOPClassUID", "")), str(ds.get("StudyInstanceUID", ""))
+        except Exception:  # unreadable: kept under its file name
+            uid, sop, study = f"file:{path.name}", "", ""
+        self.verdicts.record_not_judged(object_uid=uid, reason=reason, sop_class=sop, series_uid=series_uid,
+                                        study_uid=study)
 
     def examine_file(self, path: Path, *, received_at: float | None = None) -> list[str]:
         ds = dcmread(path)
@@ -218,58 +232,40 @@ class VerdictIntake:
             yield job, self._seg_against_job(ds, job)
 
     def _seg_against_job(self, final_ds: Dataset, job: Job) -> Judgement:
-        import highdicom as hd
+        ai = self._ai_regions(job)
+        final = read_seg(final_ds, ai.grid)  # GeometryError: elsewhere than the source images, not judged
+        return judge_regions(ai, final, accept_dice=self.config.accept_dice)
 
+    def _ai_regions(self, job: Job) -> AIRegions:
+        """The AI findings' regions kept with the job; for a job of an earlier release, read from its SEG."""
+        blob = self.jobs.regions(job.id)
+        if blob is not None:
+            return AIRegions.from_bytes(blob)
         result = job.result
         if result is None:
             raise ValueError(f"job {job.id} has no stored result")
         ours_path = result.files.get("seg")
         if not ours_path or not Path(ours_path).is_file():
-            raise ValueError(f"job {job.id}'s SEG is no longer on disk (retention): the edit cannot be compared")
-        ours = hd.seg.segread(ours_path)
-        uids = [str(i.ReferencedSOPInstanceUID) for s in ours.ReferencedSeriesSequence
-                for i in s.ReferencedInstanceSequence]
-        final = hd.seg.Segmentation.from_dataset(final_ds, copy=False)
-        final_uids = _referenced_uids(final_ds, ("ReferencedSeriesSequence",))
-        if not final_uids & set(uids):
-            raise ValueError("the SEG references none of the source images of the AI result")
-        sx, sy, sz = result.spacing_mm
-        spacing = (float(sz), float(sy), float(sx))
-        ai_px = self._pixels(ours, uids)
-        fin_px = self._pixels(final, uids)
-        ai_types = {n: ours.get_segment_description(n).SegmentedPropertyTypeCodeSequence[0].CodeValue
-                    for n in ours.get_segment_numbers()}
-        fin_types = {n: final.get_segment_description(n).SegmentedPropertyTypeCodeSequence[0].CodeValue
-                     for n in final.get_segment_numbers()}
-        label_of = {f.tracking_uid: f.label for f in result.findings}
-        if set(fin_types.values()) <= set(ai_types.values()):  # the same kinds of finding: judged per kind
-            findings: list[FindingVerdict] = []
-            dice_parts = []
-            for code in dict.fromkeys(ai_types.values()):  # the AI's segments of one kind (one per finding) together
-                ai_cols = [list(ai_types).index(m) for m, c in ai_types.items() if c == code]
-                a = np.asarray(ai_px[..., ai_cols].any(axis=-1))
-                cols = [list(fin_types).index(m) for m, c in fin_types.items() if c == code]
-                f = np.asarray(fin_px[..., cols].any(axis=-1)) if cols else np.zeros_like(a)
-                first = next(m for m, c in ai_types.items() if c == code)
-                uid = str(ours.get_segment_description(first).get("TrackingUID", ""))
-                j = judge_masks(a, f, spacing, accept_dice=self.config.accept_dice, label=int(label_of.get(uid, 1)))
-                findings.extend(j.findings)
-                dice_parts.append((a, f))
-            a_all = np.asarray(np.any([p[0] for p in dice_parts], axis=0))
-            f_all = np.asarray(np.any([p[1] for p in dice_parts], axis=0))
-            whole = judge_masks(a_all, f_all, spacing, accept_dice=self.config.accept_dice)
-            judgement = Judgement(findings, "", whole.case_dice)
-            judgement.study_verdict = study_verdict(judgement.counts())
-            return judgement
-        return judge_masks(np.asarray(ai_px.any(axis=-1)), np.asarray(fin_px.any(axis=-1)), spacing,
-                           accept_dice=self.config.accept_dice)
+            raise ValueError(f"job {job.id} kept no regions of its findings (an earlier release) and its SEG is no "
+                             "longer on disk (retention): the edit cannot be compared")
+        files = self.series.files(job.series_uid)
+        if not files:
+            raise ValueError(f"job {job.id} kept no regions of its findings (an earlier release) and its source "
+                             "series is no longer in the spool (retention)")
+        from node.imaging.volume import load_series
 
-    @staticmethod
-    def _pixels(seg: Any, uids: list[str]) -> np.ndarray:
-        """``[k, j, i, segment]`` booleans on the source images ``uids`` (slices without frames are empty)."""
-        px = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=seg.get_segment_numbers(),
-                                               assert_missing_frames_are_empty=True)
-        return np.asarray(px) > 0
+        grid = Grid.of_volume(load_series(files))
+        ours = read_seg(dcmread(ours_path), grid)
+        regions = []
+        for n, mask in sorted(ours.masks.items()):
+            box = ndimage.find_objects(mask.astype(np.uint8))[0]
+            if box is None:
+                continue
+            seg = ours.segments.get(n)
+            regions.append(Region(n, int(next((f.label for f in result.findings if f.number == n), 1)),
+                                  seg.tracking_uid if seg else None, tuple(b.start for b in box),  # type: ignore[arg-type]
+                                  mask[box].copy(), seg.type_code if seg else ""))
+        return AIRegions(grid, regions)
 
     # --- SR and KO ----------------------------------------------------------------------------------
 

@@ -22,8 +22,9 @@ import numpy as np
 from scipy import ndimage
 
 from node.evaluate.metrics import dice_score
+from node.verdicts.regions import AIRegions, FinalSegmentation
 
-__all__ = ["FindingVerdict", "Judgement", "judge_masks", "study_verdict"]
+__all__ = ["FindingVerdict", "Judgement", "judge_masks", "judge_regions", "study_verdict"]
 
 _STRUCTURE = np.ones((3, 3, 3), dtype=bool)
 
@@ -51,6 +52,8 @@ class Judgement:
     findings: list[FindingVerdict]
     study_verdict: str
     case_dice: float | None
+    #: how the final objects were matched to the AI findings (a SEG: "tracking UID", "segment type", ...)
+    matched_by: str = ""
 
     def counts(self) -> dict[str, int]:
         out = {"accepted": 0, "edited": 0, "rejected": 0, "added": 0}
@@ -118,4 +121,87 @@ def judge_masks(ai: np.ndarray, final: np.ndarray, spacing_kji: tuple[float, flo
             out.append(FindingVerdict(None, label, "added", final_volume_mm3=round(f_vol, 2)))
     result = Judgement(out, "", round(dice_score(ai, final), 4) if (ai.any() or final.any()) else None)
     result.study_verdict = study_verdict(result.counts())
+    return result
+
+
+def _final_groups(ai: AIRegions, final: FinalSegmentation) -> tuple[dict[int, np.ndarray], str]:
+    """Which of the final SEG's segments each AI finding is compared with, and how that was decided.
+
+    By tracking UID when the final SEG keeps the AI's (the viewer carried the identity over); by property type
+    when the AI made several kinds of finding (organs) and the final segments keep their types; otherwise every
+    final segment (viewers that re-code what they save: OHIF stores every segment as "Tissue")."""
+    shape = ai.grid.shape
+    uids = {s.tracking_uid: n for n, s in final.segments.items() if s.tracking_uid}
+    ai_uids = {r.tracking_uid for r in ai.regions if r.tracking_uid}
+    if ai_uids & set(uids):
+        return ({r.number: final.masks.get(uids[r.tracking_uid], np.zeros(shape, dtype=bool))
+                 if r.tracking_uid in uids else np.zeros(shape, dtype=bool) for r in ai.regions}, "tracking UID")
+    ai_types = {r.type_code for r in ai.regions if r.type_code}
+    fin_types = {final.segments[n].type_code for n in final.masks if n in final.segments}
+    if len(ai_types) > 1 and fin_types and fin_types <= ai_types:
+        by_type: dict[str, np.ndarray] = {}
+        for n, m in final.masks.items():
+            code = final.segments[n].type_code if n in final.segments else ""
+            by_type[code] = by_type[code] | m if code in by_type else m.copy()
+        return ({r.number: by_type.get(r.type_code or "", np.zeros(shape, dtype=bool)) for r in ai.regions},
+                "segment type")
+    everything = final.union(shape)
+    return {r.number: everything for r in ai.regions}, "all segments"
+
+
+def judge_regions(ai: AIRegions, final: FinalSegmentation, *, accept_dice: float = 0.9) -> Judgement:
+    """Classify every AI finding (numbered as in the AI result, its identity kept) against a final SEG placed on
+    the same grid (:func:`node.verdicts.regions.read_seg`); final regions touching no AI finding are added."""
+    shape = ai.grid.shape
+    spacing = ai.grid.spacing_kji
+    voxel = float(np.prod(spacing))
+    groups, how = _final_groups(ai, final)
+    labelled: dict[int, tuple[np.ndarray, np.ndarray, list[Any]]] = {}  # id(mask) -> components, sizes, boxes
+    out: list[FindingVerdict] = []
+    for r in ai.regions:
+        cand = groups[r.number]
+        key = id(cand)
+        if key not in labelled:
+            comp, n = ndimage.label(cand, structure=_STRUCTURE)
+            labelled[key] = (comp, np.bincount(comp.ravel(), minlength=n + 1), ndimage.find_objects(comp))
+        comp, sizes, boxes = labelled[key]
+        k0, j0, i0 = r.offset
+        d, h, w = r.mask.shape
+        box = (slice(k0, k0 + d), slice(j0, j0 + h), slice(i0, i0 + w))
+        a_vox = int(r.mask.sum())
+        a_vol = a_vox * voxel
+        hits = [int(v) for v in np.unique(comp[box][r.mask]) if v]
+        if not hits:
+            out.append(FindingVerdict(r.number, r.label, "rejected", dice=0.0, ai_volume_mm3=round(a_vol, 2)))
+            continue
+        inter = int((np.isin(comp[box], hits) & r.mask).sum())
+        f_vox = int(sizes[hits].sum())
+        dice = 2.0 * inter / (a_vox + f_vox) if a_vox + f_vox else 1.0
+        f_vol = f_vox * voxel
+        outcome = "accepted" if dice >= accept_dice else "edited"
+        diam = None
+        if outcome == "edited":  # the diameters on the union of the boxes of both
+            parts = [boxes[h - 1] for h in hits] + [box]
+            span = tuple(slice(min(p[ax].start for p in parts), max(p[ax].stop for p in parts)) for ax in range(3))
+            region = np.isin(comp[span], hits)
+            whole = np.zeros(region.shape, dtype=bool)
+            whole[tuple(slice(b.start - s.start, b.stop - s.start) for b, s in zip(box, span, strict=True))] = r.mask
+            diam = round(_diameter_mm(region, spacing) - _diameter_mm(whole, spacing), 2)
+        out.append(FindingVerdict(r.number, r.label, outcome, dice=round(dice, 4), ai_volume_mm3=round(a_vol, 2),
+                                  final_volume_mm3=round(f_vol, 2),
+                                  volume_change_pct=None if a_vol == 0 else round(100.0 * (f_vol - a_vol) / a_vol, 2),
+                                  diameter_change_mm=diam))
+    ai_any = ai.union()
+    final_any = final.union(shape)
+    comp, n = ndimage.label(final_any, structure=_STRUCTURE)
+    if n:
+        touched = set(np.unique(comp[ai_any]).tolist())
+        sizes = np.bincount(comp.ravel(), minlength=n + 1)
+        for idx in range(1, n + 1):
+            if idx not in touched:
+                out.append(FindingVerdict(None, 0, "added", final_volume_mm3=round(float(sizes[idx]) * voxel, 2)))
+    case = round(dice_score(ai_any, final_any), 4) if (ai_any.any() or final_any.any()) else None
+    result = Judgement(out, "", case)
+    result.study_verdict = study_verdict(result.counts())
+    result.matched_by = how
     return result

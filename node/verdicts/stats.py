@@ -1,7 +1,8 @@
 """Agreement between the models and the radiologists over time, and drift alerts.
 
-Computed from the latest verdict of each judged result (a later verdict on the same result replaces an
-earlier one). Rates carry a 95 % Wilson interval, means a 95 % t interval.
+Computed from every verdict on each judged result, merged finding by finding (``store.merge_evidence``: a
+SEG's outline is not undone by a later signed SR; an SR that drops a finding rejects it). Rates carry a 95 %
+Wilson interval, means a 95 % t interval.
 
 Alerts (per model and version):
 - ``acceptance_floor``: acceptance over the last ``alert_window`` judged studies below the floor;
@@ -66,7 +67,7 @@ def _summary(rows: list[dict[str, Any]], store: VerdictStore) -> dict[str, Any]:
     lo, hi = wilson(acc, n_ai)
     rej_mean, rej_lo, rej_hi = mean_ci([float(r["rejected"]) for r in rows])
     add_mean, add_lo, add_hi = mean_ci([float(r["added"]) for r in rows])
-    dice_mean, dice_lo, dice_hi = mean_ci(store.edit_dice([r["id"] for r in rows]))
+    dice_mean, dice_lo, dice_hi = mean_ci([d for r in rows for d in r["edit_dice"]])
     times = [r["time_to_verdict_s"] for r in rows if r["time_to_verdict_s"] is not None]
     return {
         "studies": len(rows), "ai_findings": n_ai, "accepted": acc, "edited": edited,
@@ -79,13 +80,15 @@ def _summary(rows: list[dict[str, Any]], store: VerdictStore) -> dict[str, Any]:
     }
 
 
-def agreement(store: VerdictStore, *, by: str = "version", model: str | None = None) -> list[dict[str, Any]]:
+def agreement(store: VerdictStore, *, by: str = "version", model: str | None = None,
+              window: int | None = None) -> list[dict[str, Any]]:
     """One row per model and version (``by="version"``), per model and scanner (``"scanner"``) or per
-    model, version and ISO week (``"week"``, for trends)."""
+    model, version and ISO week (``"week"``, for trends); ``window``: only each group's last ``window`` judged
+    studies (the gauges, over the alert window)."""
     import time
 
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
-    for r in store.latest_per_job(model=model):
+    for r in store.merged_per_job(model=model):
         if by == "scanner":
             key: tuple[str, ...] = (r["model"], r["scanner"])
         elif by == "week":
@@ -95,7 +98,8 @@ def agreement(store: VerdictStore, *, by: str = "version", model: str | None = N
         groups[key].append(r)
     names = {"version": ("model", "model_version"), "scanner": ("model", "scanner"),
              "week": ("model", "model_version", "week")}[by]
-    return [{**dict(zip(names, key, strict=True)), **_summary(rows, store)} for key, rows in sorted(groups.items())]
+    return [{**dict(zip(names, key, strict=True)), **_summary(rows[-window:] if window else rows, store)}
+            for key, rows in sorted(groups.items())]
 
 
 def _two_proportion_p(k1: int, n1: int, k2: int, n2: int) -> float:
@@ -131,7 +135,7 @@ def alerts(store: VerdictStore, jobs: JobStore, config: VerdictsConfig) -> list[
     """The drift alerts that hold now (see the module doc), most severe first."""
     out: list[dict[str, Any]] = []
     by_version: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for r in store.latest_per_job():
+    for r in store.merged_per_job():
         by_version[(r["model"], r["model_version"])].append(r)
     for (model, version), rows in sorted(by_version.items()):
         recent = rows[-config.alert_window:]

@@ -18,9 +18,12 @@ from typing import Any
 
 from node.store.audit import append_event
 from node.store.db import Database, Filter
-from node.verdicts.judge import Judgement
+from node.verdicts.judge import Judgement, study_verdict
 
-__all__ = ["VerdictRecord", "VerdictStore", "hash_observer"]
+__all__ = ["GEOMETRIC", "VerdictRecord", "VerdictStore", "hash_observer", "merge_evidence"]
+
+#: verdict sources that say where a finding is (a final segmentation), not only whether it was kept
+GEOMETRIC = frozenset({"seg"})
 
 #: the verdict tables, owned here (created when the store opens a database)
 SCHEMA = """
@@ -62,11 +65,49 @@ CREATE TABLE IF NOT EXISTS finding_verdicts (
     note TEXT
 );
 CREATE INDEX IF NOT EXISTS finding_verdicts_verdict ON finding_verdicts(verdict_id);
+CREATE TABLE IF NOT EXISTS verdicts_not_judged (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    object_uid TEXT NOT NULL UNIQUE,
+    sop_class TEXT NOT NULL DEFAULT '',
+    series_uid TEXT NOT NULL DEFAULT '',
+    study_uid TEXT NOT NULL DEFAULT '',
+    reason TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
 """
 
 EXPORT_COLUMNS = ("id", "job_id", "source", "object_uid", "study_uid", "series_uid", "model", "model_version",
                   "observer", "study_verdict", "n_ai", "accepted", "edited", "rejected", "added", "case_dice",
                   "received_at", "time_to_verdict_s", "scanner")
+
+
+def merge_evidence(verdicts: list[tuple[str, list[dict[str, Any]]]]) -> dict[str, Any]:
+    """Every verdict on one AI result (oldest first: source, its finding rows) merged into one outcome per
+    finding, the evidence rules of docs/closing-the-loop.md:
+
+    - a verdict with geometric evidence (a final SEG) sets a finding's outcome; a later one replaces it;
+    - a verdict without it (a signed SR, a rejection note, an HTTP statement) sets the outcome of findings no
+      SEG judged, and overrides a SEG's outcome only to reject (an SR signed without the finding, a clinical
+      rejection note): it never turns a SEG's edit or rejection into an acceptance;
+    - added findings: the most any one verdict added (the same misses seen in a SEG and in an SR count once).
+
+    Returns ``{"findings": {key: row}, "added": n}``, ``key`` the finding's number (``"class"`` for a
+    classification's class verdict)."""
+    findings: dict[Any, dict[str, Any]] = {}
+    geometric: set[Any] = set()
+    added = 0
+    for source, rows in verdicts:
+        added = max(added, sum(1 for r in rows if r["outcome"] == "added"))
+        for r in rows:
+            if r["outcome"] == "added":
+                continue
+            key = r["finding"] if r["finding"] is not None else "class"
+            if source in GEOMETRIC:
+                findings[key] = r
+                geometric.add(key)
+            elif key not in geometric or r["outcome"] == "rejected":
+                findings[key] = r
+    return {"findings": findings, "added": added}
 
 
 def hash_observer(name: str, salt: str) -> str:
@@ -136,6 +177,25 @@ class VerdictStore:
                          series_uid=v.series_uid, job_id=v.job_id, actor=v.observer, now=now)
         return vid, True
 
+    def record_not_judged(self, *, object_uid: str, reason: str, sop_class: str = "", series_uid: str = "",
+                          study_uid: str = "", now: float | None = None) -> bool:
+        """An object that came back for a result and could not be judged (why, in words), kept for the API, the
+        dashboard and the audit trail (``verdict.not_judged``); once per object. Returns whether it was new."""
+        now = time.time() if now is None else now
+        with self.db.tx() as c:
+            cur = c.execute("INSERT OR IGNORE INTO verdicts_not_judged (object_uid, sop_class, series_uid, study_uid, "
+                            "reason, received_at) VALUES (?,?,?,?,?,?)",
+                            (object_uid, sop_class, series_uid, study_uid, reason[:1000], now))
+            if not cur.rowcount:
+                return False
+            append_event(c, "verdict.not_judged", {"object_uid": object_uid, "sop_class": sop_class,
+                                                   "reason": reason[:1000]}, series_uid=series_uid or None, now=now)
+        return True
+
+    def not_judged(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Objects not judged, newest first."""
+        return [dict(r) for r in self.db.query("SELECT * FROM verdicts_not_judged ORDER BY id DESC LIMIT ?", (limit,))]
+
     def rows(self, *, model: str | None = None, job_id: int | None = None, since: float | None = None,
              limit: int = 10000) -> list[dict[str, Any]]:
         f = Filter().eq("model", model).eq("job_id", job_id).ge("received_at", since)
@@ -146,25 +206,41 @@ class VerdictStore:
         """The last ``n`` verdicts, newest first."""
         return [dict(r) for r in self.db.query("SELECT * FROM verdicts ORDER BY id DESC LIMIT ?", (n,))]
 
-    def latest_per_job(self, *, model: str | None = None) -> list[dict[str, Any]]:
-        """The latest verdict of each judged job (a later verdict on the same result replaces an earlier one)."""
-        f = Filter().eq("model", model)
-        rows = self.db.query(
-            f"SELECT * FROM verdicts{f.sql()} {'AND' if f.params else 'WHERE'} id IN "
-            "(SELECT MAX(id) FROM verdicts GROUP BY job_id) ORDER BY received_at, id", tuple(f.params))
-        return [dict(r) for r in rows]
+    def merged_per_job(self, *, model: str | None = None) -> list[dict[str, Any]]:
+        """One row per judged job: every verdict on its result merged finding by finding (:func:`merge_evidence`),
+        with the counts, the study verdict, the edited findings' Dice (``edit_dice``) and the latest verdict's
+        model version, scanner and time; ordered by that time."""
+        f = Filter().eq("v.model", model)
+        rows = [dict(r) for r in self.db.query(f"SELECT v.* FROM verdicts v{f.sql()} ORDER BY v.id", tuple(f.params))]
+        if not rows:
+            return []
+        per_verdict: dict[int, list[dict[str, Any]]] = {}
+        for fv in self.db.query(f"SELECT fv.* FROM finding_verdicts fv JOIN verdicts v ON v.id = fv.verdict_id"
+                                f"{f.sql()} ORDER BY fv.rowid", tuple(f.params)):
+            per_verdict.setdefault(int(fv["verdict_id"]), []).append(dict(fv))
+        by_job: dict[int, list[dict[str, Any]]] = {}
+        for r in rows:
+            by_job.setdefault(int(r["job_id"]), []).append(r)
+        out = []
+        for verdicts in by_job.values():
+            latest = verdicts[-1]
+            merged = merge_evidence([(v["source"], per_verdict.get(int(v["id"]), [])) for v in verdicts])
+            counts = {"accepted": 0, "edited": 0, "rejected": 0, "added": merged["added"]}
+            for fv in merged["findings"].values():
+                counts[fv["outcome"]] += 1
+            first_time = next((v["time_to_verdict_s"] for v in verdicts if v["time_to_verdict_s"] is not None), None)
+            out.append({**latest, **counts, "n_ai": counts["accepted"] + counts["edited"] + counts["rejected"],
+                        "study_verdict": study_verdict(counts), "time_to_verdict_s": first_time,
+                        "verdicts": [int(v["id"]) for v in verdicts], "sources": [v["source"] for v in verdicts],
+                        "edit_dice": [float(fv["dice"]) for fv in merged["findings"].values()
+                                      if fv["outcome"] == "edited" and fv.get("dice") is not None],
+                        "case_dice": next((v["case_dice"] for v in reversed(verdicts) if v["source"] == "seg"),
+                                          latest["case_dice"])})
+        return sorted(out, key=lambda r: (r["received_at"], r["id"]))
 
     def findings(self, verdict_id: int) -> list[dict[str, Any]]:
         return [dict(r) for r in self.db.query("SELECT * FROM finding_verdicts WHERE verdict_id = ? ORDER BY rowid",
                                                (verdict_id,))]
-
-    def edit_dice(self, verdict_ids: list[int]) -> list[float]:
-        if not verdict_ids:
-            return []
-        marks = ",".join("?" * len(verdict_ids))
-        rows = self.db.query(f"SELECT dice FROM finding_verdicts WHERE outcome = 'edited' AND verdict_id IN ({marks})",
-                             tuple(verdict_ids))
-        return [float(r[0]) for r in rows if r[0] is not None]
 
     def export(self, fmt: str = "json", **filters: Any) -> str:
         """Every verdict with its findings (JSON) or one row per verdict (CSV)."""

@@ -289,6 +289,11 @@ def create_app(node: NodeView) -> FastAPI:
         text = node.verdicts.export(format, model=model)
         return Response(text, media_type="text/csv" if format == "csv" else "application/json")
 
+    @app.get("/api/verdicts/not-judged", tags=["verdicts"], dependencies=reads)
+    def verdicts_not_judged(limit: Annotated[int, Query(ge=1, le=5000)] = 100) -> list[dict[str, Any]]:
+        """Objects that came back for a result and could not be judged, with the reason, newest first."""
+        return node.verdicts.not_judged(limit)
+
     @app.get("/api/agreement", tags=["verdicts"], dependencies=reads)
     def get_agreement(by: Annotated[str, Query(pattern="^(version|scanner|week)$")] = "version",
                       model: str | None = None) -> list[dict[str, Any]]:

@@ -132,4 +132,4 @@ def render_dashboard(node: NodeView, now: float) -> str:
         previews=[j for j in jobs if j.state.value == "done" and j.result and j.result.files.get("preview")][:4],
         targets=_targets(node, node.store.list_jobs(limit=500)),
         agreement=agree, verdict_alerts=verdict_alerts, by_scanner=agreement(node.verdicts, by="scanner"),
-        verdicts=node.verdicts.recent(20), pct=_pct, num=_num)
+        verdicts=node.verdicts.recent(20), not_judged=node.verdicts.not_judged(10), pct=_pct, num=_num)
