@@ -195,3 +195,86 @@ def test_20_kills_during_receive_leave_no_partial_result(tmp_path: Path, small_s
         if proc is not None and proc.poll() is None:
             proc.terminate()
             proc.wait(30)
+
+
+@pytest.mark.slow  # 21 node starts: about 3 min on 2 cores
+@pytest.mark.timeout(1200)
+def test_20_kills_during_verdict_intake_record_each_verdict_once(tmp_path: Path, small_series: Path) -> None:
+    """Issue 28: the node killed at random points of verdict intake (while a radiologist's SEG or signed SR is
+    received, waits for its series to be stable, is handed over or examined), restarted, the PACS re-sending
+    what it did not see acknowledged: every verdict is recorded exactly once, none lost, none twice."""
+    import random
+    import threading
+
+    from pydicom import dcmread
+    from pydicom.uid import generate_uid
+
+    from tests.radiologist import edited_seg, verified_sr
+
+    port = free_port()
+    data = tmp_path / "data"
+    cfg = tmp_path / "node.toml"
+    sink = StoreSink(tmp_path / "pacs", ae_title="SINK")  # the PACS: a signed SR cites the node's SR it received
+    cfg.write_text(node_toml(data, port, stable=1.0, sink_port=sink.port))
+    log = tmp_path / "node.log"
+    db = data / "node.db"
+    rng = random.Random(2028)
+    trials = 20
+    proc = _serve(cfg, log)
+    try:
+        wait_for(lambda: echo(ae_title="PREANNOT", host="127.0.0.1", port=port, calling_ae="TESTSCU", timeout=1), 60,
+                 what="the node to listen")
+        files = sorted(small_series.glob("*.dcm"))
+        assert all(o.ok for o in send_files([str(p) for p in files], ae_title="PREANNOT", host="127.0.0.1", port=port,
+                                            calling_ae="TESTSCU"))
+        wait_for(lambda: _q(db, "SELECT COUNT(*) FROM jobs WHERE state = 'done'") == [(1,)], 180, what="the job")
+        wait_for(lambda: _q(db, "SELECT COUNT(*) FROM outbox WHERE state = 'sent'") == [(2,)], 60, what="SEG + SR sent")
+        result = json.loads(_q(db, "SELECT result FROM jobs")[0][0])
+        our_seg, our_sr = Path(result["files"]["seg"]), Path(result["files"]["sr"])
+        sources = sorted((dcmread(p) for p in files), key=lambda d: float(d.ImagePositionPatient[2]))
+        out = tmp_path / "radiologist"
+        out.mkdir()
+        edited, _, _ = edited_seg(our_seg, sources, out)
+        objects: list[Path] = []
+        for k in range(trials):  # every other one a SEG (examined for a while), the others signed SRs
+            if k % 2:
+                objects.append(verified_sr(our_sr, out, name=f"sr{k}.dcm"))
+                continue
+            ds = dcmread(edited)
+            ds.SeriesInstanceUID = generate_uid()
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.save_as(out / f"seg{k}.dcm")
+            objects.append(out / f"seg{k}.dcm")
+        uids = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in objects}
+        unacknowledged = 0
+        for obj in objects:
+            outcomes: list[Any] = []
+            sender = threading.Thread(target=lambda obj=obj, into=outcomes: into.extend(send_files(
+                [str(obj)], ae_title="PREANNOT", host="127.0.0.1", port=port, calling_ae="TESTSCU", timeout=5)))
+            sender.start()
+            time.sleep(rng.uniform(0.02, 3.0))  # receive, quiet period, hand-over, examination
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            sender.join(30)
+            proc = _serve(cfg, log)
+            wait_for(lambda: echo(ae_title="PREANNOT", host="127.0.0.1", port=port, calling_ae="TESTSCU", timeout=1),
+                     60, what="the node to listen again")
+            if not (outcomes and outcomes[0].ok):  # the PACS re-sends what was not acknowledged
+                unacknowledged += 1
+                assert all(o.ok for o in send_files([str(obj)], ae_title="PREANNOT", host="127.0.0.1", port=port,
+                                                    calling_ae="TESTSCU"))
+        wait_for(lambda: _q(db, "SELECT COUNT(*) FROM verdicts") == [(trials,)], 180, what="every verdict recorded")
+        time.sleep(3)  # anything examined twice would show now
+        rows = _q(db, "SELECT object_uid, source FROM verdicts")
+        assert len(rows) == trials and {r[0] for r in rows} == uids, rows
+        assert sorted(r[1] for r in rows) == ["seg"] * (trials // 2) + ["sr"] * (trials // 2)
+        events = _q(db, "SELECT COUNT(*) FROM events WHERE kind = 'verdict.recorded'")[0][0]
+        assert events == trials
+        assert _q(db, "SELECT COUNT(*) FROM verdicts_not_judged") == [(0,)]
+        report("kill9_during_verdict_intake", kills=trials, resent_unacknowledged=unacknowledged, verdicts=len(rows),
+               lost=0, duplicates=0)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(30)
+        sink.stop()
