@@ -13,7 +13,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import generate_uid
 from scipy import ndimage
 
-__all__ = ["blob", "edited_seg", "rejection", "verified_sr"]
+__all__ = ["assessment_sr", "blob", "edited_seg", "rejection", "verified_sr"]
 
 
 def blob(shape: tuple[int, int, int], centre: tuple[int, int, int], r: int) -> np.ndarray:
@@ -97,4 +97,74 @@ def rejection(our_seg: Path, our_sr: Path, out: Path, *, title: tuple[str, str] 
         manufacturer="PACS", institution_name="Hospital", institutional_department_name="Radiology")
     path = out / f"rejection-{title[0]}.dcm"
     ko.save_as(path)
+    return path
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    c = Dataset()
+    c.CodeValue, c.CodingSchemeDesignator, c.CodeMeaning = value, scheme, meaning
+    return c
+
+
+def assessment_sr(our_sr: Path, out: Path, outcomes: dict[str | None, str], *, name: str = "assessment.dcm") -> Path:
+    """An assessment of the AI result as an AI Result Assessment creator would write it: an SR citing the AI's SR,
+    with one container per assessed finding (its Tracking UID and a coded assessment: "Accepted", "Modified",
+    "Rejected"), or a coded assessment of the whole result (key None). Private codes: the node reads meanings."""
+    ai = dcmread(our_sr)
+    ds = Dataset()
+    for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
+               "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName"):
+        if kw in ai:
+            setattr(ds, kw, getattr(ai, kw))
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.22"  # Enhanced SR
+    ds.SOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "SR", 402, 1
+    ds.Manufacturer = "Assessment workstation"
+    ds.ContentDate, ds.ContentTime = "20261205", "120000"
+    ds.CompletionFlag, ds.VerificationFlag = "COMPLETE", "UNVERIFIED"
+    ref = Dataset()
+    ref.StudyInstanceUID = ai.StudyInstanceUID
+    series = Dataset()
+    series.SeriesInstanceUID = ai.SeriesInstanceUID
+    sop = Dataset()
+    sop.ReferencedSOPClassUID, sop.ReferencedSOPInstanceUID = ai.SOPClassUID, ai.SOPInstanceUID
+    series.ReferencedSOPSequence = DicomSequence([sop])
+    ref.ReferencedSeriesSequence = DicomSequence([series])
+    ds.CurrentRequestedProcedureEvidenceSequence = DicomSequence([ref])
+    ds.ValueType = "CONTAINER"
+    ds.ContinuityOfContent = "SEPARATE"
+    ds.ConceptNameCodeSequence = DicomSequence([_code("AIRA1", "99PREANNOT", "AI Result Assessment")])
+    meaning = {"accepted": "Accepted", "edited": "Modified", "rejected": "Rejected"}
+
+    def assessment(outcome: str) -> Dataset:
+        item = Dataset()
+        item.RelationshipType, item.ValueType = "CONTAINS", "CODE"
+        item.ConceptNameCodeSequence = DicomSequence([_code("AIRA2", "99PREANNOT", "Assessment")])
+        item.ConceptCodeSequence = DicomSequence([_code(f"AIRA-{outcome}", "99PREANNOT", meaning[outcome])])
+        return item
+
+    items = []
+    for uid, outcome in outcomes.items():
+        if uid is None:
+            items.append(assessment(outcome))
+            continue
+        group = Dataset()
+        group.RelationshipType, group.ValueType, group.ContinuityOfContent = "CONTAINS", "CONTAINER", "SEPARATE"
+        group.ConceptNameCodeSequence = DicomSequence([_code("AIRA3", "99PREANNOT", "Assessed finding")])
+        track = Dataset()
+        track.RelationshipType, track.ValueType, track.UID = "CONTAINS", "UIDREF", uid
+        track.ConceptNameCodeSequence = DicomSequence([_code("112040", "DCM", "Tracking Unique Identifier")])
+        group.ContentSequence = DicomSequence([track, assessment(outcome)])
+        items.append(group)
+    ds.ContentSequence = DicomSequence(items)
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    path = out / name
+    ds.save_as(path, enforce_file_format=True)
     return path

@@ -216,3 +216,35 @@ def test_evidence_is_merged_per_finding_not_latest_wins() -> None:
     # without a SEG the latest statement counts
     assert outcome(("http", rows("accepted", "rejected")), ("sr", rows("accepted", "accepted"))) == (
         ["accepted", "accepted"], 0)
+
+
+def test_an_explicit_assessment_sr_judges_each_finding(make_node: Callable[..., Any], small_series: Path,
+                                                       tmp_path: Path) -> None:
+    """An assessment of the AI result (IHE AI Result Assessment): per finding by its tracking UID, or the whole."""
+    from node.devtools.sink import StoreSink
+    from tests.radiologist import assessment_sr
+
+    sink = StoreSink(tmp_path / "pacs", ae_title="SINK")
+    try:
+        node = make_node(sink_port=sink.port, stable=1.0)
+        _send(node, sorted(small_series.glob("*.dcm")))
+        wait_for(lambda: node.store.list_jobs(state=JobState.DONE), 120, what="the job")
+        job = node.store.list_jobs()[0]
+        assert job.result is not None and job.result.roi_count >= 3
+        found = job.result.findings
+        sr = Path(job.result.files["sr"])
+        out = tmp_path / "assess"
+        out.mkdir()
+        said = {found[0].tracking_uid: "rejected", found[1].tracking_uid: "edited",
+                **{f.tracking_uid: "accepted" for f in found[2:]}}
+        _send(node, [assessment_sr(sr, out, said)])
+        wait_for(lambda: node.verdicts.rows(), 60, what="the assessment's verdict")
+        v = node.verdicts.rows()[0]
+        assert v["source"] == "assessment" and v["job_id"] == job.id
+        outcomes = {f["finding"]: f["outcome"] for f in node.verdicts.findings(v["id"])}
+        assert outcomes == {f.number: said[f.tracking_uid] for f in found}
+        # the whole result rejected in one statement
+        lines = node.verdict_intake.examine_file(assessment_sr(sr, out, {None: "rejected"}, name="whole.dcm"))
+        assert f"0 accepted, 0 edited, {len(found)} rejected, 0 added" in lines[0], lines
+    finally:
+        sink.stop()

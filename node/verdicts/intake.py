@@ -131,6 +131,55 @@ def _has_findings(ds: Dataset) -> bool:
     return walk(ds.get("ContentSequence"))
 
 
+#: words of an assessment's coded value (its code meaning), checked in this order: a rejection first ("disagree"
+#: holds "agree"), then a modification, then an acceptance
+_ASSESSMENT_WORDS = (("rejected", ("reject", "disagree", "false positive", "not confirmed", "refute", "incorrect")),
+                     ("edited", ("modif", "edit", "adjust", "revis", "amend")),
+                     ("accepted", ("accept", "agree", "confirm", "true positive", "approve")))
+
+
+def _assessment_outcome(item: Dataset) -> str | None:
+    """accepted / edited / rejected from a CODE content item whose concept or value speaks of an assessment."""
+    if item.get("ValueType") != "CODE" or not item.get("ConceptCodeSequence"):
+        return None
+    name = item.get("ConceptNameCodeSequence")
+    concept = str(name[0].CodeMeaning).lower() if name else ""
+    value = str(item.ConceptCodeSequence[0].CodeMeaning).lower()
+    if not any(w in concept for w in ("assess", "verdict", "review", "agreement", "decision")):
+        return None
+    for outcome, words in _ASSESSMENT_WORDS:
+        if any(w in value for w in words):
+            return outcome
+    return None
+
+
+def _assessments(ds: Dataset) -> dict[str | None, str] | None:
+    """The assessments an SR states (IHE AI Result Assessment): tracking UID of the AI finding -> outcome, and
+    ``None`` -> outcome for an assessment of the whole result; None when the SR states no assessment.
+
+    Read wherever they sit in the content tree: a container holding a Tracking UID (112040) and a coded
+    assessment (a CODE item whose concept name speaks of an assessment, review, verdict or decision, and whose
+    value's meaning says accept / agree / confirm, modify / edit / adjust, or reject / disagree / false positive)
+    assesses that finding; a coded assessment outside any such container assesses the whole result."""
+    found: dict[str | None, str] = {}
+
+    def walk(items: Any) -> None:
+        for item in items or []:
+            children = item.get("ContentSequence") or []
+            uid = next((str(c.UID) for c in children if c.get("ValueType") == "UIDREF"
+                        and c.get("ConceptNameCodeSequence") and c.ConceptNameCodeSequence[0].CodeValue == "112040"),
+                       None)
+            outcome = next((o for c in children if (o := _assessment_outcome(c)) is not None), None)
+            if uid is not None and outcome is not None:
+                found[uid] = outcome
+            elif outcome is not None:
+                found.setdefault(None, outcome)
+            walk(children)
+
+    walk([ds])  # the document's root container first
+    return found or None
+
+
 class VerdictIntake:
     def __init__(self, config: VerdictsConfig, series: SeriesStore, jobs: JobStore, verdicts: VerdictStore) -> None:
         self.config = config
@@ -188,6 +237,10 @@ class VerdictIntake:
         if sop == KO_CLASS:
             return [self._record(job, "ko", ds, path, judgement, received) for job, judgement in self._judge_ko(ds)]
         if sop.startswith(SR_PREFIX):
+            assessed = _assessments(ds)
+            if assessed is not None:  # an explicit assessment of the AI result (IHE AIRA): the most direct route
+                return [self._record(job, "assessment", ds, path, judgement, received)
+                        for job, judgement in self._judge_assessment(ds, assessed)]
             return [self._record(job, "sr", ds, path, judgement, received) for job, judgement in self._judge_sr(ds)]
         return [f"{uid}: SOP class {sop} is not a verdict object"]
 
@@ -313,6 +366,34 @@ class VerdictIntake:
                 findings += [FindingVerdict(None, 0, "added") for u, name in ids.items() if name not in names]
             else:  # the document verified as a whole (no finding of its own: the AI's report signed as it is)
                 findings = self._findings_of(job, "accepted")
+            j = Judgement(findings, "", None)
+            j.study_verdict = study_verdict(j.counts())
+            yield job, j
+
+    def _judge_assessment(self, ds: Dataset, assessed: dict[str | None, str]) -> Iterator[tuple[Job, Judgement]]:
+        cited = _referenced_uids(ds, ("PredecessorDocumentsSequence", "IdenticalDocumentsSequence",
+                                      "CurrentRequestedProcedureEvidenceSequence", "ContentSequence"))
+        jobs = self.jobs.done_jobs_that_sent(cited)
+        if not jobs:
+            raise ValueError("the assessment references none of the node's SEGs or SRs")
+        for job in jobs:
+            stored = job.result.findings if job.result else ()
+            by_uid = {f.tracking_uid: f for f in stored if f.tracking_uid}
+            whole = assessed.get(None)
+            per_finding = {u: o for u, o in assessed.items() if u is not None}
+            unknown = [u for u in per_finding if u not in by_uid]
+            if unknown and not whole and len(unknown) == len(per_finding):
+                raise ValueError(f"the assessment's {len(unknown)} tracking UID(s) are none of job {job.id}'s findings")
+            findings: list[FindingVerdict] = []
+            for f in stored:
+                outcome = per_finding.get(f.tracking_uid or "", whole)
+                if outcome is None:
+                    continue  # not assessed: nothing said about it
+                findings.append(FindingVerdict(f.number, f.label, outcome, dice=1.0 if outcome == "accepted" else
+                                               None if outcome == "edited" else 0.0, ai_volume_mm3=f.volume_mm3,
+                                               note="assessed"))
+            if not findings:
+                raise ValueError(f"the assessment assesses none of job {job.id}'s findings")
             j = Judgement(findings, "", None)
             j.study_verdict = study_verdict(j.counts())
             yield job, j
