@@ -1,7 +1,8 @@
-"""Matching an AI segmentation with the radiologist's final one, finding by finding.
+"""Matching an AI result with the radiologist's final segmentation, finding by finding.
 
-A finding is a connected component (26-connectivity, as the node's ROIs) of the label map. Each AI
-finding is compared with the final components it overlaps:
+Each AI finding (a region kept with the job, numbered as in the AI's SR: :class:`~node.verdicts.regions.AIRegions`)
+is compared with the connected components (26-connectivity, as the node's ROIs) of the final segmentation it
+overlaps:
 
 - **accepted**: kept unchanged or nearly (Dice with those final components >= ``accept_dice``);
 - **edited**: kept but changed (overlap, Dice below the threshold): Dice, volume and diameter change;
@@ -22,7 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from node.evaluate.metrics import dice_score
-from node.verdicts.regions import AIRegions, FinalSegmentation
+from node.verdicts.regions import AIRegions, FinalSegmentation, Grid, Region
 
 __all__ = ["FindingVerdict", "Judgement", "judge_masks", "judge_regions", "study_verdict"]
 
@@ -84,45 +85,20 @@ def study_verdict(counts: dict[str, int]) -> str:
 
 def judge_masks(ai: np.ndarray, final: np.ndarray, spacing_kji: tuple[float, float, float], *,
                 accept_dice: float = 0.9, label: int = 1) -> Judgement:
-    """Classify every AI finding of ``ai`` against ``final`` (boolean masks on the same ``[k, j, i]`` grid)."""
+    """Classify every connected component of ``ai`` (numbered in raster order) against ``final`` (boolean masks on
+    the same ``[k, j, i]`` grid): :func:`judge_regions` for two bare masks (tests, offline comparisons)."""
     if ai.shape != final.shape:
         raise ValueError(f"the AI and final masks differ in shape: {ai.shape} vs {final.shape}")
-    ai, final = ai.astype(bool, copy=False), final.astype(bool, copy=False)
-    voxel = float(np.prod(spacing_kji))
-    ai_comp, n_ai = ndimage.label(ai, structure=_STRUCTURE)
-    fin_comp, n_fin = ndimage.label(final, structure=_STRUCTURE)
-    objects = ndimage.find_objects(ai_comp)
-    touched: set[int] = set()
-    out: list[FindingVerdict] = []
-    for idx in range(1, n_ai + 1):
-        box = objects[idx - 1]
-        assert box is not None
-        a = ai_comp[box] == idx
-        hits = {int(v) for v in np.unique(fin_comp[box][a]) if v}
-        a_vol = float(a.sum()) * voxel
-        if not hits:
-            out.append(FindingVerdict(idx, label, "rejected", dice=0.0, ai_volume_mm3=round(a_vol, 2)))
-            continue
-        touched |= hits
-        region = np.isin(fin_comp, list(hits))
-        whole = np.zeros(ai.shape, dtype=bool)
-        whole[box] = a
-        d = dice_score(whole, region)
-        f_vol = float(region.sum()) * voxel
-        outcome = "accepted" if d >= accept_dice else "edited"
-        change = None if a_vol == 0 else round(100.0 * (f_vol - a_vol) / a_vol, 2)
-        diam = round(_diameter_mm(region, spacing_kji) - _diameter_mm(whole, spacing_kji), 2)
-        out.append(FindingVerdict(idx, label, outcome, dice=round(d, 4), ai_volume_mm3=round(a_vol, 2),
-                                  final_volume_mm3=round(f_vol, 2), volume_change_pct=change,
-                                  diameter_change_mm=diam))
-    for idx in range(1, n_fin + 1):
-        if idx not in touched:
-            f_vol = float((fin_comp == idx).sum()) * voxel
-            out.append(FindingVerdict(None, label, "added", final_volume_mm3=round(f_vol, 2)))
-    result = Judgement(out, "", round(dice_score(ai, final), 4) if (ai.any() or final.any()) else None)
-    result.study_verdict = study_verdict(result.counts())
-    return result
-
+    comp, _ = ndimage.label(ai.astype(bool, copy=False), structure=_STRUCTURE)
+    regions = [Region(n, label, None, (box[0].start, box[1].start, box[2].start), comp[box] == n)
+               for n, box in enumerate(ndimage.find_objects(comp), start=1) if box is not None]
+    grid = Grid(frame_of_reference="", rows=ai.shape[1], columns=ai.shape[2], slices=[("", None)] * ai.shape[0],
+                positions=[None] * ai.shape[0], spacing_kji=spacing_kji)
+    out = judge_regions(AIRegions(grid, regions), FinalSegmentation({}, {1: final.astype(bool, copy=False)}),
+                        accept_dice=accept_dice)
+    for f in out.findings:
+        f.label = label
+    return out
 
 def _final_groups(ai: AIRegions, final: FinalSegmentation) -> tuple[dict[int, np.ndarray], str]:
     """Which of the final SEG's segments each AI finding is compared with, and how that was decided.
