@@ -310,7 +310,8 @@ class VerdictIntake:
         grid = Grid.of_volume(load_series(files))
         ours = read_seg(dcmread(ours_path), grid)
         regions = []
-        for n, mask in sorted(ours.masks.items()):
+        for n in ours.numbers:  # one segment's full mask at a time
+            mask = ours.mask([n])
             box = ndimage.find_objects(mask.astype(np.uint8))[0]
             if box is None:
                 continue

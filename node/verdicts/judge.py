@@ -94,8 +94,9 @@ def judge_masks(ai: np.ndarray, final: np.ndarray, spacing_kji: tuple[float, flo
                for n, box in enumerate(ndimage.find_objects(comp), start=1) if box is not None]
     grid = Grid(frame_of_reference="", rows=ai.shape[1], columns=ai.shape[2], slices=[("", None)] * ai.shape[0],
                 positions=[None] * ai.shape[0], spacing_kji=spacing_kji)
-    out = judge_regions(AIRegions(grid, regions), FinalSegmentation({}, {1: final.astype(bool, copy=False)}),
-                        accept_dice=accept_dice)
+    fin = final.astype(bool, copy=False)
+    final_seg = FinalSegmentation({}, {1: {k: fin[k] for k in range(fin.shape[0]) if fin[k].any()}}, ai.shape)
+    out = judge_regions(AIRegions(grid, regions), final_seg, accept_dice=accept_dice)
     for f in out.findings:
         f.label = label
     return out
@@ -110,25 +111,25 @@ def _final_groups(ai: AIRegions, final: FinalSegmentation) -> tuple[dict[int, np
     uids = {s.tracking_uid: n for n, s in final.segments.items() if s.tracking_uid}
     ai_uids = {r.tracking_uid for r in ai.regions if r.tracking_uid}
     if ai_uids & set(uids):
-        return ({r.number: final.masks.get(uids[r.tracking_uid], np.zeros(shape, dtype=bool))
-                 if r.tracking_uid in uids else np.zeros(shape, dtype=bool) for r in ai.regions}, "tracking UID")
+        empty = np.zeros(shape, dtype=bool)
+        return ({r.number: final.mask([uids[r.tracking_uid]]) if r.tracking_uid in uids else empty
+                 for r in ai.regions}, "tracking UID")
     ai_types = {r.type_code for r in ai.regions if r.type_code}
-    fin_types = {final.segments[n].type_code for n in final.masks if n in final.segments}
+    fin_types = {final.segments[n].type_code for n in final.numbers if n in final.segments}
     if len(ai_types) > 1 and fin_types and fin_types <= ai_types:
-        by_type: dict[str, np.ndarray] = {}
-        for n, m in final.masks.items():
-            code = final.segments[n].type_code if n in final.segments else ""
-            by_type[code] = by_type[code] | m if code in by_type else m.copy()
-        return ({r.number: by_type.get(r.type_code or "", np.zeros(shape, dtype=bool)) for r in ai.regions},
-                "segment type")
-    everything = final.union(shape)
+        by_type: dict[str, list[int]] = {}
+        for n in final.numbers:
+            by_type.setdefault(final.segments[n].type_code if n in final.segments else "", []).append(n)
+        masks = {code: final.mask(numbers) for code, numbers in by_type.items()}
+        empty = np.zeros(shape, dtype=bool)
+        return {r.number: masks.get(r.type_code or "", empty) for r in ai.regions}, "segment type"
+    everything = final.mask()
     return {r.number: everything for r in ai.regions}, "all segments"
 
 
 def judge_regions(ai: AIRegions, final: FinalSegmentation, *, accept_dice: float = 0.9) -> Judgement:
     """Classify every AI finding (numbered as in the AI result, its identity kept) against a final SEG placed on
     the same grid (:func:`node.verdicts.regions.read_seg`); final regions touching no AI finding are added."""
-    shape = ai.grid.shape
     spacing = ai.grid.spacing_kji
     voxel = float(np.prod(spacing))
     groups, how = _final_groups(ai, final)
@@ -168,7 +169,7 @@ def judge_regions(ai: AIRegions, final: FinalSegmentation, *, accept_dice: float
                                   volume_change_pct=None if a_vol == 0 else round(100.0 * (f_vol - a_vol) / a_vol, 2),
                                   diameter_change_mm=diam))
     ai_any = ai.union()
-    final_any = final.union(shape)
+    final_any = final.mask()
     comp, n = ndimage.label(final_any, structure=_STRUCTURE)
     if n:
         touched = set(np.unique(comp[ai_any]).tolist())

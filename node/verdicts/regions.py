@@ -171,19 +171,28 @@ class FinalSegment:
 
 @dataclass
 class FinalSegmentation:
-    """A returned SEG placed on the AI result's grid: one boolean mask per segment number found in its frames."""
+    """A returned SEG placed on the AI result's grid: per segment number found in its frames, its 2D masks by slice
+    ``k`` (sparse: a SEG of many segments over a large series never holds a full volume per segment)."""
 
     segments: dict[int, FinalSegment]
-    masks: dict[int, np.ndarray]
+    #: segment number -> {slice k: [j, i] boolean mask}
+    frames: dict[int, dict[int, np.ndarray]]
+    shape: tuple[int, int, int]
     #: frames placed by position because they reference no source image of the grid
     placed_by_position: int = 0
 
-    def union(self, shape: tuple[int, int, int]) -> np.ndarray:
-        out = np.zeros(shape, dtype=bool)
-        for m in self.masks.values():
-            out |= m
-        return out
+    @property
+    def numbers(self) -> list[int]:
+        """The segment numbers that have content (frames may cite numbers the segment list lacks)."""
+        return sorted(self.frames)
 
+    def mask(self, numbers: list[int] | None = None) -> np.ndarray:
+        """The union of the given segments (all when None) on the grid, ``[k, j, i]`` booleans."""
+        out = np.zeros(self.shape, dtype=bool)
+        for n in self.numbers if numbers is None else numbers:
+            for k, m in self.frames.get(n, {}).items():
+                out[k] |= m
+        return out
 
 def _seq_first(ds: Dataset, keyword: str) -> Dataset | None:
     seq = ds.get(keyword)
@@ -222,6 +231,13 @@ def _segments(ds: Dataset) -> dict[int, FinalSegment]:
     return out
 
 
+def _add(frames: dict[int, dict[int, np.ndarray]], number: int, k: int, mask: np.ndarray) -> None:
+    if not mask.any():
+        return
+    per = frames.setdefault(number, {})
+    per[k] = per[k] | mask if k in per else mask.astype(bool, copy=True)
+
+
 def read_seg(ds: Dataset, grid: Grid) -> FinalSegmentation:
     """Place every frame of the SEG ``ds`` on ``grid`` (see the module doc); raises GeometryError."""
     if str(ds.get("Modality", "")) != "SEG":
@@ -255,7 +271,7 @@ def read_seg(ds: Dataset, grid: Grid) -> FinalSegmentation:
     by_uid = {uid: k for k, (uid, frame) in enumerate(grid.slices) if frame is None}
     positions = np.array([p if p is not None else (np.nan, np.nan, np.nan) for p in grid.positions], dtype=float)
     tol = grid.tolerance_mm
-    masks: dict[int, np.ndarray] = {}
+    frames: dict[int, dict[int, np.ndarray]] = {}
     by_position = 0
     for f in range(nframes):
         fg = per_frame[f] if f < len(per_frame) else None
@@ -287,11 +303,9 @@ def read_seg(ds: Dataset, grid: Grid) -> FinalSegmentation:
             for value in np.unique(frame_px):
                 if value == 0:
                     continue
-                m = masks.setdefault(int(value), np.zeros(grid.shape, dtype=bool))
-                m[k] |= frame_px == value
+                _add(frames, int(value), k, frame_px == value)
         else:
             seg_item = _functional(fg, shared, "SegmentIdentificationSequence")
             number = int(seg_item.ReferencedSegmentNumber) if seg_item is not None else 1
-            m = masks.setdefault(number, np.zeros(grid.shape, dtype=bool))
-            m[k] |= frame_px > 0
-    return FinalSegmentation(segments, masks, by_position)
+            _add(frames, number, k, frame_px > 0)
+    return FinalSegmentation(segments, frames, grid.shape, by_position)
