@@ -43,6 +43,13 @@ __all__ = ["Deliverable", "EarlierObject", "Job", "JobState", "JobStore", "Outbo
 
 logger = logging.getLogger(__name__)
 
+#: the columns a :class:`Job` is read from: every one but ``regions`` (read only by verdict intake, :meth:`JobStore.regions`)
+_FIELDS = ("id", "series_uid", "series_version", "model", "route", "send_to", "state", "attempts", "max_attempts",
+           "created_at", "updated_at", "started_at", "finished_at", "lease_until", "next_run_at", "error", "result",
+           "config_version", "superseded_by", "priority", "intensity")
+_COLUMNS = ", ".join(_FIELDS)
+_J_COLUMNS = ", ".join(f"j.{c}" for c in _FIELDS)
+
 
 class JobState(StrEnum):
     QUEUED = "queued"
@@ -206,7 +213,7 @@ class JobStore:
 
     def get(self, job_id: int) -> Job:
         """The job; raises JobError when there is none."""
-        row = self.db.one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        row = self.db.one(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
         if row is None:
             raise JobNotFoundError(f"no job with id {job_id}")
         return Job.from_row(row)
@@ -221,7 +228,7 @@ class JobStore:
         """
         f = (Filter().eq("state", None if state is None else JobState(state).value).eq("model", model)
              .eq("series_uid", series_uid).ge("created_at", since).le("created_at", until))
-        return [Job.from_row(r) for r in self.db.query(f"SELECT * FROM jobs{f.sql()} ORDER BY id DESC LIMIT ?",
+        return [Job.from_row(r) for r in self.db.query(f"SELECT {_COLUMNS} FROM jobs{f.sql()} ORDER BY id DESC LIMIT ?",
                                                        (*f.params, limit))]
 
     def finished_before(self, cutoff: float) -> list[int]:
@@ -253,7 +260,7 @@ class JobStore:
                 return None
             c.execute("UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_until = ?, started_at = ?, "
                       "updated_at = ? WHERE id = ?", (now + lease_seconds, now, now, row["id"]))
-            job = Job.from_row(c.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
+            job = Job.from_row(c.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (row["id"],)).fetchone())
             append_event(c, "job.started", {"attempt": job.attempts, "model": job.model},
                         series_uid=job.series_uid, job_id=job.id, now=now)
         return job
@@ -289,7 +296,7 @@ class JobStore:
         if not sop_uids:
             return []
         marks = ",".join("?" * len(sop_uids))
-        rows = self.db.query(f"SELECT DISTINCT j.* FROM jobs j JOIN outbox o ON o.job_id = j.id WHERE j.state = 'done' "
+        rows = self.db.query(f"SELECT DISTINCT {_J_COLUMNS} FROM jobs j JOIN outbox o ON o.job_id = j.id WHERE j.state = 'done' "
                              f"AND o.role = 'result' AND o.sop_uid IN ({marks}) ORDER BY j.id", tuple(sop_uids))
         return [Job.from_row(r) for r in rows]
 
@@ -299,7 +306,7 @@ class JobStore:
             return []
         marks = ",".join("?" * len(series_uids))
         rows = self.db.query(
-            f"SELECT j.* FROM jobs j WHERE j.state = 'done' AND j.superseded_by IS NULL AND j.series_uid IN ({marks}) "
+            f"SELECT {_J_COLUMNS} FROM jobs j WHERE j.state = 'done' AND j.superseded_by IS NULL AND j.series_uid IN ({marks}) "
             "AND j.id = (SELECT MAX(k.id) FROM jobs k WHERE k.series_uid = j.series_uid AND k.model = j.model "
             "AND k.state = 'done') ORDER BY j.id", tuple(series_uids))
         return [Job.from_row(r) for r in rows]
@@ -520,7 +527,7 @@ class JobStore:
     def study_jobs(self, study_uid: str, model: str) -> list[Job]:
         """Jobs of ``model`` on any series of a study (the series table joined), newest first."""
         return [Job.from_row(r) for r in self.db.query(
-            "SELECT j.* FROM jobs j JOIN series s ON s.series_uid = j.series_uid WHERE s.study_uid = ? "
+            f"SELECT {_J_COLUMNS} FROM jobs j JOIN series s ON s.series_uid = j.series_uid WHERE s.study_uid = ? "
             "AND j.model = ? ORDER BY j.id DESC", (study_uid, model))]
 
     def cancel(self, job_id: int, *, actor: str | None = None, now: float | None = None) -> None:
