@@ -314,10 +314,15 @@ def _print_result(out: Any, load_s: float) -> None:
     for c in result.classes:
         probs = ", ".join(f"{k} {v:.2f}" for k, v in c.probabilities.items())
         typer.echo(f"  {c.concept}: {c.value} (probability {c.probability:.2f}; {probs})")
-    for r in result.findings:
+    shown = result.findings[:50]
+    for r in shown:
         c = ", ".join(f"{v:.1f}" for v in r.centroid_mm)
-        typer.echo(f"  ROI {r.number}: {r.label_name}, {r.volume_mm3:.0f} mm3, long axis {r.diameter_inplane_mm:.1f} mm, "
-                   f"3D diameter {r.diameter_3d_mm:.1f} mm, mean {r.mean:.0f}, centre ({c}) mm, slice {r.key_slice + 1}")
+        sizes = (f"long axis {r.diameter_inplane_mm:.1f} mm, 3D diameter {r.diameter_3d_mm:.1f} mm"
+                 if r.diameter_3d_mm is not None and r.diameter_inplane_mm is not None else "in the SEG only")
+        typer.echo(f"  ROI {r.number}: {r.label_name}, {r.volume_mm3:.0f} mm3, {sizes}, mean {r.mean:.0f}, "
+                   f"centre ({c}) mm, slice {r.key_slice + 1}")
+    if len(result.findings) > len(shown):
+        typer.echo(f"  ... and {len(result.findings) - len(shown)} more (result.json lists them all)")
     if result.not_reported:
         typer.echo("  not reported: " + ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in result.not_reported.items()))
     typer.echo("files: " + ", ".join(f"{k}={v}" for k, v in result.files.items()))

@@ -330,6 +330,10 @@ class OutputsConfig(_Section):
     institution_name: str | None = None
     device_serial_number: str = "preannot-node"
     preview_png: bool = True
+    #: at most this many findings (per job, in the report's order: largest or most confident first) are listed in
+    #: the SR and the viewer objects, measured in full (diameters, long axis, outline); the SEG and result.json keep
+    #: every finding and the SR states how many it does not list. 0: list every finding
+    sr_max_findings: int = Field(100, ge=0)
 
     @field_validator("uid_root")
     @classmethod

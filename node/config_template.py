@@ -86,6 +86,7 @@ manufacturer = "preannot"
 # institution_name = "My Hospital"
 device_serial_number = "preannot-node"
 preview_png = true               # write preview.png with the key slices beside the outputs
+sr_max_findings = 100            # findings listed in the SR (the SEG keeps all; the SR says how many it leaves out); 0: all
 
 [retention]
 spool_days = 7                   # spooled instances go after this, once their jobs and deliveries are settled

@@ -116,9 +116,10 @@ def _box_roi(f: FindingResult, volume: Volume) -> ROI:
     (k0, k1), (j0, j1), (i0, i1) = f.bbox
     mask = np.ones((k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1), dtype=bool)
     return ROI(index=f.number, label=f.label, label_name=f.label_name, voxels=int(mask.size), volume_mm3=f.volume_mm3,
-               diameter_3d_mm=f.diameter_3d_mm, diameter_inplane_mm=f.diameter_inplane_mm, centroid_mm=f.centroid_mm,
-               bbox=f.bbox, mean=f.mean, min=f.min, max=f.max, key_slice=f.key_slice, mask=mask, offset=(k0, j0, i0),
-               kind="box", confidence=f.confidence, size_mm=f.size_mm, tracking_uid=f.tracking_uid)
+               diameter_3d_mm=f.diameter_3d_mm or 0.0, diameter_inplane_mm=f.diameter_inplane_mm or 0.0,
+               centroid_mm=f.centroid_mm, bbox=f.bbox, mean=f.mean, min=f.min, max=f.max, key_slice=f.key_slice,
+               mask=mask, offset=(k0, j0, i0), kind="box", confidence=f.confidence, size_mm=f.size_mm,
+               tracking_uid=f.tracking_uid, described=f.diameter_3d_mm is not None)
 
 
 def as_sent(jobs: JobStore, model: ModelInfo, dataset: Dataset) -> tuple[ModelInfo, RecordedRunner]:

@@ -110,6 +110,17 @@ def max_distance(points: np.ndarray) -> tuple[float, int, int]:
     return float(np.sqrt(d2[a, b])), int(cand[a]), int(cand[b])
 
 
+def row_ends(sub: np.ndarray) -> np.ndarray:
+    """(k, j, i) of the first and last voxel of every row of a 3D mask: their convex hull is the mask's (each
+    voxel lies between its row's two ends), so the longest distance across the mask is between two of them.
+    Two passes over the mask, no erosion and no list of surface voxels (an organ has millions)."""
+    rows = sub.any(axis=2)
+    k, j = np.nonzero(rows)
+    first = sub.argmax(axis=2)[k, j]
+    last = sub.shape[2] - 1 - sub[:, :, ::-1].argmax(axis=2)[k, j]
+    return np.concatenate([np.stack([k, j, first], axis=1), np.stack([k, j, last], axis=1)])
+
+
 def _edge(mask2d: np.ndarray) -> np.ndarray:
     """(row, col) of a 2D mask's boundary pixels."""
     return np.argwhere(mask2d & ~ndimage.binary_erosion(mask2d))
@@ -275,8 +286,8 @@ def describe(rois: list[ROI], volume: Volume, *, outlines: bool = True) -> None:
             r.key_axis_ij = ((float(i0), float(j0)), (float(i1), float(j1)))  # the in-plane diagonal
             r.described = True
             continue
-        surface = np.argwhere(sub & ~ndimage.binary_erosion(sub)) + off
-        d3, _, _ = max_distance(volume.voxel_to_patient(surface[:, ::-1].astype(np.float64)))
+        ends = row_ends(sub) + off  # the same hull as the surface voxels', at a fraction of the cost
+        d3, _, _ = max_distance(volume.voxel_to_patient(ends[:, ::-1].astype(np.float64)))
         # long axis on the key slice (what a radiologist measures)
         edge = _edge(key2d)
         pts = edge[:, ::-1].astype(np.float64)

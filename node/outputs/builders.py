@@ -51,6 +51,13 @@ class OutputRequest:
     made: dict[str, Dataset] = field(default_factory=dict)
     #: the headers of a study-level model's other input series (the SR cites them as evidence)
     evidence: Sequence[Dataset] = ()
+    #: the findings measured in full, listed by the SR and drawn by the viewer objects (None: all of ``rois``);
+    #: the SEG holds every finding
+    listed: list[ROI] | None = None
+
+    @property
+    def shown(self) -> list[ROI]:
+        return self.rois if self.listed is None else self.listed
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,25 +84,25 @@ def _seg(r: OutputRequest) -> list[tuple[str, Dataset]]:
 
 def _sr(r: OutputRequest) -> list[tuple[str, Dataset]]:
     seg = r.made.get("seg")
-    return [("sr", build_sr(r.volume, r.rois, r.card, r.provenance, seg=seg if isinstance(seg, hd.seg.Segmentation)
+    return [("sr", build_sr(r.volume, r.shown, r.card, r.provenance, seg=seg if isinstance(seg, hd.seg.Segmentation)
                             else None,
                             series_number=r.outputs.sr_series_number, not_reported=r.not_reported,
-                            statements=r.statements, inputs=r.evidence))]
+                            statements=r.statements, inputs=r.evidence, unlisted=len(r.rois) - len(r.shown)))]
 
 
 def _gsps(r: OutputRequest) -> list[tuple[str, Dataset]]:
-    return [("gsps", build_gsps(r.volume, r.rois, r.provenance, series_number=r.outputs.gsps_series_number))]
+    return [("gsps", build_gsps(r.volume, r.shown, r.provenance, series_number=r.outputs.gsps_series_number))]
 
 
 def _captures(r: OutputRequest) -> list[tuple[str, Dataset]]:
     assert r.labels is not None
-    caps = build_capture(r.volume, r.labels, r.rois, r.provenance, series_number=r.outputs.sc_series_number)
+    caps = build_capture(r.volume, r.labels, r.shown, r.provenance, series_number=r.outputs.sc_series_number)
     return [(f"sc{n + 1:02d}", c) for n, c in enumerate(caps)]
 
 
 def _kos(r: OutputRequest) -> list[tuple[str, Dataset]]:
     seg = r.made.get("seg")
-    return [("kos", build_kos(r.volume, r.rois, r.provenance, series_number=r.outputs.kos_series_number,
+    return [("kos", build_kos(r.volume, r.shown, r.provenance, series_number=r.outputs.kos_series_number,
                               also=[seg] if seg is not None else []))]
 
 

@@ -3,8 +3,9 @@
 A result object can be valid DICOM and wrong. Before a job's objects are written and queued, this module
 reads them back as a receiving viewer would and checks:
 
-- **one identity per finding**: each finding the SR reports (a measurement group with a volume) has exactly
-  one SEG segment with the same tracking UID, and each segment one SR finding; both are the job's findings;
+- **one identity per finding**: each finding of the job has exactly one SEG segment with its tracking UID, and
+  each segment is one of the job's findings; the SR reports (a measurement group with a volume) exactly the
+  findings it lists (``[outputs] sr_max_findings``) and states how many others the SEG holds;
 - **volumes**: each finding's volume in the SR equals the job's measure and the volume of its SEG segment
   computed from the SEG itself (its frames' pixels times pixel area times the slab each referenced source
   slice stands for), within :data:`VOLUME_TOLERANCE`;
@@ -29,6 +30,7 @@ from pydicom.dataset import Dataset
 from node.errors import OutputError
 from node.imaging.volume import COPIED, Volume, invalid_values
 from node.inference.rois import ROI
+from node.outputs.sr import unlisted_meaning
 
 __all__ = ["VOLUME_TOLERANCE", "ConsistencyError", "SrFinding", "check_results", "seg_volumes", "sr_findings"]
 
@@ -108,10 +110,13 @@ def seg_volumes(seg: Dataset, volume: Volume) -> dict[int, tuple[str, float]]:
         slice_of[(str(volume.sources[ref.source].SOPInstanceUID), ref.frame)] = k
     widths = volume.slab_widths()
     sx, sy, _ = volume.spacing
-    pixels = seg.pixel_array
-    if pixels.ndim == 2:
-        pixels = pixels[None]
     labelmap = str(seg.SOPClassUID) == _SEG_CLASSES[1]
+    per_frame = _binary_frame_counts(seg) if not labelmap else None
+    pixels = None
+    if per_frame is None:
+        pixels = seg.pixel_array
+        if pixels.ndim == 2:
+            pixels = pixels[None]
     out = dict.fromkeys(uids, 0.0)
     shared = seg.SharedFunctionalGroupsSequence[0] if seg.get("SharedFunctionalGroupsSequence") else Dataset()
 
@@ -124,15 +129,44 @@ def seg_volumes(seg: Dataset, volume: Volume) -> dict[int, tuple[str, float]]:
         at = slice_of.get((str(src.ReferencedSOPInstanceUID), frame))
         if at is None:
             raise ConsistencyError(f"SEG frame {n + 1} references an image that is not in the series")
-        if labelmap:
+        if per_frame is not None:
+            number = int(group(fg, "SegmentIdentificationSequence")[0].ReferencedSegmentNumber)
+            out[number] += float(per_frame[n]) * sx * sy * float(widths[at])
+        elif labelmap:
+            assert pixels is not None
             counts = np.bincount(np.asarray(pixels[n]).ravel())
             for number in out:
                 if number < len(counts):
                     out[number] += float(counts[number]) * sx * sy * float(widths[at])
         else:
+            assert pixels is not None
             number = int(group(fg, "SegmentIdentificationSequence")[0].ReferencedSegmentNumber)
             out[number] += float(np.count_nonzero(pixels[n])) * sx * sy * float(widths[at])
     return {number: (uids[number], vol) for number, vol in out.items()}
+
+
+def _binary_frame_counts(seg: Dataset) -> np.ndarray | None:
+    """The set pixels of each frame of a BINARY SEG, counted on its packed bits (no decoded copy of thousands of
+    frames); None when its frames are not byte-aligned or not native (then the caller decodes them)."""
+    if str(seg.get("SegmentationType", "")) != "BINARY" or int(seg.get("BitsAllocated", 0)) != 1:
+        return None
+    if seg.file_meta.get("TransferSyntaxUID", "") not in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2"):
+        return None
+    per = int(seg.Rows) * int(seg.Columns)
+    frames = int(seg.get("NumberOfFrames", 1))
+    if per % 8:
+        return None
+    data = np.frombuffer(seg.PixelData, dtype=np.uint8)[: frames * per // 8]
+    if data.size != frames * per // 8:
+        return None
+    rows = data.reshape(frames, per // 8)
+    if hasattr(np, "bitwise_count"):  # numpy >= 2
+        return np.bitwise_count(rows).sum(axis=1, dtype=np.int64)
+    return _POPCOUNT[rows].sum(axis=1, dtype=np.int64)
+
+
+#: set bits of each byte value (numpy < 2 has no bitwise_count)
+_POPCOUNT = np.array([bin(v).count("1") for v in range(256)], dtype=np.uint8)
 
 
 def _close(a: float, b: float, voxel: float) -> bool:
@@ -140,10 +174,13 @@ def _close(a: float, b: float, voxel: float) -> bool:
 
 
 def check_results(volume: Volume, rois: list[ROI], made: Mapping[str, Dataset], *, produced: Mapping[int, int],
-                  left_out: Mapping[int, Mapping[str, int]], not_reported: Mapping[str, int]) -> list[str]:
-    """The disagreements between the job's findings and its objects (module docstring); empty when consistent."""
+                  left_out: Mapping[int, Mapping[str, int]], not_reported: Mapping[str, int],
+                  listed: list[ROI] | None = None) -> list[str]:
+    """The disagreements between the job's findings and its objects (module docstring); empty when consistent.
+    ``listed``: the findings the SR lists (None: all of ``rois``); the SEG holds them all."""
     problems: list[str] = []
     by_uid = {r.tracking_uid: r for r in rois if r.tracking_uid}
+    in_sr = by_uid if listed is None else {r.tracking_uid: r for r in listed if r.tracking_uid}
     if len(by_uid) != len(rois):
         problems.append("findings without a tracking UID, or two findings with the same one")
     sr = made.get("sr")
@@ -152,10 +189,11 @@ def check_results(volume: Volume, rois: list[ROI], made: Mapping[str, Dataset], 
     voxel = sx * sy * float(volume.slab_widths().max()) if volume.shape[0] else 0.0
     reported = sr_findings(sr) if sr is not None else {}
     if sr is not None:
-        extra = sorted(set(reported) - set(by_uid))
+        extra = sorted(set(reported) - set(in_sr))
         if extra:
-            problems.append(f"the SR reports {len(extra)} finding(s) that are not the job's ({extra[0]}, ...)")
-        for uid, r in by_uid.items():
+            problems.append(f"the SR reports {len(extra)} finding(s) that are not the job's listed findings "
+                            f"({extra[0]}, ...)")
+        for uid, r in in_sr.items():
             f = reported.get(uid)
             if f is None:
                 problems.append(f"finding {r.index} ({r.label_name}) is not in the SR")
@@ -166,6 +204,9 @@ def check_results(volume: Volume, rois: list[ROI], made: Mapping[str, Dataset], 
         for reason, n in not_reported.items():
             if f"{n} not reported" not in text:
                 problems.append(f"{n} finding(s) left out ({reason}) are not stated in the SR")
+        unlisted = len(by_uid) - len(in_sr)
+        if unlisted and unlisted_meaning(unlisted) not in text:
+            problems.append(f"{unlisted} finding(s) in the SEG only are not stated in the SR")
     if seg is not None:
         segments = seg_volumes(seg, volume)
         seg_uids = {uid: number for number, (uid, _v) in segments.items()}

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
+from node.outputs.encode import encoded_sequences
+
 __all__ = ["ResultObject", "attempt_dir", "job_dir", "save_dataset", "write_private"]
 
 
@@ -44,7 +46,8 @@ def save_dataset(ds: Dataset, path: Path, *, fsync: bool = True) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_suffix(path.suffix + ".part")
     try:
-        ds.save_as(tmp, enforce_file_format=True)
+        with encoded_sequences(ds):  # thousands of frames or findings: their items encoded once each (encode.py)
+            ds.save_as(tmp, enforce_file_format=True)
         os.chmod(tmp, 0o600)
         if fsync:
             fd = os.open(tmp, os.O_RDONLY)

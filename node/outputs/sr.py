@@ -9,7 +9,9 @@ Per ROI, sharing one tracking identifier and UID:
 4. a planar group whose region is the ROI's centroid in patient coordinates (SCOORD3D POINT in the
    source's Frame of Reference), geometric purpose "Center".
 
-Organs (anatomy) get groups 1 and 2 with their volume; a detector's box gets its rectangle (2) and
+The report lists the findings it is given (the pipeline gives the first ``[outputs] sr_max_findings``, the
+SEG keeps every finding) and states how many others the SEG holds. Organs (anatomy) get groups 1 and 2 with
+their volume; a detector's box gets its rectangle (2) and
 centre (4); over ``COMPACT_ABOVE`` ROIs each keeps groups 1 and 2 only. The document's evidence is
 written here, not by highdicom's document constructor (which copies and searches the whole content).
 
@@ -37,7 +39,7 @@ from node.inference.rois import NOT_REPORTED, ROI, describe
 from node.outputs.equipment import Provenance, new_uid
 from node.outputs.seg import coded
 
-__all__ = ["build_sr"]
+__all__ = ["UNLISTED_CODE", "build_sr", "unlisted_meaning"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +53,17 @@ NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
 #: the local code of each reason a finding is not reported (docs/outputs.md)
 _NOTREP_CODES = {"below_min_confidence": "NOTREP-CONF", "over_max_findings": "NOTREP-CAP",
                  "below_min_volume": "NOTREP-VOL", "between_slices": "NOTREP-GAP", "not_in_card": "NOTREP-CARD"}
+#: the local code stating how many findings the report does not list (they are in the SEG)
+UNLISTED_CODE = "NOTLISTED"
+
+
+def unlisted_meaning(n: int) -> str:
+    """The statement of ``n`` findings in the SEG that the SR does not list."""
+    return f"{n} more finding(s) in the SEG only, not listed here"[:64]
+
+
 #: above this many ROIs in one report, each gets two groups (volume; outline with long axis and area), not four
-COMPACT_ABOVE = 100
+COMPACT_ABOVE = 25
 
 
 def _source_image(volume: Volume, k: int) -> hd.sr.SourceImageForRegion:
@@ -67,7 +78,7 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
              seg: hd.seg.Segmentation | None, series_number: int,
              not_reported: dict[str, int] | None = None,
              statements: list[ClassStatement] | None = None,
-             inputs: Iterable[Dataset] = ()) -> hd.sr.Comprehensive3DSR:
+             inputs: Iterable[Dataset] = (), unlisted: int = 0) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 measurement report.
 
     ``not_reported``: findings the route left out, by reason (``below_min_confidence``,
@@ -76,6 +87,8 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
     evaluation and the probability of every class (see :func:`_statement_group`).
     ``inputs``: the other series a study-level model read (headers): evidence the model used, listed with the
     reference series' instances in the Current Requested Procedure Evidence.
+    ``unlisted``: findings of the job that are in the SEG but not listed here (over ``[outputs] sr_max_findings``),
+    stated in the Qualitative Evaluations container.
 
     Raises:
         OutputError: highdicom refused the content.
@@ -97,20 +110,26 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
         # many findings (a noisy model): each keeps its volume group and its outline with long axis and area,
         # not the separate long-axis line and centre point, so that the report stays quick to build and read
         compact = len(rois) > COMPACT_ABOVE
+        # a label's codes and the measurement concepts are the same for each of its findings: made once
+        per_label: dict[int, tuple[Any, Any, Any]] = {}
+        src_of: dict[int, hd.sr.SourceImageForRegion] = {}
+        for_uid = str(volume.sources[0].get("FrameOfReferenceUID", ""))
         for roi in rois:
             found = card.label(roi.label)
             if found is None:
                 raise OutputError(f"label {roi.label} is not described in the model card")
             spec = found
+            if roi.label not in per_label:
+                per_label[roi.label] = (coded(spec.type), coded(spec.category),
+                                        [hd.sr.FindingSite(anatomic_location=coded(spec.finding_site))]
+                                        if spec.finding_site else None)
+            finding, category, sites = per_label[roi.label]
             anatomy = roi.kind == "anatomy"  # a whole organ: its volume, not a finding's measures
             if roi.tracking_uid is None:  # one identity per finding: the pipeline gives it; made here otherwise
                 roi.tracking_uid = new_uid(provenance.uid_root)
             tracking = hd.sr.TrackingIdentifier(uid=roi.tracking_uid,
                                                 identifier=(f"{spec.name} (AI)" if anatomy
                                                             else f"{spec.name} {roi.index} (AI)")[:64])
-            finding = coded(spec.type)
-            category = coded(spec.category)
-            sites = [hd.sr.FindingSite(anatomic_location=coded(spec.finding_site))] if spec.finding_site else None
             volume_m = hd.sr.Measurement(name=codes.SCT.Volume, value=float(roi.volume_mm3),
                                          unit=codes.UCUM.CubicMillimeter)
             diam3d = hd.sr.Measurement(name=codes.SCT.Diameter, value=float(roi.diameter_3d_mm),
@@ -128,7 +147,9 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
                     tracking_identifier=tracking, referenced_segment=ref_seg, finding_type=finding,
                     finding_category=category, algorithm_id=algo, finding_sites=sites,
                     measurements=[volume_m] if anatomy else [volume_m, diam3d]))
-            src = _source_image(volume, roi.key_slice)
+            src = src_of.get(roi.key_slice)
+            if src is None:
+                src = src_of[roi.key_slice] = _source_image(volume, roi.key_slice)
             sx, sy, _ = volume.spacing
             outline = np.array(roi.key_outline_ij, dtype=np.float64) + 0.5  # SCOORD: pixel centre at +0.5
             if len(outline) >= 4:
@@ -156,7 +177,6 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
                                                         graphic_data=axis, source_image=src),
                     finding_type=finding, finding_category=category, algorithm_id=algo,
                     measurements=[long_axis]))
-            for_uid = str(volume.sources[0].get("FrameOfReferenceUID", ""))
             if for_uid:
                 groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                     tracking_identifier=tracking,
@@ -175,6 +195,11 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
                 name=hd.sr.CodedConcept("121071", "DCM", "Finding"),
                 value=hd.sr.CodedConcept(_NOTREP_CODES.get(reason, "NOTREP"), "99PREANNOT",
                                          f"{n} not reported: {why}"[:64]),
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+        if unlisted:
+            qualitative.append(hd.sr.CodeContentItem(
+                name=hd.sr.CodedConcept("121071", "DCM", "Finding"),
+                value=hd.sr.CodedConcept(UNLISTED_CODE, "99PREANNOT", unlisted_meaning(unlisted)),
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
         for statement in statements or []:
             groups.append(_statement_group(statement, volume, provenance, algo))

@@ -31,7 +31,8 @@ from node.inference.prediction import ClassStatement, ModelInputs, Runner
 from node.inference.registry import ModelInfo
 from node.inference.rois import NOT_REPORTED, ROI, describe, on_source, paint_rois
 
-__all__ = ["NOT_REPORTED", "FindingOptions", "Findings", "model_inputs", "predict_findings", "select_findings"]
+__all__ = ["NOT_REPORTED", "FindingOptions", "Findings", "listed_findings", "model_inputs", "predict_findings",
+           "select_findings"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ class FindingOptions:
     min_confidence: float | None = None
     #: at most this many findings per label (route ``max_findings``), the most confident or largest first
     max_findings: int | None = None
+    #: the costly measures (diameters, long axis, outline) for the anatomy and at most this many findings, the
+    #: first in the report's order: those the SR lists (``[outputs] sr_max_findings``); None: every finding
+    listed_max: int | None = None
 
     @classmethod
     def for_route(cls, route: Route | None) -> FindingOptions:
@@ -59,6 +63,9 @@ class Findings:
     volume: Volume
     #: the reported findings, numbered from 1
     rois: list[ROI]
+    #: those measured in full and listed in the SR and viewer objects (:func:`listed_findings`); the others are in
+    #: the SEG and the job's result only
+    listed: list[ROI]
     #: every candidate region on the series' slices, before the route's selection (``evaluate`` sweeps its
     #: operating points over them); the reported ROIs are among them
     candidates: list[ROI]
@@ -112,6 +119,21 @@ def select_findings(rois: list[ROI], min_confidence: float | None, max_findings:
     for n, r in enumerate(kept, start=1):
         r.index = n
     return kept, {k: v for k, v in dropped.items() if v}
+
+
+def listed_findings(rois: list[ROI], limit: int | None) -> list[ROI]:
+    """The findings the SR lists: every organ (anatomy) and the first ``limit`` others in the report's order
+    (findings are numbered largest, or most confident, first); all of them when ``limit`` is None."""
+    if limit is None:
+        return list(rois)
+    out, n = [], 0
+    for r in rois:
+        if r.kind == "anatomy":
+            out.append(r)
+        elif n < limit:
+            out.append(r)
+            n += 1
+    return out
 
 
 #: the pixels of an input whose values went into a stacked image (its headers stay, for the SR's evidence)
@@ -228,7 +250,8 @@ def predict_findings(volume: Volume, runner: Runner, model: ModelInfo, *, option
     for per in left_out.values():
         for reason, n in per.items():
             dropped[reason] = dropped.get(reason, 0) + n
-    describe(rois, volume)  # the costly measures, for the reported findings only
+    listed = listed_findings(rois, opts.listed_max)
+    describe(listed, volume)  # the costly measures, for the findings the SR lists only
     labels = None
     if rois:
         buffer = prediction.buffer() if grid is None else None  # a label map is ours to repaint: no second copy
@@ -236,6 +259,6 @@ def predict_findings(volume: Volume, runner: Runner, model: ModelInfo, *, option
             else paint_rois(rois, shape=volume.shape)
     del prediction
     timings["rois"] = time.perf_counter() - t
-    return Findings(volume=volume, rois=rois, candidates=list(candidates), statements=statements,
+    return Findings(volume=volume, rois=rois, listed=listed, candidates=list(candidates), statements=statements,
                     not_reported=dropped, labels=labels, grid=grid, timings=timings, produced=produced,
                     left_out=left_out)

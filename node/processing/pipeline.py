@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +113,8 @@ def finding_result(r: ROI) -> FindingResult:
     """The stored form of a reported finding."""
     return FindingResult(
         number=r.index, label=r.label, label_name=r.label_name, kind=r.kind, volume_mm3=r.volume_mm3,
-        diameter_3d_mm=r.diameter_3d_mm, diameter_inplane_mm=r.diameter_inplane_mm, centroid_mm=r.centroid_mm,
+        diameter_3d_mm=r.diameter_3d_mm if r.described else None,
+        diameter_inplane_mm=r.diameter_inplane_mm if r.described else None, centroid_mm=r.centroid_mm,
         key_slice=r.key_slice, bbox=r.bbox, mean=r.mean, min=r.min, max=r.max, voxels=r.voxels,
         confidence=r.confidence, size_mm=r.size_mm, tracking_uid=r.tracking_uid,
         tracking_id=(f"{r.label_name} (AI)" if r.kind == "anatomy" else f"{r.label_name} {r.index} (AI)")[:64])
@@ -222,7 +223,9 @@ def process_series(files: list[Path], ctx: ModelContext, out_dir: Path, *,
     input_list = [_input_summary(model.card.reference_input.name, volume, True)] + [
         _input_summary(name, v, False) for name, v in others.items()] if study_level else []
     evidence = [ds for v in others.values() for ds in v.sources]
-    findings = predict_findings(volume, ctx.runner, model, options=opts.findings, deadline=deadline, stage=stage,
+    # the SR lists (and the costly measures cover) at most [outputs] sr_max_findings findings
+    finding_options = replace(opts.findings, listed_max=outputs.sr_max_findings or None)
+    findings = predict_findings(volume, ctx.runner, model, options=finding_options, deadline=deadline, stage=stage,
                                 inputs=others)
     del others  # a stacked input's pixels are gone already; its headers stay in ``evidence``
     timings.update(findings.timings)
@@ -230,7 +233,7 @@ def process_series(files: list[Path], ctx: ModelContext, out_dir: Path, *,
         r.tracking_uid = new_uid(provenance.uid_root)
 
     out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    request = OutputRequest(volume=volume, rois=findings.rois, labels=findings.labels,
+    request = OutputRequest(volume=volume, rois=findings.rois, listed=findings.listed, labels=findings.labels,
                             statements=findings.statements, not_reported=findings.not_reported, card=model.card,
                             provenance=provenance, outputs=outputs, extra=opts.extra_outputs, evidence=evidence)
     built: list[tuple[str, Dataset]] = []
@@ -247,7 +250,7 @@ def process_series(files: list[Path], ctx: ModelContext, out_dir: Path, *,
         raise OutputError(f"model {model.name}: the model card enables no output")
     stage("check")  # every number against the objects it describes, before anything is written or sent
     t = time.perf_counter()
-    problems = check_results(volume, findings.rois, request.made, produced=findings.produced,
+    problems = check_results(volume, findings.rois, request.made, listed=findings.listed, produced=findings.produced,
                              left_out=findings.left_out, not_reported=findings.not_reported)
     timings["check"] = time.perf_counter() - t
     if problems:
@@ -266,7 +269,7 @@ def process_series(files: list[Path], ctx: ModelContext, out_dir: Path, *,
     if outputs.preview_png and findings.volume.shape[0] > 0:
         preview_path = out_dir / "preview.png"
         files_out["preview"] = str(preview_path)
-        labels, rois = findings.labels, findings.rois
+        labels, rois = findings.labels, findings.listed
 
         def preview() -> None:
             t = time.perf_counter()

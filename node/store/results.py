@@ -53,8 +53,9 @@ class FindingResult:
     #: "finding" (one connected component), "anatomy" (a whole organ) or "box" (a detector's box)
     kind: str
     volume_mm3: float
-    diameter_3d_mm: float
-    diameter_inplane_mm: float
+    #: None for a finding measured in part only (not listed in the SR: ``[outputs] sr_max_findings``)
+    diameter_3d_mm: float | None
+    diameter_inplane_mm: float | None
     centroid_mm: tuple[float, float, float]
     #: slice of largest in-plane area (0-based, in the series' sorted order)
     key_slice: int
