@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import e2e, ingest, race, scaleout, stages
+from benchmarks import e2e, followup_matching, ingest, race, scaleout, stages
 from benchmarks.results_file import machine, write_result
 
 
@@ -34,6 +34,7 @@ def main() -> None:
         sys.argv = [sys.argv[0]]
         parts.append(scenario.main().read_text())
     parts.append(scaleout.main(["--repeats", "3"]).read_text())  # Ray: 1 actor vs 2, a STAT study behind a routine batch
+    parts.append(followup_matching.markdown(followup_matching.run(50, 310000, None)))  # follow-up: 50 synthetic pairs
     if (Path(__file__).resolve().parents[2] / "shared" / "data" / "model_zoo").is_dir():
         parts.append(race.main([]).read_text())  # the published bundle against a bare MONAI script
     else:

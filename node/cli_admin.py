@@ -206,6 +206,9 @@ def evaluate(
     centroid_mm: Annotated[float, typer.Option(help="Centroid rule distance (mm)")] = 5.0,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs")] = 2000,
     route: RouteOpt = None,
+    followup: Annotated[bool, typer.Option(
+        "--followup", help="The dataset is longitudinal (pairs with tracked reference SEGs): score how each lesion "
+                           "keeps its identity over time (as `preannot evaluate-followup`)")] = False,
 ) -> None:
     """Evaluate models on labelled data: overlap, surface distances, detection, FROC, volumes, speed.
 
@@ -218,6 +221,11 @@ def evaluate(
     from node.evaluate.run import evaluate as run_evaluation
     from node.inference.registry import Registry
 
+    if followup:
+        if dataset is None or not model or len(model) != 1:
+            raise die(PreannotError("--followup takes a dataset folder and one --model"), 2)
+        _evaluate_followup(dataset, model[0], out, config, None)
+        return
     cfg = load_or_exit(config)
     if detection not in ("overlap", "centroid"):
         raise die(PreannotError(f"--detection must be overlap or centroid (found {detection!r})"), 2)
@@ -289,6 +297,48 @@ def _when(value: str | None) -> float | None:
         return dt.datetime.fromisoformat(value).timestamp()
     except ValueError as exc:
         raise typer.BadParameter(f"{value!r}: expected an ISO date/time such as 2026-11-22T08:00") from exc
+
+
+@app.command("evaluate-followup")
+def evaluate_followup_cmd(
+    dataset: Annotated[Path, typer.Argument(help="Folder of pairs: prior/, current/, prior_truth_seg.dcm, "
+                                                 "current_truth_seg.dcm (a lesion's segments share a tracking UID)")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model to run on both time points")],
+    out: Annotated[Path, typer.Option("--out", help="Report folder (summary.json, report.md)")],
+    config: ConfigOpt = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: from config)")] = None,
+) -> None:
+    """Score the follow-up on a labelled longitudinal set: does each lesion keep its identity from the prior to
+    the follow-up, is a gone one said not seen and a new one new; the volume change against the reference."""
+    _evaluate_followup(dataset, model, out, config, device)
+
+
+def _evaluate_followup(dataset: Path, model: str, out: Path, config: Path | None, device: str | None) -> None:
+    from node.evaluate.followup import evaluate_followup
+    from node.inference.bundle import configure_torch
+    from node.inference.kinds import load_runner
+    from node.inference.registry import Registry
+    from node.outputs.equipment import Provenance
+    from node.processing.pipeline import ModelContext
+
+    cfg = load_or_exit(config)
+    try:
+        info = Registry(cfg.models.dir).get(model)
+        configure_torch(cfg.models)
+        runner = load_runner(info, device=device or cfg.models.device, amp=cfg.models.amp)
+    except PreannotError as exc:
+        raise die(exc, 2) from exc
+    from node.outputs.equipment import device_uid
+
+    ctx = ModelContext(info, runner, Provenance.for_node(info, cfg.outputs, device_uid=device_uid(
+        cfg.outputs, cfg.data_dir, create=False)))
+    try:
+        summary = evaluate_followup(dataset, ctx, cfg, out, progress=lambda m: typer.echo(m, err=True))
+    except FileNotFoundError as exc:
+        raise die(PreannotError(str(exc)), 2) from exc
+    rate = summary["rate"]
+    typer.echo(f"identity kept right: {summary['right']}/{summary['judged']}"
+               + (f" ({100 * rate:.1f} %)" if rate is not None else "") + f"; report in {out / 'report.md'}")
 
 
 @audit_app.command("export")

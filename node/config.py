@@ -224,6 +224,10 @@ class RouteFlag(_Section):
 
     #: raised when a classifier's class is one of these (the class name as the card names it)
     classes: list[str] = Field(default_factory=list)
+    #: raised by a follow-up with a finding not seen at the prior ([followup]; docs/followup.md)
+    new_finding: bool = False
+    #: raised by a follow-up with a finding whose volume grew by at least this much (%) since the prior
+    growth_pct: float | None = Field(None, gt=0)
     #: the priority the flagged result is delivered with (and shown with)
     priority: Priority | None = None
     #: announce the flagged result through [notify] whatever the route's priority
@@ -231,8 +235,8 @@ class RouteFlag(_Section):
 
     @model_validator(mode="after")
     def _something(self) -> RouteFlag:
-        if not self.classes:
-            raise ValueError("a flag needs something to watch: classes = [...]")
+        if not self.classes and not self.new_finding and self.growth_pct is None:
+            raise ValueError("a flag needs something to watch: classes = [...], new_finding = true or growth_pct = N")
         if self.priority is None and not self.notify:
             raise ValueError("a flag must do something: priority = ... and/or notify = true")
         return self
@@ -435,6 +439,26 @@ class WebConfig(_Section):
         return v
 
 
+class FollowUpConfig(_Section):
+    """``[followup]``: a study's findings matched to the same patient's prior result of the same model (see
+    docs/followup.md)."""
+
+    enabled: bool = True
+    #: also look for the prior in this destination (a dicom one: C-FIND of the patient's earlier studies, C-GET of
+    #: the node's SR and SEG there and of the series they describe) when the node's own store has none
+    fetch_from: str | None = None
+    #: how far back a prior is looked for (days)
+    max_days: float = Field(1095.0, gt=0)
+    #: the alignment's quality floor: normalised cross-correlation of the two series over the body
+    min_ncc: float = Field(0.7, gt=0, le=1)
+    #: a prior and a follow-up finding are the same when their centres, after alignment, are within
+    #: max(min_gate_mm, gate_factor x the larger equivalent diameter)
+    min_gate_mm: float = Field(10.0, gt=0)
+    gate_factor: float = Field(0.75, gt=0)
+    #: volume change (%) from which a finding is said grown or shrunk (else stable)
+    growth_pct: float = Field(25.0, gt=0)
+
+
 class NodeConfig(BaseSettings):
     """The whole configuration."""
 
@@ -453,6 +477,7 @@ class NodeConfig(BaseSettings):
     verdicts: VerdictsConfig = Field(default_factory=lambda: VerdictsConfig())
     notify: NotifyConfig = Field(default_factory=lambda: NotifyConfig())
     compute: ComputeConfig = Field(default_factory=lambda: ComputeConfig())
+    followup: FollowUpConfig = Field(default_factory=lambda: FollowUpConfig())
     source: str = Field("<defaults>", exclude=True)
 
     @model_validator(mode="after")
@@ -470,6 +495,14 @@ class NodeConfig(BaseSettings):
             raise ValueError(f"route names must be unique; repeated: {sorted(rdupes)}")
         if self.verdicts.fetch_from is not None and self.verdicts.fetch_from not in names:
             raise ValueError(f"[verdicts].fetch_from names {self.verdicts.fetch_from!r}, but the destinations are {names}")
+        if self.followup.fetch_from is not None:
+            found = next((d for d in self.destinations if d.name == self.followup.fetch_from), None)
+            if found is None:
+                raise ValueError(f"[followup].fetch_from names {self.followup.fetch_from!r}, but the destinations "
+                                 f"are {names}")
+            if found.kind != "dicom":
+                raise ValueError(f"[followup].fetch_from: destination {found.name!r} is {found.kind}; priors are "
+                                 "fetched by C-FIND and C-GET from a dicom destination")
         for r in self.routes:
             for d in r.send_to:
                 if d not in names:

@@ -104,6 +104,15 @@ alert_p = 0.01                   # significance of the drift tests
 fetch_minutes = 60
 fetch_days = 14
 
+[followup]
+enabled = true                   # match each study's findings to the same patient's prior result (docs/followup.md)
+# fetch_from = "pacs"            # also look for the prior there (C-FIND + C-GET) when the node's store has none
+max_days = 1095                  # how far back a prior is looked for
+min_ncc = 0.7                    # the alignment's quality floor (correlation of the two series over the body)
+min_gate_mm = 10                 # same finding: centres within max(min_gate_mm, gate_factor x diameter)
+gate_factor = 0.75
+growth_pct = 25                  # volume change (%) from which a finding is grown or shrunk
+
 [compute]
 backend = "local"                # "ray": model actors on a Ray cluster (docs/operations.md, Scale-out on Ray)
 # address = "head:6379"          # an existing Ray cluster; without it the node starts a local Ray

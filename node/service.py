@@ -19,6 +19,7 @@ from node.config import NodeConfig
 from node.delivery.deliverer import Deliverer
 from node.delivery.notify import Notifier
 from node.errors import ConfigError, PreannotError
+from node.followup import PriorFinder
 from node.inference.bundle import configure_torch
 from node.inference.registry import Registry
 from node.ingest.scp import Listener
@@ -118,9 +119,11 @@ class Node:
         self.listener = Listener(self.spool, config.node, ssl_context=server_context(
             tls.tls_cert, tls.tls_key, ca=tls.tls_ca, require_client_cert=tls.tls_require_client_cert)
             if tls.tls_cert and tls.tls_key else None)
+        self.priors = PriorFinder(config, self.db, series_files=self.series.files, job_result=self._job_result,
+                                  verdicts=self._finding_outcomes) if config.followup.enabled else None
         worker_ctx = WorkerContext(config=config, jobs=self.store, series=self.series, registry=self.registry,
                                    device_uid=self.device_uid, metrics=self.metrics,
-                                   notifier=Notifier(config.notify))
+                                   notifier=Notifier(config.notify), priors=self.priors)
         self.worker_ctx = worker_ctx
         #: ``[compute] backend = "ray"``: the model actors (made at start)
         self.pool: ActorPool | None = None
@@ -143,6 +146,22 @@ class Node:
         self.web: Any = None
         self._web_thread: threading.Thread | None = None
 
+
+    def _job_result(self, job_id: int) -> Any:
+        """A done job's result (for a follow-up's prior), None when gone."""
+        try:
+            return self.store.get(job_id).result
+        except PreannotError:
+            return None
+
+    def _finding_outcomes(self, job_id: int) -> dict[int, tuple[str, float | None]]:
+        """The radiologist's latest outcome of each finding of a job (and the final volume of an edited one)."""
+        out: dict[int, tuple[str, float | None]] = {}
+        for v in self.verdicts.rows(job_id=job_id):
+            for fv in self.verdicts.findings(int(v["id"])):
+                if fv.get("finding") is not None:
+                    out[int(fv["finding"])] = (str(fv["outcome"]), fv.get("final_volume_mm3"))
+        return out
     def _card(self, name: str) -> Any:
         model = self.registry.models.get(name)
         return model.card if model is not None else None

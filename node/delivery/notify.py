@@ -77,7 +77,39 @@ def _summary(job: Job, result: JobResult) -> str:
         what = f"{result.roi_count} finding(s)" + (f" ({', '.join(labels)})" if labels else "")
     flags = f"; flagged: {', '.join(result.flags)}" if result.flags else ""
     return (f"AI pre-annotation ready, NOT VERIFIED: {what} proposed by {model.get('name', job.model)} "
-            f"{model.get('version', '')} (priority {result.priority}{flags}); results sent to the PACS for review.")
+            f"{model.get('version', '')} (priority {result.priority}{flags}){_change_text(result)}; results sent "
+            "to the PACS for review.")
+
+
+def _change_text(result: JobResult) -> str:
+    """The follow-up in a few words: the prior's date and the count of each change (empty without a prior)."""
+    fu = result.followup
+    if not fu:
+        return ""
+    d = str(fu.get("prior_study_date") or "")
+    prior = f"{d[:4]}-{d[4:6]}-{d[6:8]}" if len(d) == 8 else "an earlier study"
+    if fu.get("not_matched"):
+        return f"; follow-up of {prior}: not matched"
+    counts = fu.get("counts") or {}
+    return f"; follow-up of {prior}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+
+
+def _change_extension(result: JobResult) -> list[dict[str, Any]]:
+    """The follow-up as extensions of the report: the prior study and, per tracked finding, its status and volume
+    change (the tracking UID names the finding, as in the SR)."""
+    fu = result.followup
+    if not fu:
+        return []
+    out: list[dict[str, Any]] = [{"url": "urn:preannot:followup-prior-study-instance-uid",
+                                  "valueString": str(fu.get("prior_study_uid", ""))}]
+    for c in fu.get("changes") or []:
+        parts = [{"url": "status", "valueCode": str(c["status"]).replace(" ", "-")},
+                 {"url": "tracking-uid", "valueString": str(c.get("tracking_uid") or "")},
+                 {"url": "tracking-id", "valueString": str(c.get("tracking_id") or "")}]
+        if c.get("volume_change_pct") is not None:
+            parts.append({"url": "volume-change-pct", "valueDecimal": c["volume_change_pct"]})
+        out.append({"url": "urn:preannot:followup-change", "extension": parts})
+    return out
 
 
 def report_identifier(job: Job) -> dict[str, str]:
@@ -99,7 +131,8 @@ def fhir_report(job: Job, result: JobResult, study: dict[str, str]) -> dict[str,
         "meta": {"tag": [{"system": "urn:preannot:priority", "code": str(result.priority)}]
                  + [{"system": "urn:preannot:flag", "code": f} for f in result.flags]},
         "extension": [{"url": "urn:preannot:study-instance-uid", "valueString": study.get("StudyInstanceUID", "")},
-                      {"url": "urn:preannot:accession-number", "valueString": study.get("AccessionNumber", "")}],
+                      {"url": "urn:preannot:accession-number", "valueString": study.get("AccessionNumber", "")},
+                      *_change_extension(result)],
         "conclusion": _summary(job, result),
     }
 

@@ -67,6 +67,15 @@ class ROI:
     tracking_uid: str | None = None
     #: whether :func:`describe` has measured its diameters, long axis and outline
     described: bool = False
+    #: the tracking identifier a follow-up carries over from the prior (None: :meth:`identifier` makes it)
+    tracking_id: str | None = None
+
+    def identifier(self) -> str:
+        """The finding's Tracking Identifier in the SR (the SEG's adds "unverified"): the prior's in a follow-up,
+        else "<label> <number> (AI)", "<label> (AI)" for a whole organ."""
+        if self.tracking_id:
+            return self.tracking_id[:64]
+        return (f"{self.label_name} (AI)" if self.kind == "anatomy" else f"{self.label_name} {self.index} (AI)")[:64]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -12,6 +12,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import requests
 from pydicom.dataset import Dataset
@@ -23,7 +24,7 @@ from node.errors import DeliveryError
 from node.net.dicomweb import dicomweb_client
 from node.net.scu import send_files
 
-__all__ = ["FetchResult", "cmove", "fetch_study", "wado_to_node"]
+__all__ = ["FetchResult", "cfind", "cget", "cmove", "fetch_study", "wado_to_node"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,3 +125,91 @@ def fetch_study(config: NodeConfig, source: str, study_uid: str, *, node_host: s
         return wado_to_node(src, study_uid, node_host, config.node.port, config.node.ae_title,
                      src.calling_ae_title or src.name.upper()[:16])
     raise DeliveryError(f"destination {source!r} is of kind {src.kind}; fetch needs a dicom or dicomweb source")
+
+
+def _associate(src: Destination, calling_ae: str, contexts: list[Any], **kwargs: Any) -> Any:
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = max(src.timeout, 60.0)
+    for cx in contexts:
+        ae.add_requested_context(cx)
+    assert src.host and src.port and src.ae_title
+    assoc = ae.associate(src.host, src.port, ae_title=src.ae_title, **kwargs)
+    if not assoc.is_established:
+        raise DeliveryError(f"{src.describe()}: no association (down, or our AE {calling_ae} not allowed)")
+    return assoc
+
+
+def cfind(src: Destination, query: Dataset, calling_ae: str) -> list[Dataset]:
+    """C-FIND (Study Root) of ``query``; the matches.
+
+    Raises:
+        DeliveryError: no association, or a failure status.
+    """
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
+
+    assoc = _associate(src, calling_ae, [StudyRootQueryRetrieveInformationModelFind])
+    found: list[Dataset] = []
+    try:
+        for status, ident in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+            if not status:
+                raise DeliveryError(f"{src.describe()}: C-FIND got no response")
+            if status.Status in (0xFF00, 0xFF01) and ident is not None:
+                found.append(ident)
+            elif status.Status != 0x0000:
+                raise DeliveryError(f"{src.describe()}: C-FIND failed with status 0x{status.Status:04X}")
+    finally:
+        assoc.release()
+    return found
+
+
+#: what a prior's retrieval receives: the images a model reads and the node's own result objects
+_GET_CLASSES = ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.4",
+                "1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.128", "1.2.840.10008.5.1.4.1.1.130",
+                "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7", "1.2.840.10008.5.1.4.1.1.88.34",
+                "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.22")
+
+
+def cget(src: Destination, study_uid: str, series_uid: str, out_dir: Path, calling_ae: str) -> list[Path]:
+    """C-GET (Study Root) of one series into ``out_dir`` (one file per instance, named by its sanitised SOP
+    Instance UID); the files written.
+
+    Raises:
+        DeliveryError: no association, a failure status, or nothing received.
+    """
+    from pynetdicom import build_role, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet  # type: ignore[attr-defined]
+
+    from node.ingest.uids import safe_uid
+
+    out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    written: list[Path] = []
+
+    def on_store(event: Any) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        path = out_dir / f"{safe_uid(str(ds.SOPInstanceUID))}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        written.append(path)
+        return 0x0000
+
+    roles = [build_role(uid, scp_role=True) for uid in _GET_CLASSES]
+    assoc = _associate(src, calling_ae, [StudyRootQueryRetrieveInformationModelGet, *_GET_CLASSES],
+                       ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    query = Dataset()
+    query.QueryRetrieveLevel = "SERIES"
+    query.StudyInstanceUID = study_uid
+    query.SeriesInstanceUID = series_uid
+    failed = 0
+    try:
+        for status, _ident in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet):
+            if not status:
+                raise DeliveryError(f"{src.describe()}: C-GET of series {series_uid} got no response")
+            if status.Status not in (0x0000, 0xFF00, 0xFF01, 0xB000):
+                raise DeliveryError(f"{src.describe()}: C-GET of series {series_uid} failed with status "
+                                    f"0x{status.Status:04X}")
+            failed = int(status.get("NumberOfFailedSuboperations", 0) or 0)
+    finally:
+        assoc.release()
+    if not written:
+        raise DeliveryError(f"{src.describe()}: C-GET of series {series_uid} sent nothing ({failed} failed)")
+    return written

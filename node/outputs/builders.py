@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -54,6 +55,9 @@ class OutputRequest:
     #: the findings measured in full, listed by the SR and drawn by the viewer objects (None: all of ``rois``);
     #: the SEG holds every finding
     listed: list[ROI] | None = None
+    #: the follow-up of the job (:mod:`node.followup`): the SR states each finding's change and the prior's
+    #: findings not seen any more
+    followup: Any = None
 
     @property
     def shown(self) -> list[ROI]:
@@ -87,7 +91,8 @@ def _sr(r: OutputRequest) -> list[tuple[str, Dataset]]:
     return [("sr", build_sr(r.volume, r.shown, r.card, r.provenance, seg=seg if isinstance(seg, hd.seg.Segmentation)
                             else None,
                             series_number=r.outputs.sr_series_number, not_reported=r.not_reported,
-                            statements=r.statements, inputs=r.evidence, unlisted=len(r.rois) - len(r.shown)))]
+                            statements=r.statements, inputs=r.evidence, unlisted=len(r.rois) - len(r.shown),
+                            followup=r.followup))]
 
 
 def _gsps(r: OutputRequest) -> list[tuple[str, Dataset]]:

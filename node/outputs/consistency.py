@@ -175,9 +175,11 @@ def _close(a: float, b: float, voxel: float) -> bool:
 
 def check_results(volume: Volume, rois: list[ROI], made: Mapping[str, Dataset], *, produced: Mapping[int, int],
                   left_out: Mapping[int, Mapping[str, int]], not_reported: Mapping[str, int],
-                  listed: list[ROI] | None = None) -> list[str]:
+                  listed: list[ROI] | None = None, not_seen: set[str] | frozenset[str] = frozenset()) -> list[str]:
     """The disagreements between the job's findings and its objects (module docstring); empty when consistent.
-    ``listed``: the findings the SR lists (None: all of ``rois``); the SEG holds them all."""
+    ``listed``: the findings the SR lists (None: all of ``rois``); the SEG holds them all. ``not_seen``: tracking
+    UIDs of a follow-up's prior findings not seen any more, which the SR states with no segment (each must be one
+    of the SR's findings, where it lies within the series, and none of the job's)."""
     problems: list[str] = []
     by_uid = {r.tracking_uid: r for r in rois if r.tracking_uid}
     in_sr = by_uid if listed is None else {r.tracking_uid: r for r in listed if r.tracking_uid}
@@ -189,7 +191,14 @@ def check_results(volume: Volume, rois: list[ROI], made: Mapping[str, Dataset], 
     voxel = sx * sy * float(volume.slab_widths().max()) if volume.shape[0] else 0.0
     reported = sr_findings(sr) if sr is not None else {}
     if sr is not None:
-        extra = sorted(set(reported) - set(in_sr))
+        extra = sorted(set(reported) - set(in_sr) - set(not_seen))
+        clash = sorted(set(not_seen) & set(by_uid))
+        if clash:
+            problems.append(f"{len(clash)} finding(s) are both found and said not seen ({clash[0]}, ...)")
+        for uid in not_seen:
+            f = reported.get(uid)
+            if f is not None and f.segment_number is not None:
+                problems.append(f"a prior finding not seen any more ({uid}) points to a segment")
         if extra:
             problems.append(f"the SR reports {len(extra)} finding(s) that are not the job's listed findings "
                             f"({extra[0]}, ...)")

@@ -83,6 +83,15 @@ class _Segmentation(hd.seg.Segmentation):
 _ABSENT = np.zeros((0,), dtype=np.uint8)
 
 
+def seg_tracking_id(roi: ROI, spec: Any) -> str:
+    """A segment's Tracking ID: the SR's identifier of the finding, said unverified (a follow-up's finding keeps
+    the prior's identifier, as in the SR)."""
+    if roi.tracking_id:
+        ident = roi.tracking_id[:-len(" (AI)")] if roi.tracking_id.endswith(" (AI)") else roi.tracking_id
+        return f"{ident} (AI, unverified)"[:64]
+    return f"{segment_label(roi, spec)} (AI, unverified)"[:64]
+
+
 def segment_label(roi: ROI, spec: LabelSpec) -> str:
     """A segment's label: "Nodule 2" for a finding or box, "Liver" for an organ."""
     return (spec.name if roi.kind == "anatomy" else f"{spec.name} {roi.index}")[:64]
@@ -122,7 +131,7 @@ def build_seg(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prov
                 display_color=hd.color.CIELabColor.from_rgb(*spec.color))
         descriptions.append(hd.seg.SegmentDescription(
             segment_number=n, segment_label=segment_label(roi, spec), tracking_uid=roi.tracking_uid,
-            tracking_id=f"{segment_label(roi, spec)} (AI, unverified)"[:64], **common))
+            tracking_id=seg_tracking_id(roi, spec), **common))
     numbers = list(range(1, len(rois) + 1))
     labelmap = card.outputs.seg_type == "labelmap"
     if labelmap and len(rois) > 255:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import highdicom as hd
 import numpy as np
@@ -39,7 +39,10 @@ from node.inference.rois import NOT_REPORTED, ROI, describe
 from node.outputs.equipment import Provenance, new_uid
 from node.outputs.seg import coded
 
-__all__ = ["UNLISTED_CODE", "build_sr", "unlisted_meaning"]
+if TYPE_CHECKING:
+    from node.followup.track import Change, FollowUp
+
+__all__ = ["CHANGE", "UNLISTED_CODE", "build_sr", "followup_summary", "unlisted_meaning"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +81,8 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
              seg: hd.seg.Segmentation | None, series_number: int,
              not_reported: dict[str, int] | None = None,
              statements: list[ClassStatement] | None = None,
-             inputs: Iterable[Dataset] = (), unlisted: int = 0) -> hd.sr.Comprehensive3DSR:
+             inputs: Iterable[Dataset] = (), unlisted: int = 0,
+             followup: FollowUp | None = None) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 measurement report.
 
     ``not_reported``: findings the route left out, by reason (``below_min_confidence``,
@@ -89,6 +93,9 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
     reference series' instances in the Current Requested Procedure Evidence.
     ``unlisted``: findings of the job that are in the SEG but not listed here (over ``[outputs] sr_max_findings``),
     stated in the Qualitative Evaluations container.
+    ``followup``: the job's follow-up (:mod:`node.followup`): each group carries the time point (TID 1502), each
+    tracked finding its change since the prior (:func:`_change_items`), each prior finding not seen any more a
+    point where it was expected, and the Qualitative Evaluations container the study's summary.
 
     Raises:
         OutputError: highdicom refused the content.
@@ -110,6 +117,11 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
         # many findings (a noisy model): each keeps its volume group and its outline with long axis and area,
         # not the separate long-axis line and centre point, so that the report stays quick to build and read
         compact = len(rois) > COMPACT_ABOVE
+        # a follow-up: the time point of every group, each tracked finding's change (by the job's finding number)
+        tracked = followup is not None and followup.not_matched is None
+        when = _time_point(followup) if followup is not None else None
+        changes = followup.of_number() if tracked and followup is not None else {}
+        days = followup.days if followup is not None else 0.0
         # a label's codes and the measurement concepts are the same for each of its findings: made once
         per_label: dict[int, tuple[Any, Any, Any]] = {}
         src_of: dict[int, hd.sr.SourceImageForRegion] = {}
@@ -127,9 +139,7 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
             anatomy = roi.kind == "anatomy"  # a whole organ: its volume, not a finding's measures
             if roi.tracking_uid is None:  # one identity per finding: the pipeline gives it; made here otherwise
                 roi.tracking_uid = new_uid(provenance.uid_root)
-            tracking = hd.sr.TrackingIdentifier(uid=roi.tracking_uid,
-                                                identifier=(f"{spec.name} (AI)" if anatomy
-                                                            else f"{spec.name} {roi.index} (AI)")[:64])
+            tracking = hd.sr.TrackingIdentifier(uid=roi.tracking_uid, identifier=roi.identifier())
             volume_m = hd.sr.Measurement(name=codes.SCT.Volume, value=float(roi.volume_mm3),
                                          unit=codes.UCUM.CubicMillimeter)
             diam3d = hd.sr.Measurement(name=codes.SCT.Diameter, value=float(roi.diameter_3d_mm),
@@ -138,6 +148,8 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
                                           unit=codes.UCUM.Millimeter)
             confidence = ([hd.sr.Measurement(name=CONFIDENCE, value=float(roi.confidence), unit=NO_UNITS)]
                           if roi.confidence is not None else [])
+            change = changes.get(roi.index)
+            change_m, change_q = _change_items(change, days) if change is not None else ([], None)
             if seg is not None and roi.tracking_uid in segment_of:
                 ref_seg = hd.sr.ReferencedSegment(
                     sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
@@ -145,8 +157,9 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
                     source_series=hd.sr.SourceSeriesForSegmentation(volume.series_uid))
                 groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                     tracking_identifier=tracking, referenced_segment=ref_seg, finding_type=finding,
-                    finding_category=category, algorithm_id=algo, finding_sites=sites,
-                    measurements=[volume_m] if anatomy else [volume_m, diam3d]))
+                    finding_category=category, algorithm_id=algo, finding_sites=sites, time_point_context=when,
+                    measurements=([volume_m] if anatomy else [volume_m, diam3d]) + change_m,
+                    qualitative_evaluations=change_q))
             src = src_of.get(roi.key_slice)
             if src is None:
                 src = src_of[roi.key_slice] = _source_image(volume, roi.key_slice)
@@ -162,6 +175,7 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
                     referenced_region=hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
                                                         graphic_data=outline, source_image=src),
                     finding_type=finding, finding_category=category, finding_sites=sites, algorithm_id=algo,
+                    time_point_context=when,
                     measurements=[volume_m if anatomy else long_axis,
                                   hd.sr.Measurement(name=codes.SCT.Area, value=round(area, 2),
                                                     unit=codes.UCUM.SquareMillimeter), *confidence]))
@@ -175,7 +189,7 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
                     tracking_identifier=tracking,
                     referenced_region=hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
                                                         graphic_data=axis, source_image=src),
-                    finding_type=finding, finding_category=category, algorithm_id=algo,
+                    finding_type=finding, finding_category=category, algorithm_id=algo, time_point_context=when,
                     measurements=[long_axis]))
             if for_uid:
                 groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
@@ -184,7 +198,7 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
                                                           graphic_data=np.array([roi.centroid_mm], dtype=np.float64),
                                                           frame_of_reference_uid=for_uid),
                     geometric_purpose=CENTER, finding_type=finding, finding_category=category,
-                    algorithm_id=algo))
+                    algorithm_id=algo, time_point_context=when))
         # what the report does not list, and a study without any finding, are stated in the document's Qualitative
         # Evaluations container (TID 1500), not in measurement groups: OHIF 3.13 throws on a measurement group
         # that references no image region, and takes the whole viewport down with it
@@ -201,6 +215,20 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
                 name=hd.sr.CodedConcept("121071", "DCM", "Finding"),
                 value=hd.sr.CodedConcept(UNLISTED_CODE, "99PREANNOT", unlisted_meaning(unlisted)),
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+        if followup is not None:
+            qualitative.append(hd.sr.TextContentItem(
+                name=hd.sr.CodedConcept("121106", "DCM", "Comment"), value=followup_summary(followup)[:1024],
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+            if tracked:
+                for gone in followup.not_seen():
+                    group = _not_seen_group(gone, volume, card, algo, when)
+                    if group is not None:
+                        groups.append(group)
+                    else:
+                        qualitative.append(hd.sr.TextContentItem(
+                            name=hd.sr.CodedConcept("121106", "DCM", "Comment"),
+                            value=f"{gone.tracking_id}: not seen; it was outside this series' field of view"[:1024],
+                            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
         for statement in statements or []:
             groups.append(_statement_group(statement, volume, provenance, algo))
         if not rois and not statements:
@@ -252,6 +280,99 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
         raise OutputError(f"highdicom refused the SR: {type(exc).__name__}: {exc}") from exc
     provenance.stamp(sr)
     return sr
+
+
+#: a tracked finding's change since the prior (local codes: no standard code states an AI's change; docs/followup.md)
+CHANGE = hd.sr.CodedConcept("CHANGE", "99PREANNOT", "Change since prior")
+CHANGE_VALUES = {"new": ("NEW", "New since prior"), "grown": ("GROWN", "Grown since prior"),
+                 "shrunk": ("SHRUNK", "Shrunk since prior"), "stable": ("STABLE", "Stable since prior"),
+                 "not seen": ("NOTSEEN", "Not seen at this time point")}
+PRIOR_VOLUME = hd.sr.CodedConcept("PRIORVOL", "99PREANNOT", "Volume at prior time point")
+VOLUME_CHANGE = hd.sr.CodedConcept("VOLCHG", "99PREANNOT", "Volume change since prior")
+VOLUME_CHANGE_PCT = hd.sr.CodedConcept("VOLCHGPCT", "99PREANNOT", "Volume change since prior (%)")
+PRIOR_DIAMETER = hd.sr.CodedConcept("PRIORDIAM", "99PREANNOT", "Diameter at prior time point")
+DOUBLING_TIME = hd.sr.CodedConcept("VDT", "99PREANNOT", "Volume doubling time")
+PERCENT = hd.sr.CodedConcept("%", "UCUM", "percent")
+DAYS = hd.sr.CodedConcept("d", "UCUM", "day")
+
+
+def _time_point(followup: FollowUp) -> hd.sr.TimePointContext:
+    """TID 1502 for this study: its date and its order among the patient's time points (the prior's + 1)."""
+    d = followup.study_date
+    label = f"{d[:4]}-{d[4:6]}-{d[6:8]}" if len(d) == 8 else (d or "follow-up")
+    return hd.sr.TimePointContext(time_point=label, time_point_order=followup.time_point_order)
+
+
+def followup_summary(followup: FollowUp) -> str:
+    """The study's follow-up in words (the SR's comment, the API's summary)."""
+    p = followup.prior_study_date
+    prior = f"{p[:4]}-{p[4:6]}-{p[6:8]}" if len(p) == 8 else "an earlier date"
+    if followup.not_matched is not None:
+        return f"AI follow-up: the prior result of {prior} was found, findings not matched: {followup.not_matched}"
+    counts: dict[str, int] = {}
+    for c in followup.changes:
+        counts[c.status] = counts.get(c.status, 0) + 1
+    text = (f"AI follow-up of the study of {prior} ({followup.days:.0f} days): "
+            + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    if followup.rejected:
+        text += f"; {followup.rejected} prior finding(s) rejected by the radiologist not carried"
+    sums = followup.diameter_sums()
+    if sums is not None and sums[0] > 0:
+        text += (f"; sum of diameters {sums[1]:.1f} mm (prior {sums[0]:.1f} mm, "
+                 f"{100.0 * (sums[1] / sums[0] - 1.0):+.0f} %)")
+    return text + "; computed by AI, unverified"
+
+
+def _change_items(change: Change, days: float) -> tuple[list[hd.sr.Measurement], list[hd.sr.QualitativeEvaluation]]:
+    """A tracked finding's change as measurements and a qualitative evaluation of its group."""
+    code, meaning = CHANGE_VALUES[change.status]
+    q = [hd.sr.QualitativeEvaluation(name=CHANGE, value=hd.sr.CodedConcept(code, "99PREANNOT", meaning))]
+    m: list[hd.sr.Measurement] = []
+    if change.prior_volume_mm3 is not None:
+        m.append(hd.sr.Measurement(name=PRIOR_VOLUME, value=round(change.prior_volume_mm3, 2),
+                                   unit=codes.UCUM.CubicMillimeter))
+    if change.volume_change_mm3 is not None:
+        m.append(hd.sr.Measurement(name=VOLUME_CHANGE, value=round(change.volume_change_mm3, 2),
+                                   unit=codes.UCUM.CubicMillimeter))
+    if change.volume_change_pct is not None:
+        m.append(hd.sr.Measurement(name=VOLUME_CHANGE_PCT, value=round(change.volume_change_pct, 2), unit=PERCENT))
+    if change.prior_diameter_mm is not None:
+        m.append(hd.sr.Measurement(name=PRIOR_DIAMETER, value=round(change.prior_diameter_mm, 2),
+                                   unit=codes.UCUM.Millimeter))
+    vdt = change.doubling_time_days(days)
+    if vdt is not None and change.kind == "finding":
+        m.append(hd.sr.Measurement(name=DOUBLING_TIME, value=round(vdt, 1), unit=DAYS))
+    return m, q
+
+
+def _not_seen_group(change: Change, volume: Volume, card: ModelCard, algo: hd.sr.AlgorithmIdentification,
+                    when: hd.sr.TimePointContext | None) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | None:
+    """A prior finding not seen any more: a point where the alignment puts it on this series' nearest slice, with
+    its prior volume and "Not seen at this time point" (None: it lies outside the series)."""
+    if change.expected_mm is None:
+        return None
+    ijk = np.linalg.solve(volume.affine[:3, :3], np.asarray(change.expected_mm) - volume.affine[:3, 3])
+    i, j, k = (float(v) for v in ijk)
+    nk, nj, ni = volume.shape
+    if not (-0.5 <= k <= nk - 0.5 and 0 <= i <= ni - 1 and 0 <= j <= nj - 1):
+        return None
+    spec = card.label(change.label)
+    finding = coded(spec.type) if spec is not None else None
+    category = coded(spec.category) if spec is not None else None
+    code, meaning = CHANGE_VALUES["not seen"]
+    measurements = []
+    if change.prior_volume_mm3 is not None:
+        measurements.append(hd.sr.Measurement(name=PRIOR_VOLUME, value=round(change.prior_volume_mm3, 2),
+                                              unit=codes.UCUM.CubicMillimeter))
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=change.tracking_uid, identifier=change.tracking_id[:64]),
+        referenced_region=hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POINT,
+                                            graphic_data=np.array([[i + 0.5, j + 0.5]]),
+                                            source_image=_source_image(volume, round(min(max(k, 0), nk - 1)))),
+        finding_type=finding, finding_category=category, algorithm_id=algo, time_point_context=when,
+        measurements=measurements,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(
+            name=CHANGE, value=hd.sr.CodedConcept(code, "99PREANNOT", meaning))])
 
 
 def _statement_group(st: ClassStatement, volume: Volume, provenance: Provenance,

@@ -86,6 +86,9 @@ class PipelineOptions:
     fsync: bool = True
     #: leave the preview PNG to :meth:`JobOutput.finish`, after the results are queued
     defer_preview: bool = False
+    #: the follow-up of the job's findings (the node's :class:`node.followup.PriorFinder` bound by the worker):
+    #: called with the volume, the findings, the model and a scratch folder; None: no follow-up
+    followup: Callable[[Volume, list[ROI], ModelInfo, Path], Any] | None = None
 
     @classmethod
     def for_route(cls, route: Route | None, config: NodeConfig, *, defer_preview: bool = False) -> PipelineOptions:
@@ -117,7 +120,7 @@ def finding_result(r: ROI) -> FindingResult:
         diameter_inplane_mm=r.diameter_inplane_mm if r.described else None, centroid_mm=r.centroid_mm,
         key_slice=r.key_slice, bbox=r.bbox, mean=r.mean, min=r.min, max=r.max, voxels=r.voxels,
         confidence=r.confidence, size_mm=r.size_mm, tracking_uid=r.tracking_uid,
-        tracking_id=(f"{r.label_name} (AI)" if r.kind == "anatomy" else f"{r.label_name} {r.index} (AI)")[:64])
+        tracking_id=r.identifier())
 
 
 def _class_results(findings: Findings) -> tuple[ClassResult, ...]:
@@ -231,11 +234,18 @@ def process_series(files: list[Path], ctx: ModelContext, out_dir: Path, *,
     timings.update(findings.timings)
     for r in findings.rois:  # one identity per finding, in the SR, the SEG, verdicts and follow-ups
         r.tracking_uid = new_uid(provenance.uid_root)
+    followup = None
+    if opts.followup is not None and not volume.projection and findings.rois is not None:
+        stage("followup")  # a finding seen before keeps its identity; what changed goes into the SR
+        t = time.perf_counter()
+        followup = opts.followup(volume, findings.rois, model, out_dir)
+        timings["followup"] = time.perf_counter() - t
 
     out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     request = OutputRequest(volume=volume, rois=findings.rois, listed=findings.listed, labels=findings.labels,
                             statements=findings.statements, not_reported=findings.not_reported, card=model.card,
-                            provenance=provenance, outputs=outputs, extra=opts.extra_outputs, evidence=evidence)
+                            provenance=provenance, outputs=outputs, extra=opts.extra_outputs, evidence=evidence,
+                            followup=followup)
     built: list[tuple[str, Dataset]] = []
     for output in OUTPUTS:
         if not output.wanted(request):
@@ -251,7 +261,9 @@ def process_series(files: list[Path], ctx: ModelContext, out_dir: Path, *,
     stage("check")  # every number against the objects it describes, before anything is written or sent
     t = time.perf_counter()
     problems = check_results(volume, findings.rois, request.made, listed=findings.listed, produced=findings.produced,
-                             left_out=findings.left_out, not_reported=findings.not_reported)
+                             left_out=findings.left_out, not_reported=findings.not_reported,
+                             not_seen={c.tracking_uid for c in followup.not_seen()}
+                             if followup is not None and followup.not_matched is None else set())
     timings["check"] = time.perf_counter() - t
     if problems:
         raise ConsistencyError(f"the results of series {volume.series_uid} fail the consistency check, nothing is "
@@ -293,7 +305,7 @@ def process_series(files: list[Path], ctx: ModelContext, out_dir: Path, *,
         findings=tuple(finding_result(r) for r in findings.rois), classes=_class_results(findings),
         not_reported=dict(findings.not_reported), intensity=intensity_profile(volume.pixels), resampled=resampled,
         timings={k: round(v, 4) for k, v in timings.items()}, files=files_out, output_dir=str(out_dir),
-        inputs=tuple(input_list))
+        inputs=tuple(input_list), followup=followup.to_dict() if followup is not None else None)
     write_private(out_dir / "result.json", result.to_json(indent=2))
     logger.info("series %s: %d ROI(s)%s, %s in %.1f s (inference %.1f s)", volume.series_uid, len(findings.rois),
                 "".join(f", {c.concept}: {c.value}" for c in result.classes),

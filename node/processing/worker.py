@@ -13,13 +13,14 @@ import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydicom import dcmread
 
 from node.config import NodeConfig, Route
 from node.delivery.notify import Notifier, study_of
 from node.errors import ComputeLostError, InputsPendingError, ModelRefusedError, PreannotError
+from node.followup import PriorFinder, follow
 from node.inference.kinds import load_runner
 from node.inference.prediction import Runner
 from node.inference.registry import ModelInfo, Registry
@@ -55,6 +56,8 @@ class WorkerContext:
     notifier: Notifier | None = None
     #: ``[compute] backend = "ray"``: the model actors that run inference instead of this process
     pool: ActorPool | None = None
+    #: finds each study's prior result ([followup]); None: no follow-ups
+    priors: PriorFinder | None = None
 
 
 class Worker(threading.Thread):
@@ -134,6 +137,24 @@ class Worker(threading.Thread):
             if job is None:
                 self.store.jobs_waiting.wait(self.poll_seconds)
 
+    def _follow(self, volume: Any, rois: list[Any], model: Any, scratch: Path) -> Any:
+        """The job's follow-up (the pipeline's hook): its prior found, aligned and matched."""
+        assert self.ctx.priors is not None
+        types = {spec.type.code: spec.value for spec in model.card.labels}
+        return follow(self.ctx.priors, volume, rois, model.name, self.config.followup, scratch, types)
+
+    def _index_for_followups(self, job: Job, files: list[Path], result: Any) -> None:
+        """Index the done job by patient, model and study date, for the patient's later studies (a failure is
+        logged: the result is out already)."""
+        if self.ctx.priors is None or not files:
+            return
+        try:
+            ds = dcmread(files[0], stop_before_pixels=True)
+            order = int((result.followup or {}).get("time_point_order") or 1)
+            self.ctx.priors.record(job.id, ds, job.model, job.series_uid, order)
+        except Exception as exc:
+            logger.warning("job %d: not indexed for follow-ups: %s: %s", job.id, type(exc).__name__, exc)
+
     def execute(self, job: Job) -> None:
         """Run one leased job to done / failed / dead."""
         self.current = job
@@ -148,6 +169,8 @@ class Worker(threading.Thread):
             provenance = Provenance.for_node(model, self.config.outputs, device_uid=self.ctx.device_uid)
             route = self._route(job.route)
             options = PipelineOptions.for_route(route, self.config, defer_preview=True)
+            if self.ctx.priors is not None and self.config.followup.enabled:
+                options = replace(options, followup=self._follow)
             inputs, versions = self._study_inputs(job, model)
             output = process_series(files, ModelContext(model, runner, provenance), out_dir, options=options,
                                     on_stage=self._set_stage, inputs=inputs)
@@ -172,6 +195,7 @@ class Worker(threading.Thread):
             self.store.complete(job.id, result=result, objects=output.objects, destinations=job.send_to,
                                 supersedes=supersedes, notifications=notifications, priority=priority,
                                 lease=job.started_at, regions=output.regions)
+            self._index_for_followups(job, files, result)
             if self.metrics is not None:
                 self.metrics.observe_job(job.model, "done", result.timings)
                 if result.time_to_result_s is not None:

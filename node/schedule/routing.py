@@ -87,11 +87,23 @@ class RaisedFlags:
 
 
 def raised_flags(route: Route | None, result: JobResult) -> RaisedFlags:
-    """The flags of ``route`` that ``result`` raises (``[[routes.flags]]``)."""
+    """The flags of ``route`` that ``result`` raises (``[[routes.flags]]``): a classifier's class, a follow-up's new
+    finding or growth."""
     raised: list[tuple[str, RouteFlag]] = []
     for flag in route.flags if route is not None else []:
         wanted = {c.strip().lower() for c in flag.classes}
         for c in result.classes:  # the class name as the card names it, or its code's meaning
             if c.value.strip().lower() in wanted or (c.meaning and c.meaning.strip().lower() in wanted):
                 raised.append((f"class {c.value}", flag))
+        fu = result.followup or {}
+        if fu.get("not_matched") is None:  # a follow-up's change (only where the findings were matched)
+            changes = fu.get("changes") or []
+            new = [c for c in changes if c.get("status") == "new" and c.get("kind") != "anatomy"]
+            if flag.new_finding and new:
+                raised.append((f"followup: {len(new)} new finding(s)", flag))
+            if flag.growth_pct is not None:
+                grown = [c for c in changes if c.get("kind") != "anatomy" and c.get("volume_change_pct") is not None
+                         and c["volume_change_pct"] >= flag.growth_pct]
+                if grown:
+                    raised.append((f"followup: {len(grown)} finding(s) grown >= {flag.growth_pct:g} %", flag))
     return RaisedFlags(raised)

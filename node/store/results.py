@@ -134,6 +134,9 @@ class JobResult:
     flags: tuple[str, ...] = ()
     #: a study-level model's input series: name, series_uid, reference, description, modality, instances, selected
     inputs: tuple[dict[str, Any], ...] = ()
+    #: the follow-up (node.followup.FollowUp.to_dict): the prior, the alignment, each finding's change; None when
+    #: the patient has no prior result of the model (or follow-ups are off)
+    followup: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for f in ("timings", "intensity", "spacing_mm"):

@@ -27,7 +27,7 @@ from node.errors import PreannotError
 from node.store.audit import events
 from node.store.jobs import Job, JobState
 from node.store.series import SeriesState
-from node.web.dashboard import render_dashboard, render_judge, trend_png
+from node.web.dashboard import render_dashboard, render_followup, render_judge, trend_png
 from node.web.view import NodeView
 
 __all__ = ["create_app"]
@@ -236,6 +236,29 @@ def create_app(node: NodeView) -> FastAPI:
             raise HTTPException(404, f"job {job_id} has no preview")
         return FileResponse(path, media_type="image/png")
 
+    @app.get("/api/jobs/{job_id}/followup", tags=["jobs"], dependencies=reads)
+    def followup(job_id: JobId) -> dict[str, Any]:
+        """The patient's findings over time up to this job: its time points (oldest first) and one line per
+        lesion (volume and diameter at each time point; status new, grown, shrunk, stable, not seen)."""
+        from node.followup.timeline import timeline
+
+        _get(job_id)
+        return timeline(job_id, _result_of)
+
+    @app.get("/api/jobs/{job_id}/followup.png", tags=["jobs"], dependencies=reads)
+    def followup_png(job_id: JobId) -> Response:
+        """The same as a plot: one line per lesion, its volume over time."""
+        from node.followup.timeline import timeline, timeline_png
+
+        _get(job_id)
+        return Response(timeline_png(timeline(job_id, _result_of)), media_type="image/png")
+
+    def _result_of(job_id: int) -> Any:
+        try:
+            return node.store.get(job_id).result
+        except PreannotError:
+            return None
+
     @app.get("/api/deliveries", tags=["deliveries"], dependencies=reads)
     def deliveries(state: str | None = None, limit: Annotated[int, Query(le=5000)] = 200) -> list[dict[str, Any]]:
         try:
@@ -316,6 +339,11 @@ def create_app(node: NodeView) -> FastAPI:
     def judge_page(job_id: JobId) -> HTMLResponse:
         _get(job_id)
         return HTMLResponse(render_judge(node, job_id))
+
+    @app.get("/followup/{job_id}", response_class=HTMLResponse, include_in_schema=False, dependencies=reads)
+    def followup_page(job_id: JobId) -> HTMLResponse:
+        _get(job_id)
+        return HTMLResponse(render_followup(node, job_id))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False, dependencies=reads)
     def dashboard() -> HTMLResponse:

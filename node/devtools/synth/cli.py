@@ -119,3 +119,47 @@ def phases(
     for s in series:
         typer.echo(f"  {s.folder.name}: {s.description} ({s.files} images)")
     typer.echo(f"wrote {len(series)} series to {out}")
+
+
+@app.command("followup")
+def followup(
+    out: Annotated[Path, typer.Option(help="Output folder: one sub-folder per pair (prior/, current/, truth)")],
+    n: Annotated[int, typer.Option(help="Number of pairs")] = 1,
+    first_seed: Annotated[int, typer.Option(help="Seed of the first pair; pair i uses first_seed + i")] = 31,
+    shift_mm: Annotated[float, typer.Option(help="Table shift between the two scans (mm)")] = -15.0,
+    rotation_deg: Annotated[float, typer.Option(help="Rotation of the patient about the table axis (degrees)")] = 4.0,
+    days: Annotated[int, typer.Option(help="Days between the two studies")] = 182,
+    random_motion: Annotated[bool, typer.Option(
+        help="Each pair its own motion, drawn from its seed: up to 5 degrees about each axis, a table shift of "
+             "10 to 25 mm and up to 8 mm across (instead of --shift-mm and --rotation-deg)")] = False,
+) -> None:
+    """Write follow-up pairs: one phantom patient scanned twice (another frame of reference, the table shifted
+    and the patient rotated; one lesion grown 40 %, one shrunk, one unchanged, one gone, one new), with the truth
+    (truth.json, and a SEG per time point whose lesions keep their tracking UID)."""
+    from node.devtools.synth.followup import make_followup_pair, write_followup_pair
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = 0
+    seed = first_seed
+    with typer.progressbar(length=n, label="generating pairs") as bar:
+        while written < n:
+            rotation, shift = (2.0, 0.0, rotation_deg), (4.0, -3.0, shift_mm)
+            if random_motion:
+                import numpy as np
+
+                rng = np.random.default_rng(seed)
+                rotation = tuple(float(v) for v in rng.uniform(-5.0, 5.0, 3))  # type: ignore[assignment]
+                shift = (float(rng.uniform(-8, 8)), float(rng.uniform(-8, 8)),
+                         float(rng.choice([-1, 1]) * rng.uniform(10, 25)))
+            try:
+                pair = make_followup_pair(seed, rotation_deg=rotation, translation_mm=shift)
+            except ValueError as exc:
+                typer.echo(f"  seed {seed} skipped: {exc}", err=True)
+                seed += 1
+                continue
+            pair.days = days
+            write_followup_pair(pair, out / f"pair_{seed:05d}", seed=seed)
+            written += 1
+            seed += 1
+            bar.update(1)
+    typer.echo(f"wrote {written} pair(s) to {out}")

@@ -13,12 +13,13 @@ blood 45, cortical bone 1000, cancellous bone 300, solid lesion 15..60, ground-g
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["CaseGeometry", "Lesion", "Phantom", "make_phantom"]
+__all__ = ["CaseGeometry", "Lesion", "Phantom", "PlacedLesion", "make_phantom", "placed_voxels"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,17 @@ class Lesion:
     attached_to: str  # "none", "pleura" or "vessel"
     voxels: int = 0
     volume_mm3: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class PlacedLesion:
+    """A lesion painted where it is told to be (a follow-up's lesions keep their place and shape, change size).
+    ``shape_seed`` draws its shape and density: the same seed at two time points gives the same lesion, scaled."""
+
+    center: tuple[float, float, float]
+    diameter_mm: float
+    shape_seed: int
+    kind: str = "solid"
 
 
 @dataclass(slots=True)
@@ -172,8 +184,48 @@ def _lesion_shape(rng: np.random.Generator, px: np.ndarray, py: np.ndarray, pz: 
     return rr / mod
 
 
+def placed_voxels(spec: PlacedLesion, geometry: CaseGeometry) -> int:
+    """How many voxels of ``geometry`` the lesion covers where nothing overlaps it (to size a follow-up's lesion)."""
+    rng = np.random.default_rng(spec.shape_seed)
+    center = np.asarray(spec.center, dtype=np.float64)
+    radius = spec.diameter_mm / 2.0
+    found = _Renderer(geometry).box(center - radius * 1.6, center + radius * 1.6)
+    if found is None:
+        return 0
+    _sl, px, py, pz = found
+    return int(np.count_nonzero(_lesion_shape(rng, px, py, pz, center, radius) <= 1.0))
+
+
+def _paint_placed(ren: _Renderer, hu: np.ndarray, labels: np.ndarray, lesions: list[Lesion], tex: np.ndarray,
+                  spec: PlacedLesion, geom: CaseGeometry) -> None:
+    """Paint one :class:`PlacedLesion` (its own random stream: its shape does not depend on the others)."""
+    rng = np.random.default_rng(spec.shape_seed)
+    center = np.asarray(spec.center, dtype=np.float64)
+    radius = spec.diameter_mm / 2.0
+    found = ren.box(center - radius * 1.6, center + radius * 1.6)
+    if found is None:
+        return
+    sl, px, py, pz = found
+    rr = _lesion_shape(rng, px, py, pz, center, radius)
+    inside = rr <= 1.0
+    region = hu[sl]
+    if spec.kind == "solid":
+        region[inside] = rng.uniform(15.0, 60.0) + 10.0 * tex[sl][inside]
+    else:
+        region[inside] = rng.uniform(-650.0, -400.0) + 40.0 * tex[sl][inside]
+        region[(rr <= rng.uniform(0.35, 0.6)) & inside] = rng.uniform(10.0, 50.0)
+    index = len(lesions) + 1
+    labels[sl][inside] = index
+    voxels = int(np.count_nonzero(labels[sl] == index))
+    if voxels:
+        lesions.append(Lesion(index=index, center=tuple(float(c) for c in center),  # type: ignore[arg-type]
+                              diameter_mm=round(spec.diameter_mm, 2), kind=spec.kind, attached_to="none",
+                              voxels=voxels, volume_mm3=round(voxels * geom.spacing_xy ** 2 * geom.spacing_z, 1)))
+
+
 def make_phantom(seed: int, geometry: CaseGeometry | None = None, *, n_lesions: int | None = None,
-                 noise_hu: float = 18.0) -> Phantom:
+                 noise_hu: float = 18.0, diameters: Sequence[float] | None = None,
+                 placed: Sequence[PlacedLesion] | None = None) -> Phantom:
     """Render one synthetic chest CT case.
 
     Args:
@@ -181,6 +233,8 @@ def make_phantom(seed: int, geometry: CaseGeometry | None = None, *, n_lesions: 
         geometry: the grid; defaults to 256 x 256 x 96 at 1.41 x 1.41 x 2.5 mm.
         n_lesions: number of lesions to place; random 0-4 when None (about 15% of cases have none).
         noise_hu: standard deviation of the image noise in HU.
+        diameters: the lesions' diameters (mm), placed at random well inside the lungs (``n_lesions`` ignored).
+        placed: lesions painted where they are given (nothing placed at random); the anatomy is the seed's.
 
     Returns:
         The phantom: HU volume (float32, ``[k, j, i]``), lesion labels (uint8) and lesion list.
@@ -271,6 +325,12 @@ def make_phantom(seed: int, geometry: CaseGeometry | None = None, *, n_lesions: 
     lesions: list[Lesion] = []
     count = int(rng.choice([0, 1, 1, 2, 2, 3, 4], p=[0.15, 0.2, 0.15, 0.15, 0.15, 0.1, 0.1])) \
         if n_lesions is None else n_lesions
+    if diameters is not None:
+        count = len(diameters)
+    if placed is not None:
+        count = 0
+        for spec in placed:
+            _paint_placed(ren, hu, labels, lesions, tex, spec, geom)
     lung_dist = ndimage.distance_transform_edt(lungs, sampling=(geom.spacing_z, geom.spacing_xy, geom.spacing_xy))
     vessel_near = ndimage.binary_dilation(vmask, iterations=2) & lungs
     attempts = 0
@@ -279,6 +339,9 @@ def make_phantom(seed: int, geometry: CaseGeometry | None = None, *, n_lesions: 
         diameter = float(np.exp(rng.uniform(math.log(3.0), math.log(30.0))))
         radius = diameter / 2.0
         mode = rng.choice(["none", "pleura", "vessel"], p=[0.5, 0.25, 0.25])
+        if diameters is not None:
+            diameter = float(diameters[len(lesions)])
+            radius, mode = diameter / 2.0, "none"
         if mode == "pleura":
             cand = np.argwhere((lung_dist > radius * 0.3) & (lung_dist < radius * 0.8 + 1.0))
         elif mode == "vessel":

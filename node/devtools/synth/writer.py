@@ -22,7 +22,7 @@ from pydicom.uid import (
 from node import __version__
 from node.devtools.synth.phantom import Phantom
 
-__all__ = ["SYNTH_UID_ROOT", "write_case", "write_ground_truth_seg", "write_series"]
+__all__ = ["SYNTH_UID_ROOT", "write_case", "write_ground_truth_seg", "write_series", "write_tracked_truth_seg"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,11 +99,12 @@ def tilted_stack(phantom: Phantom, tilt_deg: float, *, noise_hu: float = 0.0, se
 
 def write_series(phantom: Phantom, out_dir: Path, *, seed: int, patient_name: str = "SYNTHETIC^CHEST",
                  patient_id: str | None = None, compress: bool = False, tilt_deg: float = 0.0,
-                 noise_hu: float = 0.0) -> list[Path]:
+                 noise_hu: float = 0.0, when: _dt.datetime | None = None) -> list[Path]:
     """Write the phantom's HU volume as single-frame CT instances, one file per slice.
 
     ``tilt_deg`` writes it as a gantry-tilted acquisition (:func:`tilted_stack`, which adds ``noise_hu``
-    after sampling: pass a phantom made without noise), with GantryDetectorTilt.
+    after sampling: pass a phantom made without noise), with GantryDetectorTilt. ``when``: the study's date and
+    time (default: one derived from the seed).
 
     Returns:
         The written paths, in slice order.
@@ -114,7 +115,8 @@ def write_series(phantom: Phantom, out_dir: Path, *, seed: int, patient_name: st
     study_uid = _uid(seed, "study")
     series_uid = _uid(seed, "series")
     for_uid = _uid(seed, "for")
-    when = _dt.datetime(2026, 1, 1, 9, 0, 0) + _dt.timedelta(days=seed % 300, minutes=seed % 600)
+    if when is None:
+        when = _dt.datetime(2026, 1, 1, 9, 0, 0) + _dt.timedelta(days=seed % 300, minutes=seed % 600)
     pid = patient_id or f"SYN{seed:06d}"
     stored = np.clip(np.rint((tilted.hu if tilted else phantom.hu) + 1024.0), 0, 4095).astype(np.uint16)
     x0, y0, z0 = geom.origin
@@ -225,6 +227,39 @@ def write_ground_truth_seg(phantom: Phantom, source_paths: list[Path], out_path:
         content_label="GROUNDTRUTH",
         omit_empty_frames=bool(mask.any()),
     )
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    seg.save_as(out_path)
+    return out_path
+
+
+def write_tracked_truth_seg(labels: np.ndarray, lesions: dict[int, tuple[str, str]], source_paths: list[Path],
+                            out_path: Path, *, seed: int) -> Path:
+    """A ground-truth SEG with one segment per lesion (``lesions``: label value -> (tracking UID, tracking ID)):
+    a lesion keeps its tracking UID at every time point, so a longitudinal set states which lesion is which."""
+    from pydicom import dcmread
+
+    sources = [dcmread(p, stop_before_pixels=True) for p in source_paths]
+    values = [v for v in sorted(lesions) if (labels == v).any()]
+    descriptions = [hd.seg.SegmentDescription(
+        segment_number=n, segment_label=lesions[v][1][:64], segmented_property_category=LESION_CATEGORY,
+        segmented_property_type=LESION_TYPE, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+        anatomic_regions=[codes.SCT.Lung], tracking_uid=lesions[v][0], tracking_id=lesions[v][1][:64])
+        for n, v in enumerate(values, start=1)]
+    stack = np.zeros((*labels.shape, max(len(values), 1)), dtype=np.uint8)
+    for n, v in enumerate(values):
+        stack[..., n] = labels == v
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=stack if values else stack[..., 0],
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions or [hd.seg.SegmentDescription(
+            segment_number=1, segment_label="none", segmented_property_category=LESION_CATEGORY,
+            segmented_property_type=LESION_TYPE, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)],
+        series_instance_uid=_uid(seed, "gt-series", out_path.name), series_number=900,
+        sop_instance_uid=_uid(seed, "gt-instance", out_path.name), instance_number=1,
+        manufacturer="preannot synthetic phantom", manufacturer_model_name="node.devtools.synth ground truth",
+        software_versions=__version__, device_serial_number="synthetic",
+        series_description="Ground truth lesions, tracked (synthetic)", content_label="GROUNDTRUTH",
+        omit_empty_frames=bool(values))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     seg.save_as(out_path)
     return out_path
