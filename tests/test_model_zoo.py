@@ -72,7 +72,8 @@ def test_spleen_bundle_as_published_gives_the_organ_with_its_volume(
 def test_spleen_bundle_labels_and_confidence_identical_with_node_transforms(tmp_path: Path,
                                                                                 small_series: Path) -> None:
     """The published Spacingd (trilinear) and Invertd (trilinear on the softmax, then argmax) replaced by the
-    node's bounded resampling: the same labels and the same confidence map as MONAI's own transforms."""
+    node's bounded resampling, and the two classes carried by class 1's probability alone (softmax, resampling back
+    and argmax on one channel): the same labels and the same confidence map as MONAI's own transforms."""
     from node.imaging.volume import load_series
     from node.inference.registry import load_model
     from node.inference.resample import BoundedSpacingd
@@ -83,6 +84,7 @@ def test_spleen_bundle_labels_and_confidence_identical_with_node_transforms(tmp_
                         tilt=0.0)
     bounded, stock = (BundleRunner(load_model(d), device="cpu") for d in (bounded_dir, stock_dir))
     assert [type(t) for t in bounded.preprocessing.transforms].count(BoundedSpacingd) == 1
+    assert bounded._binary is not None and stock._binary is None  # the one-channel path is the one tested
     assert "Spacingd" in [type(t).__name__ for t in stock.preprocessing.transforms]
     volume = load_series(sorted(small_series.glob("*.dcm")))
     pa, pb = bounded.predict(volume), stock.predict(volume)

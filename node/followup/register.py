@@ -2,8 +2,11 @@
 
 CT is aligned on its HU, any other modality on its values scaled between their percentiles (MR has no absolute
 scale). The two series are in different frames of reference and the patient lies differently, so their patient
-coordinates say nothing about each other: the prior is aligned to the follow-up by intensity (Mattes mutual
-information, two resolution levels, a 6-parameter Euler transform started from the two bodies' centres of mass).
+coordinates say nothing about each other: the prior is aligned to the follow-up by intensity, a 6-parameter Euler
+transform started from the two bodies' centres of mass: first Mattes mutual information on 8 and 4 mm voxels
+(regular-step gradient descent), then the correlation on 2.5 mm voxels (conjugate gradient with a line search),
+the refinement kept only when it correlates better. The refinement is what makes a sagittal 2 mm head MR moved by
+5 degrees come out within 0.2 mm instead of 5 mm (the first stage alone stops early there; tests/test_followup.py).
 The result is checked before anything is matched: the normalised cross-correlation of the two series over the
 body after alignment must reach ``min_ncc`` and the rotation stay within ``max_rotation_deg``. A registration that
 fails either gives no alignment, and the follow-up says so instead of matching findings at random.

