@@ -191,10 +191,14 @@ def test_node_store_prior_drops_rejected_and_carries_edited(tmp_path: Path, pair
 
 
 @pytest.mark.integration
-def test_followup_through_a_node_and_orthanc_with_the_store_purged(pair_dir: Path, tmp_path: Path,
-                                                                   dciodvfy: Any) -> None:
-    """The prior made by one node and sent to Orthanc; a fresh node (nothing in its store) gets the follow-up,
-    finds the prior in Orthanc (C-FIND, C-GET of the SR, the SEG and the images) and carries its identities."""
+def test_followup_through_a_node_and_orthanc_with_the_store_purged(pair: FollowUpPair, pair_dir: Path,
+                                                                   tmp_path: Path, dciodvfy: Any) -> None:
+    """The prior made by one node (the demo model) and sent to Orthanc; a fresh node (nothing in its store) gets the
+    follow-up, finds the prior in Orthanc (C-FIND, C-GET of the SR, the SEG and the images) and carries its
+    identities: each lesion seen before keeps its tracking UID, the new one gets its own, the gone one is listed as
+    not seen, and each volume change is within 10 % of the truth. The demo model segments this pair's isolated
+    nodules within a few percent at both time points (on other pairs its volumes are far less exact, see
+    docs/physicists.md): what is checked here is the node's chain, from the model's regions to the PACS."""
     from node.config import load_config
     from node.service import Node
     from tests.conftest import free_port, node_toml, wait_for
@@ -243,6 +247,9 @@ fetch_from = "pacs"
                 client.upload(p.read_bytes())
             prior_study = str(dcmread(next((pair_dir / "prior").glob("*.dcm"))).StudyInstanceUID)
             before = wait_for(lambda: results(prior_study), 240, interval=1.0, what="the prior's SEG and SR in Orthanc")
+            done = first.store.list_jobs()[0].result
+            assert done is not None
+            prior_findings = done.findings
         finally:
             first.stop()
         second = start("second")  # the node's own store is empty: the prior can only come from the PACS
@@ -253,7 +260,8 @@ fetch_from = "pacs"
             after = wait_for(lambda: results(current_study), 300, interval=1.0,
                              what="the follow-up's SEG and SR in Orthanc")
             job = second.store.list_jobs()[0]
-            fu = job.result.followup if job.result is not None else None
+            assert job.result is not None
+            fu, now_findings = job.result.followup, job.result.findings
         finally:
             second.stop()
     finally:
@@ -275,6 +283,28 @@ fetch_from = "pacs"
     for c in fu["changes"]:
         if c["status"] == "not seen":
             assert c["tracking_uid"] in prior_uids and c["tracking_uid"] not in now_uids
+
+    def near(findings: Any, centre: Any) -> Any:
+        best = min(findings, key=lambda f: float(np.linalg.norm(np.array(f.centroid_mm) - centre)))
+        assert float(np.linalg.norm(np.array(best.centroid_mm) - centre)) < 5.0, "the model missed a lesion"
+        return best
+
+    by_number = {c["number"]: c for c in fu["changes"] if c["number"] is not None}
+    not_seen = {c["tracking_uid"] for c in fu["changes"] if c["status"] == "not seen"}
+    for truth in pair.lesions:
+        if truth.status == "gone":
+            assert near(prior_findings, truth.prior_center_mm).tracking_uid in not_seen
+        elif truth.status == "new":
+            f = near(now_findings, truth.current_center_mm)
+            assert by_number[f.number]["status"] == "new" and f.tracking_uid not in prior_uids
+        else:
+            before_f, now_f = near(prior_findings, truth.prior_center_mm), near(now_findings, truth.current_center_mm)
+            assert now_f.tracking_uid == before_f.tracking_uid, truth.status
+            change = by_number[now_f.number]
+            assert truth.volume_ratio is not None
+            measured = 1.0 + change["volume_change_pct"] / 100.0
+            assert abs(measured - truth.volume_ratio) <= 0.10 * truth.volume_ratio, (truth.status, measured,
+                                                                                      truth.volume_ratio)
 
 
 @pytest.mark.integration
@@ -350,6 +380,7 @@ def test_node_follows_up_from_its_own_store_with_flags_api_and_fhir(pair_dir: Pa
         node.stop()
 
 
+@pytest.mark.slow
 def test_synth_and_evaluate_followup_commands(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

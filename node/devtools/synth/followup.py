@@ -4,9 +4,11 @@ new, and the truth of each (which lesion is which, its volume at each time point
 the follow-up's patient coordinates).
 
 The anatomy is the seed's (:func:`~node.devtools.synth.phantom.make_phantom`); each lesion keeps its own shape
-stream, so that a lesion at the second time point is the first one scaled. The follow-up is rendered in the
-prior's body coordinates and resampled through the patient's motion ``p_current = R @ p_prior + t`` (trilinear
-for the image, nearest for the labels), so the volumes in the truth are the voxels each series really holds.
+stream, so that a lesion at the second time point is the first one scaled. Both time points are rendered without
+noise in the body's coordinates, resampled into the patient's pose of the day (trilinear for the image, nearest for
+the labels: the prior a fraction of a voxel off, the follow-up by the motion asked for), then given the scanner's
+noise, so that neither image is smoother than the other; the truth's ``p_current = R @ p_prior + t`` composes the two
+poses, and its volumes are the voxels each series really holds.
 """
 
 from __future__ import annotations
@@ -96,6 +98,13 @@ def _moved(phantom: Phantom, rotation: np.ndarray, translation: np.ndarray) -> P
     return Phantom(geometry=geom, hu=hu.astype(np.float32), labels=labels.astype(np.uint8), lesions=phantom.lesions)
 
 
+def _noisy(phantom: Phantom, rng: np.random.Generator, noise_hu: float = 18.0) -> Phantom:
+    """The scanner's noise added to a noiseless phantom (as ``make_phantom`` adds it, outside air only)."""
+    hu = phantom.hu + rng.normal(0.0, noise_hu, phantom.hu.shape).astype(np.float32) * (phantom.hu > -990.0)
+    return Phantom(geometry=phantom.geometry, hu=np.clip(hu, -1024.0, 3071.0).astype(np.float32),
+                   labels=phantom.labels, lesions=phantom.lesions)
+
+
 def _volumes(phantom: Phantom) -> dict[int, tuple[float, tuple[float, float, float]]]:
     """Lesion number -> (volume mm3, centroid mm) from its labels."""
     geom = phantom.geometry
@@ -148,11 +157,19 @@ def make_followup_pair(seed: int, geometry: CaseGeometry | None = None, *,
             later.append((status, n, _scaled(first[-1], ratio, geom)))
     new = placer.lesions[len(PLAN)]
     later.append(("new", -1, PlacedLesion(new.center, diameters[len(PLAN)], seed * 100 + len(PLAN), "solid")))
-    prior = make_phantom(seed, geom, placed=first)
-    body = make_phantom(seed, geom, placed=[p for _s, _n, p in later])
-    rotation = rotation_matrix(rotation_deg)
-    t = np.asarray(translation_mm, dtype=np.float64)
-    current = _moved(body, rotation, t)
+    # both time points go through the same steps (render without noise, the patient's pose resampled, then the
+    # scanner's noise), so that neither is smoother than the other: the prior in a pose of its own a fraction of a
+    # voxel and of a degree off the body's, the follow-up in the pose asked for
+    rng = np.random.default_rng(seed + 99)
+    pose = rotation_matrix((0.0, 0.0, 0.7)), np.array([0.37, -0.41, 0.29])
+    prior = _noisy(_moved(make_phantom(seed, geom, placed=first, noise_hu=0.0), *pose), rng)
+    body = make_phantom(seed, geom, placed=[p for _s, _n, p in later], noise_hu=0.0)
+    moved_r = rotation_matrix(rotation_deg)
+    moved_t = np.asarray(translation_mm, dtype=np.float64)
+    current = _noisy(_moved(body, moved_r, moved_t), rng)
+    # prior patient point -> body -> follow-up patient point
+    rotation = moved_r @ pose[0].T
+    t = moved_t - rotation @ pose[1]
     before, after = _volumes(prior), _volumes(current)
     pair = FollowUpPair(prior=prior, current=current, rotation=rotation, translation_mm=t)
     later_index = {n: m + 1 for m, (_s, n, _p) in enumerate(later)}

@@ -233,7 +233,8 @@ def make_phantom(seed: int, geometry: CaseGeometry | None = None, *, n_lesions: 
         geometry: the grid; defaults to 256 x 256 x 96 at 1.41 x 1.41 x 2.5 mm.
         n_lesions: number of lesions to place; random 0-4 when None (about 15% of cases have none).
         noise_hu: standard deviation of the image noise in HU.
-        diameters: the lesions' diameters (mm), placed at random well inside the lungs (``n_lesions`` ignored).
+        diameters: the lesions' diameters (mm), placed at random well inside the lungs and clear of the vessels
+            (``n_lesions`` ignored).
         placed: lesions painted where they are given (nothing placed at random); the anatomy is the seed's.
 
     Returns:
@@ -325,8 +326,10 @@ def make_phantom(seed: int, geometry: CaseGeometry | None = None, *, n_lesions: 
     lesions: list[Lesion] = []
     count = int(rng.choice([0, 1, 1, 2, 2, 3, 4], p=[0.15, 0.2, 0.15, 0.15, 0.15, 0.1, 0.1])) \
         if n_lesions is None else n_lesions
-    if diameters is not None:
+    clear = None
+    if diameters is not None:  # chosen sizes: isolated nodules, clear of the vessels (what a follow-up measures)
         count = len(diameters)
+        clear = ndimage.distance_transform_edt(~vmask, sampling=(geom.spacing_z, geom.spacing_xy, geom.spacing_xy))
     if placed is not None:
         count = 0
         for spec in placed:
@@ -346,6 +349,8 @@ def make_phantom(seed: int, geometry: CaseGeometry | None = None, *, n_lesions: 
             cand = np.argwhere((lung_dist > radius * 0.3) & (lung_dist < radius * 0.8 + 1.0))
         elif mode == "vessel":
             cand = np.argwhere(vessel_near & (lung_dist > radius + 2.0))
+        elif clear is not None:
+            cand = np.argwhere((lung_dist > radius + 4.0) & (clear > radius * 1.3 + 3.0))
         else:
             cand = np.argwhere(lung_dist > radius + 4.0)
         if len(cand) == 0:
