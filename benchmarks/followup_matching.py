@@ -3,7 +3,8 @@
 Each pair (``node.devtools.synth.followup``) is one phantom patient scanned twice: the second time in another frame
 of reference, the patient moved by a random rigid motion (a table shift of 10 to 25 mm, up to 8 mm across, up to
 5 degrees about each axis), one lesion grown 40 % in volume, one shrunk to 55 %, one unchanged, one gone and one
-new. The findings given to the matcher are the lesions' own (the truth's volumes and centres), so the figure is
+new (a lesion the motion takes out of the follow-up's field of view must be said not seen). The findings given to
+the matcher are the lesions' own (the truth's volumes and centres), so the figure is
 that of the alignment and the matching, not of a detector. A lesion counts as right when a tracked one is paired
 with itself, the gone one is said not seen and the new one new.
 
@@ -72,7 +73,7 @@ def run(pairs: int, first_seed: int, out: Path | None) -> dict[str, object]:
         gone = {c.tracking_uid for c in changes if c.status == NOT_SEEN}
         errors = []
         for les in pair.lesions:
-            if les.status == "gone":
+            if les.status in ("gone", "out of view"):  # not in the follow-up: said not seen
                 ok = f"p{les.prior_index}" in gone
             elif les.status == "new":
                 ok = status_of.get(les.current_index) == NEW

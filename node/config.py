@@ -452,7 +452,7 @@ class FollowUpConfig(_Section):
     #: the alignment's quality floor: normalised cross-correlation of the two series over the body
     min_ncc: float = Field(0.7, gt=0, le=1)
     #: a prior and a follow-up finding are the same when their centres, after alignment, are within
-    #: max(min_gate_mm, gate_factor x the larger equivalent diameter)
+    #: max(min_gate_mm, gate_factor x the smaller equivalent diameter)
     min_gate_mm: float = Field(10.0, gt=0)
     gate_factor: float = Field(0.75, gt=0)
     #: volume change (%) from which a finding is said grown or shrunk (else stable)

@@ -496,3 +496,17 @@ def _header() -> Any:
     ds = Dataset()
     ds.StudyDate = "20261201"
     return ds
+
+
+def test_a_huge_false_positive_does_not_claim_a_distant_new_nodule() -> None:
+    """The gate uses the smaller of the two sizes: a prior region of a whole lung (1.5 litres) 90 mm away does not
+    take a new 10 mm nodule's identity."""
+    from node.followup.register import Alignment
+
+    same = Alignment(np.eye(3), np.zeros(3), 0.9, 0.9, 0.0, 0.0)
+    prior = [PriorFinding("lung", "Nodule 1 (AI)", 1, "finding", 1_500_000.0, None, (0.0, 0.0, 0.0))]
+    current = [Current(1, 1, "finding", 520.0, 10.0, (90.0, 0.0, 0.0)),
+               Current(2, 1, "finding", 1_400_000.0, None, (3.0, 0.0, 0.0))]
+    changes, matched = match_findings(prior, current, same)
+    assert matched[2].tracking_uid == "lung" and 1 not in matched
+    assert next(c for c in changes if c.number == 1).status == NEW

@@ -38,7 +38,10 @@ class StoreSink:
         ds = event.dataset
         uid = str(ds.SOPInstanceUID)
         raw = event.encoded_dataset(include_meta=True)
-        (self.folder / f"{safe_uid(uid)}.dcm").write_bytes(raw)
+        final = self.folder / f"{safe_uid(uid)}.dcm"
+        part = final.with_suffix(".part")  # whoever lists the folder sees whole files only
+        part.write_bytes(raw)
+        part.replace(final)
         with self._lock:
             self.received[uid] = self.received.get(uid, 0) + 1
         return 0x0000

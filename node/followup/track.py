@@ -3,7 +3,7 @@
 Each prior finding is carried into the follow-up's patient coordinates by the alignment
 (:mod:`node.followup.register`) and paired one-to-one with the follow-up's findings of the same label (the
 Hungarian assignment on the distance between centres), a pair kept only when its centres lie within the gate:
-``max(min_gate_mm, gate_factor x the larger equivalent diameter)``. A matched finding keeps the prior's tracking
+``max(min_gate_mm, gate_factor x the smaller equivalent diameter)``. A matched finding keeps the prior's tracking
 identifier and UID; an unmatched follow-up finding is new; an unmatched prior finding is "not seen". A whole organ
 (anatomy) keeps its identity by label.
 
@@ -225,7 +225,7 @@ def match_findings(prior: list[PriorFinding], current: list[Current], alignment:
         if ps and cs:
             here = np.array([c.centroid_mm for c in cs], dtype=np.float64)
             dist = np.linalg.norm(where[:, None, :] - here[None, :, :], axis=2)
-            gate = np.array([[max(min_gate_mm, gate_factor * max(equivalent_diameter(p.volume_mm3),
+            gate = np.array([[max(min_gate_mm, gate_factor * min(equivalent_diameter(p.volume_mm3),
                                                                  equivalent_diameter(c.volume_mm3)))
                               for c in cs] for p in ps])
             cost = np.where(dist <= gate, dist, 1e6)

@@ -44,7 +44,7 @@ def rotation_matrix(degrees: tuple[float, float, float]) -> np.ndarray:
 class LesionTruth:
     """One lesion of the pair: its number at each time point (0: absent), its status and volumes (mm3)."""
 
-    status: str  # grown, shrunk, stable, gone, new
+    status: str  # grown, shrunk, stable, gone, new; "out of view": moved out of the follow-up's field of view
     prior_index: int
     current_index: int
     prior_center_mm: tuple[float, float, float] | None
@@ -115,12 +115,11 @@ def _volumes(phantom: Phantom) -> dict[int, tuple[float, tuple[float, float, flo
     if n == 0:
         return out
     counts = np.bincount(phantom.labels.ravel(), minlength=n + 1)
-    centres = ndimage.center_of_mass(phantom.labels > 0, phantom.labels, range(1, n + 1))
-    for index in range(1, n + 1):
-        if counts[index]:
-            k, j, i = centres[index - 1]
-            c = origin + scale * np.array([i, j, k])
-            out[index] = (round(float(counts[index]) * voxel, 1), (float(c[0]), float(c[1]), float(c[2])))
+    present = [index for index in range(1, n + 1) if counts[index]]
+    centres = ndimage.center_of_mass(phantom.labels > 0, phantom.labels, present) if present else []
+    for index, (k, j, i) in zip(present, centres, strict=True):
+        c = origin + scale * np.array([i, j, k])
+        out[index] = (round(float(counts[index]) * voxel, 1), (float(c[0]), float(c[1]), float(c[2])))
     return out
 
 
@@ -177,6 +176,8 @@ def make_followup_pair(seed: int, geometry: CaseGeometry | None = None, *,
         p_vol, p_c = before.get(n + 1, (0.0, None))
         m = later_index.get(n, 0)
         c_vol, c_c = after.get(m, (0.0, None)) if m else (0.0, None)
+        if m and not c_vol:  # the patient's motion took it out of the follow-up's field of view
+            status, m = "out of view", 0
         pair.lesions.append(LesionTruth(status, n + 1, m, p_c, c_c, p_vol, c_vol))
     m = later_index[-1]
     c_vol, c_c = after.get(m, (0.0, None))
