@@ -35,7 +35,7 @@ from pydicom import dcmread
 
 from node.config import NodeConfig
 from node.followup import Prior, PriorFinding, follow_prior
-from node.followup.prior import _segment_centres
+from node.followup.prior import segment_centres
 from node.followup.track import equivalent_diameter
 from node.processing.pipeline import ModelContext, PipelineOptions, process_series
 from node.store.results import FindingResult
@@ -59,7 +59,7 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 def _reference(path: Path) -> dict[str, tuple[tuple[float, float, float], float]]:
     """Tracking UID -> (centre mm, volume mm3) of each lesion of a reference SEG."""
     seg = dcmread(path)
-    centres = _segment_centres(seg)
+    centres = segment_centres(seg)
     shared = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
     row, col = (float(v) for v in shared.PixelSpacing)
     thick = float(shared.get("SpacingBetweenSlices", 0) or shared.get("SliceThickness", 1) or 1)

@@ -28,10 +28,11 @@ from pydicom.dataset import Dataset
 
 from node.config import Destination, NodeConfig
 from node.followup.track import PriorFinding
+from node.outputs.consistency import concept_code, content_items
 from node.store.db import Database
 from node.store.results import JobResult
 
-__all__ = ["Prior", "PriorFinder", "findings_from_objects", "patient_key"]
+__all__ = ["Prior", "PriorFinder", "findings_from_objects", "patient_key", "segment_centres"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,27 +82,16 @@ class Prior:
     notes: list[str] = field(default_factory=list)
 
 
-def _items(ds: Any) -> Any:
-    for item in ds.get("ContentSequence", []):
-        yield item
-        yield from _items(item)
-
-
-def _code(item: Any) -> str:
-    seq = item.get("ConceptNameCodeSequence")
-    return str(seq[0].CodeValue) if seq else ""
-
-
 def _sr_groups(sr: Dataset) -> dict[str, dict[str, Any]]:
     """Tracking UID -> identifier, volume, 3D diameter, segment number, finding type, of an SR's groups."""
     out: dict[str, dict[str, Any]] = {}
     for group in sr.get("ContentSequence", []):
-        if _code(group) != "126010":
+        if concept_code(group) != "126010":
             continue
         for mg in group.get("ContentSequence", []):
             e: dict[str, Any] = {}
-            for item in _items(mg):
-                code = _code(item)
+            for item in content_items(mg):
+                code = concept_code(item)
                 if item.ValueType == "UIDREF" and code == "112040":
                     e["uid"] = str(item.UID)
                 elif item.ValueType == "TEXT" and code == "112039":
@@ -123,7 +113,7 @@ def _sr_groups(sr: Dataset) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _segment_centres(seg: Dataset) -> dict[int, tuple[float, float, float]]:
+def segment_centres(seg: Dataset) -> dict[int, tuple[float, float, float]]:
     """Segment number -> centre of its pixels (patient mm), from the SEG's own frames and geometry."""
     shared = seg.SharedFunctionalGroupsSequence[0]
     iop = np.array(shared.PlaneOrientationSequence[0].ImageOrientationPatient, dtype=np.float64)
@@ -155,7 +145,7 @@ def findings_from_objects(sr: Dataset, seg: Dataset | None, type_labels: dict[st
     segment, or without a volume, is not carried: nothing to match it by). ``type_labels``: the model card's
     label value of each segmented property type code (a finding's label in the prior)."""
     groups = _sr_groups(sr)
-    centres = _segment_centres(seg) if seg is not None else {}
+    centres = segment_centres(seg) if seg is not None else {}
     types = {int(d.SegmentNumber): str(d.SegmentedPropertyTypeCodeSequence[0].CodeValue)
              for d in seg.SegmentSequence} if seg is not None else {}
     out = []

@@ -159,6 +159,25 @@ class FollowUp:
                 now += c.diameter_mm or equivalent_diameter(c.volume_mm3)
         return before, now
 
+    def summary(self) -> str:
+        """The study's follow-up in words (the SR's comment, ``summary`` in the result, the dashboard)."""
+        p = self.prior_study_date
+        prior = f"{p[:4]}-{p[4:6]}-{p[6:8]}" if len(p) == 8 else "an earlier date"
+        if self.not_matched is not None:
+            return f"AI follow-up: the prior result of {prior} was found, findings not matched: {self.not_matched}"
+        counts: dict[str, int] = {}
+        for c in self.changes:
+            counts[c.status] = counts.get(c.status, 0) + 1
+        text = (f"AI follow-up of the study of {prior} ({self.days:.0f} days): "
+                + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+        if self.rejected:
+            text += f"; {self.rejected} prior finding(s) rejected by the radiologist not carried"
+        sums = self.diameter_sums()
+        if sums is not None and sums[0] > 0:
+            text += (f"; sum of diameters {sums[1]:.1f} mm (prior {sums[0]:.1f} mm, "
+                     f"{100.0 * (sums[1] / sums[0] - 1.0):+.0f} %)")
+        return text + "; computed by AI, unverified"
+
     def to_dict(self) -> dict[str, Any]:
         sums = self.diameter_sums()
         counts: dict[str, int] = {}
@@ -169,7 +188,7 @@ class FollowUp:
             "prior_series_uid": self.prior_series_uid, "study_date": self.study_date, "days": self.days,
             "source": self.source, "time_point_order": self.time_point_order, "prior_job_id": self.prior_job_id,
             "alignment": self.alignment.describe() if self.alignment else None, "not_matched": self.not_matched,
-            "rejected_prior_findings": self.rejected, "counts": counts,
+            "rejected_prior_findings": self.rejected, "counts": counts, "summary": self.summary(),
             "sum_diameters_mm": None if sums is None else {
                 "prior": round(sums[0], 1), "current": round(sums[1], 1),
                 "change_pct": round(100.0 * (sums[1] / sums[0] - 1.0), 1) if sums[0] > 0 else None,

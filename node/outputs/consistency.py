@@ -57,13 +57,13 @@ class SrFinding:
     segment_number: int | None
 
 
-def _items(ds: Any) -> Iterator[Any]:
+def content_items(ds: Any) -> Iterator[Any]:
     for item in ds.get("ContentSequence", []):
         yield item
-        yield from _items(item)
+        yield from content_items(item)
 
 
-def _code(item: Any, attr: str = "ConceptNameCodeSequence") -> str:
+def concept_code(item: Any, attr: str = "ConceptNameCodeSequence") -> str:
     seq = item.get(attr)
     return str(seq[0].CodeValue) if seq else ""
 
@@ -73,15 +73,15 @@ def sr_findings(sr: Dataset) -> dict[str, SrFinding]:
     the segment from any of the finding's groups); not the groups stating classes or what was left out."""
     found: dict[str, dict[str, Any]] = {}
     for group in sr.get("ContentSequence", []):
-        if _code(group) != "126010":  # Imaging Measurements
+        if concept_code(group) != "126010":  # Imaging Measurements
             continue
         for mg in group.get("ContentSequence", []):
             uid = ident = None
             volume = segment = None
             region = False
-            for item in _items(mg):
+            for item in content_items(mg):
                 region = region or item.ValueType in ("SCOORD", "SCOORD3D")
-                code = _code(item)
+                code = concept_code(item)
                 if item.ValueType == "UIDREF" and code == "112040":
                     uid = str(item.UID)
                 elif item.ValueType == "TEXT" and code == "112039":

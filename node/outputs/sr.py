@@ -42,7 +42,7 @@ from node.outputs.seg import coded
 if TYPE_CHECKING:
     from node.followup.track import Change, FollowUp
 
-__all__ = ["CHANGE", "UNLISTED_CODE", "build_sr", "followup_summary", "unlisted_meaning"]
+__all__ = ["CHANGE", "UNLISTED_CODE", "build_sr", "unlisted_meaning"]
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ def build_sr(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prove
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
         if followup is not None:
             qualitative.append(hd.sr.TextContentItem(
-                name=hd.sr.CodedConcept("121106", "DCM", "Comment"), value=followup_summary(followup)[:1024],
+                name=hd.sr.CodedConcept("121106", "DCM", "Comment"), value=followup.summary()[:1024],
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
             if tracked:
                 for gone in followup.not_seen():
@@ -301,26 +301,6 @@ def _time_point(followup: FollowUp) -> hd.sr.TimePointContext:
     d = followup.study_date
     label = f"{d[:4]}-{d[4:6]}-{d[6:8]}" if len(d) == 8 else (d or "follow-up")
     return hd.sr.TimePointContext(time_point=label, time_point_order=followup.time_point_order)
-
-
-def followup_summary(followup: FollowUp) -> str:
-    """The study's follow-up in words (the SR's comment, the API's summary)."""
-    p = followup.prior_study_date
-    prior = f"{p[:4]}-{p[4:6]}-{p[6:8]}" if len(p) == 8 else "an earlier date"
-    if followup.not_matched is not None:
-        return f"AI follow-up: the prior result of {prior} was found, findings not matched: {followup.not_matched}"
-    counts: dict[str, int] = {}
-    for c in followup.changes:
-        counts[c.status] = counts.get(c.status, 0) + 1
-    text = (f"AI follow-up of the study of {prior} ({followup.days:.0f} days): "
-            + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
-    if followup.rejected:
-        text += f"; {followup.rejected} prior finding(s) rejected by the radiologist not carried"
-    sums = followup.diameter_sums()
-    if sums is not None and sums[0] > 0:
-        text += (f"; sum of diameters {sums[1]:.1f} mm (prior {sums[0]:.1f} mm, "
-                 f"{100.0 * (sums[1] / sums[0] - 1.0):+.0f} %)")
-    return text + "; computed by AI, unverified"
 
 
 def _change_items(change: Change, days: float) -> tuple[list[hd.sr.Measurement], list[hd.sr.QualitativeEvaluation]]:

@@ -72,7 +72,6 @@ def render_judge(node: NodeView, job_id: int) -> str:
 def render_followup(node: NodeView, job_id: int) -> str:
     """A patient's findings over time up to a job: one line per lesion (node.followup.timeline)."""
     from node.followup.timeline import timeline
-    from node.outputs.sr import followup_summary
 
     job = node.store.get(job_id)
 
@@ -82,25 +81,8 @@ def render_followup(node: NodeView, job_id: int) -> str:
         except PreannotError:
             return None
 
-    summary = ""
-    if job.result is not None and job.result.followup:
-        from node.followup.track import FollowUp
-
-        fu = job.result.followup
-        summary = followup_summary(FollowUp(
-            prior_study_uid=fu["prior_study_uid"], prior_study_date=fu["prior_study_date"],
-            study_date=fu["study_date"], prior_series_uid=fu["prior_series_uid"], source=fu["source"],
-            not_matched=fu["not_matched"], rejected=fu.get("rejected_prior_findings", 0),
-            changes=[_change(c) for c in fu.get("changes") or []]))
+    summary = str((job.result.followup or {}).get("summary", "")) if job.result is not None else ""
     return _ENV.get_template("followup.html").render(job=job, data=timeline(job_id, result_of), summary=summary)
-
-
-def _change(d: dict[str, Any]) -> Any:
-    from node.followup.track import Change
-
-    return Change(status=d["status"], tracking_uid=d["tracking_uid"], tracking_id=d["tracking_id"], label=d["label"],
-                  number=d["number"], prior_volume_mm3=d["prior_volume_mm3"], volume_mm3=d["volume_mm3"],
-                  prior_diameter_mm=d["prior_diameter_mm"], diameter_mm=d["diameter_mm"], kind=d.get("kind", "finding"))
 
 
 def trend_png(node: NodeView) -> bytes:
