@@ -526,8 +526,30 @@ def _synth() -> None:
 _synth()
 
 
+#: commands whose process ends as soon as they have: their results are written and fsynced by then, and the
+#: interpreter's teardown of torch and MONAI (1.2 s on the project's VM, 1.9 s after a job of 2,900 findings) is
+#: time a user waits for nothing
+QUICK_EXIT = frozenset({"run"})
+
+
 def main() -> None:
-    app()
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    if command not in QUICK_EXIT:
+        app()
+        return
+    try:
+        app()
+        code = 0
+    except SystemExit as exc:  # click ends every command with one
+        if isinstance(exc.code, int) or exc.code is None:
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 if __name__ == "__main__":

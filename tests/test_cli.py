@@ -47,6 +47,27 @@ def test_run_errors(tmp_path: Path, small_series: Path) -> None:
     assert r.exit_code == 2 and "no model 'nope'" in r.output and "series under" not in r.output
 
 
+def test_run_as_a_process_ends_with_its_status_and_its_outputs_complete(small_series: Path, tmp_path: Path) -> None:
+    """``preannot run`` in a process of its own (it skips the interpreter's teardown): exit status 0 with every
+    output written and its JSON printed whole; a failure's status and message as before."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PREANNOT_MODELS__DIR": str(ROOT / "models")}
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "node.cli", "run", "--model", "lesion-ct-demo", str(small_series),
+                        str(out), "--device", "cpu", "--json"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    printed = json.loads(r.stdout)
+    assert json.loads((out / "result.json").read_text())["series_uid"] == printed["series_uid"]
+    assert {"sr", "preview"} <= set(printed["files"]) and all(Path(f).is_file() for f in printed["files"].values())
+    r = subprocess.run([sys.executable, "-m", "node.cli", "run", "--model", "lesion-ct-demo", str(tmp_path / "none"),
+                        str(tmp_path / "o")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "no such file or folder" in r.stderr
+
+
 def test_run_on_a_scanner_folder(small_series: Path, tmp_path: Path) -> None:
     """A folder as a CD holds it: DICOMDIR, a scout beside the axial series, a text file."""
     import shutil

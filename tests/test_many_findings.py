@@ -18,6 +18,7 @@ from node.imaging.volume import load_series
 from node.inference.rois import extract_rois
 from node.outputs import seg as seg_module
 from node.outputs.consistency import _binary_frame_counts, seg_volumes, sr_findings
+from node.outputs.encode import encoded_sequences
 from node.outputs.equipment import Provenance
 from node.outputs.result import save_dataset
 from node.outputs.seg import build_seg
@@ -87,29 +88,71 @@ def test_sr_cap_zero_lists_every_finding(tmp_path: Path, noisy: tuple[Any, Any, 
     assert all(f.diameter_3d_mm is not None for f in out.result.findings)
 
 
-def test_seg_shortcut_gives_highdicoms_frames(monkeypatch: pytest.MonkeyPatch,
-                                              noisy: tuple[Any, Any, np.ndarray]) -> None:
-    """The SEG told which segments each plane holds has the frames highdicom makes on its own: the same pixels,
-    segment numbers and source images, in the same order."""
+def _normalised_bytes(ds: Any) -> bytes:
+    """The object as pydicom writes it, its UIDs and times of creation set to fixed values (they differ build to
+    build)."""
+    import io
+
+    fixed = "1.2.3.4"
+    ds.SeriesInstanceUID = ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = fixed
+    for seq in (ds.DimensionOrganizationSequence, ds.DimensionIndexSequence):
+        for item in seq:
+            item.DimensionOrganizationUID = fixed
+    for keyword in ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime", "SeriesDate",
+                    "SeriesTime"):
+        if keyword in ds:
+            setattr(ds, keyword, "")
+    for item in ds.get("ContributingEquipmentSequence", []):
+        item.ContributionDateTime = ""
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("count", [2, 60])
+def test_assembled_seg_is_highdicoms_own(monkeypatch: pytest.MonkeyPatch, noisy: tuple[Any, Any, np.ndarray],
+                                         count: int) -> None:
+    """The SEG whose frames the node assembles (one pass per segment over its box) and whose segment descriptions
+    it copies from each label's first is, byte for byte, the SEG highdicom makes on its own from the same segments:
+    modules, segment descriptions, frames in the same order with the same functional groups, pixels; the tracking
+    UIDs as given. Its frame index answers as highdicom's."""
     vol, model, lab = noisy
-    rois = extract_rois(lab, vol, model.card)[:60]
+    rois = extract_rois(lab, vol, model.card)[:count]
     prov = Provenance(model=model)
     fast = build_seg(vol, rois, model.card, prov, series_number=1)
+    made: list[str] = []
+    real = seg_module._assemble_binary
+    monkeypatch.setattr(seg_module, "_assemble_binary", lambda **kw: made.append("fast") or real(**kw))
+    build_seg(vol, rois, model.card, prov, series_number=1)
+    assert made == ["fast"]
+    monkeypatch.setattr(seg_module, "_assemble_binary", lambda boxes, **kw: hd.seg.Segmentation(**kw))
     monkeypatch.setattr(seg_module, "_Segmentation", hd.seg.Segmentation)
+    spec = model.card.label(rois[0].label)
+
+    def described(template: Any, number: int, label: str, uid: str, ident: str) -> Any:  # highdicom's constructor
+        return hd.seg.SegmentDescription(
+            segment_number=number, segment_label=label, tracking_uid=uid, tracking_id=ident,
+            segmented_property_category=seg_module.coded(spec.category),
+            segmented_property_type=seg_module.coded(spec.type),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=prov.algorithm(),
+            anatomic_regions=[seg_module.coded(spec.finding_site)] if spec.finding_site else None,
+            display_color=hd.color.CIELabColor.from_rgb(*spec.color))
+
+    monkeypatch.setattr(seg_module, "_same_label", described)
     slow = build_seg(vol, rois, model.card, prov, series_number=1)
-
-    def frames(ds: Any) -> list[tuple[int, str, tuple[int, ...]]]:
-        return [(int(fg.SegmentIdentificationSequence[0].ReferencedSegmentNumber),
-                 str(fg.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID),
-                 tuple(int(v) for v in fg.FrameContentSequence[0].DimensionIndexValues))
-                for fg in ds.PerFrameFunctionalGroupsSequence]
-
-    assert int(fast.NumberOfFrames) == int(slow.NumberOfFrames) >= 60
-    assert frames(fast) == frames(slow)
-    assert fast.PixelData == slow.PixelData
+    assert int(fast.NumberOfFrames) == int(slow.NumberOfFrames) >= count
+    uid = str(rois[-1].tracking_uid)
+    sources = [str(vol.sources[f.source].SOPInstanceUID) for f in vol.frames]
+    for seg in (fast, slow):  # highdicom's frame index over the assembled frames
+        pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=sources, segment_numbers=[1, count],
+                                                   assert_missing_frames_are_empty=True)
+        assert int(pixels[..., 1].sum()) == rois[-1].voxels
+        assert int(pixels[..., 0].sum()) == rois[0].voxels
     counts = _binary_frame_counts(fast)
     assert counts is not None
     assert counts.tolist() == [int(np.count_nonzero(f)) for f in fast.pixel_array]
+    assert str(fast.SegmentSequence[-1].TrackingUID) == uid
+    assert _normalised_bytes(fast) == _normalised_bytes(slow)
 
 
 def test_large_sequences_are_written_byte_for_byte_as_pydicom_writes_them(tmp_path: Path,
@@ -124,6 +167,8 @@ def test_large_sequences_are_written_byte_for_byte_as_pydicom_writes_them(tmp_pa
     for name, ds in (("seg", seg), ("sr", sr)):
         before = ds.PerFrameFunctionalGroupsSequence if name == "seg" else ds.ContentSequence
         ds.save_as(tmp_path / f"{name}-pydicom.dcm", enforce_file_format=True)
+        with encoded_sequences(ds) as encoded:  # the shortcut is taken (a SEG's "OB or OW" pixels included)
+            assert encoded >= 1
         save_dataset(ds, tmp_path / f"{name}.dcm", fsync=False)
         assert (tmp_path / f"{name}.dcm").read_bytes() == (tmp_path / f"{name}-pydicom.dcm").read_bytes()
         after = ds.PerFrameFunctionalGroupsSequence if name == "seg" else ds.ContentSequence

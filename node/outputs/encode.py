@@ -9,8 +9,9 @@ slice references the same image, every segment of one label has the same codes a
 :func:`encoded_sequences` pre-encodes each large top-level sequence into the bytes pydicom itself would write
 (explicit VR little endian, defined lengths, items in tag order, group lengths left out), each distinct element
 encoded once by pydicom's own element writer and reused, and hands pydicom these bytes as a raw element for
-the write; the dataset is given back as it was afterwards. A sequence it does not handle (an ambiguous VR, a
-value pydicom would have to decode) is left to pydicom. The bytes are the same as pydicom's
+the write; the dataset is given back as it was afterwards (its ambiguous VRs resolved, as pydicom's writer
+resolves them). A sequence it does not handle (an ambiguous VR, a value pydicom would have to decode) is left to
+pydicom. The bytes are the same as pydicom's
 (``tests/test_many_findings.py`` compares whole files).
 """
 
@@ -24,7 +25,7 @@ from typing import Any
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_data_element
+from pydicom.filewriter import correct_ambiguous_vr, correct_ambiguous_vr_element, write_data_element
 from pydicom.tag import Tag
 
 __all__ = ["LARGE_SEQUENCE", "encoded_sequences"]
@@ -113,11 +114,10 @@ def encoded_sequences(ds: Dataset) -> Iterator[int]:
     """Within the block, ``ds``'s large top-level sequences are raw elements holding their encoded bytes, and the
     dataset is marked as explicit VR little endian (so that pydicom writes the raw bytes as they are); yields how
     many sequences were encoded. Only for writing with ``enforce_file_format=True`` in explicit VR little endian
-    (the node's result objects); a dataset with an ambiguous VR at its top level is left as it is."""
+    (the node's result objects)."""
     raw = ds._dict
     ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
-    ambiguous = any(isinstance(e, DataElement) and e.VR is not None and len(e.VR) != 2 for e in raw.values())
-    if ts not in ("1.2.840.10008.1.2.1", "") or ambiguous:
+    if ts not in ("1.2.840.10008.1.2.1", ""):
         yield 0
         return
     charset = raw.get(_CHARSET)
@@ -136,6 +136,16 @@ def encoded_sequences(ds: Dataset) -> Iterator[int]:
         raw[tag] = RawDataElement(elem.tag, "SQ", length, body, 0, False, True)
     saved = (ds._read_implicit, ds._read_little, ds._read_charset)
     if swapped:  # the original encoding equal to the file's: pydicom writes the raw elements as they are
+        # and no longer resolves ambiguous VRs (a SEG's Pixel Data, "OB or OW"): resolved here as pydicom would,
+        # in the elements left to it (the encoded sequences hold none: the encoder leaves those to pydicom)
+        for tag, elem in list(raw.items()):
+            if tag in swapped or not isinstance(elem, DataElement):
+                continue
+            if elem.VR == "SQ":
+                for item in elem.value:
+                    correct_ambiguous_vr(item, True, [item, ds])  # pydicom's ancestors: the item first
+            elif elem.VR is not None and len(elem.VR) != 2:
+                correct_ambiguous_vr_element(elem, ds, True, [ds])
         ds.set_original_encoding(False, True, ds._character_set)
     try:
         yield len(swapped)

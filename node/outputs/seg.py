@@ -83,6 +83,100 @@ class _Segmentation(hd.seg.Segmentation):
 _ABSENT = np.zeros((0,), dtype=np.uint8)
 
 
+def _assemble_binary(*, source_images: list[Dataset], pixel_array: np.ndarray,
+                     segment_descriptions: list[hd.seg.SegmentDescription],
+                     boxes: list[tuple[tuple[int, int], tuple[int, int]]], **kwargs: Any) -> hd.seg.Segmentation:
+    """A binary SEG of many segments, with the frames, functional groups and pixels highdicom makes, made in one
+    pass per segment over its own bounding box.
+
+    highdicom visits every (segment, plane) pair, found empty or not: 2,900 findings over 300 slices are 870,000
+    visits, 4 to 5 s on the project's VM. Here highdicom builds the SEG of the union of the segments (every
+    module, reference and shared group it writes, one frame per plane holding any segment: its frame items are
+    those the segments' frames on that plane need); then each segment gets a frame on each plane its region
+    touches, in highdicom's order (segment by segment, planes in highdicom's order), each frame's item being
+    highdicom's for that plane with the segment's number, and its pixels packed from the segment's bounding rows.
+    ``tests/test_many_findings.py`` compares the whole object with highdicom's own.
+
+    ``pixel_array``: the painted segment numbers, plane k over ``source_images[k]``; the width a multiple of 8
+    (frames then start on a byte). ``boxes``: per segment, planes and rows (first, last) holding all its pixels.
+    """
+    union = (pixel_array > 0).view(np.uint8)
+    if not union.any():
+        raise OutputError("no segment holds a pixel")
+    seg = hd.seg.Segmentation(source_images=source_images, pixel_array=union,
+                              segment_descriptions=segment_descriptions[:1], **kwargs)
+    del union
+    n_segments = len(segment_descriptions)
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    shared.pop(0x0062000A, None)  # one segment: highdicom shares its identification; each frame carries its own here
+    if "DimensionOrganizationType" in seg:  # "3D" only for frames told apart by their position alone
+        del seg.DimensionOrganizationType
+    seg.SegmentSequence = segment_descriptions
+    plane_of = {str(ds.SOPInstanceUID): k for k, ds in enumerate(source_images)}
+    union_items = list(seg.PerFrameFunctionalGroupsSequence)
+    planes = np.array([plane_of[str(it.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)]
+                       for it in union_items])
+    position = [int(it.FrameContentSequence[0].DimensionIndexValues[1]) for it in union_items]
+    order = np.argsort(planes, kind="stable")  # union frames by plane index, to find those of a z range
+    sorted_planes = planes[order]
+    _, rows, cols = pixel_array.shape
+    frame_bytes = rows * cols // 8
+    row_bytes = cols // 8
+    items: list[Dataset] = []
+    blocks: list[tuple[int, int, np.ndarray]] = []  # (frame, first row, packed rows)
+    for number, ((k0, k1), (j0, j1)) in enumerate(boxes[:n_segments], start=1):
+        sub = pixel_array[k0:k1 + 1, j0:j1 + 1, :] == number
+        present = sub.any(axis=(1, 2))
+        packed = np.packbits(sub.reshape(sub.shape[0], -1), axis=1, bitorder="little")
+        lo, hi = np.searchsorted(sorted_planes, [k0, k1 + 1])
+        for f in sorted(order[lo:hi].tolist()):  # highdicom's plane order
+            z = planes[f] - k0
+            if not present[z]:
+                continue
+            source = union_items[f]
+            content = Dataset()
+            content.add(DataElement(0x00209157, "UL", [number, position[f]]))  # DimensionIndexValues
+            ident = Dataset()
+            ident.add(DataElement(0x0062000B, "US", number))  # ReferencedSegmentNumber
+            item = Dataset()
+            item.add(DataElement(0x00089124, "SQ", [source.DerivationImageSequence[0]]))
+            item.add(DataElement(0x00209111, "SQ", [content]))
+            item.add(DataElement(0x00209113, "SQ", [source.PlanePositionSequence[0]]))
+            item.add(DataElement(0x0062000A, "SQ", [ident]))
+            blocks.append((len(items), j0, packed[z]))
+            items.append(item)
+    pixels = np.zeros(len(items) * frame_bytes, dtype=np.uint8)
+    for frame, j0, block in blocks:
+        start = frame * frame_bytes + j0 * row_bytes
+        pixels[start:start + block.size] = block
+    seg.PerFrameFunctionalGroupsSequence = items
+    seg.NumberOfFrames = len(items)
+    seg.PixelData = pixels.tobytes()
+    del pixels
+    if len(seg.PixelData) % 2:  # as highdicom pads
+        seg.PixelData += b"0"
+    seg._build_luts()  # highdicom's frame index, for readers of this object
+    return seg
+
+
+
+#: the elements that tell apart the segments of one label: number, label, Tracking ID and UID (their VRs)
+_SEGMENT_OWN = ((0x00620004, "US"), (0x00620005, "LO"), (0x00620020, "UT"), (0x00620021, "UI"))
+
+
+def _same_label(template: hd.seg.SegmentDescription, number: int, label: str, tracking_uid: str,
+                tracking_id: str) -> hd.seg.SegmentDescription:
+    """A segment of the template's label: the template's elements (shared, never changed afterwards) with its own
+    number, label and tracking identity. What highdicom's constructor would make from the same arguments, at a
+    hundredth of its cost (2,900 findings: 0.4 s saved)."""
+    out = hd.seg.SegmentDescription.__new__(hd.seg.SegmentDescription)
+    Dataset.__init__(out)
+    out._dict.update(template._dict)
+    for (tag, vr), value in zip(_SEGMENT_OWN, (number, label, tracking_id, tracking_uid), strict=True):
+        out.add(DataElement(tag, vr, value))  # a new element: the template's stays as it is
+    return out
+
+
 def seg_tracking_id(roi: ROI, spec: Any) -> str:
     """A segment's Tracking ID: the SR's identifier of the finding, said unverified (a follow-up's finding keeps
     the prior's identifier, as in the SR)."""
@@ -115,23 +209,25 @@ def build_seg(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prov
         raise OutputError("a SEG needs at least one region")
     descriptions = []
     algorithm = provenance.algorithm()  # the same for every segment, as are a label's codes: made once
-    per_label: dict[int, dict[str, Any]] = {}
+    first_of_label: dict[int, hd.seg.SegmentDescription] = {}
     for n, roi in enumerate(rois, start=1):
         spec = card.label(roi.label)
         if spec is None:
             raise OutputError(f"label {roi.label} is not described in the model card")
         if roi.tracking_uid is None:  # one identity per finding: the pipeline gives it; made here otherwise
             roi.tracking_uid = new_uid(provenance.uid_root)
-        common = per_label.get(roi.label)
-        if common is None:
-            common = per_label[roi.label] = dict(
+        label, tracking_id = segment_label(roi, spec), seg_tracking_id(roi, spec)
+        template = first_of_label.get(roi.label)
+        if template is None:  # highdicom's description, checked by highdicom
+            template = first_of_label[roi.label] = hd.seg.SegmentDescription(
+                segment_number=n, segment_label=label, tracking_uid=roi.tracking_uid, tracking_id=tracking_id,
                 segmented_property_category=coded(spec.category), segmented_property_type=coded(spec.type),
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
                 anatomic_regions=[coded(spec.finding_site)] if spec.finding_site else None,
                 display_color=hd.color.CIELabColor.from_rgb(*spec.color))
-        descriptions.append(hd.seg.SegmentDescription(
-            segment_number=n, segment_label=segment_label(roi, spec), tracking_uid=roi.tracking_uid,
-            tracking_id=seg_tracking_id(roi, spec), **common))
+            descriptions.append(template)
+        else:  # the label's other findings: its first's codes, colour and algorithm, their own number and identity
+            descriptions.append(_same_label(template, n, label, roi.tracking_uid, tracking_id))
     numbers = list(range(1, len(rois) + 1))
     labelmap = card.outputs.seg_type == "labelmap"
     if labelmap and len(rois) > 255:
@@ -151,12 +247,19 @@ def build_seg(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prov
     else:
         sources = _shared_orientation([volume.sources[f.source] for f in volume.frames])
         arr = painted
+    kind = hd.seg.SegmentationTypeValues.LABELMAP if labelmap else hd.seg.SegmentationTypeValues.BINARY
+    # several segments in a binary SEG over single-frame images: the frames are assembled here (_assemble_binary)
+    assemble = not labelmap and not multiframe and len(rois) > 1 and arr.shape[2] % 8 == 0
+    extra: dict[str, Any] = {}
+    if assemble:  # each ROI's planes and rows: its mask's box (paint_rois has checked that every ROI has a mask)
+        extra["boxes"] = [((r.offset[0], r.offset[0] + r.mask.shape[0] - 1),
+                           (r.offset[1], r.offset[1] + r.mask.shape[1] - 1)) for r in rois if r.mask is not None]
     try:
-        seg = _Segmentation(
+        seg = (_assemble_binary if assemble else _Segmentation)(
+            **extra,
             source_images=sources,
             pixel_array=arr,
-            segmentation_type=(hd.seg.SegmentationTypeValues.LABELMAP if labelmap
-                               else hd.seg.SegmentationTypeValues.BINARY),
+            segmentation_type=kind,
             segment_descriptions=descriptions,
             series_instance_uid=new_uid(provenance.uid_root),
             series_number=series_number,
