@@ -216,3 +216,32 @@ def test_routes_select_on_the_called_ae_title(make_node: Callable[..., Any], sma
     wait_for(lambda: node.store.list_jobs(), 60, what="the job of the series sent to PREANNOT_CT")
     rows = node.store.db.query("SELECT DISTINCT called_ae FROM instances")
     assert [r[0] for r in rows] == ["PREANNOT_CT"]
+
+
+def test_woken_reactors_store_release_abort_and_close_their_pipes(make_node: Callable[..., Any],
+                                                                   small_series: Path) -> None:
+    """With pynetdicom's reactors woken by their socket and queues (node.ingest.wakeups): instances stored over
+    many associations, released and aborted ones, an echo; every association's wake-up pipe closed once it has
+    ended (no descriptor left behind), and the node still answers."""
+    import os
+
+    from node.ingest import wakeups
+
+    node = make_node()
+    assert wakeups.installed()
+    files = sorted(small_series.glob("*.dcm"))
+    before = len(os.listdir("/proc/self/fd"))
+    for n in range(20):  # released associations
+        assert all(o.ok for o in _send(node, files[n % len(files):][:1]))
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    for _ in range(5):  # aborted ones, one of them mid-series
+        assoc = ae.associate("127.0.0.1", node.listener.port, ae_title="PREANNOT")
+        assert assoc.is_established
+        status = assoc.send_c_store(dcmread(files[0]))
+        assert status.Status == 0x0000
+        assoc.abort()
+    assert echo(ae_title="PREANNOT", host="127.0.0.1", port=node.listener.port, calling_ae="TESTSCU")
+    wait_for(lambda: len(os.listdir("/proc/self/fd")) <= before + 2, 20, what="the associations' pipes closed")
+    stored = node.store.db.query("SELECT COUNT(*) AS n FROM instances")[0]["n"]
+    assert stored == min(20, len(files))

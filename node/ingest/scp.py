@@ -35,6 +35,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import NodeSection
 from node.errors import InvalidInstanceError, OutOfSpaceError, PreannotError
+from node.ingest import wakeups
 from node.ingest.guard import ConnectionGuard, GuardedServer, SharedContexts
 from node.ingest.spool import Spool
 from node.net import bounds
@@ -58,6 +59,7 @@ def configure_pynetdicom() -> None:
     pynetdicom._config.LOG_REQUEST_IDENTIFIERS = False
     pynetdicom._config.LOG_RESPONSE_IDENTIFIERS = False
     bounds.install()  # a PDU's announced length checked before its body is read (node.net.bounds)
+    wakeups.install()  # the reactors woken by what they wait for, not every millisecond (node.ingest.wakeups)
     _answer_incomplete_requests()
     if not getattr(threading.excepthook, "_preannot", False):
         threading.excepthook = _protocol_error_hook(threading.excepthook)
