@@ -170,7 +170,7 @@ def install() -> bool:
         dul.DULServiceProvider.__init__ = __init__  # type: ignore[method-assign]
         dul.DULServiceProvider.run_reactor = run_reactor  # type: ignore[method-assign]
         dul.DULServiceProvider.kill_dul = kill_dul  # type: ignore[method-assign]
-        dul.time = _time_with(_make_sleep("dul"))  # type: ignore[attr-defined]
-        association.time = _time_with(_make_sleep("assoc"))  # type: ignore[attr-defined]
+        dul.time = _time_with(_make_sleep("dul"))  # type: ignore[assignment]
+        association.time = _time_with(_make_sleep("assoc"))  # type: ignore[assignment]
         _INSTALLED = True
         return True
