@@ -274,7 +274,8 @@ def run(args: argparse.Namespace) -> str:
     floors = [durable_floor(series, ROOT / "benchmarks" / "work") for _ in range(args.repeat)]
     files_only, with_index = statistics.median(f[0] for f in floors), statistics.median(f[1] for f in floors)
     lines = [f"### Ingest of a {args.size}x{args.size}x{args.slices} CT ({mb:.0f} MB, {args.slices} files), loopback",
-             "", f"Command: `python -m benchmarks.ingest --size {args.size} --slices {args.slices} --repeat {args.repeat}`  ",
+             "", f"Command: `python -m benchmarks.ingest --size {args.size} --slices {args.slices} --repeat {args.repeat}"
+             + "".join(f' --only "{o}"' for o in args.only) + "`  ",
              f"Machine: {platform.node()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}; PDU 128 KiB; "
              "storescp with -dhl; every run checked complete", "",
              "| sender | receiver | median s | min s | max s | MB/s | ratio to storescp |", "|---|---|---|---|---|---|---|"]
