@@ -50,24 +50,13 @@ def _timed(cmd: list[str], log: Path) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024
 
 
-def _seg_mask(seg_path: Path, source_uids: list[str]) -> object:
-    """The union of a binary SEG's segments over the source slices (frame by frame: a SEG of thousands of
-    findings would be tens of GB as highdicom's array of segments)."""
-    import numpy as np
+def _seg_mask(seg_path: Path, grid: object) -> object:
+    """The union of a SEG's segments on the source slices (the verdict intake's reader of returned SEGs)."""
     import pydicom
 
-    ds = pydicom.dcmread(seg_path)
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    at = {uid: k for k, uid in enumerate(source_uids)}
-    mask = np.zeros((len(source_uids), rows, cols), bool)
-    bits = np.frombuffer(ds.PixelData, np.uint8)
-    per_frame = rows * cols
-    assert per_frame % 8 == 0, "frames not on byte boundaries"
-    for n, fg in enumerate(ds.PerFrameFunctionalGroupsSequence):
-        uid = str(fg.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
-        frame = np.unpackbits(bits[n * per_frame // 8:(n + 1) * per_frame // 8], bitorder="little")
-        mask[at[uid]] |= frame.reshape(rows, cols).astype(bool)
-    return mask
+    from node.verdicts.regions import read_seg
+
+    return read_seg(pydicom.dcmread(seg_path), grid).mask()  # type: ignore[arg-type]
 
 
 def dice(a: object, b: object) -> float:
@@ -83,9 +72,9 @@ VARIANTS = {"spleen": ("Spleen", False, 1, 0.0), "many": ("Speck", True, 0, 0.4)
 
 
 def _race(variant: str, args: argparse.Namespace, ct: Path) -> tuple[list[str], dict[str, float]]:
-    import pydicom
-
     from node.devtools.zoo import SPLEEN_CARD, install_segmenter
+    from node.imaging.volume import load_series
+    from node.verdicts.regions import Grid
 
     name, finding, favour, tilt = VARIANTS[variant]
     work = WORK / variant
@@ -112,10 +101,8 @@ def _race(variant: str, args: argparse.Namespace, ct: Path) -> tuple[list[str], 
             wall, rss = _timed(sides[side](out), work / f"{side}-{rep}.log")
             runs[side].append((wall, rss))
             print(f"  {variant} run {rep} {side:8s} {wall:6.1f} s  {rss:6.0f} MiB", flush=True)
-    sources = sorted((pydicom.dcmread(p, stop_before_pixels=True) for p in ct.glob("*.dcm")),
-                     key=lambda d: float(d.ImagePositionPatient[2]))
-    uids = [d.SOPInstanceUID for d in sources]
-    d = dice(_seg_mask(work / "preannot-0" / "seg.dcm", uids), _seg_mask(work / "bare-0" / "seg.dcm", uids))
+    grid = Grid.of_volume(load_series(sorted(ct.glob("*.dcm"))))
+    d = dice(_seg_mask(work / "preannot-0" / "seg.dcm", grid), _seg_mask(work / "bare-0" / "seg.dcm", grid))
     result = json.loads((work / "preannot-0.out").read_text())
     findings = int(result["roi_count"])
     med = {side: (statistics.median(w for w, _ in r), statistics.median(m for _, m in r)) for side, r in runs.items()}

@@ -98,7 +98,8 @@ def _assemble_binary(*, source_images: list[Dataset], pixel_array: np.ndarray,
     ``tests/test_many_findings.py`` compares the whole object with highdicom's own.
 
     ``pixel_array``: the painted segment numbers, plane k over ``source_images[k]``; the width a multiple of 8
-    (frames then start on a byte). ``boxes``: per segment, planes and rows (first, last) holding all its pixels.
+    (frames then start on a byte). ``boxes``: per segment (one each, in segment order), planes and rows (first,
+    last) holding all its pixels.
     """
     union = (pixel_array > 0).view(np.uint8)
     if not union.any():
@@ -106,7 +107,6 @@ def _assemble_binary(*, source_images: list[Dataset], pixel_array: np.ndarray,
     seg = hd.seg.Segmentation(source_images=source_images, pixel_array=union,
                               segment_descriptions=segment_descriptions[:1], **kwargs)
     del union
-    n_segments = len(segment_descriptions)
     shared = seg.SharedFunctionalGroupsSequence[0]
     shared.pop(0x0062000A, None)  # one segment: highdicom shares its identification; each frame carries its own here
     if "DimensionOrganizationType" in seg:  # "3D" only for frames told apart by their position alone
@@ -124,7 +124,7 @@ def _assemble_binary(*, source_images: list[Dataset], pixel_array: np.ndarray,
     row_bytes = cols // 8
     items: list[Dataset] = []
     blocks: list[tuple[int, int, np.ndarray]] = []  # (frame, first row, packed rows)
-    for number, ((k0, k1), (j0, j1)) in enumerate(boxes[:n_segments], start=1):
+    for number, ((k0, k1), (j0, j1)) in enumerate(boxes, start=1):
         sub = pixel_array[k0:k1 + 1, j0:j1 + 1, :] == number
         present = sub.any(axis=(1, 2))
         packed = np.packbits(sub.reshape(sub.shape[0], -1), axis=1, bitorder="little")
@@ -157,7 +157,6 @@ def _assemble_binary(*, source_images: list[Dataset], pixel_array: np.ndarray,
         seg.PixelData += b"0"
     seg._build_luts()  # highdicom's frame index, for readers of this object
     return seg
-
 
 
 #: the elements that tell apart the segments of one label: number, label, Tracking ID and UID (their VRs)
@@ -252,8 +251,8 @@ def build_seg(volume: Volume, rois: list[ROI], card: ModelCard, provenance: Prov
     assemble = not labelmap and not multiframe and len(rois) > 1 and arr.shape[2] % 8 == 0
     extra: dict[str, Any] = {}
     if assemble:  # each ROI's planes and rows: its mask's box (paint_rois has checked that every ROI has a mask)
-        extra["boxes"] = [((r.offset[0], r.offset[0] + r.mask.shape[0] - 1),
-                           (r.offset[1], r.offset[1] + r.mask.shape[1] - 1)) for r in rois if r.mask is not None]
+        extra["boxes"] = [((r.offset[0], r.offset[0] + r.mask.shape[0] - 1),  # type: ignore[union-attr]
+                           (r.offset[1], r.offset[1] + r.mask.shape[1] - 1)) for r in rois]  # type: ignore[union-attr]
     try:
         seg = (_assemble_binary if assemble else _Segmentation)(
             **extra,
