@@ -64,6 +64,9 @@ def test_unknown_calling_ae_is_refused(make_node: Callable[..., Any], small_seri
     ae.add_requested_context(CTImageStorage)
     assoc = ae.associate("127.0.0.1", node.listener.port, ae_title="PREANNOT")
     assert assoc.is_rejected
+    # counted by the node's association thread once its A-ASSOCIATE-RJ is on the wire (pynetdicom's EVT_REJECTED
+    # comes after the send): the peer can read the rejection first
+    wait_for(lambda: node.listener.stats.associations_refused >= 1, 5, what="the refusal counted")
     assert node.listener.stats.associations_refused == 1
     assert node.store.db.one("SELECT COUNT(*) AS n FROM instances")["n"] == 0
     assert echo(ae_title="PREANNOT", host="127.0.0.1", port=node.listener.port, calling_ae="TESTSCU")

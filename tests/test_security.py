@@ -96,6 +96,7 @@ def test_calling_ae_bound_to_hosts(make_node: Callable[..., Any], small_series: 
     outcomes = _send(node, sorted(small_series.glob("*.dcm"))[:2])
     assert not any(o.ok for o in outcomes)
     assert node.store.db.one("SELECT COUNT(*) AS n FROM instances")["n"] == 0
+    wait_for(lambda: node.listener.stats.associations_refused >= 1, 5, what="the refusal counted")  # after the send
     assert node.listener.stats.associations_refused == 1
     ok = send_files([str(p) for p in sorted(small_series.glob("*.dcm"))[:2]], ae_title="PREANNOT",
                     host="127.0.0.1", port=node.listener.port, calling_ae="STORESCU")
